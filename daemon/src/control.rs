@@ -1,0 +1,247 @@
+//! The control protocol between `sessionctl` and `sessiond`: one JSON request
+//! per line, one JSON reply per line, over a Unix socket.
+//!
+//! This module owns the wire format, its size limit and the mapping from
+//! error kinds to `sessionctl` exit codes. It never touches the session: the
+//! server decides what a request does.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request the daemon reads, newline excluded.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest reply a client accepts (replies list profiles and addresses).
+pub const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/sessiongate/sessiond.sock";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Start { profile: String },
+    Stop,
+    Profiles,
+    Check { profile: String },
+}
+
+/// Why a request failed; decides `sessionctl`'s exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The operation was tried and failed (exit 1).
+    Failed,
+    /// The request was malformed or named something invalid (exit 2).
+    BadRequest,
+    /// The profile is invalid (exit 2).
+    InvalidProfile,
+    /// The caller may not use the daemon (exit 4).
+    PermissionDenied,
+}
+
+impl ErrorKind {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Failed => exit::FAILED,
+            ErrorKind::BadRequest | ErrorKind::InvalidProfile => exit::USAGE,
+            ErrorKind::PermissionDenied => exit::PERMISSION,
+        }
+    }
+}
+
+/// `sessionctl` exit codes (SPEC §2).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILED: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const UNREACHABLE: i32 = 3;
+    pub const PERMISSION: i32 = 4;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The request succeeded; `result` is the command's answer.
+    Ok(serde_json::Value),
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+impl Reply {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
+        Reply::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn ok(value: impl Serialize) -> Reply {
+        match serde_json::to_value(value) {
+            Ok(v) => Reply::Ok(v),
+            Err(e) => Reply::error(ErrorKind::Failed, format!("could not encode the reply: {e}")),
+        }
+    }
+
+    /// One line of JSON, newline included.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"error":{{"kind":"failed","message":"could not encode the reply: {e}"}}}}"#)
+        });
+        line.push('\n');
+        line
+    }
+}
+
+/// Parses one request line. The error is the message sent back to the client.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "the request is not UTF-8 text".to_string())?;
+    let value: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("the request is not valid JSON: {e}"))?;
+    let cmd = value.get("cmd").and_then(|c| c.as_str()).map(str::to_string);
+    let request: Request = serde_json::from_value(value.clone()).map_err(|e| match &cmd {
+        Some(cmd) if !KNOWN_COMMANDS.contains(&cmd.as_str()) => format!("unknown command {cmd:?}"),
+        Some(cmd) => format!("bad {cmd:?} request: {e}"),
+        None => "the request has no \"cmd\" field".to_string(),
+    })?;
+    // serde ignores extra fields on internally tagged unit variants; a field
+    // the request does not have is refused here, so typos never pass silently.
+    let known = serde_json::to_value(&request).unwrap_or_default();
+    if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
+        if let Some(extra) = given.keys().find(|k| !known.contains_key(*k)) {
+            return Err(format!(
+                "unknown field {extra:?} in a {:?} request",
+                cmd.unwrap_or_default()
+            ));
+        }
+    }
+    Ok(request)
+}
+
+const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check"];
+
+/// Why a client could not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach sessiond at {path}: {reason} (is the daemon running?)")]
+    Unreachable { path: String, reason: String },
+    #[error("permission denied on {path}: only root and members of the control group may use sessiond")]
+    PermissionDenied { path: String },
+    #[error("sessiond closed the connection without answering")]
+    NoReply,
+    #[error("sessiond sent a reply this sessionctl does not understand: {0}")]
+    BadReply(String),
+    #[error("lost the connection to sessiond: {0}")]
+    Io(String),
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::PermissionDenied { .. } => exit::PERMISSION,
+            ClientError::Unreachable { .. } => exit::UNREACHABLE,
+            _ => exit::FAILED,
+        }
+    }
+}
+
+/// Sends one request and waits for its reply. `timeout` bounds the wait
+/// (`start` may legitimately take as long as the handshake timeout).
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
+    let path = socket.display().to_string();
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path: path.clone() },
+        _ => ClientError::Unreachable {
+            path: path.clone(),
+            reason: crate::profile::io_reason(&e),
+        },
+    })?;
+    let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    let mut line = serde_json::to_string(request).map_err(|e| ClientError::Io(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reader = BufReader::new(stream.take(MAX_REPLY_BYTES as u64));
+    let mut reply = String::new();
+    let n = reader.read_line(&mut reply).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ClientError::Io(format!("no reply within {} s", timeout.as_secs()))
+        }
+        _ => io(e),
+    })?;
+    if n == 0 {
+        return Err(ClientError::NoReply);
+    }
+    serde_json::from_str(reply.trim()).map_err(|e| ClientError::BadReply(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::Status,
+            Request::Stop,
+            Request::Profiles,
+            Request::Start {
+                profile: "lab".into(),
+            },
+            Request::Check {
+                profile: "lab".into(),
+            },
+        ] {
+            let line = serde_json::to_string(&r).expect("encode");
+            assert_eq!(parse_request(line.as_bytes()), Ok(r));
+        }
+        assert_eq!(
+            parse_request(br#"{"cmd":"start","profile":"x"}"#),
+            Ok(Request::Start { profile: "x".into() })
+        );
+    }
+
+    #[test]
+    fn malformed_requests_get_plain_errors() {
+        assert!(parse_request(b"{not json")
+            .unwrap_err()
+            .starts_with("the request is not valid JSON"));
+        assert_eq!(
+            parse_request(br#"{"cmd":"reboot"}"#),
+            Err("unknown command \"reboot\"".into())
+        );
+        assert_eq!(
+            parse_request(br#"{"x":1}"#),
+            Err("the request has no \"cmd\" field".into())
+        );
+        assert!(parse_request(br#"{"cmd":"start"}"#)
+            .unwrap_err()
+            .starts_with("bad \"start\" request"));
+        assert!(parse_request(br#"{"cmd":"status","extra":1}"#).is_err());
+        assert_eq!(
+            parse_request(&[0xff, 0xfe]),
+            Err("the request is not UTF-8 text".into())
+        );
+    }
+
+    #[test]
+    fn replies_encode_as_one_line() {
+        let line = Reply::error(ErrorKind::BadRequest, "nope").to_line();
+        assert_eq!(
+            line,
+            "{\"error\":{\"kind\":\"bad_request\",\"message\":\"nope\"}}\n"
+        );
+        let back: Reply = serde_json::from_str(line.trim()).expect("decode");
+        assert_eq!(back, Reply::error(ErrorKind::BadRequest, "nope"));
+        assert_eq!(ErrorKind::PermissionDenied.exit_code(), 4);
+        assert_eq!(ErrorKind::InvalidProfile.exit_code(), 2);
+    }
+}

@@ -1,0 +1,32 @@
+//! sessiond's library: everything the daemon does, split by concern.
+//!
+//! - [`profile`]: the profile format and its validation;
+//! - [`control`]: the request/reply protocol shared with `sessionctl`;
+//! - [`server`]: the control socket and who may use it;
+//! - [`session`]: the state machine, the one place that decides ordering;
+//! - [`tunnel`]: WireGuard (boringtun) on a TUN device;
+//! - [`routing`]: addresses and the full-tunnel policy routes;
+//! - [`keys`]: key material that never shows itself.
+
+pub mod control;
+pub mod firewall;
+pub mod keys;
+pub mod profile;
+pub mod resolvconf;
+pub mod routing;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod tunnel;
+
+/// Marks the tunnel's own UDP packets ("SG"), so policy routing sends them
+/// outside the tunnel and the firewall can recognise them.
+pub const TUNNEL_FWMARK: u32 = 0x5347;
+/// The routing table that holds the tunnel's default routes.
+pub const ROUTE_TABLE: u32 = 0x5347;
+
+/// Resolves once `shutdown` says so (or its sender is gone). Keeps the
+/// watch guard out of the caller's future, so tasks using it stay `Send`.
+pub async fn shutdown_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,94 @@
+//! `sessiond`: parses the command line, wires the tasks together and shuts
+//! them down on SIGTERM/SIGINT. Everything else lives in the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use sessiond::server::{AccessPolicy, ControlSocket};
+use sessiond::session::{self, Paths};
+
+/// sessiongate daemon: while a call profile is active, the machine reaches
+/// only the approved video host, only through WireGuard, with DNS pinned.
+#[derive(Parser, Debug)]
+#[command(name = "sessiond", version)]
+struct Args {
+    /// Where `*.toml` profiles live.
+    #[arg(long, default_value = "/etc/sessiongate/profiles")]
+    profiles: PathBuf,
+    /// The control socket.
+    #[arg(long, default_value = sessiond::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Persisted session state (survives crash and reboot).
+    #[arg(long, default_value = "/var/lib/sessiongate")]
+    state_dir: PathBuf,
+    /// The resolver file pointed at the local stub during a session.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// Members of this group may use the control socket besides root.
+    #[arg(long, default_value = "sessiongate")]
+    control_group: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SESSIOND_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sessiond: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let policy = AccessPolicy::for_group(&args.control_group);
+    let (mut machine, handle) = session::new(Paths {
+        profiles: args.profiles.clone(),
+        state_dir: args.state_dir.clone(),
+        resolv_conf: args.resolv_conf.clone(),
+    });
+    // A persisted session is locked down before anything else happens.
+    machine.resume().await?;
+    let socket = ControlSocket::bind(&args.socket, &policy).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let machine_task = tokio::spawn(machine.run(shutdown_rx.clone()));
+    let server_task = {
+        let profiles = args.profiles.clone();
+        let shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            socket.serve(handle, profiles, policy, shutdown).await;
+            drop(socket);
+        })
+    };
+    tracing::info!("sessiond is listening on {}", args.socket.display());
+
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = server_task.await;
+    let _ = machine_task.await;
+    Ok(())
+}

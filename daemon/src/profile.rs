@@ -1,0 +1,891 @@
+//! Call profiles: the TOML format of SPEC §3, parsed strictly and validated
+//! into a [`Profile`] that the rest of the daemon can trust.
+//!
+//! This module owns every rule about what a valid profile is, and the wording
+//! of the error a person sees when one is not. It reads files (the profile and
+//! its key files) and never changes anything on the system.
+
+use std::fmt;
+use std::fs;
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Key;
+
+/// Default name of the tunnel interface.
+pub const DEFAULT_INTERFACE: &str = "sg0";
+/// Default tunnel MTU: WireGuard's usual 1420.
+pub const DEFAULT_MTU: u16 = 1420;
+/// Default time `start` waits for the first handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+
+/// A profile that failed to load or validate. Displays as one sentence:
+/// `profile NAME: FIELD: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("profile {profile}: {}{message}", field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default())]
+pub struct ProfileError {
+    pub profile: String,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ProfileError {
+    fn new(profile: &str, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ProfileError {
+            profile: profile.to_string(),
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    fn whole(profile: &str, message: impl Into<String>) -> Self {
+        ProfileError {
+            profile: profile.to_string(),
+            field: None,
+            message: message.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file format, exactly as written by people. Ports and numbers are read
+// wide so that an out-of-range value gets our message, not serde's.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileFile {
+    description: Option<String>,
+    tunnel: TunnelSection,
+    dns: DnsSection,
+    #[serde(default)]
+    allow: Vec<AllowSection>,
+    #[serde(default)]
+    options: OptionsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelSection {
+    private_key_file: Option<String>,
+    private_key: Option<String>,
+    address: Vec<String>,
+    mtu: Option<i64>,
+    interface: Option<String>,
+    peer: PeerSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerSection {
+    public_key: String,
+    endpoint: String,
+    preshared_key_file: Option<String>,
+    persistent_keepalive: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsSection {
+    servers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowSection {
+    host: String,
+    #[serde(default)]
+    tcp: Vec<i64>,
+    #[serde(default)]
+    udp: Vec<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptionsSection {
+    #[serde(default)]
+    allow_lan: bool,
+    handshake_timeout_secs: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------
+// The validated model.
+
+/// An address with a prefix length, such as `192.0.2.66/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpCidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpCidr {
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+}
+
+impl fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for IpCidr {
+    type Err = String;
+
+    /// Parses `ADDR/PREFIX`, or a bare address as a single host.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr_text, prefix_text) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr_text
+            .parse()
+            .map_err(|_| format!("{addr_text:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix_text {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("prefix /{p} is not between /0 and /{max}"))?,
+        };
+        Ok(IpCidr { addr, prefix })
+    }
+}
+
+/// What an `[[allow]]` entry names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Host {
+    /// A DNS name, resolved through the tunnel during the session.
+    Name(String),
+    /// A literal address or network.
+    Net(IpCidr),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(name) => f.write_str(name),
+            Host::Net(net) if net.prefix == if net.addr.is_ipv4() { 32 } else { 128 } => {
+                write!(f, "{}", net.addr)
+            }
+            Host::Net(net) => write!(f, "{net}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowRule {
+    pub host: Host,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+/// The peer's endpoint as written: a name or an address, and a port. A name is
+/// resolved once at session start, before the lockdown goes up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub public_key: Key,
+    pub endpoint: Endpoint,
+    pub preshared_key: Option<Key>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    pub private_key: Key,
+    pub addresses: Vec<IpCidr>,
+    pub mtu: u16,
+    pub interface: String,
+    pub peer: Peer,
+}
+
+/// A validated profile. Holding one means every rule of SPEC §3 was checked.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub path: PathBuf,
+    pub description: Option<String>,
+    pub tunnel: Tunnel,
+    pub dns_servers: Vec<IpAddr>,
+    pub allow: Vec<AllowRule>,
+    pub allow_lan: bool,
+    pub handshake_timeout: Duration,
+}
+
+impl Profile {
+    /// Reads and validates the profile file at `path`. The profile's name is
+    /// the file stem; relative key paths are taken from the file's directory.
+    pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+        let name = profile_name_of(path);
+        let text = fs::read_to_string(path).map_err(|e| {
+            ProfileError::whole(
+                &name,
+                format!("cannot read {}: {}", path.display(), io_reason(&e)),
+            )
+        })?;
+        let meta = fs::metadata(path).map_err(|e| {
+            ProfileError::whole(
+                &name,
+                format!("cannot read {}: {}", path.display(), io_reason(&e)),
+            )
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut profile = parse(&name, &text, base, meta.mode())?;
+        profile.path = path.to_path_buf();
+        Ok(profile)
+    }
+}
+
+/// The name of the profile stored at `path`: its file stem.
+pub fn profile_name_of(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Checks a profile name received from a client: a plain file stem, never a
+/// path, so a request cannot make the daemon read outside its directory.
+pub fn check_profile_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') {
+        return Err(format!(
+            "{name:?} is not a profile name: use letters, digits, '-', '_' and '.', at most 64 characters, not starting with '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses and validates profile text. `base` is the directory that relative
+/// key paths are taken from; `file_mode` is the profile file's mode, which
+/// decides whether an inline private key is acceptable.
+pub fn parse(name: &str, text: &str, base: &Path, file_mode: u32) -> Result<Profile, ProfileError> {
+    let file: ProfileFile = toml::from_str(text).map_err(|e| toml_error(name, text, &e))?;
+    Validator {
+        name,
+        base,
+        file_mode,
+    }
+    .profile(file)
+}
+
+fn toml_error(name: &str, text: &str, e: &toml::de::Error) -> ProfileError {
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            ProfileError::new(name, format!("line {line}"), message)
+        }
+        None => ProfileError::whole(name, message),
+    }
+}
+
+struct Validator<'a> {
+    name: &'a str,
+    base: &'a Path,
+    file_mode: u32,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ProfileError {
+        ProfileError::new(self.name, field, message)
+    }
+
+    fn profile(&self, file: ProfileFile) -> Result<Profile, ProfileError> {
+        let tunnel = self.tunnel(file.tunnel)?;
+        if file.dns.servers.is_empty() {
+            return Err(self.err(
+                "dns.servers",
+                "no DNS server is given; name at least one pinned resolver",
+            ));
+        }
+        let dns_servers = file
+            .dns
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<IpAddr>()
+                    .map_err(|_| self.err(format!("dns.servers[{i}]"), format!("{s:?} is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if file.allow.is_empty() {
+            return Err(self.err("allow", "the allow list is empty, so the session would reach nothing; add at least one [[allow]] host"));
+        }
+        let allow = file
+            .allow
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| self.allow(i, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let handshake_timeout_secs = match file.options.handshake_timeout_secs {
+            None => DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+            Some(s) if (1..=300).contains(&s) => s as u64,
+            Some(s) => {
+                return Err(self.err(
+                    "options.handshake_timeout_secs",
+                    format!("{s} is out of range 1-300"),
+                ));
+            }
+        };
+        Ok(Profile {
+            name: self.name.to_string(),
+            path: PathBuf::new(),
+            description: file.description,
+            tunnel,
+            dns_servers,
+            allow,
+            allow_lan: file.options.allow_lan,
+            handshake_timeout: Duration::from_secs(handshake_timeout_secs),
+        })
+    }
+
+    fn tunnel(&self, t: TunnelSection) -> Result<Tunnel, ProfileError> {
+        let private_key = match (&t.private_key_file, &t.private_key) {
+            (Some(_), Some(_)) => {
+                return Err(self.err("tunnel", "give either private_key_file or private_key, not both"));
+            }
+            (None, None) => {
+                return Err(self.err(
+                    "tunnel",
+                    "no private key: set private_key_file (a file with mode 0600)",
+                ));
+            }
+            (Some(file), None) => self.key_file("tunnel.private_key_file", file)?,
+            (None, Some(inline)) => {
+                if self.file_mode & 0o077 != 0 {
+                    return Err(self.err(
+                        "tunnel.private_key",
+                        format!(
+                            "an inline private key needs the profile file to be readable by its owner only (mode 0600), but it is {:04o}",
+                            self.file_mode & 0o7777
+                        ),
+                    ));
+                }
+                decode_key(inline).map_err(|m| self.err("tunnel.private_key", m))?
+            }
+        };
+        if t.address.is_empty() {
+            return Err(self.err("tunnel.address", "no tunnel address is given"));
+        }
+        let addresses = t
+            .address
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse::<IpCidr>()
+                    .map_err(|m| self.err(format!("tunnel.address[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_v6 = addresses.iter().any(IpCidr::is_ipv6);
+        let min_mtu = if has_v6 { 1280 } else { 576 };
+        let mtu = match t.mtu {
+            None => DEFAULT_MTU,
+            Some(m) if (min_mtu..=9000).contains(&m) => m as u16,
+            Some(m) => {
+                let why = if has_v6 { " (IPv6 needs at least 1280)" } else { "" };
+                return Err(self.err("tunnel.mtu", format!("{m} is out of range {min_mtu}-9000{why}")));
+            }
+        };
+        let interface = t.interface.unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
+        check_interface_name(&interface).map_err(|m| self.err("tunnel.interface", m))?;
+        let peer = self.peer(t.peer)?;
+        Ok(Tunnel {
+            private_key,
+            addresses,
+            mtu,
+            interface,
+            peer,
+        })
+    }
+
+    fn peer(&self, p: PeerSection) -> Result<Peer, ProfileError> {
+        let public_key = decode_key(&p.public_key).map_err(|m| self.err("tunnel.peer.public_key", m))?;
+        let endpoint = parse_endpoint(&p.endpoint).map_err(|m| self.err("tunnel.peer.endpoint", m))?;
+        let preshared_key = match &p.preshared_key_file {
+            Some(file) => Some(self.key_file("tunnel.peer.preshared_key_file", file)?),
+            None => None,
+        };
+        let persistent_keepalive = match p.persistent_keepalive {
+            None | Some(0) => None,
+            Some(k) if (1..=65535).contains(&k) => Some(k as u16),
+            Some(k) => {
+                return Err(self.err(
+                    "tunnel.peer.persistent_keepalive",
+                    format!("{k} is out of range 0-65535 seconds"),
+                ));
+            }
+        };
+        Ok(Peer {
+            public_key,
+            endpoint,
+            preshared_key,
+            persistent_keepalive,
+        })
+    }
+
+    fn allow(&self, i: usize, a: AllowSection) -> Result<AllowRule, ProfileError> {
+        let field = format!("allow[{i}]");
+        let host = parse_host(&a.host).map_err(|m| self.err(format!("{field}.host"), m))?;
+        if a.tcp.is_empty() && a.udp.is_empty() {
+            return Err(self.err(
+                &field,
+                format!("{} lists no tcp or udp port, so it would allow nothing", a.host),
+            ));
+        }
+        let ports = |proto: &str, list: &[i64]| -> Result<Vec<u16>, ProfileError> {
+            let mut out = Vec::with_capacity(list.len());
+            for &p in list {
+                if !(1..=65535).contains(&p) {
+                    return Err(self.err(
+                        format!("{field}.{proto}"),
+                        format!("port {p} is out of range 1-65535"),
+                    ));
+                }
+                if !out.contains(&(p as u16)) {
+                    out.push(p as u16);
+                }
+            }
+            Ok(out)
+        };
+        Ok(AllowRule {
+            host,
+            tcp: ports("tcp", &a.tcp)?,
+            udp: ports("udp", &a.udp)?,
+        })
+    }
+
+    /// Reads a key file, insisting that only root (or the daemon's own user)
+    /// owns it and nobody else can read it.
+    fn key_file(&self, field: &str, file: &str) -> Result<Key, ProfileError> {
+        let path = if Path::new(file).is_absolute() {
+            PathBuf::from(file)
+        } else {
+            self.base.join(file)
+        };
+        let meta = fs::metadata(&path).map_err(|e| {
+            self.err(
+                field,
+                format!("cannot read key file {}: {}", path.display(), io_reason(&e)),
+            )
+        })?;
+        if !meta.is_file() {
+            return Err(self.err(field, format!("{} is not a regular file", path.display())));
+        }
+        let euid = nix::unistd::geteuid().as_raw();
+        if meta.uid() != 0 && meta.uid() != euid {
+            return Err(self.err(
+                field,
+                format!(
+                    "key file {} must be owned by root, but its owner is uid {}",
+                    path.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(self.err(
+                field,
+                format!(
+                    "key file {} is readable by group or others (mode {:04o}); run chmod 600 on it",
+                    path.display(),
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+        let text = fs::read_to_string(&path).map_err(|e| {
+            self.err(
+                field,
+                format!("cannot read key file {}: {}", path.display(), io_reason(&e)),
+            )
+        })?;
+        decode_key(text.trim()).map_err(|m| self.err(field, format!("key file {}: {m}", path.display())))
+    }
+}
+
+/// Decodes a base64 WireGuard key (32 bytes).
+pub fn decode_key(text: &str) -> Result<Key, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| "is not valid base64 (expected a 44-character WireGuard key)".to_string())?;
+    let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        format!(
+            "decodes to {} bytes, but a WireGuard key is 32 bytes",
+            bytes.len()
+        )
+    })?;
+    Ok(Key::from_bytes(array))
+}
+
+/// Parses `host:port` or `[v6]:port`.
+pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("{text:?} has no port; write [ADDRESS]:PORT"))?;
+        h.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{h:?} is not an IPv6 address"))?;
+        (h.to_string(), p)
+    } else {
+        let (h, p) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} has no port; write HOST:PORT, e.g. gw.example:51820"))?;
+        if h.contains(':') {
+            return Err(format!(
+                "{text:?}: put an IPv6 address in brackets, e.g. [2001:db8::1]:51820"
+            ));
+        }
+        if h.parse::<IpAddr>().is_err() {
+            check_hostname(h)?;
+        }
+        (h.to_string(), p)
+    };
+    let port = port
+        .parse::<u32>()
+        .ok()
+        .filter(|p| (1..=65535).contains(p))
+        .ok_or_else(|| format!("port {port:?} is out of range 1-65535"))? as u16;
+    Ok(Endpoint { host, port })
+}
+
+fn parse_host(text: &str) -> Result<Host, String> {
+    if text.contains('/') || text.parse::<IpAddr>().is_ok() {
+        return text.parse::<IpCidr>().map(Host::Net);
+    }
+    check_hostname(text)?;
+    Ok(Host::Name(text.trim_end_matches('.').to_ascii_lowercase()))
+}
+
+/// A DNS name of letters, digits and hyphens, labels of 1-63 characters.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    let labels_ok = !trimmed.is_empty()
+        && trimmed.len() <= 253
+        && trimmed.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if labels_ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid host name, IP address or CIDR"))
+    }
+}
+
+fn check_interface_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not an interface name: 1-15 letters, digits, '-' or '_'"
+        ))
+    }
+}
+
+/// The part of an I/O error a person needs ("No such file or directory").
+pub fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// Every `*.toml` profile in `dir`, valid or not, sorted by name.
+pub fn load_dir(dir: &Path) -> Result<Vec<Result<Profile, ProfileError>>, std::io::Error> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .collect();
+    paths.sort();
+    Ok(paths.iter().map(|p| Profile::load(p)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const PEER: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    const PRIV: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+
+    fn good() -> String {
+        format!(
+            r#"
+description = "lab"
+[tunnel]
+private_key = "{PRIV}"
+address = ["192.0.2.66/32", "2001:db8:66::2/128"]
+[tunnel.peer]
+public_key = "{PEER}"
+endpoint = "198.51.100.2:51820"
+persistent_keepalive = 25
+[dns]
+servers = ["192.0.2.65"]
+[[allow]]
+host = "meet.test"
+tcp = [443]
+udp = [10000]
+[[allow]]
+host = "203.0.113.0/24"
+tcp = [5349]
+"#
+        )
+    }
+
+    fn check(text: &str) -> Result<Profile, String> {
+        parse("p", text, Path::new("/nonexistent"), 0o600).map_err(|e| e.to_string())
+    }
+
+    fn err(text: &str) -> String {
+        match check(text) {
+            Ok(_) => panic!("profile should be invalid:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_good_profile_validates_with_defaults() {
+        let p = check(&good()).expect("valid");
+        assert_eq!(p.tunnel.mtu, DEFAULT_MTU);
+        assert_eq!(p.tunnel.interface, "sg0");
+        assert_eq!(p.tunnel.peer.endpoint.to_string(), "198.51.100.2:51820");
+        assert_eq!(p.tunnel.peer.persistent_keepalive, Some(25));
+        assert_eq!(p.allow[0].host, Host::Name("meet.test".into()));
+        assert_eq!(p.allow[1].host.to_string(), "203.0.113.0/24");
+        assert_eq!(p.handshake_timeout, Duration::from_secs(10));
+        assert!(!p.allow_lan);
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_a_line() {
+        let e = err(&good().replace("[dns]", "[dns]\nservrs = [\"x\"]"));
+        assert!(e.contains("unknown field `servrs`"), "{e}");
+        assert!(e.starts_with("profile p: line "), "{e}");
+    }
+
+    #[test]
+    fn ports_out_of_range_name_the_field() {
+        let text = good().replace("tcp = [5349]", "tcp = [5349]\nudp = [70000]");
+        assert_eq!(
+            err(&text),
+            "profile p: allow[1].udp: port 70000 is out of range 1-65535"
+        );
+        let text = good().replace("tcp = [443]", "tcp = [0]");
+        assert_eq!(
+            err(&text),
+            "profile p: allow[0].tcp: port 0 is out of range 1-65535"
+        );
+    }
+
+    #[test]
+    fn bad_keys_are_explained() {
+        let e = err(&good().replace(PEER, "not base64!"));
+        assert!(
+            e.starts_with("profile p: tunnel.peer.public_key: is not valid base64"),
+            "{e}"
+        );
+        let e = err(&good().replace(PEER, "AAAA"));
+        assert_eq!(
+            e,
+            "profile p: tunnel.peer.public_key: decodes to 3 bytes, but a WireGuard key is 32 bytes"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_and_hosts() {
+        let e = err(&good().replace("192.0.2.66/32", "192.0.2.666/32"));
+        assert_eq!(
+            e,
+            "profile p: tunnel.address[0]: \"192.0.2.666\" is not an IP address"
+        );
+        let e = err(&good().replace("192.0.2.66/32", "192.0.2.66/33"));
+        assert_eq!(
+            e,
+            "profile p: tunnel.address[0]: prefix /33 is not between /0 and /32"
+        );
+        let e = err(&good().replace("meet.test", "meet_practice!.test"));
+        assert!(
+            e.starts_with("profile p: allow[0].host: \"meet_practice!.test\" is not a valid host name"),
+            "{e}"
+        );
+        let e = err(&good().replace("203.0.113.0/24", "203.0.113.0/40"));
+        assert!(e.starts_with("profile p: allow[1].host: prefix /40"), "{e}");
+        let e = err(&good().replace("\"192.0.2.65\"", "\"resolver.test\""));
+        assert_eq!(
+            e,
+            "profile p: dns.servers[0]: \"resolver.test\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn endpoint_needs_a_port() {
+        let e = err(&good().replace("198.51.100.2:51820", "gw.practice.test"));
+        assert!(
+            e.starts_with("profile p: tunnel.peer.endpoint: \"gw.practice.test\" has no port"),
+            "{e}"
+        );
+        let e = err(&good().replace("198.51.100.2:51820", "gw.test:0"));
+        assert_eq!(
+            e,
+            "profile p: tunnel.peer.endpoint: port \"0\" is out of range 1-65535"
+        );
+        assert_eq!(
+            parse_endpoint("[2001:db8::1]:51820").map(|e| e.to_string()),
+            Ok("[2001:db8::1]:51820".into())
+        );
+        assert!(parse_endpoint("2001:db8::1:51820").is_err());
+        assert_eq!(
+            parse_endpoint("gw.test:51820").map(|e| e.host),
+            Ok("gw.test".into())
+        );
+    }
+
+    #[test]
+    fn empty_lists_are_errors() {
+        let e = err(&good().replace("servers = [\"192.0.2.65\"]", "servers = []"));
+        assert_eq!(
+            e,
+            "profile p: dns.servers: no DNS server is given; name at least one pinned resolver"
+        );
+        let no_allow = good().split("[[allow]]").next().unwrap_or_default().to_string();
+        assert!(err(&no_allow).starts_with("profile p: allow: the allow list is empty"));
+        let e = err(&good().replace("tcp = [5349]", ""));
+        assert_eq!(
+            e,
+            "profile p: allow[1]: 203.0.113.0/24 lists no tcp or udp port, so it would allow nothing"
+        );
+    }
+
+    #[test]
+    fn options_and_numbers_are_range_checked() {
+        let e = err(&good().replace("persistent_keepalive = 25", "persistent_keepalive = 70000"));
+        assert!(
+            e.starts_with("profile p: tunnel.peer.persistent_keepalive: 70000 is out of range"),
+            "{e}"
+        );
+        let e = err(&format!("{}\n[options]\nhandshake_timeout_secs = 0\n", good()));
+        assert_eq!(
+            e,
+            "profile p: options.handshake_timeout_secs: 0 is out of range 1-300"
+        );
+        let e = err(&good().replace("[tunnel.peer]", "mtu = 1000\n[tunnel.peer]"));
+        assert_eq!(
+            e,
+            "profile p: tunnel.mtu: 1000 is out of range 1280-9000 (IPv6 needs at least 1280)"
+        );
+        let e = err(&good().replace(
+            "[tunnel.peer]",
+            "interface = \"a-very-long-interface-name\"\n[tunnel.peer]",
+        ));
+        assert!(e.starts_with("profile p: tunnel.interface: "), "{e}");
+    }
+
+    #[test]
+    fn inline_key_needs_a_private_profile_file() {
+        let e = parse("p", &good(), Path::new("/"), 0o644).map_err(|e| e.to_string());
+        assert_eq!(
+            e.err().as_deref(),
+            Some("profile p: tunnel.private_key: an inline private key needs the profile file to be readable by its owner only (mode 0600), but it is 0644")
+        );
+    }
+
+    fn with_key_file(mode: u32, content: &str) -> Result<Profile, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("client.key");
+        fs::write(&key, content).expect("write key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(mode)).expect("chmod");
+        let text = good().replace(
+            &format!("private_key = \"{PRIV}\""),
+            "private_key_file = \"client.key\"",
+        );
+        parse("p", &text, dir.path(), 0o644).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn key_files_must_be_private_and_present() {
+        assert!(with_key_file(0o600, PRIV).is_ok());
+        let e = with_key_file(0o640, PRIV).err().unwrap_or_default();
+        assert!(e.contains("is readable by group or others (mode 0640)"), "{e}");
+        assert!(
+            e.starts_with("profile p: tunnel.private_key_file: key file "),
+            "{e}"
+        );
+        let e = with_key_file(0o600, "garbage").err().unwrap_or_default();
+        assert!(e.contains("is not valid base64"), "{e}");
+        let text = good().replace(
+            &format!("private_key = \"{PRIV}\""),
+            "private_key_file = \"missing.key\"",
+        );
+        let e = check(&text).err().unwrap_or_default();
+        assert_eq!(e, "profile p: tunnel.private_key_file: cannot read key file /nonexistent/missing.key: No such file or directory");
+    }
+
+    #[test]
+    fn key_files_owned_by_someone_else_are_refused() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root to give a file to another owner: run the tests as root"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("client.key");
+        fs::write(&key, PRIV).expect("write key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+        nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+        let text = good().replace(
+            &format!("private_key = \"{PRIV}\""),
+            "private_key_file = \"client.key\"",
+        );
+        let e = parse("p", &text, dir.path(), 0o644)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("must be owned by root, but its owner is uid 65534"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn profile_names_from_clients_are_never_paths() {
+        assert!(check_profile_name("jitsi-practice").is_ok());
+        assert!(check_profile_name("lab.v2").is_ok());
+        for bad in ["../../etc/passwd", "/etc/passwd", "a/b", "", ".hidden", "x\0y"] {
+            assert!(check_profile_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The control server: the Unix socket, who may use it, and turning each
+//! request line into a call on the session.
+//!
+//! This module owns the socket file, its permissions, the per-connection
+//! limits (size, time) and the credential check. It must never let one client
+//! disturb another or the session: every failure here is a reply to that
+//! client and nothing more.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Mutex};
+
+use crate::control::{parse_request, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
+use crate::profile::{self, Profile};
+use crate::session::SessionHandle;
+
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reply may take to be written before the client is dropped.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not create the socket directory {path}: {reason}")]
+    SocketDir { path: String, reason: String },
+    #[error("another sessiond is already listening on {0}")]
+    InUse(String),
+    #[error("could not listen on {path}: {reason}")]
+    Bind { path: String, reason: String },
+    #[error("could not set the permissions of {path}: {reason}")]
+    Permissions { path: String, reason: String },
+}
+
+/// Who may talk to the daemon: root, the daemon's own user, and members of
+/// the control group.
+#[derive(Debug, Clone)]
+pub struct AccessPolicy {
+    pub group: Option<nix::unistd::Group>,
+}
+
+impl AccessPolicy {
+    pub fn for_group(name: &str) -> AccessPolicy {
+        let group = nix::unistd::Group::from_name(name).ok().flatten();
+        if group.is_none() {
+            tracing::warn!("control group {name} does not exist; only root may use the control socket");
+        }
+        AccessPolicy { group }
+    }
+
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+            return true;
+        }
+        let Some(group) = &self.group else { return false };
+        if gid == group.gid.as_raw() {
+            return true;
+        }
+        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+            Ok(Some(user)) => user.gid == group.gid || group.mem.contains(&user.name),
+            _ => false,
+        }
+    }
+}
+
+/// The listening socket; removes its file when dropped.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds the socket with mode 0660 and the control group as its group.
+    /// A stale socket file from a dead daemon is replaced; a live one is not.
+    pub async fn bind(path: &Path, policy: &AccessPolicy) -> Result<ControlSocket, ServerError> {
+        let shown = path.display().to_string();
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() && !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|e| ServerError::SocketDir {
+                    path: dir.display().to_string(),
+                    reason: profile::io_reason(&e),
+                })?;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+            }
+        }
+        if path.exists() {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(ServerError::InUse(shown));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        // Create the socket with no access for others from the first moment.
+        let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o117));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old_umask);
+        let listener = bound.map_err(|e| ServerError::Bind {
+            path: shown.clone(),
+            reason: profile::io_reason(&e),
+        })?;
+        let perm_err = |reason: String| ServerError::Permissions {
+            path: shown.clone(),
+            reason,
+        };
+        if let Some(group) = &policy.group {
+            nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| perm_err(e.desc().to_string()))?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| perm_err(profile::io_reason(&e)))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Accepts clients until `shutdown` fires; each client gets its own task.
+    pub async fn serve(
+        &self,
+        session: SessionHandle,
+        profiles_dir: PathBuf,
+        policy: AccessPolicy,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let ctx = Arc::new(Context {
+            session,
+            profiles_dir,
+            policy,
+            operation: Mutex::new(()),
+        });
+        loop {
+            tokio::select! {
+                _ = crate::shutdown_requested(&mut shutdown) => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move { ctx.handle(stream).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!("accepting a control connection failed: {e}");
+                        // Out of file descriptors and the like: do not spin.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct Context {
+    session: SessionHandle,
+    profiles_dir: PathBuf,
+    policy: AccessPolicy,
+    /// Held while a start or stop runs, so a second one is refused at once
+    /// instead of queueing behind it.
+    operation: Mutex<()>,
+}
+
+impl Context {
+    async fn handle(&self, mut stream: UnixStream) {
+        let reply = match stream.peer_cred() {
+            Ok(cred) if self.policy.allows(cred.uid(), cred.gid()) => {
+                self.read_and_dispatch(&mut stream).await
+            }
+            Ok(cred) => {
+                tracing::warn!("refused a control connection from uid {}", cred.uid());
+                Reply::error(
+                    ErrorKind::PermissionDenied,
+                    "permission denied: only root and members of the control group may use sessiond",
+                )
+            }
+            Err(e) => Reply::error(
+                ErrorKind::PermissionDenied,
+                format!("cannot identify the caller: {e}"),
+            ),
+        };
+        let line = reply.to_line();
+        let _ = tokio::time::timeout(REPLY_TIMEOUT, stream.write_all(line.as_bytes())).await;
+        let _ = stream.shutdown().await;
+    }
+
+    async fn read_and_dispatch(&self, stream: &mut UnixStream) -> Reply {
+        let (read_half, _) = stream.split();
+        let mut reader = BufReader::new(read_half.take(MAX_REQUEST_BYTES as u64 + 1));
+        let mut line = Vec::new();
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+            Err(_) => {
+                return Reply::error(
+                    ErrorKind::BadRequest,
+                    format!("no complete request within {} s", REQUEST_TIMEOUT.as_secs()),
+                )
+            }
+            Ok(Err(e)) => {
+                return Reply::error(ErrorKind::BadRequest, format!("could not read the request: {e}"))
+            }
+            Ok(Ok(_)) => {}
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() > MAX_REQUEST_BYTES {
+            return Reply::error(
+                ErrorKind::BadRequest,
+                format!("the request is larger than {} KiB", MAX_REQUEST_BYTES / 1024),
+            );
+        }
+        match parse_request(&line) {
+            Ok(request) => self.dispatch(request).await,
+            Err(message) => Reply::error(ErrorKind::BadRequest, message),
+        }
+    }
+
+    async fn dispatch(&self, request: Request) -> Reply {
+        match request {
+            Request::Status => Reply::ok(self.session.status()),
+            Request::Profiles => self.list_profiles().await,
+            Request::Check { profile } => match self.load_profile(&profile).await {
+                Ok(p) => Reply::ok(serde_json::json!({"profile": p.name, "valid": true})),
+                Err(reply) => reply,
+            },
+            Request::Start { profile } => {
+                let Ok(_guard) = self.operation.try_lock() else {
+                    return busy();
+                };
+                match self.load_profile(&profile).await {
+                    Ok(p) => self.session.start(p).await,
+                    Err(reply) => reply,
+                }
+            }
+            Request::Stop => {
+                let Ok(_guard) = self.operation.try_lock() else {
+                    return busy();
+                };
+                self.session.stop().await
+            }
+        }
+    }
+
+    /// Loads a profile by name from the profiles directory. The name is
+    /// checked first so a request can never name a path.
+    async fn load_profile(&self, name: &str) -> Result<Profile, Reply> {
+        profile::check_profile_name(name).map_err(|m| Reply::error(ErrorKind::BadRequest, m))?;
+        let path = self.profiles_dir.join(format!("{name}.toml"));
+        if !path.is_file() {
+            return Err(Reply::error(
+                ErrorKind::InvalidProfile,
+                format!("profile {name}: there is no {}", path.display()),
+            ));
+        }
+        let loaded = tokio::task::spawn_blocking(move || Profile::load(&path)).await;
+        match loaded {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(Reply::error(ErrorKind::InvalidProfile, e.to_string())),
+            Err(e) => Err(Reply::error(
+                ErrorKind::Failed,
+                format!("loading profile {name} failed: {e}"),
+            )),
+        }
+    }
+
+    async fn list_profiles(&self) -> Reply {
+        let dir = self.profiles_dir.clone();
+        let listed = tokio::task::spawn_blocking(move || profile::load_dir(&dir)).await;
+        let entries = match listed {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(e)) => {
+                return Reply::error(
+                    ErrorKind::Failed,
+                    format!(
+                        "cannot read the profiles directory {}: {}",
+                        self.profiles_dir.display(),
+                        profile::io_reason(&e)
+                    ),
+                )
+            }
+            Err(e) => return Reply::error(ErrorKind::Failed, format!("listing profiles failed: {e}")),
+        };
+        let list: Vec<_> = entries
+            .into_iter()
+            .map(|entry| match entry {
+                Ok(p) => serde_json::json!({
+                    "name": p.name,
+                    "valid": true,
+                    "description": p.description,
+                    "hosts": p.allow.iter().map(|a| a.host.to_string()).collect::<Vec<_>>(),
+                }),
+                Err(e) => serde_json::json!({"name": e.profile, "valid": false, "error": e.to_string()}),
+            })
+            .collect();
+        Reply::ok(list)
+    }
+}
+
+fn busy() -> Reply {
+    Reply::error(
+        ErrorKind::Failed,
+        "another start or stop is in progress; wait for it to finish",
+    )
+}

@@ -1,0 +1,585 @@
+//! `labhost`: the lab's tiny network services and probes. It owns nothing but
+//! its own sockets; the lab (tests/src) starts it inside network namespaces.
+//!
+//! Subcommands:
+//! - `labhost serve [--tcp PORT]... [--udp PORT]...` — TCP listeners (default
+//!   443 and 8443) that write `peer=<remote ip>\n` to each client and close,
+//!   and UDP echo servers (default 10000) that reply `peer=<remote ip> <payload>`
+//!   from the address the datagram was sent to. IPv4 and IPv6 on separate
+//!   sockets. Prints `ready` on stdout once every socket is bound.
+//! - `labhost probe-tcp ADDR PORT [--timeout-ms N]` — connects, prints what the
+//!   server sent, exit 0; else prints one line (`connect 203.0.113.20:443:
+//!   Connection refused`) and exits 1. ADDR may be a name (system resolver).
+//! - `labhost probe-udp ADDR PORT [--timeout-ms N] [--payload TEXT]` — sends one
+//!   datagram, prints the reply, exit 0; else one line and exit 1.
+//! - `labhost listen-unix PATH [--reply TEXT]` — a unix socket server that
+//!   writes TEXT (default `ok`) and a newline to each client (replaces a stale
+//!   socket file); the harness uses it as a stand-in daemon.
+//! - `labhost dns-query SERVER NAME [--type A|AAAA|CNAME|TXT|MX|ANY|N] [--port N]
+//!   [--timeout-ms N]` — one DNS query over UDP straight to SERVER (the lab has
+//!   no `dig`); prints `rcode=NOERROR answers=203.0.113.10,... ttl=5`, exit 0
+//!   whenever a reply came back; else one line and exit 1.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
+};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{
+    bind, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, Backlog, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
+};
+
+const DEFAULT_TIMEOUT_MS: u64 = 2000;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("probe-tcp") => probe_tcp(&args[1..]),
+        Some("probe-udp") => probe_udp(&args[1..]),
+        Some("dns-query") => dns_query(&args[1..]),
+        Some("listen-unix") => listen_unix(&args[1..]),
+        _ => Err(
+            "usage: labhost serve|probe-tcp ADDR PORT|probe-udp ADDR PORT|dns-query SERVER NAME".to_string(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(line) => {
+            println!("{line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parsed command line: positional arguments and `--flag value` pairs.
+struct Args {
+    positional: Vec<String>,
+    flags: Vec<(String, String)>,
+}
+
+impl Args {
+    fn parse(args: &[String]) -> Result<Args, String> {
+        let mut positional = Vec::new();
+        let mut flags = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                let value = it
+                    .next()
+                    .ok_or_else(|| format!("usage: --{name} needs a value"))?;
+                flags.push((name.to_string(), value.clone()));
+            } else {
+                positional.push(a.clone());
+            }
+        }
+        Ok(Args { positional, flags })
+    }
+
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.flags
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn one(&self, name: &str) -> Option<&str> {
+        self.all(name).last().copied()
+    }
+
+    fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.one(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("usage: --{name} {v}: not a number")),
+        }
+    }
+
+    fn timeout(&self) -> Result<Duration, String> {
+        Ok(Duration::from_millis(
+            self.num("timeout-ms", DEFAULT_TIMEOUT_MS)?.max(1),
+        ))
+    }
+
+    fn target(&self, what: &str) -> Result<(String, u16), String> {
+        match self.positional.as_slice() {
+            [addr, port] => {
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("usage: {what}: port {port} is not a number"))?;
+                Ok((addr.clone(), port))
+            }
+            _ => Err(format!("usage: labhost {what} ADDR PORT [--timeout-ms N]")),
+        }
+    }
+}
+
+/// An io::Error as a short phrase, without the "(os error N)" tail.
+fn err_text(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+fn resolve(addr: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(ip) = addr.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<SocketAddr> = (addr, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {addr}: {}", err_text(&e)))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("resolve {addr}: no addresses"));
+    }
+    Ok(addrs)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+// ---------------------------------------------------------------- serve
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let mut tcp_ports: Vec<u16> = Vec::new();
+    for p in args.all("tcp") {
+        tcp_ports.push(p.parse().map_err(|_| format!("usage: --tcp {p}"))?);
+    }
+    let mut udp_ports: Vec<u16> = Vec::new();
+    for p in args.all("udp") {
+        udp_ports.push(p.parse().map_err(|_| format!("usage: --udp {p}"))?);
+    }
+    if tcp_ports.is_empty() && udp_ports.is_empty() {
+        tcp_ports = vec![443, 8443];
+        udp_ports = vec![10000];
+    }
+
+    let mut threads = Vec::new();
+    for &port in &tcp_ports {
+        for v6 in [false, true] {
+            let listener = tcp_listener(v6, port)
+                .map_err(|e| format!("listen tcp {} port {port}: {e}", if v6 { "v6" } else { "v4" }))?;
+            threads.push(std::thread::spawn(move || tcp_accept_loop(listener)));
+        }
+    }
+    for &port in &udp_ports {
+        for v6 in [false, true] {
+            let sock = udp_socket(v6, port)
+                .map_err(|e| format!("bind udp {} port {port}: {e}", if v6 { "v6" } else { "v4" }))?;
+            threads.push(std::thread::spawn(move || udp_echo_loop(sock, v6)));
+        }
+    }
+    println!("ready");
+    let _ = io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn new_socket(v6: bool, ty: SockType) -> nix::Result<OwnedFd> {
+    let family = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if v6 {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    Ok(fd)
+}
+
+fn bind_any(fd: &OwnedFd, v6: bool, port: u16) -> nix::Result<()> {
+    if v6 {
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)),
+        )
+    } else {
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+        )
+    }
+}
+
+fn tcp_listener(v6: bool, port: u16) -> nix::Result<TcpListener> {
+    let fd = new_socket(v6, SockType::Stream)?;
+    bind_any(&fd, v6, port)?;
+    listen(&fd, Backlog::new(128)?)?;
+    Ok(TcpListener::from(fd))
+}
+
+fn tcp_accept_loop(listener: TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(mut stream) = conn else { continue };
+        std::thread::spawn(move || {
+            if let Ok(peer) = stream.peer_addr() {
+                let _ = stream.write_all(format!("peer={}\n", canonical(peer.ip())).as_bytes());
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+            // Drain what the client may send so close() does not reset.
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut sink = [0u8; 512];
+            while let Ok(n) = stream.read(&mut sink) {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn udp_socket(v6: bool, port: u16) -> nix::Result<OwnedFd> {
+    let fd = new_socket(v6, SockType::Datagram)?;
+    if v6 {
+        setsockopt(&fd, sockopt::Ipv6RecvPacketInfo, &true)?;
+    } else {
+        setsockopt(&fd, sockopt::Ipv4PacketInfo, &true)?;
+    }
+    bind_any(&fd, v6, port)?;
+    Ok(fd)
+}
+
+/// Echo loop that answers from the address each datagram was sent to (the host
+/// has several addresses; a reply from another one would not match the
+/// client's connected socket nor its conntrack entry).
+fn udp_echo_loop(fd: OwnedFd, v6: bool) {
+    let mut buf = [0u8; 2048];
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::in_pktinfo);
+    loop {
+        let (len, from, dst4, dst6) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match recvmsg::<SockaddrStorage>(
+                fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            ) {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            let mut dst4 = None;
+            let mut dst6 = None;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    match c {
+                        ControlMessageOwned::Ipv4PacketInfo(info) => dst4 = Some(info.ipi_addr),
+                        ControlMessageOwned::Ipv6PacketInfo(info) => dst6 = Some(info.ipi6_addr),
+                        _ => {}
+                    }
+                }
+            }
+            (msg.bytes, msg.address, dst4, dst6)
+        };
+        let Some(from) = from else { continue };
+        let peer_ip = if let Some(a) = from.as_sockaddr_in() {
+            IpAddr::V4(a.ip())
+        } else if let Some(a) = from.as_sockaddr_in6() {
+            IpAddr::V6(a.ip())
+        } else {
+            continue;
+        };
+        let mut reply = format!("peer={} ", canonical(peer_ip)).into_bytes();
+        reply.extend_from_slice(&buf[..len]);
+        let iov = [IoSlice::new(&reply)];
+        let info4;
+        let info6;
+        let mut cm = Vec::new();
+        if v6 {
+            if let Some(addr) = dst6 {
+                info6 = libc::in6_pktinfo {
+                    ipi6_addr: addr,
+                    ipi6_ifindex: 0,
+                };
+                cm.push(ControlMessage::Ipv6PacketInfo(&info6));
+            }
+        } else if let Some(addr) = dst4 {
+            info4 = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: addr,
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            cm.push(ControlMessage::Ipv4PacketInfo(&info4));
+        }
+        let _ = sendmsg(fd.as_raw_fd(), &iov, &cm, MsgFlags::empty(), Some(&from));
+    }
+}
+
+fn listen_unix(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let [path] = args.positional.as_slice() else {
+        return Err("usage: labhost listen-unix PATH [--reply TEXT]".into());
+    };
+    let reply = format!("{}\n", args.one("reply").unwrap_or("ok"));
+    let _ = std::fs::remove_file(path);
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|e| format!("bind {path}: {}", err_text(&e)))?;
+    println!("ready");
+    let _ = io::stdout().flush();
+    for mut stream in listener.incoming().flatten() {
+        let _ = stream.write_all(reply.as_bytes());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- probes
+
+fn probe_tcp(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let (addr, port) = args.target("probe-tcp")?;
+    let timeout = args.timeout()?;
+    let mut errors = Vec::new();
+    for target in resolve(&addr, port)? {
+        match TcpStream::connect_timeout(&target, timeout) {
+            Ok(mut stream) => {
+                let _ = stream.set_read_timeout(Some(timeout));
+                let mut got = Vec::new();
+                return match stream.read_to_end(&mut got) {
+                    Ok(_) => {
+                        print!("{}", String::from_utf8_lossy(&got));
+                        let _ = io::stdout().flush();
+                        Ok(())
+                    }
+                    Err(e) if !got.is_empty() => {
+                        // Partial answer then an error: still report what came.
+                        print!("{}", String::from_utf8_lossy(&got));
+                        eprintln!("read {target}: {}", err_text(&e));
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("read {target}: {}", err_text(&e))),
+                };
+            }
+            Err(e) => errors.push(format!("connect {target}: {}", err_text(&e))),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+fn unspecified_for(target: &SocketAddr) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    }
+}
+
+/// Sends `payload` to `target` on a connected UDP socket and waits for one reply.
+fn udp_exchange(target: SocketAddr, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+    let what = |e: &io::Error| format!("udp {target}: {}", err_text(e));
+    let sock = UdpSocket::bind(unspecified_for(&target)).map_err(|e| what(&e))?;
+    sock.connect(target).map_err(|e| what(&e))?;
+    sock.send(payload).map_err(|e| what(&e))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "udp {target}: no reply within {} ms",
+                timeout.as_millis()
+            ));
+        }
+        sock.set_read_timeout(Some(left)).map_err(|e| what(&e))?;
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+                continue
+            }
+            Err(e) => return Err(what(&e)),
+        }
+    }
+}
+
+fn probe_udp(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let (addr, port) = args.target("probe-udp")?;
+    let timeout = args.timeout()?;
+    let payload = args.one("payload").unwrap_or("probe").to_string();
+    let targets = resolve(&addr, port)?;
+    let mut errors = Vec::new();
+    for target in targets {
+        match udp_exchange(target, payload.as_bytes(), timeout) {
+            Ok(reply) => {
+                println!("{}", String::from_utf8_lossy(&reply));
+                return Ok(());
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+// ---------------------------------------------------------------- dns
+
+fn qtype_number(name: &str) -> Result<u16, String> {
+    Ok(match name.to_ascii_uppercase().as_str() {
+        "A" => 1,
+        "NS" => 2,
+        "CNAME" => 5,
+        "SOA" => 6,
+        "PTR" => 12,
+        "MX" => 15,
+        "TXT" => 16,
+        "AAAA" => 28,
+        "SRV" => 33,
+        "HTTPS" => 65,
+        "ANY" => 255,
+        other => other
+            .parse()
+            .map_err(|_| format!("usage: --type {name}: unknown query type"))?,
+    })
+}
+
+fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+fn build_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
+    q.extend_from_slice(&1u16.to_be_bytes()); // QDCOUNT
+    q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("dns-query: bad name {name}"));
+        }
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes()); // IN
+    Ok(q)
+}
+
+/// Reads a (possibly compressed) name at `pos`; returns it and the offset after it.
+fn read_name(msg: &[u8], mut pos: usize) -> Option<(String, usize)> {
+    let mut labels = Vec::new();
+    let mut end = None;
+    let mut jumps = 0;
+    loop {
+        let len = *msg.get(pos)? as usize;
+        if len & 0xC0 == 0xC0 {
+            let ptr = ((len & 0x3F) << 8) | *msg.get(pos + 1)? as usize;
+            end.get_or_insert(pos + 2);
+            jumps += 1;
+            if jumps > 32 {
+                return None;
+            }
+            pos = ptr;
+        } else if len == 0 {
+            let after = end.unwrap_or(pos + 1);
+            return Some((labels.join("."), after));
+        } else {
+            let label = msg.get(pos + 1..pos + 1 + len)?;
+            labels.push(String::from_utf8_lossy(label).into_owned());
+            pos += 1 + len;
+        }
+    }
+}
+
+fn u16_at(msg: &[u8], pos: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*msg.get(pos)?, *msg.get(pos + 1)?]))
+}
+
+fn u32_at(msg: &[u8], pos: usize) -> Option<u32> {
+    Some(u32::from_be_bytes([
+        *msg.get(pos)?,
+        *msg.get(pos + 1)?,
+        *msg.get(pos + 2)?,
+        *msg.get(pos + 3)?,
+    ]))
+}
+
+/// Parses a reply into (rcode, answers, minimum ttl).
+fn parse_reply(msg: &[u8]) -> Option<(u8, Vec<String>, Option<u32>)> {
+    let flags = u16_at(msg, 2)?;
+    let rcode = (flags & 0x000F) as u8;
+    let qd = u16_at(msg, 4)?;
+    let an = u16_at(msg, 6)?;
+    let mut pos = 12;
+    for _ in 0..qd {
+        let (_, after) = read_name(msg, pos)?;
+        pos = after + 4;
+    }
+    let mut answers = Vec::new();
+    let mut ttl: Option<u32> = None;
+    for _ in 0..an {
+        let (_, after) = read_name(msg, pos)?;
+        let rtype = u16_at(msg, after)?;
+        let rttl = u32_at(msg, after + 4)?;
+        let rdlen = u16_at(msg, after + 8)? as usize;
+        let rdata_at = after + 10;
+        let rdata = msg.get(rdata_at..rdata_at + rdlen)?;
+        let text = match rtype {
+            1 if rdlen == 4 => Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]).to_string(),
+            28 if rdlen == 16 => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(rdata);
+                Ipv6Addr::from(b).to_string()
+            }
+            5 | 2 | 12 => read_name(msg, rdata_at)?.0,
+            other => format!("type{other}"),
+        };
+        answers.push(text);
+        ttl = Some(ttl.map_or(rttl, |t| t.min(rttl)));
+        pos = rdata_at + rdlen;
+    }
+    Some((rcode, answers, ttl))
+}
+
+fn dns_query(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let (server, name) = match args.positional.as_slice() {
+        [s, n] => (s.clone(), n.clone()),
+        _ => return Err("usage: labhost dns-query SERVER NAME [--type T] [--port N]".into()),
+    };
+    let server_ip: IpAddr = server
+        .parse()
+        .map_err(|_| format!("usage: dns-query: server {server} is not an IP address"))?;
+    let port: u16 = args.num("port", 53)?;
+    let qtype = qtype_number(args.one("type").unwrap_or("A"))?;
+    let timeout = args.timeout()?;
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    let query = build_query(id, &name, qtype)?;
+    let target = SocketAddr::new(server_ip, port);
+    let reply = udp_exchange(target, &query, timeout)?;
+    if u16_at(&reply, 0) != Some(id) {
+        return Err(format!("dns {target}: reply with a wrong id"));
+    }
+    let (rcode, answers, ttl) =
+        parse_reply(&reply).ok_or_else(|| format!("dns {target}: malformed reply"))?;
+    let ttl = ttl.map(|t| format!(" ttl={t}")).unwrap_or_default();
+    println!("rcode={} answers={}{ttl}", rcode_name(rcode), answers.join(","));
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! The WireGuard side of the lab: the gateway's wireguard-go (Debian's, set up
+//! with `wg`), its NAT towards the internet, its peers, killing and restarting
+//! it, and a plain wireguard-go client in the client namespace for harness
+//! tests. Owns the gateway's key, interface and peer list.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::lab::{addr, lock, write_file_mode, Lab, LabChild, Ns, SETUP_TIMEOUT};
+use crate::util::{self, wait_until};
+
+/// Makes a private key with `wg genkey`, writes it to `path` (mode 0600) and
+/// returns the public key.
+pub fn write_new_key(path: &Path) -> Result<String> {
+    let private = util::run(&["wg", "genkey"])?;
+    write_file_mode(path, &private, 0o600)?;
+    public_key_of(private.trim())
+}
+
+/// `wg pubkey` of a base64 private key.
+pub fn public_key_of(private: &str) -> Result<String> {
+    let public = util::run_with_stdin(&["wg", "pubkey"], format!("{private}\n").as_bytes())?;
+    Ok(public.trim().to_string())
+}
+
+/// NAT on the gateway: everything leaving towards the router is masqueraded,
+/// so the internet host sees 198.51.100.2 (or 2001:db8:100::2).
+pub(crate) fn install_nat(lab: &Lab) -> Result<()> {
+    let rules = format!(
+        "table inet labnat {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname \"{}\" masquerade\n\
+         \t}}\n\
+         }}\n",
+        addr::GATEWAY_IF
+    );
+    lab.exec_stdin(Ns::Gateway, &["nft", "-f", "-"], rules.as_bytes())
+        .context("installing the gateway's NAT")?;
+    Ok(())
+}
+
+/// Starts wireguard-go in `ns` for `ifname` and waits until `wg show` works.
+fn start_wireguard_go(lab: &Lab, ns: Ns, ifname: &str) -> Result<LabChild> {
+    lab.track_wg_iface(ifname);
+    let child = lab.spawn_env(
+        ns,
+        &format!("wireguard-go-{ifname}"),
+        &["wireguard-go", ifname],
+        &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "verbose")],
+    )?;
+    Ok(child)
+}
+
+fn wait_wireguard_go(lab: &Lab, ns: Ns, ifname: &str, child: &LabChild) -> Result<()> {
+    let mut exited = false;
+    wait_until(SETUP_TIMEOUT, &format!("wireguard-go {ifname} to start"), || {
+        if !child.is_running() {
+            exited = true;
+            return true;
+        }
+        lab.exec(ns, &["wg", "show", ifname, "listen-port"])
+            .is_ok_and(|o| o.status.success())
+    })?;
+    if exited {
+        bail!("wireguard-go {ifname} exited: {}", child.log().trim());
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// The gateway's wireguard-go interface (`wg{id}`).
+    pub fn gateway_ifname(&self) -> String {
+        format!("wg{}", self.id)
+    }
+
+    /// The gateway's WireGuard public key (base64).
+    pub fn gateway_public_key(&self) -> &str {
+        &self.gw_public_key
+    }
+
+    /// The gateway's wireguard-go process, if running.
+    pub fn gateway_process(&self) -> Option<LabChild> {
+        lock(&self.gateway).child.clone()
+    }
+
+    /// Everything wireguard-go on the gateway logged (all runs of it).
+    pub fn gateway_log(&self) -> String {
+        let dir = self.tmp.path();
+        let prefix = format!("wireguard-go-{}.", self.gateway_ifname());
+        let mut logs: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        logs.sort();
+        logs.iter().map(|p| util::read_text(p)).collect()
+    }
+
+    pub(crate) fn start_gateway_process(&self) -> Result<()> {
+        let ifname = self.gateway_ifname();
+        let child = start_wireguard_go(self, Ns::Gateway, &ifname)?;
+        lock(&self.gateway).child = Some(child);
+        Ok(())
+    }
+
+    /// Waits for the gateway's wireguard-go and configures key, port, peers,
+    /// addresses. Used at setup and by `restart_gateway`.
+    pub(crate) fn configure_gateway(&self) -> Result<()> {
+        let ifname = self.gateway_ifname();
+        let (child, peers) = {
+            let gw = lock(&self.gateway);
+            (gw.child.clone(), gw.peers.clone())
+        };
+        let child = child.context("the gateway's wireguard-go is not running")?;
+        wait_wireguard_go(self, Ns::Gateway, &ifname, &child)?;
+        let key = self.gw_key_file.to_string_lossy().into_owned();
+        let port = addr::WG_PORT.to_string();
+        let mut args: Vec<String> = ["wg", "set", &ifname, "listen-port", &port, "private-key", &key]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (public, allowed) in &peers {
+            args.extend(["peer".into(), public.clone()]);
+            args.extend(["allowed-ips".into(), allowed.join(",")]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.exec_ok(Ns::Gateway, &refs)?;
+        self.ip_batch(
+            Ns::Gateway,
+            &[
+                format!("addr add {}/26 dev {ifname}", addr::GATEWAY_TUN_V4),
+                format!("addr add {}/64 dev {ifname} nodad", addr::GATEWAY_TUN_V6),
+                format!("link set {ifname} up"),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Lets a WireGuard key in through the gateway, with these allowed IPs
+    /// (e.g. `["192.0.2.66/32", "2001:db8:66::2/128"]`). Remembered for
+    /// `restart_gateway`. Adding a known key replaces its allowed IPs.
+    pub fn add_gateway_peer(&self, public_key: &str, allowed_ips: &[&str]) -> Result<()> {
+        let allowed: Vec<String> = allowed_ips.iter().map(|s| s.to_string()).collect();
+        let running = {
+            let mut gw = lock(&self.gateway);
+            gw.peers.retain(|(k, _)| k != public_key);
+            gw.peers.push((public_key.to_string(), allowed.clone()));
+            gw.child.as_ref().is_some_and(|c| c.is_running())
+        };
+        if running {
+            let ifname = self.gateway_ifname();
+            let list = allowed.join(",");
+            self.exec_ok(
+                Ns::Gateway,
+                &["wg", "set", &ifname, "peer", public_key, "allowed-ips", &list],
+            )
+            .context("adding a gateway peer")?;
+        }
+        Ok(())
+    }
+
+    /// `wg show <gateway if> DUMP...` as text (e.g. `&["latest-handshakes"]`).
+    pub fn gateway_wg_show(&self, what: &[&str]) -> Result<String> {
+        let ifname = self.gateway_ifname();
+        let mut args = vec!["wg", "show", ifname.as_str()];
+        args.extend_from_slice(what);
+        self.exec_ok(Ns::Gateway, &args)
+    }
+
+    /// SIGKILLs the gateway's wireguard-go: its interface disappears and the
+    /// gateway stops answering. Waits until the interface is gone.
+    pub fn kill_gateway(&self) -> Result<()> {
+        let child = lock(&self.gateway).child.take();
+        let ifname = self.gateway_ifname();
+        if let Some(child) = child {
+            child.kill()?;
+        }
+        wait_until(SETUP_TIMEOUT, &format!("{ifname} to disappear"), || {
+            self.exec(Ns::Gateway, &["ip", "link", "show", "dev", &ifname])
+                .is_ok_and(|o| !o.status.success())
+        })?;
+        let sock = crate::lab::wg_socket_path(&ifname);
+        if sock.exists() {
+            std::fs::remove_file(&sock).with_context(|| format!("removing {}", sock.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the gateway's wireguard-go again with the same key, port,
+    /// addresses and every peer added so far (kills a running one first).
+    pub fn restart_gateway(&self) -> Result<()> {
+        if lock(&self.gateway).child.is_some() {
+            self.kill_gateway()?;
+        }
+        self.start_gateway_process()?;
+        self.configure_gateway()?;
+        // dnsmasq (--bind-dynamic) picks up the recreated address.
+        self.wait_pinned_resolver()
+    }
+
+    /// Starts a plain wireguard-go client in the client namespace (`wc{id}`):
+    /// its own key, tunnel addresses 192.0.2.70/32 and 2001:db8:66::70/128
+    /// (added as a gateway peer), routes for 203.0.113.0/24,
+    /// 2001:db8:203::/64 and the pinned resolver 192.0.2.65 through it,
+    /// keepalive 1 s. Returns once the first handshake is done.
+    pub fn start_plain_wireguard_client(&self) -> Result<PlainClient> {
+        {
+            let mut started = lock(&self.plain_clients);
+            if *started > 0 {
+                bail!("only one plain wireguard client per lab (tunnel address 192.0.2.70)");
+            }
+            *started += 1;
+        }
+        let ifname = format!("wc{}", self.id);
+        let key_file = self.tmp.path().join(format!("{ifname}.key"));
+        let public = write_new_key(&key_file)?;
+        self.add_gateway_peer(
+            &public,
+            &[
+                &format!("{}/32", addr::PLAIN_TUN_V4),
+                &format!("{}/128", addr::PLAIN_TUN_V6),
+            ],
+        )?;
+        let child = start_wireguard_go(self, Ns::Client, &ifname)?;
+        wait_wireguard_go(self, Ns::Client, &ifname, &child)?;
+        let key = key_file.to_string_lossy().into_owned();
+        self.exec_ok(Ns::Client, &["wg", "set", &ifname, "private-key", &key])?;
+        set_plain_client_peer(self, &ifname)?;
+        self.ip_batch(
+            Ns::Client,
+            &[
+                format!("addr add {}/32 dev {ifname}", addr::PLAIN_TUN_V4),
+                format!("addr add {}/128 dev {ifname} nodad", addr::PLAIN_TUN_V6),
+                format!("link set {ifname} up"),
+                format!(
+                    "route add {PLAIN_ROUTE_V4} dev {ifname} src {}",
+                    addr::PLAIN_TUN_V4
+                ),
+                format!(
+                    "route add {}/32 dev {ifname} src {}",
+                    addr::GATEWAY_TUN_V4,
+                    addr::PLAIN_TUN_V4
+                ),
+                format!(
+                    "route add {PLAIN_ROUTE_V6} dev {ifname} src {}",
+                    addr::PLAIN_TUN_V6
+                ),
+            ],
+        )?;
+        let client = PlainClient {
+            ifname,
+            public_key: public,
+            process: child,
+        };
+        client.wait_handshake(self, Duration::from_secs(5))?;
+        Ok(client)
+    }
+}
+
+/// What the plain client sends through its tunnel (besides the pinned
+/// resolver): the host side, v4 and v6.
+const PLAIN_ROUTE_V4: &str = "203.0.113.0/24";
+const PLAIN_ROUTE_V6: &str = "2001:db8:203::/64";
+
+/// The plain client's only peer: the gateway, for 203.0.113.0/24 and the
+/// pinned resolver, keepalive 1 s (so it handshakes at once).
+fn set_plain_client_peer(lab: &Lab, ifname: &str) -> Result<()> {
+    let allowed = format!("{PLAIN_ROUTE_V4},{}/32,{PLAIN_ROUTE_V6}", addr::GATEWAY_TUN_V4);
+    lab.exec_ok(
+        Ns::Client,
+        &[
+            "wg",
+            "set",
+            ifname,
+            "peer",
+            lab.gateway_public_key(),
+            "endpoint",
+            addr::GATEWAY_ENDPOINT,
+            "allowed-ips",
+            &allowed,
+            "persistent-keepalive",
+            "1",
+        ],
+    )?;
+    Ok(())
+}
+
+/// A plain wireguard-go client in the client namespace.
+pub struct PlainClient {
+    pub ifname: String,
+    pub public_key: String,
+    pub process: LabChild,
+}
+
+impl PlainClient {
+    /// Seconds since the epoch of the latest handshake (0 = none yet).
+    pub fn latest_handshake(&self, lab: &Lab) -> Result<u64> {
+        let out = lab.exec_ok(Ns::Client, &["wg", "show", &self.ifname, "latest-handshakes"])?;
+        Ok(out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Forces a fresh handshake now (removes and re-adds the gateway peer).
+    /// After `restart_gateway`, wireguard-go would otherwise take ~15 s to
+    /// notice (it re-handshakes only after REKEY_TIMEOUT + KEEPALIVE_TIMEOUT
+    /// without an answer to data it sent).
+    pub fn reconnect(&self, lab: &Lab) -> Result<()> {
+        let gw = lab.gateway_public_key().to_string();
+        lab.exec_ok(Ns::Client, &["wg", "set", &self.ifname, "peer", &gw, "remove"])?;
+        set_plain_client_peer(lab, &self.ifname)?;
+        self.wait_handshake(lab, Duration::from_secs(5))
+    }
+
+    /// Waits for a completed handshake with the gateway.
+    pub fn wait_handshake(&self, lab: &Lab, timeout: Duration) -> Result<()> {
+        wait_until(timeout, "the plain client's handshake", || {
+            self.latest_handshake(lab).is_ok_and(|t| t > 0)
+        })
+        .with_context(|| format!("wireguard-go log:\n{}", self.process.log()))
+    }
+}

@@ -1,0 +1,21 @@
+//! The sessiongate lab: end-to-end tests in network namespaces (SPEC §10).
+//!
+//! This crate owns the test harness: [`Lab`] builds client, router, gateway
+//! and host namespaces linked by veth pairs (never to the host's own
+//! namespace), runs wireguard-go and dnsmasq on the gateway, services on the
+//! "internet" host, a leak meter on the router, and sessiond in the client;
+//! dropping it removes everything again. The `labhost` binary
+//! (src/bin/labhost.rs) provides the services and probes. Tests live in
+//! tests/tests/*.rs and need root.
+
+pub mod daemon;
+pub mod dns;
+pub mod gateway;
+pub mod lab;
+pub mod meter;
+pub mod util;
+
+pub use daemon::{Daemon, ProfileFiles, DAEMON_TUN_IF};
+pub use gateway::PlainClient;
+pub use lab::{addr, DnsReply, Lab, LabChild, Ns};
+pub use util::{wait_for, wait_until};

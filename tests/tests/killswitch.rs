@@ -1,0 +1,307 @@
+//! The kill switch (issue: fail-closed firewall, crash survival, resume).
+//! Every test checks the router's leak meter: nothing may leave the client
+//! outside the tunnel while a session is on, whatever happens to the tunnel,
+//! the gateway or the daemon. Run as root after `cargo build --workspace`.
+
+use std::time::{Duration, Instant};
+
+use lab::{addr, wait_until, Daemon, Lab, Ns};
+
+fn lab() -> Lab {
+    Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
+}
+
+/// The lab profile with the video host allowed by address.
+fn literal_profile(lab: &Lab, name: &str, edit: impl FnOnce(String) -> String) {
+    lab.write_profile(name, |t| {
+        edit(t.replace(
+            &format!("host = \"{}\"", addr::MEET_NAME),
+            &format!("host = \"{}\"", addr::HOST_V4),
+        ))
+    })
+    .expect("write profile");
+}
+
+fn state(daemon: &Daemon) -> String {
+    daemon
+        .status()
+        .map(|s| s["state"].as_str().unwrap_or("?").to_string())
+        .unwrap_or_else(|e| format!("status failed: {e:#}"))
+}
+
+fn through_tunnel() -> Result<String, String> {
+    Ok(format!("peer={}", addr::GATEWAY_V4))
+}
+
+/// Probes that must all be refused during a session (other host, unlisted
+/// port, IPv6, the public resolver, DNS-over-TLS); returns the ones that got
+/// through.
+fn forbidden_probes_that_passed(lab: &Lab) -> Vec<String> {
+    let short = Duration::from_millis(700);
+    let mut passed = Vec::new();
+    let tcp = [
+        (addr::OTHER_V4, 443),
+        (addr::HOST_V4, 8443),
+        (addr::HOST_V6, 443),
+        (addr::PUBLIC_DNS_V4, 853),
+    ];
+    for (host, port) in tcp {
+        if let Ok(reply) = lab.probe_tcp_timeout(Ns::Client, host, port, short) {
+            passed.push(format!("tcp {host}:{port} -> {reply}"));
+        }
+    }
+    for (host, port) in [(addr::OTHER_V4, 10000), (addr::HOST_V6, 10000)] {
+        if let Ok(reply) = lab.probe_udp_timeout(Ns::Client, host, port, short) {
+            passed.push(format!("udp {host}:{port} -> {reply}"));
+        }
+    }
+    passed
+}
+
+fn nft_tables(lab: &Lab) -> String {
+    lab.exec_ok(Ns::Client, &["nft", "list", "tables"])
+        .expect("nft list tables")
+}
+
+#[test]
+fn only_the_allowed_host_on_its_ports_passes_and_blocked_traffic_fails_fast() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_leaks().expect("reset");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+
+    assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
+    assert_eq!(
+        lab.probe_udp(Ns::Client, addr::HOST_V4, 10000),
+        Ok(format!("peer={} probe", addr::GATEWAY_V4))
+    );
+    assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+
+    // Refused, not silently dropped: a blocked TCP connect fails at once.
+    let clock = Instant::now();
+    let refused = lab.probe_tcp_timeout(Ns::Client, addr::OTHER_V4, 443, Duration::from_secs(5));
+    assert_eq!(
+        refused,
+        Err(format!("connect {}:443: Connection refused", addr::OTHER_V4))
+    );
+    assert!(
+        clock.elapsed() < Duration::from_secs(2),
+        "the reject took {:?}",
+        clock.elapsed()
+    );
+
+    assert!(nft_tables(&lab).contains("table inet sessiongate"));
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert_eq!(nft_tables(&lab).trim(), "", "our table is left after stop");
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443),
+        Ok(format!("peer={}", addr::CLIENT_V4))
+    );
+}
+
+#[test]
+fn a_dead_gateway_leaks_nothing_and_the_session_comes_back() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_leaks().expect("reset");
+
+    lab.kill_gateway().expect("kill wireguard-go");
+    // Probe everything, allowed or not, for several seconds with the
+    // tunnel dead: nothing may take another way out.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut rounds = 0;
+    while Instant::now() < until {
+        let allowed = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(300));
+        assert!(
+            allowed.is_err(),
+            "reached the host with the gateway dead: {allowed:?}"
+        );
+        assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+        rounds += 1;
+    }
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+
+    lab.restart_gateway().expect("restart wireguard-go");
+    let back = Instant::now();
+    wait_until(
+        Duration::from_secs(90),
+        "the allowed host through the tunnel again",
+        || {
+            lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(500))
+                == through_tunnel()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "gateway dead: {rounds} probe rounds, 0 leaks; traffic flows again {:?} after the gateway returned",
+        back.elapsed()
+    );
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+}
+
+#[test]
+fn a_killed_daemon_leaves_the_machine_locked_and_a_restart_resumes() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_leaks().expect("reset");
+
+    daemon.kill9().expect("kill -9 sessiond");
+    wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("sessiond exits");
+    // The tunnel died with the process; the firewall did not.
+    assert!(nft_tables(&lab).contains("table inet sessiongate"));
+    let direct = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(700));
+    assert!(
+        direct.is_err(),
+        "reached the host with the daemon dead: {direct:?}"
+    );
+    assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+
+    let restarted = Instant::now();
+    daemon.restart().expect("restart sessiond");
+    wait_until(Duration::from_secs(60), "the resumed session active", || {
+        state(&daemon) == "active"
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "sessiond restarted -> session active again after {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+
+    daemon.ctl_ok(&["stop"]).expect("stop after a restart");
+    assert_eq!(nft_tables(&lab).trim(), "");
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::CLIENT_V4))
+    );
+}
+
+#[test]
+fn stop_works_after_a_restart_even_when_the_profile_was_deleted() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let before = lab.exec_ok(Ns::Client, &["ip", "rule"]).expect("ip rule");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    daemon.kill9().expect("kill -9 sessiond");
+    wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("sessiond exits");
+    std::fs::remove_file(daemon.profiles_dir().join("lab.toml")).expect("delete the profile");
+
+    daemon.restart().expect("restart sessiond");
+    let status = daemon.status().expect("status");
+    assert_eq!(status["state"], "degraded", "{status}");
+    assert!(
+        status["problem"].as_str().unwrap_or("").contains("locked down"),
+        "{status}"
+    );
+    let direct = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(700));
+    assert!(direct.is_err(), "open while the profile is missing: {direct:?}");
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert_eq!(state(&daemon), "idle");
+    assert_eq!(nft_tables(&lab).trim(), "");
+    assert_eq!(lab.exec_ok(Ns::Client, &["ip", "rule"]).expect("ip rule"), before);
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::CLIENT_V4))
+    );
+}
+
+#[test]
+fn a_flushed_ruleset_is_put_back_within_a_second() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    let shape = lab
+        .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
+        .expect("list our table");
+
+    let flushed = Instant::now();
+    lab.exec_ok(Ns::Client, &["nft", "flush", "ruleset"])
+        .expect("nft flush ruleset");
+    wait_until(Duration::from_secs(1), "our table back after a flush", || {
+        nft_tables(&lab).contains("table inet sessiongate")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!("table restored {:?} after `nft flush ruleset`", flushed.elapsed());
+    let restored = lab
+        .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
+        .expect("list our table");
+    assert_eq!(restored, shape, "the restored table differs from the original");
+    assert!(
+        daemon.log().contains("put it back"),
+        "no warning logged:\n{}",
+        daemon.log()
+    );
+    assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
+    assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+
+    // Deleting just our table is noticed the same way.
+    lab.exec_ok(Ns::Client, &["nft", "delete", "table", "inet", "sessiongate"])
+        .expect("delete table");
+    wait_until(Duration::from_secs(1), "our table back after a delete", || {
+        nft_tables(&lab).contains("table inet sessiongate")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+}
+
+#[test]
+fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
+    let lab = lab();
+    let gateway_key = lab.gateway_public_key().to_string();
+    let private = lab.exec_ok(Ns::Client, &["wg", "genkey"]).expect("wg genkey");
+    let wrong = lab::gateway::public_key_of(private.trim()).expect("derive a public key");
+    literal_profile(&lab, "wrongkey", |t| {
+        t.replace(&gateway_key, &wrong)
+            .replace("handshake_timeout_secs = 10", "handshake_timeout_secs = 2")
+    });
+    literal_profile(&lab, "invalid", |t| t.replace("udp = [10000]", "udp = [70000]"));
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    let ruleset_before = lab
+        .exec_ok(Ns::Client, &["nft", "list", "ruleset"])
+        .expect("ruleset");
+
+    let out = daemon.ctl(&["start", "invalid"]).expect("run start");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "sessionctl: profile invalid: allow[0].udp: port 70000 is out of range 1-65535"
+    );
+    assert_eq!(state(&daemon), "idle");
+    assert_eq!(
+        lab.exec_ok(Ns::Client, &["nft", "list", "ruleset"])
+            .expect("ruleset"),
+        ruleset_before
+    );
+    assert!(!daemon.state_dir().join("session.json").exists());
+
+    lab.reset_leaks().expect("reset");
+    let out = daemon.ctl(&["start", "wrongkey"]).expect("run start");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the machine stays locked down"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let direct = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(700));
+    assert!(direct.is_err(), "open after a failed start: {direct:?}");
+    assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert_eq!(
+        lab.exec_ok(Ns::Client, &["nft", "list", "ruleset"])
+            .expect("ruleset"),
+        ruleset_before
+    );
+}

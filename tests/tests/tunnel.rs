@@ -1,0 +1,214 @@
+//! The WireGuard tunnel against Debian's wireguard-go (issue: tunnel).
+//! Each test builds its own lab; run as root after `cargo build --workspace`.
+
+use std::time::{Duration, Instant};
+
+use lab::{addr, wait_until, Daemon, Lab, Ns};
+
+fn lab() -> Lab {
+    Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
+}
+
+/// The lab profile with the video host allowed by address (names are
+/// answered by the DNS stub, which these tests do not depend on).
+fn literal_profile(lab: &Lab, name: &str, edit: impl FnOnce(String) -> String) {
+    lab.write_profile(name, |t| {
+        edit(t.replace(
+            &format!("host = \"{}\"", addr::MEET_NAME),
+            &format!("host = \"{}\"", addr::HOST_V4),
+        ))
+    })
+    .expect("write profile");
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+fn state(daemon: &Daemon) -> String {
+    daemon
+        .status()
+        .map(|s| s["state"].as_str().unwrap_or("?").to_string())
+        .unwrap_or_else(|e| format!("status failed: {e:#}"))
+}
+
+/// What a user would compare to see that the session left nothing behind.
+fn network_snapshot(lab: &Lab) -> String {
+    let mut out = String::new();
+    for cmd in [
+        &["ip", "-4", "rule"][..],
+        &["ip", "-6", "rule"],
+        &["ip", "-4", "route", "show", "table", "all"],
+        &["ip", "-6", "route", "show", "table", "all"],
+        &["ip", "link"],
+        &["ip", "addr"],
+        &["nft", "list", "ruleset"],
+    ] {
+        let text = lab.exec_ok(Ns::Client, cmd).expect("snapshot command");
+        out.push_str(&format!("$ {}\n{text}\n", cmd.join(" ")));
+    }
+    out
+}
+
+#[test]
+fn a_session_carries_traffic_both_ways_through_wireguard_go() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_leaks().expect("reset leaks");
+
+    let started = daemon.ctl(&["start", "lab"]).expect("run sessionctl start");
+    assert_eq!(
+        started.status.code(),
+        Some(0),
+        "start failed: {}\n{}",
+        stderr(&started),
+        daemon.log()
+    );
+
+    let status = daemon.status().expect("status");
+    assert_eq!(status["state"], "active", "{status}");
+    assert_eq!(status["profile"], "lab");
+    assert_eq!(status["tunnel"]["interface"], lab::DAEMON_TUN_IF);
+    assert_eq!(status["tunnel"]["endpoint"], addr::GATEWAY_ENDPOINT);
+    assert!(
+        status["tunnel"]["last_handshake_secs"].as_u64().is_some(),
+        "{status}"
+    );
+
+    // The host sees the gateway's address: the connection went through the tunnel.
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    assert_eq!(
+        lab.probe_udp(Ns::Client, addr::HOST_V4, 10000),
+        Ok(format!("peer={} probe", addr::GATEWAY_V4))
+    );
+    // wireguard-go knows our key and has a handshake with it.
+    let handshakes = lab.gateway_wg_show(&["latest-handshakes"]).expect("wg show");
+    let ours = lab.client_key().expect("client key").1;
+    assert!(
+        handshakes
+            .lines()
+            .any(|l| l.starts_with(&ours) && !l.trim_end().ends_with("\t0")),
+        "the gateway has no handshake with our key:\n{handshakes}"
+    );
+    let status = daemon.status().expect("status");
+    assert!(status["tunnel"]["rx_bytes"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert!(status["tunnel"]["tx_bytes"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+
+    // A second start while the session runs is refused and changes nothing.
+    let again = daemon.ctl(&["start", "lab"]).expect("run sessionctl start");
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(stderr(&again).contains("already running"), "{}", stderr(&again));
+    assert_eq!(state(&daemon), "active");
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+
+    let human = daemon.ctl_ok(&["status"]).expect("status");
+    assert!(human.contains("State: active (profile lab)"), "{human}");
+    assert!(human.contains("handshake"), "{human}");
+    println!("{human}");
+}
+
+#[test]
+fn stop_leaves_rules_routes_and_links_exactly_as_before() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    let before = network_snapshot(&lab);
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    let during = network_snapshot(&lab);
+    assert_ne!(before, during, "the session changed nothing?");
+    assert!(
+        during.contains("fwmark 0x5347"),
+        "no policy rule during the session:\n{during}"
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert_eq!(state(&daemon), "idle");
+    let after = network_snapshot(&lab);
+    assert_eq!(before, after, "stop did not restore the network exactly");
+    // And the network works as before: direct, from the client's own address.
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::CLIENT_V4))
+    );
+}
+
+#[test]
+fn a_wrong_peer_key_fails_clearly_within_the_timeout() {
+    let lab = lab();
+    let private = lab.exec_ok(Ns::Client, &["wg", "genkey"]).expect("wg genkey");
+    let wrong = lab::gateway::public_key_of(private.trim()).expect("derive a public key");
+    let gateway_key = lab.gateway_public_key().to_string();
+    literal_profile(&lab, "wrongkey", |t| {
+        t.replace(&gateway_key, &wrong)
+            .replace("handshake_timeout_secs = 10", "handshake_timeout_secs = 3")
+    });
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    let before = network_snapshot(&lab);
+    let clock = Instant::now();
+    let out = daemon.ctl(&["start", "wrongkey"]).expect("run sessionctl start");
+    let took = clock.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "sessionctl: no handshake from {} within 3 s: check the peer's public key and that UDP {} reaches it",
+            addr::GATEWAY_ENDPOINT,
+            addr::WG_PORT
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "start took {took:?} with a 3 s handshake timeout"
+    );
+    println!("wrong key reported after {took:?}");
+    // Not active, and stop brings everything back.
+    assert_eq!(state(&daemon), "degraded");
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert_eq!(network_snapshot(&lab), before);
+}
+
+#[test]
+fn a_dead_gateway_degrades_the_session_and_its_return_recovers_it() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    assert_eq!(state(&daemon), "active");
+
+    lab.kill_gateway().expect("kill wireguard-go");
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(90), "status degraded", || {
+        state(&daemon) == "degraded"
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let detect = killed.elapsed();
+    let status = daemon.status().expect("status");
+    assert!(
+        status["problem"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stopped answering"),
+        "{status}"
+    );
+
+    lab.restart_gateway().expect("restart wireguard-go");
+    let restarted = Instant::now();
+    wait_until(Duration::from_secs(90), "status active again", || {
+        state(&daemon) == "active"
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let recover = restarted.elapsed();
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    println!("gateway killed -> degraded after {detect:?}; restarted -> active after {recover:?}");
+}
