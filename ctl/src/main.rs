@@ -5,7 +5,7 @@
 //! It changes nothing on the machine itself, except `keygen`'s key file.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use sessiond::control::{self, exit, Reply, Request};
+use sessiond::import::AllowArg;
 use sessiond::keys::Key;
 use sessiond::profile::Profile;
 
@@ -52,13 +53,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Turn a wg-quick config into a profile (not built yet).
+    /// Turn a wg-quick config into a profile and a 0600 key file.
     Import {
         wg_conf: PathBuf,
+        /// The new profile's name.
         #[arg(long)]
         name: String,
-        #[arg(long = "allow", value_name = "HOST:PORT/PROTO")]
+        /// A host to allow, e.g. meet.practice.example:443/tcp (repeat it).
+        #[arg(long = "allow", value_name = "HOST:PORT/PROTO", required = true)]
         allow: Vec<String>,
+        /// Where to write NAME.toml and keys/NAME.key.
+        #[arg(long, default_value = "/etc/sessiongate/profiles")]
+        dir: PathBuf,
     },
     /// Make a WireGuard private key file (mode 0600) and print its public key.
     Keygen {
@@ -120,7 +126,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Check { target } => check(socket, &target),
         Command::Verify { .. } => Err(Failure::new(exit::FAILED, "verify is not built yet")),
-        Command::Import { .. } => Err(Failure::new(exit::FAILED, "import is not built yet")),
+        Command::Import {
+            wg_conf,
+            name,
+            allow,
+            dir,
+        } => import(&wg_conf, &name, &allow, &dir),
         Command::Keygen { out } => keygen(out.as_deref()),
     }
 }
@@ -166,6 +177,66 @@ fn check(socket: &Path, target: &str) -> Result<(), Failure> {
         result["profile"].as_str().unwrap_or(target)
     );
     Ok(())
+}
+
+fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<(), Failure> {
+    sessiond::profile::check_profile_name(name).map_err(|m| Failure::new(exit::USAGE, m))?;
+    let allow = allow
+        .iter()
+        .map(|a| a.parse::<AllowArg>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|m| Failure::new(exit::USAGE, m))?;
+    let text = std::fs::read_to_string(wg_conf).map_err(|e| {
+        let reason = sessiond::profile::io_reason(&e);
+        Failure::new(
+            exit::USAGE,
+            format!("cannot read {}: {reason}", wg_conf.display()),
+        )
+    })?;
+    let key_rel = format!("keys/{name}.key");
+    let source = wg_conf.display().to_string();
+    let imported = sessiond::import::import(&source, &text, &key_rel, &allow)
+        .map_err(|m| Failure::new(exit::USAGE, m))?;
+    let profile_path = dir.join(format!("{name}.toml"));
+    let key_path = dir.join(&key_rel);
+    let io = |path: &Path, e: std::io::Error| {
+        let reason = sessiond::profile::io_reason(&e);
+        Failure::new(exit::FAILED, format!("cannot write {}: {reason}", path.display()))
+    };
+    let keys_dir = dir.join("keys");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&keys_dir)
+        .map_err(|e| io(&keys_dir, e))?;
+    write_new(
+        &key_path,
+        format!("{}\n", imported.private_key.to_base64()).as_bytes(),
+    )
+    .map_err(|e| io(&key_path, e))?;
+    if let Err(e) = write_new(&profile_path, imported.profile.as_bytes()) {
+        let _ = std::fs::remove_file(&key_path);
+        return Err(io(&profile_path, e));
+    }
+    // The written pair must pass the same check the daemon applies.
+    if let Err(e) = Profile::load(&profile_path) {
+        let _ = std::fs::remove_file(&key_path);
+        let _ = std::fs::remove_file(&profile_path);
+        return Err(Failure::new(exit::USAGE, e.to_string()));
+    }
+    println!("wrote {} and {}", profile_path.display(), key_path.display());
+    Ok(())
+}
+
+/// Creates a file readable by its owner only; never overwrites.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn keygen(out: Option<&Path>) -> Result<(), Failure> {

@@ -168,15 +168,25 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply
         .map_err(io)?;
     let mut line = serde_json::to_string(request).map_err(|e| ClientError::Io(e.to_string()))?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    // The daemon may answer and close before reading a request it refuses
+    // (permission denied): then the write fails but the reply is waiting.
+    let written = stream.write_all(line.as_bytes());
     let mut reader = BufReader::new(stream.take(MAX_REPLY_BYTES as u64));
     let mut reply = String::new();
-    let n = reader.read_line(&mut reply).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            ClientError::Io(format!("no reply within {} s", timeout.as_secs()))
+    let read = reader.read_line(&mut reply);
+    let n = match (read, written) {
+        (Ok(n), _) if n > 0 => n,
+        (_, Err(e)) => return Err(io(e)),
+        (Ok(n), Ok(())) => n,
+        (Err(e), Ok(())) => {
+            return Err(match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    ClientError::Io(format!("no reply within {} s", timeout.as_secs()))
+                }
+                _ => io(e),
+            })
         }
-        _ => io(e),
-    })?;
+    };
     if n == 0 {
         return Err(ClientError::NoReply);
     }

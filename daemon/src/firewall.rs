@@ -1,70 +1,173 @@
 //! The kill switch: one nftables table, `inet sessiongate`, replaced as a
 //! whole in one atomic transaction each time its shape changes (SPEC §5).
 //!
-//! This module owns that table and nothing else. It must never touch another
-//! table, and never remove ours from a `Drop` or a panic path: the table is
-//! kernel state that outlives a crashed daemon, which is what keeps the
-//! machine closed until `sessionctl stop`.
+//! # What this module owns, and what it must never do
 //!
-//! Two shapes, both with output, input and forward policy drop:
-//! - *lockdown*: loopback, the tunnel's own UDP to the endpoint (carrying the
-//!   tunnel's fwmark *and* addressed to the endpoint), its replies, DHCP, and
-//!   the LAN when `allow_lan` (Mullvad's explicit private-range list);
-//! - *session*: lockdown plus, through the tunnel interface only, the pinned
-//!   DNS servers on port 53 and the allowlist (address . protocol . port)
-//!   from named sets that DNS answers can join with a timeout; replies to
-//!   those connections; and, when a DNS stub runs, the redirect of every DNS
-//!   packet to it.
+//! It owns the table `inet sessiongate` and nothing else. It never touches
+//! another table (it only ever names its own, in writes and in reads), and it
+//! never removes its table from a `Drop` or a panic path: the table is kernel
+//! state that outlives a crashed daemon, which is what keeps the machine
+//! closed until `sessionctl stop` ([`remove`] is the only way out). Every
+//! change is one `nft -j -f -` run, i.e. one transaction: either all of it is
+//! in the kernel or none of it is.
 //!
-//! Everything else is rejected (TCP reset, ICMP admin-prohibited) so that
-//! applications fail at once instead of hanging. DNS (53) anywhere but the
-//! pinned servers, and DNS-over-TLS (853) anywhere, are rejected before any
-//! allowlist rule can accept them.
+//! # Shapes
 //!
-//! The `nftables` crate builds the batch; we run `nft -j -f -` ourselves so
-//! that nft's error message reaches the user (the crate drops stderr).
+//! Both shapes have `output`, `input` and `forward` base chains (filter,
+//! priority 0, policy drop; `forward` stays empty: a session machine forwards
+//! nothing) and a regular chain `refuse` that rejects: TCP with a reset,
+//! everything else with ICMP(v6) admin-prohibited, so local applications fail
+//! at once instead of hanging. Outgoing packets that no rule accepts end in
+//! `refuse`; incoming ones are dropped by the policy.
+//!
+//! *Lockdown* ([`apply`] with `None`), in rule order:
+//! - output: `oifname lo`, and loopback by address too (127.0.0.0/8, ::1:
+//!   after a nat `redirect` the output interface is still the one routed
+//!   before nat ran, so `oifname lo` alone would miss redirected DNS); the
+//!   tunnel's own UDP to the endpoint, which must carry the tunnel's fwmark
+//!   *and* go to the endpoint's address *and* port; DHCP (68→67) and DHCPv6
+//!   (546→547); IPv6 neighbour discovery (see below); then TCP/UDP to ports
+//!   53 and 853 are refused, before the LAN can accept them; then the LAN
+//!   when `allow_lan`; then `refuse`.
+//! - input: `iifname lo` (no anti-spoofing rule here: redirected DNS replies
+//!   come back on `lo` with a foreign source); the endpoint's UDP replies
+//!   (source address and port, conntrack `established`, so an unsolicited
+//!   packet claiming to be the peer cannot reach other local ports); DHCP and
+//!   DHCPv6 replies; neighbour discovery; the LAN when `allow_lan`.
+//!
+//! *Session* ([`apply`] with `Some`): lockdown plus, through `oifname` of the
+//! tunnel only (a name, so the table can go up before the interface exists):
+//! - the pinned DNS servers on TCP/UDP 53 (before the 53/853 refusal);
+//! - `ct state established,related` both ways on the tunnel (replies, and
+//!   connections that outlive a DNS answer's timeout);
+//! - `daddr . l4proto . dport` in four named sets: `allow4_nets`/`allow6_nets`
+//!   (flags interval: the profile's literal addresses and CIDRs, fixed at
+//!   apply time) and `allow4`/`allow6` (flags timeout: addresses from DNS
+//!   answers, added by [`add_addresses`] with a timeout). Two kinds of set
+//!   because the kernel refuses an element that overlaps an interval already
+//!   in the set (`File exists`), which would fail a whole DNS update whenever
+//!   an answer falls inside a literal CIDR;
+//! - IPv6: the `allow6*` and IPv6 DNS rules exist only when the tunnel has
+//!   an IPv6 address; otherwise every IPv6 packet except loopback, neighbour
+//!   discovery, DHCPv6, an IPv6 endpoint and (with `allow_lan`) the LAN is
+//!   refused.
+//!
+//! *Neighbour discovery* is allowed in both shapes, in both directions, only
+//! with hop limit 255 (so only on-link: routers never forward it; RFC 4861):
+//! an IPv6 endpoint reached over the physical link cannot be resolved
+//! without it, the host's IPv6 default route (router advertisements) and
+//! DHCPv6 renewals need it, and it carries nothing but link addresses the
+//! router already knows. Mullvad allows the same message types.
+//!
+//! *LAN* (`allow_lan`): the directly connected subnets are read from the
+//! routing table (`/proc/net/route`, `/proc/net/ipv6_route`) at every
+//! [`apply`], leaving out the tunnel interface, `lo`, gateway routes and any
+//! /0, plus link-local (169.254.0.0/16, fe80::/10), link-local multicast
+//! (224.0.0.0/24, ff02::/16), SSDP (239.255.255.250) and broadcast. Output
+//! may go to those; input is accepted only when source *and* destination are
+//! LAN addresses, so a neighbour cannot probe the tunnel's address through
+//! the physical interface (CVE-2019-14899). A subnet that appears later is
+//! closed until the next [`apply`] (fail closed).
+//!
+//! # DNS redirect (the stub)
+//!
+//! With [`Allowlist::dns_redirect`] the session shape also gets a nat chain
+//! `dns_redirect` (hook output, priority -100, i.e. before filtering): packets
+//! carrying the stub's own mark return untouched (its upstream queries, which
+//! the filter then lets through to the pinned servers via the tunnel), every
+//! other TCP/UDP packet to port 53 is `redirect`ed to the stub's port on
+//! loopback, where the loopback-by-address rule accepts it. The stub's mark
+//! must differ from the tunnel's fwmark (that one means "bypass the tunnel").
+//!
+//! # DNS answers and re-applies
+//!
+//! [`add_addresses`] remembers what it added (in this process) with the
+//! expiry, and every session-shape [`apply`] puts the unexpired ones back
+//! with their remaining time, so replacing the table (tamper guard, shape
+//! change) does not close a host the stub already answered for. A lockdown
+//! [`apply`] and [`remove`] forget them: a new session never inherits the
+//! last one's answers. All writes go through one lock, so an update cannot
+//! land in a table that a concurrent apply is about to replace.
+//!
+//! # Tamper guard
+//!
+//! [`watch`] runs `nft -j monitor` as a child and wakes on any event about
+//! our table except set elements; [`is_present`] then says whether the
+//! table still has the chains, rules and sets we last applied (a listing
+//! taken right after each apply, without handles and set elements, is the
+//! reference).
+//!
+//! The `nftables` crate builds the batches; we run `nft` ourselves so that
+//! nft's error message reaches the user (the crate drops stderr).
 
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nftables::batch::Batch;
-use nftables::expr::{Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, CT};
+use nftables::expr::{
+    Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
+};
 use nftables::schema::{Chain, Element, NfListObject, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
-use nftables::stmt::{Match, Operator, Reject, RejectType, Statement, NAT};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::stmt::{JumpTarget, Match, Operator, Reject, RejectType, Statement, NAT};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 /// Our table's name (family inet).
 pub const TABLE: &str = "sessiongate";
-const ALLOW4: &str = "allow4";
-const ALLOW6: &str = "allow6";
+/// DNS answers, IPv4 (`ipv4_addr . inet_proto . inet_service`, timeout).
+pub const ALLOW4: &str = "allow4";
+/// DNS answers, IPv6 (`ipv6_addr . inet_proto . inet_service`, timeout).
+pub const ALLOW6: &str = "allow6";
+/// The profile's literal IPv4 addresses and CIDRs (interval).
+pub const ALLOW4_NETS: &str = "allow4_nets";
+/// The profile's literal IPv6 addresses and CIDRs (interval).
+pub const ALLOW6_NETS: &str = "allow6_nets";
 
-/// Private and link-local ranges let through with `allow_lan` (the same
-/// explicit list as Mullvad's), plus the multicast a LAN needs.
-const LAN_V4: &[(&str, u32)] = &[
-    ("10.0.0.0", 8),
-    ("172.16.0.0", 12),
-    ("192.168.0.0", 16),
-    ("169.254.0.0", 16),
-    ("224.0.0.0", 24),
-    ("255.255.255.255", 32),
+/// IP protocol numbers for [`LearnedAddress::proto`].
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+const OUTPUT: &str = "output";
+const INPUT: &str = "input";
+const FORWARD: &str = "forward";
+const REFUSE: &str = "refuse";
+const DNS_REDIRECT: &str = "dns_redirect";
+
+/// How long one `nft` run may take before we give up on it.
+const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds of a DNS answer's timeout in the allow sets.
+const MIN_TIMEOUT_SECS: u64 = 1;
+const MAX_TIMEOUT_SECS: u64 = 24 * 60 * 60;
+
+/// What `allow_lan` adds besides the directly connected subnets.
+const LAN_V4_EXTRA: &[(Ipv4Addr, u8)] = &[
+    (Ipv4Addr::new(169, 254, 0, 0), 16),
+    (Ipv4Addr::new(224, 0, 0, 0), 24),
+    (Ipv4Addr::new(239, 255, 255, 250), 32),
+    (Ipv4Addr::new(255, 255, 255, 255), 32),
 ];
-const LAN_V6: &[(&str, u32)] = &[("fe80::", 10), ("fc00::", 7), ("ff02::", 16)];
+const LAN_V6_EXTRA: &[(Ipv6Addr, u8)] = &[
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+    (Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0), 16),
+];
 
 /// The always-on part of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lockdown {
     /// The WireGuard peer.
     pub endpoint: SocketAddr,
-    /// The tunnel's UDP socket carries this mark.
+    /// The tunnel's UDP socket carries this mark (SO_MARK).
     pub fwmark: u32,
+    /// The tunnel interface's name (matched by name: it may not exist yet).
     pub tunnel_interface: String,
+    /// Let the directly connected subnets through (read at apply time).
     pub allow_lan: bool,
 }
 
@@ -80,7 +183,9 @@ pub struct AllowEntry {
 /// so that every other DNS packet can be redirected to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DnsRedirect {
+    /// The stub's port on 127.0.0.1 and ::1.
     pub port: u16,
+    /// SO_MARK of the stub's upstream sockets; must not be the tunnel's.
     pub stub_mark: u32,
 }
 
@@ -88,7 +193,9 @@ pub struct DnsRedirect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowlist {
     pub rules: Vec<AllowEntry>,
+    /// Pinned resolvers, reachable on 53 (TCP and UDP) through the tunnel.
     pub dns_servers: Vec<IpAddr>,
+    /// Without an IPv6 tunnel address all IPv6 but loopback is refused.
     pub tunnel_has_ipv6: bool,
     pub dns_redirect: Option<DnsRedirect>,
 }
@@ -97,111 +204,154 @@ pub struct Allowlist {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LearnedAddress {
     pub addr: IpAddr,
-    /// 6 (TCP) or 17 (UDP).
+    /// [`TCP`] or [`UDP`].
     pub proto: u8,
     pub port: u16,
+    /// How long the address stays in the set (clamped to 1 s ..= 1 day).
     pub timeout: Duration,
 }
-
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error("could not run nft (is the nftables package installed?): {0}")]
     Spawn(String),
+    #[error("nft did not finish the {0} within 10 seconds and was stopped")]
+    Timeout(&'static str),
     #[error("nft refused the {what}: {reason}")]
     Nft { what: &'static str, reason: String },
-    #[error("could not encode the ruleset: {0}")]
+    #[error("nft's listing of table inet sessiongate could not be read: {0}")]
+    Listing(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the firewall ruleset could not be encoded: {0}")]
     Encode(String),
 }
 
-/// How many rules the table we applied last has; the tamper guard compares
-/// the kernel's table against it.
-static APPLIED_RULES: AtomicUsize = AtomicUsize::new(0);
+// ---------------------------------------------------------------------------
+// State shared by the calls of this process.
+
+/// Serialises every write to our table (and the bookkeeping that goes with
+/// it), so a DNS update cannot interleave with a replace.
+static WRITE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Applied {
+    /// DNS answers in the allow sets: (address, proto, port) → expiry.
+    learned: BTreeMap<(IpAddr, u8, u16), Instant>,
+    /// The table as listed right after the last apply (see [`fingerprint`]).
+    fingerprint: Option<String>,
+}
+
+static APPLIED: Mutex<Applied> = Mutex::new(Applied {
+    learned: BTreeMap::new(),
+    fingerprint: None,
+});
+
+fn applied() -> std::sync::MutexGuard<'static, Applied> {
+    // The data stays consistent whatever panicked while holding it.
+    APPLIED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// ---------------------------------------------------------------------------
+// The public operations.
 
 /// Replaces our whole table with the lockdown shape (`allow` = None) or the
 /// session shape, in one transaction: either the new table is in place or
-/// the old one still is.
+/// the old one still is. Works whether or not the table exists.
 pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), FirewallError> {
-    let (batch, rules) = build(lockdown, allow);
-    run_batch(batch, "firewall table").await?;
-    APPLIED_RULES.store(rules, Ordering::SeqCst);
+    validate(lockdown, allow)?;
+    let lan = if lockdown.allow_lan {
+        connected_networks(&lockdown.tunnel_interface)
+    } else {
+        Vec::new()
+    };
+    let _write = WRITE_LOCK.lock().await;
+    let learned = match allow {
+        Some(_) => unexpired_learned(Instant::now()),
+        None => {
+            applied().learned.clear();
+            Vec::new()
+        }
+    };
+    let batch = build(lockdown, allow, &lan, &learned);
+    // Until the new reference is taken, is_present checks the structure only.
+    applied().fingerprint = None;
+    run_nft(batch, "firewall table").await?;
+    let fingerprint = match list_table().await {
+        Ok(Some(listing)) => Some(fingerprint(&listing)),
+        Ok(None) | Err(_) => None,
+    };
+    applied().fingerprint = fingerprint;
     Ok(())
 }
 
 /// Adds learned addresses to the allow sets, each with its timeout, in one
-/// transaction.
+/// transaction. An address already there gets the later of its current and
+/// its new expiry.
 pub async fn add_addresses(entries: &[LearnedAddress]) -> Result<(), FirewallError> {
     if entries.is_empty() {
         return Ok(());
     }
-    let mut batch = Batch::new();
-    for (set, v6) in [(ALLOW4, false), (ALLOW6, true)] {
-        let elems: Vec<Expression> = entries
-            .iter()
-            .filter(|e| e.addr.is_ipv6() == v6)
-            .map(|e| {
-                Expression::Named(NamedExpression::Elem(Elem {
-                    val: Box::new(concat(vec![
-                        s(e.addr.to_string()),
-                        Expression::Number(u32::from(e.proto)),
-                        Expression::Number(u32::from(e.port)),
-                    ])),
-                    timeout: Some(e.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
-                    expires: None,
-                    comment: None,
-                    counter: None,
-                }))
-            })
-            .collect();
-        if !elems.is_empty() {
-            batch.add(NfListObject::Element(Element {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                name: set.into(),
-                elem: Cow::Owned(elems),
-            }));
+    for entry in entries {
+        if entry.proto != TCP && entry.proto != UDP {
+            return Err(FirewallError::Invalid(format!(
+                "learned address {}: protocol {} is neither TCP (6) nor UDP (17)",
+                entry.addr, entry.proto
+            )));
         }
     }
-    run_batch(batch, "allowlist update").await
+    let _write = WRITE_LOCK.lock().await;
+    let now = Instant::now();
+    let merged = {
+        let state = applied();
+        merge_learned(&state.learned, entries, now)
+    };
+    run_nft(element_batch(&merged), "allowlist update").await?;
+    let mut state = applied();
+    state.learned.retain(|_, expiry| *expiry > now);
+    for entry in &merged {
+        state
+            .learned
+            .insert((entry.addr, entry.proto, entry.port), now + entry.timeout);
+    }
+    Ok(())
 }
 
 /// Deletes our table. Already gone is fine.
 pub async fn remove() -> Result<(), FirewallError> {
+    let _write = WRITE_LOCK.lock().await;
     // Adding the (empty) table first makes the delete succeed whether or
     // not it exists, in one transaction.
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
-    run_batch(batch, "removal of the firewall table").await?;
-    APPLIED_RULES.store(0, Ordering::SeqCst);
+    run_nft(batch, "removal of the firewall table").await?;
+    let mut state = applied();
+    state.learned.clear();
+    state.fingerprint = None;
     Ok(())
 }
 
-/// Whether our table is in the kernel with every rule we put there.
+/// Whether our table is in the kernel with the chains, rules and sets we
+/// last applied (or, if this process has not applied it, with its three
+/// base chains at policy drop).
 pub async fn is_present() -> Result<bool, FirewallError> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
-    if !out.status.success() {
+    let Some(listing) = list_table().await? else {
+        return Ok(false);
+    };
+    if !has_base_chains(&listing) {
         return Ok(false);
     }
-    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| FirewallError::Nft {
-        what: "listing",
-        reason: e.to_string(),
-    })?;
-    let rules = listed["nftables"]
-        .as_array()
-        .map(|items| items.iter().filter(|i| i.get("rule").is_some()).count())
-        .unwrap_or(0);
-    Ok(rules == APPLIED_RULES.load(Ordering::SeqCst))
+    let expected = applied().fingerprint.clone();
+    Ok(match expected {
+        Some(expected) => fingerprint(&listing) == expected,
+        None => true,
+    })
 }
 
-async fn run_batch(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallError> {
+// ---------------------------------------------------------------------------
+// Running nft.
+
+async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallError> {
     let json = serde_json::to_vec(&batch.to_nftables()).map_err(|e| FirewallError::Encode(e.to_string()))?;
     let mut child = Command::new("nft")
         .args(["-j", "-f", "-"])
@@ -211,54 +361,183 @@ async fn run_batch(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallE
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| FirewallError::Spawn(e.to_string()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(&json)
+    let run = async {
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&json)
+                .await
+                .map_err(|e| FirewallError::Spawn(format!("writing the ruleset to nft failed: {e}")))?;
+            // Dropping stdin closes it: nft reads to the end, then commits.
+        }
+        child
+            .wait_with_output()
             .await
-            .map_err(|e| FirewallError::Spawn(e.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
+            .map_err(|e| FirewallError::Spawn(e.to_string()))
+    };
+    let out = tokio::time::timeout(NFT_TIMEOUT, run)
         .await
-        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
+        .map_err(|_| FirewallError::Timeout(what))??;
     if out.status.success() {
         return Ok(());
     }
-    let reason = String::from_utf8_lossy(&out.stderr)
+    Err(FirewallError::Nft {
+        what,
+        reason: nft_reason(&String::from_utf8_lossy(&out.stderr), out.status),
+    })
+}
+
+/// nft's own words: its `Error:` lines (it also echoes the offending JSON
+/// and a `^^^` marker, which we leave out).
+fn nft_reason(stderr: &str, status: std::process::ExitStatus) -> String {
+    let errors: Vec<&str> = stderr
         .lines()
-        .find(|l| l.contains("Error"))
-        .unwrap_or("nft failed without a message")
-        .trim()
-        .to_string();
-    Err(FirewallError::Nft { what, reason })
-}
-
-/// Watches the ruleset for changes that touch our table (another firewall
-/// manager, `nft flush ruleset`), through `nft monitor`'s netlink events.
-pub struct FirewallWatch {
-    events: mpsc::Receiver<()>,
-    _monitor: Child,
-}
-
-impl FirewallWatch {
-    /// Resolves when something changed our table. Events come in bursts;
-    /// they are drained so one change gives one wake-up.
-    pub async fn changed(&mut self) {
-        if self.events.recv().await.is_none() {
-            // The monitor died: fall back to a slow poll rather than never
-            // waking again.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        while self.events.try_recv().is_ok() {}
+        .filter_map(|l| l.trim().strip_prefix("Error:"))
+        .map(str::trim)
+        .collect();
+    if !errors.is_empty() {
+        return errors.join("; ");
+    }
+    match stderr.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) => line.to_string(),
+        None => format!("nft exited with {status} and no message"),
     }
 }
 
-/// Starts watching. The monitor process is killed when the watch is dropped.
+/// `nft -j list table inet sessiongate`; `None` when the table is missing.
+async fn list_table() -> Result<Option<Value>, FirewallError> {
+    let run = Command::new("nft")
+        .args(["-j", "list", "table", "inet", TABLE])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(NFT_TIMEOUT, run)
+        .await
+        .map_err(|_| FirewallError::Timeout("listing of the firewall table"))?
+        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("No such file or directory") {
+            return Ok(None);
+        }
+        return Err(FirewallError::Nft {
+            what: "listing of the firewall table",
+            reason: nft_reason(&stderr, out.status),
+        });
+    }
+    serde_json::from_slice(&out.stdout)
+        .map(Some)
+        .map_err(|e| FirewallError::Listing(e.to_string()))
+}
+
+/// The listed objects of our table that the tamper guard compares: every
+/// chain, rule and set, without handles and without set elements (those
+/// come and go with DNS answers and timeouts).
+fn fingerprint(listing: &Value) -> String {
+    let mut parts = Vec::new();
+    for item in listing["nftables"].as_array().into_iter().flatten() {
+        let Some(obj) = item.as_object() else { continue };
+        for (kind, body) in obj {
+            if kind == "metainfo" || kind == "table" {
+                continue;
+            }
+            let mut body = body.clone();
+            if let Some(fields) = body.as_object_mut() {
+                fields.remove("handle");
+                if kind == "set" || kind == "map" {
+                    fields.remove("elem");
+                }
+            }
+            parts.push(format!("{kind}:{body}"));
+        }
+    }
+    parts.join("\n")
+}
+
+/// Our three base chains, with their hooks and policy drop.
+fn has_base_chains(listing: &Value) -> bool {
+    let chains: Vec<&Value> = listing["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("chain"))
+        .collect();
+    [(OUTPUT, "output"), (INPUT, "input"), (FORWARD, "forward")]
+        .iter()
+        .all(|(name, hook)| {
+            chains.iter().any(|c| {
+                c["table"] == TABLE
+                    && c["family"] == "inet"
+                    && c["name"] == *name
+                    && c["hook"] == *hook
+                    && c["policy"] == "drop"
+            })
+        })
+}
+
+// ---------------------------------------------------------------------------
+// The tamper guard.
+
+/// Watches the ruleset for changes to our table (another firewall manager,
+/// `nft flush ruleset`, `nft delete table inet sessiongate`) through
+/// `nft -j monitor`. The monitor is killed when the watch is dropped.
+pub struct FirewallWatch {
+    events: mpsc::Receiver<()>,
+    monitor: Option<Child>,
+    warned: bool,
+}
+
+/// After the first event, wait this long and swallow the rest of the burst
+/// (one transaction gives one event per object).
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// When the monitor is gone: how often to retry it (and wake the caller).
+const RETRY: Duration = Duration::from_millis(500);
+
+impl FirewallWatch {
+    /// Resolves when something changed our table, or every 500 ms while the
+    /// monitor cannot run (events may have been missed, so the caller should
+    /// check [`is_present`] whenever this returns). Our own writes wake it
+    /// too; [`is_present`] then says all is well.
+    pub async fn changed(&mut self) {
+        if self.events.recv().await.is_some() {
+            tokio::time::sleep(DEBOUNCE).await;
+            while self.events.try_recv().is_ok() {}
+            return;
+        }
+        // The monitor ended: restart it, and report a change.
+        self.monitor = None;
+        tokio::time::sleep(RETRY).await;
+        match spawn_monitor() {
+            Ok((child, events)) => {
+                if self.warned {
+                    tracing::info!("the firewall tamper guard's nft monitor runs again");
+                }
+                self.monitor = Some(child);
+                self.events = events;
+                self.warned = false;
+            }
+            Err(e) => {
+                if !self.warned {
+                    tracing::warn!("the firewall tamper guard cannot run nft monitor ({e}); checking the table every 500 ms instead");
+                    self.warned = true;
+                }
+            }
+        }
+    }
+}
+
+/// Starts watching our table.
 pub fn watch() -> Result<FirewallWatch, FirewallError> {
+    let (child, events) = spawn_monitor()?;
+    Ok(FirewallWatch {
+        events,
+        monitor: Some(child),
+        warned: false,
+    })
+}
+
+fn spawn_monitor() -> Result<(Child, mpsc::Receiver<()>), FirewallError> {
     let mut child = Command::new("nft")
-        .arg("monitor")
+        .args(["-j", "monitor"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -273,22 +552,287 @@ pub fn watch() -> Result<FirewallWatch, FirewallError> {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let ours = line.contains(&format!("inet {TABLE}"));
-            let removal = line.starts_with("delete") || line.starts_with("flush");
-            if ours && (removal || !line.starts_with("add element")) && tx.send(()).await.is_err() {
+            // A full channel already holds a wake-up: dropping this is fine.
+            if touches_our_table(&line) && tx.try_send(()).is_err() && tx.is_closed() {
                 return;
             }
         }
-        tracing::warn!("nft monitor ended; the firewall tamper guard falls back to checking every 500 ms");
+        // Dropping tx tells FirewallWatch::changed that the monitor ended.
     });
-    Ok(FirewallWatch {
-        events: rx,
-        _monitor: child,
+    Ok((child, rx))
+}
+
+/// Whether one line of `nft -j monitor` is about our table (set elements
+/// excepted). A line we cannot read counts as a change: checking costs one
+/// listing, missing a change costs the lockdown.
+fn touches_our_table(line: &str) -> bool {
+    let line = line.trim();
+    if line.is_empty() {
+        return false;
+    }
+    let Ok(Value::Object(event)) = serde_json::from_str::<Value>(line) else {
+        return true;
+    };
+    event.values().any(|command| {
+        let Some(objects) = command.as_object() else {
+            return false;
+        };
+        objects.iter().any(|(kind, obj)| match kind.as_str() {
+            "element" | "metainfo" => false,
+            "table" => obj["family"] == "inet" && obj["name"] == TABLE,
+            _ => obj["family"] == "inet" && obj["table"] == TABLE,
+        })
     })
 }
 
 // ---------------------------------------------------------------------------
+// Learned addresses.
+
+fn unexpired_learned(now: Instant) -> Vec<LearnedAddress> {
+    let mut state = applied();
+    state.learned.retain(|_, expiry| *expiry > now);
+    state
+        .learned
+        .iter()
+        .map(|(&(addr, proto, port), expiry)| LearnedAddress {
+            addr,
+            proto,
+            port,
+            timeout: expiry.saturating_duration_since(now),
+        })
+        .collect()
+}
+
+/// One element per key, with the later of the remembered and the new
+/// expiry, the timeout clamped and rounded up to whole seconds.
+fn merge_learned(
+    known: &BTreeMap<(IpAddr, u8, u16), Instant>,
+    entries: &[LearnedAddress],
+    now: Instant,
+) -> Vec<LearnedAddress> {
+    let mut merged: BTreeMap<(IpAddr, u8, u16), Duration> = BTreeMap::new();
+    for entry in entries {
+        let key = (entry.addr, entry.proto, entry.port);
+        let mut timeout = clamp_timeout(entry.timeout);
+        if let Some(expiry) = known.get(&key) {
+            timeout = timeout.max(expiry.saturating_duration_since(now));
+        }
+        let slot = merged.entry(key).or_insert(timeout);
+        *slot = (*slot).max(timeout);
+    }
+    merged
+        .into_iter()
+        .map(|((addr, proto, port), timeout)| LearnedAddress {
+            addr,
+            proto,
+            port,
+            timeout: clamp_timeout(timeout),
+        })
+        .collect()
+}
+
+fn clamp_timeout(timeout: Duration) -> Duration {
+    let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    Duration::from_secs(secs.clamp(MIN_TIMEOUT_SECS, MAX_TIMEOUT_SECS))
+}
+
+fn timeout_secs(timeout: Duration) -> u32 {
+    u32::try_from(clamp_timeout(timeout).as_secs()).unwrap_or(u32::MAX)
+}
+
+fn learned_key(entry: &LearnedAddress) -> Expression<'static> {
+    concat(vec![
+        s(entry.addr.to_string()),
+        Expression::Number(u32::from(entry.proto)),
+        Expression::Number(u32::from(entry.port)),
+    ])
+}
+
+fn learned_elem(entry: &LearnedAddress) -> Expression<'static> {
+    Expression::Named(NamedExpression::Elem(Elem {
+        val: Box::new(learned_key(entry)),
+        timeout: Some(timeout_secs(entry.timeout)),
+        expires: None,
+        comment: None,
+        counter: None,
+    }))
+}
+
+/// add + delete + add for each element: the first add makes the delete
+/// valid whether or not the element is there, the second add sets its
+/// timeout (kernels before 6.10 or so keep the old timeout on a plain
+/// re-add). One transaction, so no packet sees the element missing.
+fn element_batch(entries: &[LearnedAddress]) -> Batch<'static> {
+    let mut batch = Batch::new();
+    for (set, v6) in [(ALLOW4, false), (ALLOW6, true)] {
+        let mine: Vec<&LearnedAddress> = entries.iter().filter(|e| e.addr.is_ipv6() == v6).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let element = |elem: Vec<Expression<'static>>| {
+            NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: set.into(),
+                elem: Cow::Owned(elem),
+            })
+        };
+        let with_timeouts: Vec<_> = mine.iter().map(|e| learned_elem(e)).collect();
+        batch.add(element(with_timeouts.clone()));
+        batch.delete(element(mine.iter().map(|e| learned_key(e)).collect()));
+        batch.add(element(with_timeouts));
+    }
+    batch
+}
+
+// ---------------------------------------------------------------------------
+// The LAN, from the routing table.
+
+/// The directly connected subnets of this network namespace, without the
+/// tunnel and loopback, plus the link-local ranges `allow_lan` opens.
+fn connected_networks(tunnel: &str) -> Vec<(IpAddr, u8)> {
+    let mut nets: Vec<(IpAddr, u8)> = Vec::new();
+    match std::fs::read_to_string("/proc/net/route") {
+        Ok(text) => nets.extend(parse_route_v4(&text, tunnel)),
+        Err(e) => tracing::warn!(
+            "allow_lan: cannot read /proc/net/route ({e}); only link-local IPv4 is let through"
+        ),
+    }
+    // Absent when IPv6 is disabled: nothing to add then.
+    if let Ok(text) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        nets.extend(parse_route_v6(&text, tunnel));
+    }
+    nets.extend(LAN_V4_EXTRA.iter().map(|&(a, l)| (IpAddr::V4(a), l)));
+    nets.extend(LAN_V6_EXTRA.iter().map(|&(a, l)| (IpAddr::V6(a), l)));
+    normalize_nets(nets)
+}
+
+const RTF_UP: u32 = 0x0001;
+const RTF_GATEWAY: u32 = 0x0002;
+const RTF_REJECT: u32 = 0x0200;
+const RTF_ANYCAST: u32 = 0x0010_0000;
+const RTF_CACHE: u32 = 0x0100_0000;
+const RTF_LOCAL: u32 = 0x8000_0000;
+
+/// Connected routes of `/proc/net/route` (the main table): up, no gateway,
+/// not a reject route, not /0, not on `lo` or the tunnel.
+fn parse_route_v4(text: &str, tunnel: &str) -> Vec<(IpAddr, u8)> {
+    let mut nets = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || f[0] == "lo" || f[0] == tunnel {
+            continue;
+        }
+        let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+        let (Some(dest), Some(gateway), Some(flags), Some(mask)) =
+            (hex(f[1]), hex(f[2]), hex(f[3]), hex(f[7]))
+        else {
+            continue;
+        };
+        if flags & RTF_UP == 0 || flags & (RTF_GATEWAY | RTF_REJECT) != 0 || gateway != 0 {
+            continue;
+        }
+        // The kernel prints the big-endian words as native integers.
+        let len = mask.count_ones() as u8;
+        if len == 0 {
+            continue;
+        }
+        nets.push((IpAddr::V4(Ipv4Addr::from(dest.to_ne_bytes())), len));
+    }
+    nets
+}
+
+/// Connected routes of `/proc/net/ipv6_route` (all tables): no gateway or
+/// next hop, not local/anycast/cache/reject, not multicast or link-local
+/// (those are added as whole ranges), not /0, not on `lo` or the tunnel.
+fn parse_route_v6(text: &str, tunnel: &str) -> Vec<(IpAddr, u8)> {
+    let mut nets = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[9] == "lo" || f[9] == tunnel {
+            continue;
+        }
+        let (Some(dest), Ok(len), Some(next_hop), Ok(flags)) = (
+            parse_hex_v6(f[0]),
+            u8::from_str_radix(f[1], 16),
+            parse_hex_v6(f[4]),
+            u32::from_str_radix(f[8], 16),
+        ) else {
+            continue;
+        };
+        let skip = RTF_GATEWAY | RTF_REJECT | RTF_ANYCAST | RTF_CACHE | RTF_LOCAL;
+        if flags & RTF_UP == 0 || flags & skip != 0 || !next_hop.is_unspecified() || len == 0 {
+            continue;
+        }
+        let first = dest.segments()[0];
+        if first & 0xff00 == 0xff00 || first & 0xffc0 == 0xfe80 {
+            continue;
+        }
+        nets.push((IpAddr::V6(dest), len));
+    }
+    nets
+}
+
+fn parse_hex_v6(text: &str) -> Option<Ipv6Addr> {
+    (text.len() == 32)
+        .then(|| u128::from_str_radix(text, 16).ok())
+        .flatten()
+        .map(Ipv6Addr::from)
+}
+
+/// Masks host bits, drops duplicates and networks inside another one (nft
+/// refuses overlapping intervals), and sorts.
+fn normalize_nets(nets: Vec<(IpAddr, u8)>) -> Vec<(IpAddr, u8)> {
+    let masked: BTreeSet<(IpAddr, u8)> = nets.into_iter().map(|(a, l)| mask(a, l)).collect();
+    masked
+        .iter()
+        .filter(|&&(addr, len)| {
+            !masked
+                .iter()
+                .any(|&(other, olen)| olen < len && mask(addr, olen) == (other, olen))
+        })
+        .copied()
+        .collect()
+}
+
+fn mask(addr: IpAddr, len: u8) -> (IpAddr, u8) {
+    match addr {
+        IpAddr::V4(a) => {
+            let len = len.min(32);
+            let bits = u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            (IpAddr::V4(Ipv4Addr::from(bits)), len)
+        }
+        IpAddr::V6(a) => {
+            let len = len.min(128);
+            let bits = u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            (IpAddr::V6(Ipv6Addr::from(bits)), len)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Building the table.
+
+fn validate(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), FirewallError> {
+    let name = &lockdown.tunnel_interface;
+    if name.is_empty() || name.len() > 15 || name.chars().any(|c| c.is_whitespace() || c == '/' || c == '"') {
+        return Err(FirewallError::Invalid(format!(
+            "tunnel interface name {name:?} is not a valid Linux interface name"
+        )));
+    }
+    if name == "lo" {
+        return Err(FirewallError::Invalid("the tunnel interface cannot be lo".into()));
+    }
+    if let Some(redirect) = allow.and_then(|a| a.dns_redirect) {
+        if redirect.stub_mark == lockdown.fwmark {
+            return Err(FirewallError::Invalid(format!(
+                "the DNS stub's mark {:#x} is the tunnel's fwmark; its queries would bypass the tunnel",
+                redirect.stub_mark
+            )));
+        }
+    }
+    Ok(())
+}
 
 fn table() -> Table<'static> {
     Table {
@@ -302,6 +846,10 @@ fn s(text: impl Into<String>) -> Expression<'static> {
     Expression::String(Cow::Owned(text.into()))
 }
 
+fn num(n: impl Into<u32>) -> Expression<'static> {
+    Expression::Number(n.into())
+}
+
 fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
         protocol: protocol.into(),
@@ -313,9 +861,9 @@ fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
-fn ct(key: &'static str) -> Expression<'static> {
+fn ct_state() -> Expression<'static> {
     Expression::Named(NamedExpression::CT(CT {
-        key: key.into(),
+        key: "state".into(),
         family: None,
         dir: None,
     }))
@@ -325,23 +873,26 @@ fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
     Expression::Named(NamedExpression::Concat(parts))
 }
 
-fn prefix(addr: &str, len: u32) -> Expression<'static> {
-    Expression::Named(NamedExpression::Prefix(Prefix {
-        addr: Box::new(s(addr)),
-        len,
-    }))
-}
-
-fn net(addr: IpAddr, len: u8) -> Expression<'static> {
+/// An address, or a prefix when shorter than the full length.
+fn net((addr, len): (IpAddr, u8)) -> Expression<'static> {
     let full = if addr.is_ipv4() { 32 } else { 128 };
-    if u32::from(len) >= full {
+    if len >= full {
         s(addr.to_string())
     } else {
-        prefix(&addr.to_string(), u32::from(len))
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(s(addr.to_string())),
+            len: u32::from(len),
+        }))
     }
 }
 
-fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+fn set_of(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
+}
+
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
     Statement::Match(Match {
         left,
         right,
@@ -357,42 +908,55 @@ fn is_in(left: Expression<'static>, right: Expression<'static>) -> Statement<'st
     })
 }
 
-fn set_of(items: Vec<Expression<'static>>) -> Expression<'static> {
-    Expression::Named(NamedExpression::Set(
-        items.into_iter().map(nftables::expr::SetItem::Element).collect(),
-    ))
-}
-
 fn accept() -> Statement<'static> {
     Statement::Accept(None)
 }
 
-fn family_daddr(addr: &IpAddr) -> Expression<'static> {
+fn refuse() -> Statement<'static> {
+    Statement::Jump(JumpTarget {
+        target: REFUSE.into(),
+    })
+}
+
+fn ip(addr: &IpAddr) -> &'static str {
     if addr.is_ipv4() {
-        payload("ip", "daddr")
+        "ip"
     } else {
-        payload("ip6", "daddr")
+        "ip6"
     }
 }
 
-fn family_saddr(addr: &IpAddr) -> Expression<'static> {
-    if addr.is_ipv4() {
-        payload("ip", "saddr")
-    } else {
-        payload("ip6", "saddr")
-    }
+fn tcp_or_udp() -> Statement<'static> {
+    is_in(meta(MetaKey::L4proto), set_of(vec![s("tcp"), s("udp")]))
 }
 
-/// Rules of one chain, collected in order.
-struct ChainRules {
+fn established() -> Statement<'static> {
+    is_in(ct_state(), set_of(vec![s("established"), s("related")]))
+}
+
+fn on_link() -> Statement<'static> {
+    eq(payload("ip6", "hoplimit"), num(255u32))
+}
+
+fn icmpv6_types(types: &[&str]) -> Statement<'static> {
+    is_in(
+        payload("icmpv6", "type"),
+        set_of(types.iter().map(|t| s(*t)).collect()),
+    )
+}
+
+struct ChainSpec {
     name: &'static str,
+    /// (hook, type, priority) for base chains.
+    base: Option<(NfHook, NfChainType, i32)>,
     rules: Vec<Vec<Statement<'static>>>,
 }
 
-impl ChainRules {
-    fn new(name: &'static str) -> ChainRules {
-        ChainRules {
+impl ChainSpec {
+    fn new(name: &'static str, base: Option<(NfHook, NfChainType, i32)>) -> ChainSpec {
+        ChainSpec {
             name,
+            base,
             rules: Vec::new(),
         }
     }
@@ -402,16 +966,39 @@ impl ChainRules {
     }
 }
 
-/// The whole table as one batch, and how many rules it holds.
-fn build(lockdown: &Lockdown, allow: Option<&Allowlist>) -> (Batch<'static>, usize) {
-    let tun = lockdown.tunnel_interface.clone();
+/// The whole table as one batch: add, delete and add the table (replaces
+/// it whether or not it exists), then its sets, chains and rules.
+fn build(
+    lockdown: &Lockdown,
+    allow: Option<&Allowlist>,
+    lan: &[(IpAddr, u8)],
+    learned: &[LearnedAddress],
+) -> Batch<'static> {
+    let tun = lockdown.tunnel_interface.as_str();
+    let endpoint = lockdown.endpoint;
+    let v6_tunnel = allow.is_some_and(|a| a.tunnel_has_ipv6);
+
     let mut batch = Batch::new();
-    // add + delete + add: replaces the table whether or not it exists.
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
     batch.add(NfListObject::Table(table()));
 
-    for (name, ty) in [(ALLOW4, SetType::Ipv4Addr), (ALLOW6, SetType::Ipv6Addr)] {
+    for (name, ty, flag, elems) in [
+        (ALLOW4, SetType::Ipv4Addr, SetFlag::Timeout, None),
+        (ALLOW6, SetType::Ipv6Addr, SetFlag::Timeout, None),
+        (
+            ALLOW4_NETS,
+            SetType::Ipv4Addr,
+            SetFlag::Interval,
+            allow.map(|a| static_elements(a, false)),
+        ),
+        (
+            ALLOW6_NETS,
+            SetType::Ipv6Addr,
+            SetFlag::Interval,
+            allow.map(|a| static_elements(a, true)),
+        ),
+    ] {
         batch.add(NfListObject::Set(Box::new(Set {
             family: NfFamily::INet,
             table: TABLE.into(),
@@ -423,235 +1010,245 @@ fn build(lockdown: &Lockdown, allow: Option<&Allowlist>) -> (Batch<'static>, usi
                 SetType::InetService,
             ])),
             policy: None,
-            flags: Some(HashSet::from([SetFlag::Interval, SetFlag::Timeout])),
-            elem: allow
-                .and_then(|a| static_elements(a, ty == SetType::Ipv6Addr))
-                .map(Cow::Owned),
+            flags: Some(HashSet::from([flag])),
+            elem: elems.filter(|e| !e.is_empty()).map(Cow::Owned),
             timeout: None,
             gc_interval: None,
             size: None,
             comment: None,
         })));
     }
-
-    let mut chains: Vec<(ChainRules, NfHook, NfChainType, i32)> = Vec::new();
-
-    // DNS redirect (nat, before filtering): every DNS packet to the stub,
-    // except the stub's own upstream queries.
-    if let Some(redirect) = allow.and_then(|a| a.dns_redirect) {
-        let mut nat = ChainRules::new("dns_redirect");
-        nat.push(vec![
-            is(meta(MetaKey::Mark), Expression::Number(redirect.stub_mark)),
-            Statement::Return(None),
-        ]);
-        nat.push(vec![
-            is_in(meta(MetaKey::L4proto), set_of(vec![s("tcp"), s("udp")])),
-            is(payload("th", "dport"), Expression::Number(53)),
-            Statement::Redirect(Some(NAT {
-                addr: None,
-                family: None,
-                port: Some(Expression::Number(u32::from(redirect.port))),
-                flags: None,
-            })),
-        ]);
-        chains.push((nat, NfHook::Output, NfChainType::NAT, -100));
-    }
-
-    let mut output = ChainRules::new("output");
-    output.push(vec![is(meta(MetaKey::Oifname), s("lo")), accept()]);
-    // After a redirect to the stub the output interface is still the one
-    // routed before nat ran, so loopback is also accepted by address.
-    output.push(vec![is(payload("ip", "daddr"), prefix("127.0.0.0", 8)), accept()]);
-    output.push(vec![is(payload("ip6", "daddr"), s("::1")), accept()]);
-    output.push(vec![
-        is(meta(MetaKey::Mark), Expression::Number(lockdown.fwmark)),
-        is(
-            family_daddr(&lockdown.endpoint.ip()),
-            s(lockdown.endpoint.ip().to_string()),
-        ),
-        is(
-            payload("udp", "dport"),
-            Expression::Number(u32::from(lockdown.endpoint.port())),
-        ),
-        accept(),
-    ]);
-    output.push(vec![
-        is(payload("udp", "sport"), Expression::Number(68)),
-        is(payload("udp", "dport"), Expression::Number(67)),
-        accept(),
-    ]);
-    output.push(vec![
-        is(payload("udp", "sport"), Expression::Number(546)),
-        is(payload("udp", "dport"), Expression::Number(547)),
-        accept(),
-    ]);
-
-    let mut input = ChainRules::new("input");
-    input.push(vec![is(meta(MetaKey::Iifname), s("lo")), accept()]);
-    input.push(vec![
-        is(
-            family_saddr(&lockdown.endpoint.ip()),
-            s(lockdown.endpoint.ip().to_string()),
-        ),
-        is(
-            payload("udp", "sport"),
-            Expression::Number(u32::from(lockdown.endpoint.port())),
-        ),
-        accept(),
-    ]);
-    input.push(vec![
-        is(payload("udp", "sport"), Expression::Number(67)),
-        is(payload("udp", "dport"), Expression::Number(68)),
-        accept(),
-    ]);
-    input.push(vec![
-        is(payload("udp", "sport"), Expression::Number(547)),
-        is(payload("udp", "dport"), Expression::Number(546)),
-        accept(),
-    ]);
-
-    if let Some(allow) = allow {
-        // DNS goes to the pinned servers through the tunnel, nowhere else;
-        // DNS-over-TLS nowhere at all. These come before the allowlist so no
-        // allow entry can open them.
-        for server in &allow.dns_servers {
-            output.push(vec![
-                is(meta(MetaKey::Oifname), s(tun.clone())),
-                is(family_daddr(server), s(server.to_string())),
-                is_in(meta(MetaKey::L4proto), set_of(vec![s("tcp"), s("udp")])),
-                is(payload("th", "dport"), Expression::Number(53)),
-                accept(),
-            ]);
-        }
-        for port in [53u32, 853] {
-            output.push(vec![
-                is_in(meta(MetaKey::L4proto), set_of(vec![s("tcp"), s("udp")])),
-                is(payload("th", "dport"), Expression::Number(port)),
-                Statement::Jump(nftables::stmt::JumpTarget {
-                    target: "refuse".into(),
-                }),
-            ]);
-        }
-        output.push(vec![
-            is(meta(MetaKey::Oifname), s(tun.clone())),
-            is_in(
-                concat(vec![
-                    payload("ip", "daddr"),
-                    meta(MetaKey::L4proto),
-                    payload("th", "dport"),
-                ]),
-                s(format!("@{ALLOW4}")),
-            ),
-            accept(),
-        ]);
-        if allow.tunnel_has_ipv6 {
-            output.push(vec![
-                is(meta(MetaKey::Oifname), s(tun.clone())),
-                is_in(
-                    concat(vec![
-                        payload("ip6", "daddr"),
-                        meta(MetaKey::L4proto),
-                        payload("th", "dport"),
-                    ]),
-                    s(format!("@{ALLOW6}")),
-                ),
-                accept(),
-            ]);
-        }
-        output.push(vec![
-            is(meta(MetaKey::Oifname), s(tun.clone())),
-            is_in(ct("state"), set_of(vec![s("established"), s("related")])),
-            accept(),
-        ]);
-        input.push(vec![
-            is(meta(MetaKey::Iifname), s(tun.clone())),
-            is_in(ct("state"), set_of(vec![s("established"), s("related")])),
-            accept(),
-        ]);
-    }
-
-    if lockdown.allow_lan {
-        for (addr, len) in LAN_V4 {
-            output.push(vec![is(payload("ip", "daddr"), prefix(addr, *len)), accept()]);
-            input.push(vec![is(payload("ip", "saddr"), prefix(addr, *len)), accept()]);
-        }
-        for (addr, len) in LAN_V6 {
-            output.push(vec![is(payload("ip6", "daddr"), prefix(addr, *len)), accept()]);
-            input.push(vec![is(payload("ip6", "saddr"), prefix(addr, *len)), accept()]);
-        }
-    }
-
-    // Whatever is left is refused loudly.
-    output.push(vec![Statement::Jump(nftables::stmt::JumpTarget {
-        target: "refuse".into(),
-    })]);
-    let mut refuse = ChainRules::new("refuse");
-    refuse.push(vec![
-        is(meta(MetaKey::L4proto), s("tcp")),
-        Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
-    ]);
-    refuse.push(vec![Statement::Reject(Some(Reject::new(
-        Some(RejectType::ICMPX),
-        Some(nftables::types::RejectCode::AdminProhibited),
-    )))]);
-
-    chains.push((output, NfHook::Output, NfChainType::Filter, 0));
-    chains.push((input, NfHook::Input, NfChainType::Filter, 0));
-    chains.push((
-        ChainRules::new("forward"),
-        NfHook::Forward,
-        NfChainType::Filter,
-        0,
-    ));
-
-    let mut count = 0;
-    // The regular chain first: the base chains jump to it.
-    add_chain(&mut batch, &refuse, None);
-    count += refuse.rules.len();
-    for (chain, hook, ty, prio) in &chains {
-        add_chain(&mut batch, chain, Some((*hook, *ty, *prio)));
-        count += chain.rules.len();
-    }
-    (batch, count)
-}
-
-fn add_chain(batch: &mut Batch<'static>, chain: &ChainRules, base: Option<(NfHook, NfChainType, i32)>) {
-    batch.add(NfListObject::Chain(Chain {
-        family: NfFamily::INet,
-        table: TABLE.into(),
-        name: chain.name.into(),
-        _type: base.map(|b| b.1),
-        hook: base.map(|b| b.0),
-        prio: base.map(|b| b.2),
-        policy: base.and_then(|b| (b.1 == NfChainType::Filter).then_some(NfChainPolicy::Drop)),
-        ..Default::default()
-    }));
-    for rule in &chain.rules {
-        batch.add(NfListObject::Rule(Rule {
-            family: NfFamily::INet,
-            table: TABLE.into(),
-            chain: chain.name.into(),
-            expr: Cow::Owned(rule.clone()),
-            ..Default::default()
-        }));
-    }
-}
-
-/// The profile's literal networks as set elements (no timeout).
-fn static_elements(allow: &Allowlist, v6: bool) -> Option<Vec<Expression<'static>>> {
-    let mut elems = Vec::new();
-    for entry in allow.rules.iter().filter(|e| e.net.0.is_ipv6() == v6) {
-        for (proto, ports) in [(TCP, &entry.tcp), (UDP, &entry.udp)] {
-            for port in ports {
-                elems.push(concat(vec![
-                    net(entry.net.0, entry.net.1),
-                    Expression::Number(u32::from(proto)),
-                    Expression::Number(u32::from(*port)),
-                ]));
+    // DNS answers remembered from before this replace (session shape only).
+    if allow.is_some() {
+        for (set, v6) in [(ALLOW4, false), (ALLOW6, true)] {
+            let elems: Vec<_> = learned
+                .iter()
+                .filter(|e| e.addr.is_ipv6() == v6)
+                .map(learned_elem)
+                .collect();
+            if !elems.is_empty() {
+                batch.add(NfListObject::Element(Element {
+                    family: NfFamily::INet,
+                    table: TABLE.into(),
+                    name: set.into(),
+                    elem: Cow::Owned(elems),
+                }));
             }
         }
     }
-    (!elems.is_empty()).then_some(elems)
+
+    let filter = |hook| Some((hook, NfChainType::Filter, 0));
+    let mut output = ChainSpec::new(OUTPUT, filter(NfHook::Output));
+    let mut input = ChainSpec::new(INPUT, filter(NfHook::Input));
+    let forward = ChainSpec::new(FORWARD, filter(NfHook::Forward));
+    let mut refuse_chain = ChainSpec::new(REFUSE, None);
+
+    // Loopback, by interface and by address (redirected packets keep the
+    // output interface routed before nat).
+    output.push(vec![eq(meta(MetaKey::Oifname), s("lo")), accept()]);
+    output.push(vec![
+        eq(
+            payload("ip", "daddr"),
+            net((Ipv4Addr::new(127, 0, 0, 0).into(), 8)),
+        ),
+        accept(),
+    ]);
+    output.push(vec![eq(payload("ip6", "daddr"), s("::1")), accept()]);
+    input.push(vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]);
+
+    // The tunnel's own UDP: mark and address and port.
+    output.push(vec![
+        eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
+        eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
+        eq(payload("udp", "dport"), num(endpoint.port())),
+        accept(),
+    ]);
+    input.push(vec![
+        eq(payload(ip(&endpoint.ip()), "saddr"), s(endpoint.ip().to_string())),
+        eq(payload("udp", "sport"), num(endpoint.port())),
+        is_in(ct_state(), set_of(vec![s("established")])),
+        accept(),
+    ]);
+
+    // DHCP and DHCPv6 keep the lease.
+    for (client, server) in [(68u16, 67u16), (546, 547)] {
+        output.push(vec![
+            eq(payload("udp", "sport"), num(client)),
+            eq(payload("udp", "dport"), num(server)),
+            accept(),
+        ]);
+        input.push(vec![
+            eq(payload("udp", "sport"), num(server)),
+            eq(payload("udp", "dport"), num(client)),
+            accept(),
+        ]);
+    }
+
+    // IPv6 neighbour discovery, on-link only.
+    output.push(vec![
+        icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
+        on_link(),
+        accept(),
+    ]);
+    input.push(vec![
+        icmpv6_types(&[
+            "nd-router-advert",
+            "nd-neighbor-solicit",
+            "nd-neighbor-advert",
+            "nd-redirect",
+        ]),
+        on_link(),
+        accept(),
+    ]);
+
+    // The pinned resolvers, through the tunnel only, before DNS is refused.
+    if let Some(allow) = allow {
+        for server in allow.dns_servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
+            output.push(vec![
+                eq(meta(MetaKey::Oifname), s(tun)),
+                eq(payload(ip(server), "daddr"), s(server.to_string())),
+                tcp_or_udp(),
+                eq(payload("th", "dport"), num(53u32)),
+                accept(),
+            ]);
+        }
+    }
+
+    // DNS anywhere else, and DNS-over-TLS/QUIC anywhere: refused before any
+    // allowlist or LAN rule can accept it.
+    output.push(vec![
+        tcp_or_udp(),
+        is_in(payload("th", "dport"), set_of(vec![num(53u32), num(853u32)])),
+        refuse(),
+    ]);
+
+    if let Some(allow) = allow {
+        output.push(vec![eq(meta(MetaKey::Oifname), s(tun)), established(), accept()]);
+        input.push(vec![eq(meta(MetaKey::Iifname), s(tun)), established(), accept()]);
+        let mut families = vec![("ip", ALLOW4, ALLOW4_NETS)];
+        if allow.tunnel_has_ipv6 {
+            families.push(("ip6", ALLOW6, ALLOW6_NETS));
+        }
+        for (family, dynamic, literal) in families {
+            for set in [dynamic, literal] {
+                output.push(vec![
+                    eq(meta(MetaKey::Oifname), s(tun)),
+                    is_in(
+                        concat(vec![
+                            payload(family, "daddr"),
+                            meta(MetaKey::L4proto),
+                            payload("th", "dport"),
+                        ]),
+                        s(format!("@{set}")),
+                    ),
+                    accept(),
+                ]);
+            }
+        }
+    }
+
+    if lockdown.allow_lan {
+        for (family, v6) in [("ip", false), ("ip6", true)] {
+            let nets: Vec<Expression<'static>> = lan
+                .iter()
+                .filter(|(a, _)| a.is_ipv6() == v6)
+                .map(|&n| net(n))
+                .collect();
+            if nets.is_empty() {
+                continue;
+            }
+            output.push(vec![
+                is_in(payload(family, "daddr"), set_of(nets.clone())),
+                accept(),
+            ]);
+            input.push(vec![
+                is_in(payload(family, "saddr"), set_of(nets.clone())),
+                is_in(payload(family, "daddr"), set_of(nets)),
+                accept(),
+            ]);
+        }
+    }
+
+    // Whatever is left goes out loudly refused.
+    output.push(vec![refuse()]);
+    refuse_chain.push(vec![
+        eq(meta(MetaKey::L4proto), s("tcp")),
+        Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+    ]);
+    refuse_chain.push(vec![Statement::Reject(Some(Reject::new(
+        Some(RejectType::ICMPX),
+        Some(RejectCode::AdminProhibited),
+    )))]);
+
+    // Room for the stub: every DNS packet but the stub's own to the stub.
+    let mut chains = vec![refuse_chain];
+    if let Some(redirect) = allow.and_then(|a| a.dns_redirect) {
+        let mut nat = ChainSpec::new(DNS_REDIRECT, Some((NfHook::Output, NfChainType::NAT, -100)));
+        nat.push(vec![
+            eq(meta(MetaKey::Mark), num(redirect.stub_mark)),
+            Statement::Return(None),
+        ]);
+        nat.push(vec![
+            tcp_or_udp(),
+            eq(payload("th", "dport"), num(53u32)),
+            Statement::Redirect(Some(NAT {
+                addr: None,
+                family: None,
+                port: Some(num(redirect.port)),
+                flags: None,
+            })),
+        ]);
+        chains.push(nat);
+    }
+    chains.extend([output, input, forward]);
+
+    for chain in &chains {
+        batch.add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: chain.name.into(),
+            _type: chain.base.map(|b| b.1),
+            hook: chain.base.map(|b| b.0),
+            prio: chain.base.map(|b| b.2),
+            policy: chain.base.map(|b| match b.1 {
+                NfChainType::Filter => NfChainPolicy::Drop,
+                _ => NfChainPolicy::Accept,
+            }),
+            ..Default::default()
+        }));
+    }
+    for chain in &chains {
+        for rule in &chain.rules {
+            batch.add(NfListObject::Rule(Rule {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                chain: chain.name.into(),
+                expr: Cow::Owned(rule.clone()),
+                ..Default::default()
+            }));
+        }
+    }
+    batch
+}
+
+/// The profile's literal networks as interval-set elements, without
+/// overlaps (nft refuses them) for one address family.
+fn static_elements(allow: &Allowlist, v6: bool) -> Vec<Expression<'static>> {
+    let mut by_port: BTreeMap<(u8, u16), Vec<(IpAddr, u8)>> = BTreeMap::new();
+    for entry in allow.rules.iter().filter(|e| e.net.0.is_ipv6() == v6) {
+        for (proto, ports) in [(TCP, &entry.tcp), (UDP, &entry.udp)] {
+            for &port in ports {
+                by_port.entry((proto, port)).or_default().push(entry.net);
+            }
+        }
+    }
+    let mut elems = Vec::new();
+    for ((proto, port), nets) in by_port {
+        for n in normalize_nets(nets) {
+            elems.push(concat(vec![net(n), num(proto), num(port)]));
+        }
+    }
+    elems
 }
 
 #[cfg(test)]
@@ -660,69 +1257,418 @@ mod tests {
 
     fn lockdown() -> Lockdown {
         Lockdown {
-            endpoint: "198.51.100.2:51820".parse().expect("addr"),
+            endpoint: SocketAddr::from(([198, 51, 100, 2], 51820)),
             fwmark: 0x5347,
             tunnel_interface: "sg0".into(),
             allow_lan: false,
         }
     }
 
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
     fn session() -> Allowlist {
         Allowlist {
-            rules: vec![AllowEntry {
-                net: ("203.0.113.10".parse().expect("ip"), 32),
-                tcp: vec![443],
-                udp: vec![10000],
-            }],
-            dns_servers: vec!["192.0.2.65".parse().expect("ip")],
+            rules: vec![
+                AllowEntry {
+                    net: (v4(203, 0, 113, 10), 32),
+                    tcp: vec![443],
+                    udp: vec![10000],
+                },
+                AllowEntry {
+                    net: (v4(203, 0, 113, 0), 24),
+                    tcp: vec![443],
+                    udp: vec![],
+                },
+            ],
+            dns_servers: vec![
+                v4(192, 0, 2, 65),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x53)),
+            ],
             tunnel_has_ipv6: false,
             dns_redirect: None,
         }
     }
 
-    fn json(lockdown: &Lockdown, allow: Option<&Allowlist>) -> String {
-        let (batch, _) = build(lockdown, allow);
-        serde_json::to_string(&batch.to_nftables()).expect("encode")
+    /// The batch as JSON values.
+    fn objects(lockdown: &Lockdown, allow: Option<&Allowlist>, lan: &[(IpAddr, u8)]) -> Vec<Value> {
+        let batch = build(lockdown, allow, lan, &[]);
+        let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+        value["nftables"].as_array().expect("array").clone()
+    }
+
+    /// Each rule of a chain as compact JSON text, in order.
+    fn rules(objects: &[Value], chain: &str) -> Vec<String> {
+        objects
+            .iter()
+            .filter_map(|o| o.get("add").and_then(|a| a.get("rule")))
+            .filter(|r| r["chain"] == chain)
+            .map(|r| r["expr"].to_string())
+            .collect()
+    }
+
+    fn position(rules: &[String], needle: &str) -> usize {
+        rules
+            .iter()
+            .position(|r| r.contains(needle))
+            .unwrap_or_else(|| panic!("no rule contains {needle}: {rules:#?}"))
     }
 
     #[test]
-    fn lockdown_lets_only_the_marked_endpoint_traffic_out() {
-        let text = json(&lockdown(), None);
-        assert!(text.contains("\"mark\""), "{text}");
-        assert!(text.contains("198.51.100.2"));
-        assert!(text.contains("51820"));
+    fn replace_is_add_delete_add_of_our_table_only() {
+        let objs = objects(&lockdown(), None, &[]);
+        let cmds: Vec<String> = objs
+            .iter()
+            .take(3)
+            .map(|o| o.as_object().expect("obj").keys().next().expect("cmd").clone())
+            .collect();
+        assert_eq!(cmds, ["add", "delete", "add"]);
+        for o in &objs {
+            let text = o.to_string();
+            assert!(
+                text.contains("\"sessiongate\""),
+                "an object outside our table: {text}"
+            );
+            assert!(text.contains("\"inet\""), "{text}");
+        }
+    }
+
+    #[test]
+    fn base_chains_drop_and_output_ends_in_refusal() {
+        let objs = objects(&lockdown(), None, &[]);
+        let chains: Vec<&Value> = objs.iter().filter_map(|o| o["add"].get("chain")).collect();
+        for name in [OUTPUT, INPUT, FORWARD] {
+            let chain = chains.iter().find(|c| c["name"] == name).expect("chain");
+            assert_eq!(chain["policy"], "drop", "{chain}");
+            assert_eq!(chain["hook"], name);
+        }
+        let refuse = chains.iter().find(|c| c["name"] == REFUSE).expect("refuse");
+        assert!(refuse.get("hook").is_none());
+        let out = rules(&objs, OUTPUT);
+        assert_eq!(out.last().expect("rules"), r#"[{"jump":{"target":"refuse"}}]"#);
+        assert!(rules(&objs, FORWARD).is_empty());
+        let refusals = rules(&objs, REFUSE);
+        assert!(refusals[0].contains("tcp reset"), "{refusals:?}");
+        assert!(refusals[1].contains("admin-prohibited"), "{refusals:?}");
+    }
+
+    #[test]
+    fn lockdown_lets_only_marked_endpoint_traffic_out() {
+        let objs = objects(&lockdown(), None, &[]);
+        let out = rules(&objs, OUTPUT);
+        let endpoint = &out[position(&out, "198.51.100.2")];
         assert!(
-            !text.contains("203.0.113.10"),
-            "lockdown must not hold the allowlist"
+            endpoint.contains(r#""mark""#) && endpoint.contains("21319"),
+            "{endpoint}"
         );
+        assert!(endpoint.contains("51820"), "{endpoint}");
+        let text = serde_json::to_string(&objs).expect("text");
         assert!(
             !text.contains("sg0"),
             "lockdown must not open the tunnel interface"
         );
+        assert!(
+            !text.contains("203.0.113"),
+            "lockdown must not hold the allowlist"
+        );
+        assert!(!text.contains(DNS_REDIRECT));
+        // Loopback first, DNS refused even in lockdown.
+        assert!(out[0].contains(r#""right":"lo""#));
+        position(&out, "853");
+        let input = rules(&objs, INPUT);
+        let reply = &input[position(&input, "198.51.100.2")];
+        assert!(
+            reply.contains("established") && reply.contains("sport"),
+            "{reply}"
+        );
     }
 
     #[test]
-    fn session_shape_holds_the_allowlist_and_refuses_other_dns() {
-        let text = json(&lockdown(), Some(&session()));
-        assert!(text.contains("203.0.113.10"), "{text}");
-        assert!(text.contains("853"));
-        assert!(!text.contains("\"redirect\""));
-        let mut with_stub = session();
-        with_stub.dns_redirect = Some(DnsRedirect {
+    fn session_orders_pinned_dns_then_refusal_then_allowlist() {
+        let objs = objects(&lockdown(), Some(&session()), &[]);
+        let out = rules(&objs, OUTPUT);
+        let pinned = position(&out, "192.0.2.65");
+        let refused = position(&out, "853");
+        let allow4 = position(&out, "@allow4\"");
+        let nets4 = position(&out, "@allow4_nets");
+        assert!(pinned < refused && refused < allow4 && allow4 < nets4, "{out:#?}");
+        assert!(out[allow4].contains(r#""right":"sg0""#));
+        assert!(out[pinned].contains(r#""right":"sg0""#));
+        // No IPv6 tunnel: no IPv6 allow rules and no IPv6 resolver.
+        assert!(!out.iter().any(|r| r.contains("@allow6")), "{out:#?}");
+        assert!(!out.iter().any(|r| r.contains("2001:db8::53")));
+        let input = rules(&objs, INPUT);
+        position(&input, "established");
+
+        let mut with_v6 = session();
+        with_v6.tunnel_has_ipv6 = true;
+        let out = rules(&objects(&lockdown(), Some(&with_v6), &[]), OUTPUT);
+        position(&out, "@allow6\"");
+        position(&out, "@allow6_nets");
+        position(&out, "2001:db8::53");
+    }
+
+    #[test]
+    fn literal_networks_go_to_interval_sets_without_overlaps() {
+        let objs = objects(&lockdown(), Some(&session()), &[]);
+        let sets: Vec<&Value> = objs.iter().filter_map(|o| o["add"].get("set")).collect();
+        let nets4 = sets.iter().find(|s| s["name"] == ALLOW4_NETS).expect("set");
+        assert_eq!(nets4["flags"], serde_json::json!(["interval"]));
+        let elems = nets4["elem"].to_string();
+        // 203.0.113.10/32 tcp 443 lies inside 203.0.113.0/24 tcp 443.
+        assert_eq!(elems.matches("203.0.113.10").count(), 1, "{elems}");
+        assert!(
+            elems.contains(r#"{"prefix":{"addr":"203.0.113.0","len":24}}"#),
+            "{elems}"
+        );
+        assert!(elems.contains("10000"));
+        let dynamic = sets.iter().find(|s| s["name"] == ALLOW4).expect("set");
+        assert_eq!(dynamic["flags"], serde_json::json!(["timeout"]));
+        assert!(dynamic.get("elem").is_none());
+    }
+
+    #[test]
+    fn dns_redirect_chain_only_when_asked() {
+        let mut allow = session();
+        assert!(!serde_json::to_string(&objects(&lockdown(), Some(&allow), &[]))
+            .expect("text")
+            .contains("\"redirect\":"));
+        allow.dns_redirect = Some(DnsRedirect {
             port: 5354,
             stub_mark: 0x5348,
         });
-        let text = json(&lockdown(), Some(&with_stub));
-        assert!(text.contains("\"redirect\""), "{text}");
+        let objs = objects(&lockdown(), Some(&allow), &[]);
+        let nat = rules(&objs, DNS_REDIRECT);
+        assert!(nat[0].contains("21320") && nat[0].contains("return"), "{nat:?}");
+        assert!(nat[1].contains("redirect") && nat[1].contains("5354"), "{nat:?}");
+        let chain = objs
+            .iter()
+            .filter_map(|o| o["add"].get("chain"))
+            .find(|c| c["name"] == DNS_REDIRECT)
+            .expect("chain");
+        assert_eq!(chain["prio"], -100);
+        assert_eq!(chain["type"], "nat");
+        assert_eq!(chain["policy"], "accept");
+        allow.dns_redirect = Some(DnsRedirect {
+            port: 5354,
+            stub_mark: 0x5347,
+        });
+        assert!(validate(&lockdown(), Some(&allow)).is_err());
     }
 
     #[test]
-    fn allow_lan_adds_private_ranges_only_when_asked() {
-        assert!(!json(&lockdown(), None).contains("192.168.0.0"));
-        let lan = Lockdown {
+    fn lan_rules_only_with_allow_lan_and_after_dns_refusal() {
+        let lan = normalize_nets(vec![(v4(192, 168, 1, 0), 24), (v4(169, 254, 0, 0), 16)]);
+        assert!(rules(&objects(&lockdown(), None, &lan), OUTPUT)
+            .iter()
+            .all(|r| !r.contains("192.168.1.0")));
+        let with_lan = Lockdown {
             allow_lan: true,
             ..lockdown()
         };
-        assert!(json(&lan, None).contains("192.168.0.0"));
+        let objs = objects(&with_lan, None, &lan);
+        let out = rules(&objs, OUTPUT);
+        assert!(position(&out, "853") < position(&out, "192.168.1.0"));
+        let input = rules(&objs, INPUT);
+        let rule = &input[position(&input, "192.168.1.0")];
+        assert!(rule.contains("saddr") && rule.contains("daddr"), "{rule}");
+    }
+
+    #[test]
+    fn normalize_masks_dedupes_and_drops_covered_networks() {
+        let nets = normalize_nets(vec![
+            (v4(192, 0, 2, 7), 24),
+            (v4(192, 0, 2, 0), 24),
+            (v4(192, 0, 2, 66), 32),
+            (v4(10, 1, 2, 3), 8),
+            (v4(10, 9, 0, 0), 16),
+            (v4(198, 51, 100, 1), 40),
+        ]);
+        assert_eq!(
+            nets,
+            vec![
+                (v4(10, 0, 0, 0), 8),
+                (v4(192, 0, 2, 0), 24),
+                (v4(198, 51, 100, 1), 32)
+            ]
+        );
+    }
+
+    #[test]
+    fn connected_routes_from_proc() {
+        let route = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            veth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            veth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            sg0\t007100CB\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n\
+            veth0\t006433C6\t010200C0\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(parse_route_v4(route, "sg0"), vec![(v4(192, 0, 2, 0), 24)]);
+        let route6 = "20010db8000100000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     veth0\n\
+            fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     veth0\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010db8000100000000000000000001 00000400 00000001 00000000 00000003     veth0\n\
+            20010db8000200000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001      sg0\n\
+            20010db8000100000000000000000002 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo\n\
+            ff000000000000000000000000000000 08 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     veth0\n";
+        assert_eq!(
+            parse_route_v6(route6, "sg0"),
+            vec![(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0)), 64)]
+        );
+    }
+
+    #[test]
+    fn learned_addresses_keep_the_later_expiry() {
+        let now = Instant::now();
+        let addr = v4(203, 0, 113, 80);
+        let known = BTreeMap::from([((addr, TCP, 443), now + Duration::from_secs(300))]);
+        let entries = [
+            LearnedAddress {
+                addr,
+                proto: TCP,
+                port: 443,
+                timeout: Duration::from_secs(60),
+            },
+            LearnedAddress {
+                addr: v4(203, 0, 113, 81),
+                proto: UDP,
+                port: 10000,
+                timeout: Duration::from_millis(1500),
+            },
+            LearnedAddress {
+                addr: v4(203, 0, 113, 81),
+                proto: UDP,
+                port: 10000,
+                timeout: Duration::ZERO,
+            },
+        ];
+        let merged = merge_learned(&known, &entries, now);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].timeout, Duration::from_secs(300));
+        assert_eq!(merged[1].timeout, Duration::from_secs(2));
+        assert_eq!(
+            clamp_timeout(Duration::from_secs(10 * 86400)),
+            Duration::from_secs(86400)
+        );
+        assert_eq!(clamp_timeout(Duration::ZERO), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn element_batch_adds_deletes_and_adds_per_family() {
+        let batch = element_batch(&[
+            LearnedAddress {
+                addr: v4(203, 0, 113, 80),
+                proto: TCP,
+                port: 443,
+                timeout: Duration::from_secs(30),
+            },
+            LearnedAddress {
+                addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80)),
+                proto: UDP,
+                port: 10000,
+                timeout: Duration::from_secs(30),
+            },
+        ]);
+        let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+        let cmds: Vec<String> = value["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|o| {
+                let (cmd, body) = o.as_object().expect("obj").iter().next().expect("cmd");
+                format!("{cmd} {}", body["element"]["name"].as_str().expect("name"))
+            })
+            .collect();
+        assert_eq!(
+            cmds,
+            [
+                "add allow4",
+                "delete allow4",
+                "add allow4",
+                "add allow6",
+                "delete allow6",
+                "add allow6"
+            ]
+        );
+        let text = value.to_string();
+        assert!(text.contains(r#""timeout":30"#), "{text}");
+    }
+
+    #[test]
+    fn monitor_lines_about_our_table() {
+        assert!(touches_our_table(
+            r#"{"delete": {"table": {"family": "inet", "name": "sessiongate", "handle": 1}}}"#
+        ));
+        assert!(touches_our_table(
+            r#"{"delete": {"rule": {"family": "inet", "table": "sessiongate", "chain": "output", "handle": 4}}}"#
+        ));
+        assert!(touches_our_table(
+            r#"{"add": {"chain": {"family": "inet", "table": "sessiongate", "name": "output", "policy": "accept"}}}"#
+        ));
+        assert!(!touches_our_table(
+            r#"{"add": {"element": {"family": "inet", "table": "sessiongate", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
+        assert!(!touches_our_table(
+            r#"{"delete": {"table": {"family": "ip", "name": "sessiongate", "handle": 1}}}"#
+        ));
+        assert!(!touches_our_table(
+            r#"{"add": {"rule": {"family": "inet", "table": "firewalld", "chain": "x"}}}"#
+        ));
+        assert!(touches_our_table("not json"));
+        assert!(!touches_our_table(""));
+    }
+
+    #[test]
+    fn fingerprint_ignores_handles_and_elements() {
+        let a: Value = serde_json::from_str(
+            r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+                {"table": {"family": "inet", "name": "sessiongate", "handle": 5}},
+                {"set": {"family": "inet", "table": "sessiongate", "name": "allow4", "handle": 2, "elem": ["x"]}},
+                {"chain": {"family": "inet", "table": "sessiongate", "name": "output", "handle": 3,
+                           "hook": "output", "policy": "drop"}},
+                {"rule": {"family": "inet", "table": "sessiongate", "chain": "output", "handle": 9, "expr": []}}]}"#,
+        )
+        .expect("json");
+        let mut b = a.clone();
+        b["nftables"][1]["table"]["handle"] = 7.into();
+        b["nftables"][2]["set"]["handle"] = 8.into();
+        b["nftables"][2]["set"]["elem"] = serde_json::json!(["y", "z"]);
+        b["nftables"][4]["rule"]["handle"] = 10.into();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert!(!has_base_chains(&a), "input and forward are missing");
+        let mut full = a.clone();
+        let list = full["nftables"].as_array_mut().expect("array");
+        for name in [INPUT, FORWARD] {
+            list.push(
+                serde_json::json!({"chain": {"family": "inet", "table": "sessiongate",
+                "name": name, "hook": name, "policy": "drop"}}),
+            );
+        }
+        assert!(has_base_chains(&full));
+        b["nftables"][3]["chain"]["policy"] = "accept".into();
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+    }
+
+    #[test]
+    fn nft_errors_keep_nft_words() {
+        use std::os::unix::process::ExitStatusExt;
+        let status = std::process::ExitStatus::from_raw(256);
+        let stderr = "Error: Could not process rule: No such file or directory\n{\"nftables\": []}\n^^^^\n";
+        assert_eq!(
+            nft_reason(stderr, status),
+            "Could not process rule: No such file or directory"
+        );
+        assert!(nft_reason("", status).contains("no message"));
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        for bad in ["", "lo", "a-very-long-interface-name", "sg 0", "sg\"0"] {
+            let l = Lockdown {
+                tunnel_interface: bad.into(),
+                ..lockdown()
+            };
+            assert!(validate(&l, None).is_err(), "{bad:?}");
+        }
+        assert!(validate(&lockdown(), None).is_ok());
     }
 }

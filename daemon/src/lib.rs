@@ -9,7 +9,9 @@
 //! - [`keys`]: key material that never shows itself.
 
 pub mod control;
+pub mod dns;
 pub mod firewall;
+pub mod import;
 pub mod keys;
 pub mod profile;
 pub mod resolvconf;
@@ -24,6 +26,10 @@ pub mod tunnel;
 pub const TUNNEL_FWMARK: u32 = 0x5347;
 /// The routing table that holds the tunnel's default routes.
 pub const ROUTE_TABLE: u32 = 0x5347;
+/// Marks the DNS stub's own upstream queries, so the firewall's redirect of
+/// every DNS packet to the stub lets them pass. Any mark but the tunnel's
+/// keeps them on the tunnel route.
+pub const DNS_STUB_MARK: u32 = 0x5348;
 
 /// Resolves once `shutdown` says so (or its sender is gone). Keeps the
 /// watch guard out of the caller's future, so tasks using it stay `Send`.

@@ -14,23 +14,31 @@
 //! The modules below (firewall, tunnel, routing, state) only do what they are
 //! told; this module never builds packets, routes or rules itself.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::control::{ErrorKind, Reply};
-use crate::firewall::{self, AllowEntry, Allowlist, FirewallWatch, Lockdown};
+use crate::dns::{Addresses, AnswerSink, StubConfig, StubResolver};
+use crate::firewall::{self, AllowEntry, Allowlist, DnsRedirect, FirewallWatch, LearnedAddress, Lockdown};
 use crate::profile::{Host, Profile};
+use crate::resolvconf::{Pinned, ResolverFile};
 use crate::routing::{self, RouteConfig, Routes};
 use crate::state::{PersistedSession, StateDir};
 use crate::tunnel::{Tunnel, TunnelConfig, TunnelMonitor, TunnelStats};
-use crate::{ROUTE_TABLE, TUNNEL_FWMARK};
+use crate::{DNS_STUB_MARK, ROUTE_TABLE, TUNNEL_FWMARK};
 
 /// How often the health check looks at the tunnel.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// An answered address stays allowed at least this long, whatever its TTL,
+/// plus a grace period so a connection opened just before expiry works.
+const MIN_ALLOW_SECS: u32 = 60;
+const ALLOW_GRACE_SECS: u32 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -156,16 +164,30 @@ struct Running {
     profile: Option<Profile>,
     tunnel: Option<Tunnel>,
     routes: Option<Routes>,
+    /// The DNS stub, running once the allowlist is open.
+    stub: Option<StubResolver>,
     /// Whether the firewall has the session shape (allowlist open) rather
     /// than the bare lockdown.
     allowlist_open: bool,
 }
 
 impl Running {
+    fn new(name: &str, lockdown: Lockdown, profile: Option<Profile>) -> Running {
+        Running {
+            name: name.to_string(),
+            lockdown,
+            profile,
+            tunnel: None,
+            routes: None,
+            stub: None,
+            allowlist_open: false,
+        }
+    }
+
     /// The firewall shape this session should have right now.
     fn allowlist(&self) -> Option<Allowlist> {
         match (&self.profile, self.allowlist_open) {
-            (Some(profile), true) => Some(allowlist_of(profile)),
+            (Some(profile), true) => Some(allowlist_of(profile, self.stub.as_ref())),
             _ => None,
         }
     }
@@ -173,9 +195,11 @@ impl Running {
 
 pub struct SessionMachine {
     commands: mpsc::Receiver<Command>,
-    snapshot: watch::Sender<Snapshot>,
+    /// Shared with the DNS answer sink, which adds resolved addresses.
+    snapshot: Arc<watch::Sender<Snapshot>>,
     paths: Paths,
     state: StateDir,
+    resolver_file: ResolverFile,
     running: Option<Running>,
     /// Watches our nftables table while a session runs (tamper guard).
     guard: Option<FirewallWatch>,
@@ -189,8 +213,9 @@ pub fn new(paths: Paths) -> (SessionMachine, SessionHandle) {
     (
         SessionMachine {
             commands: cmd_rx,
-            snapshot: snap_tx,
+            snapshot: Arc::new(snap_tx),
             state: StateDir::new(&paths.state_dir),
+            resolver_file: ResolverFile::new(&paths.resolv_conf, &paths.state_dir),
             paths,
             running: None,
             guard: None,
@@ -235,14 +260,11 @@ impl SessionMachine {
         }
         let profile_path = self.paths.profiles.join(format!("{}.toml", persisted.profile));
         let profile = Profile::load(&profile_path);
-        self.running = Some(Running {
-            name: persisted.profile.clone(),
+        self.running = Some(Running::new(
+            &persisted.profile,
             lockdown,
-            profile: profile.as_ref().ok().cloned(),
-            tunnel: None,
-            routes: None,
-            allowlist_open: false,
-        });
+            profile.as_ref().ok().cloned(),
+        ));
         let profile = match profile {
             Ok(p) if p.tunnel.interface == persisted.interface => p,
             Ok(_) => {
@@ -401,14 +423,7 @@ impl SessionMachine {
             );
         }
         self.start_guard();
-        self.running = Some(Running {
-            name: profile.name.clone(),
-            lockdown,
-            profile: Some(profile.clone()),
-            tunnel: None,
-            routes: None,
-            allowlist_open: false,
-        });
+        self.running = Some(Running::new(&profile.name, lockdown, Some(profile.clone())));
 
         // From here on the machine is locked down; failures keep it so.
         let result = match self.bring_up_tunnel(&profile, endpoint).await {
@@ -478,15 +493,58 @@ impl SessionMachine {
         Ok(monitor)
     }
 
-    /// Replaces the lockdown with the session shape: the allowlist through
-    /// the tunnel.
+    /// Replaces the lockdown with the session shape and pins DNS: start the
+    /// stub, open the allowlist with every DNS packet redirected to it,
+    /// resolve the allowed names so their addresses are in place before any
+    /// application asks, then point the resolver file at the stub.
     async fn open_allowlist(&mut self) -> Result<(), String> {
+        let snapshot = self.snapshot.clone();
         let running = self.running.as_mut().ok_or("internal error: no session")?;
-        let profile = running.profile.as_ref().ok_or("internal error: no profile")?;
-        firewall::apply(&running.lockdown, Some(&allowlist_of(profile)))
+        let profile = running.profile.clone().ok_or("internal error: no profile")?;
+        if running.stub.is_none() {
+            let stub = StubResolver::start(StubConfig {
+                port: 0,
+                upstream: profile
+                    .dns_servers
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, 53))
+                    .collect(),
+                allowed_names: allowed_names(&profile),
+                upstream_mark: DNS_STUB_MARK,
+                sink: Arc::new(AllowSink::new(&profile, snapshot)),
+            })
             .await
-            .map_err(|e| format!("could not open the allowlist: {e}"))?;
+            .map_err(|e| format!("could not start the DNS stub: {e}"))?;
+            running.stub = Some(stub);
+        }
+        firewall::apply(
+            &running.lockdown,
+            Some(&allowlist_of(&profile, running.stub.as_ref())),
+        )
+        .await
+        .map_err(|e| format!("could not open the allowlist: {e}"))?;
         running.allowlist_open = true;
+        if let Some(stub) = &running.stub {
+            let failed = stub
+                .resolve_all()
+                .await
+                .iter()
+                .filter(|(_, r)| r.is_err())
+                .count();
+            if failed > 0 {
+                tracing::warn!(
+                    "{failed} allowed host name(s) did not resolve through the pinned DNS servers yet"
+                );
+            }
+        }
+        match self.resolver_file.pin() {
+            Ok(Pinned::Rewritten) => {}
+            Ok(Pinned::LeftToManager) => tracing::info!(
+                "{} is managed by another program (a symlink); DNS is pinned by the firewall redirect alone",
+                self.paths.resolv_conf.display()
+            ),
+            Err(e) => return Err(e.to_string()),
+        }
         Ok(())
     }
 
@@ -496,7 +554,14 @@ impl SessionMachine {
         };
         tracing::info!("stopping the session of profile {}", running.name);
         self.set_state(State::Stopping, None);
-        // Tunnel down first, with the firewall still closed around it.
+        // DNS first: the resolver file goes back while the stub still answers.
+        if let Err(e) = self.resolver_file.restore() {
+            return self.stop_failed(running, e.to_string());
+        }
+        if let Some(stub) = running.stub.take() {
+            stub.stop().await;
+        }
+        // Tunnel down next, with the firewall still closed around it.
         if let Some(tunnel) = running.tunnel.take() {
             tunnel.stop().await;
         }
@@ -556,7 +621,14 @@ impl SessionMachine {
                 "the sessiongate firewall table was removed or damaged by something else; put it back in {} ms",
                 started.elapsed().as_millis()
             ),
-            Err(e) => tracing::error!("the sessiongate firewall table was removed and putting it back failed: {e}"),
+            Err(e) => {
+                tracing::error!("the sessiongate firewall table was removed and putting it back failed: {e}");
+                return;
+            }
+        }
+        // The learned addresses went with the old table.
+        if let (true, Some(stub)) = (running.allowlist_open, &running.stub) {
+            stub.resolve_all().await;
         }
     }
 
@@ -626,7 +698,7 @@ async fn resolve_endpoint(profile: &Profile) -> Result<SocketAddr, String> {
 
 /// The firewall's allowlist for a profile: literal addresses now; names join
 /// through the DNS stub as they are answered.
-fn allowlist_of(profile: &Profile) -> Allowlist {
+fn allowlist_of(profile: &Profile, stub: Option<&StubResolver>) -> Allowlist {
     Allowlist {
         rules: profile
             .allow
@@ -642,7 +714,79 @@ fn allowlist_of(profile: &Profile) -> Allowlist {
             .collect(),
         dns_servers: profile.dns_servers.clone(),
         tunnel_has_ipv6: profile.tunnel.addresses.iter().any(|a| a.is_ipv6()),
-        dns_redirect: None,
+        dns_redirect: stub.map(|stub| DnsRedirect {
+            port: stub.port(),
+            stub_mark: DNS_STUB_MARK,
+        }),
+    }
+}
+
+fn allowed_names(profile: &Profile) -> Vec<String> {
+    profile
+        .allow
+        .iter()
+        .filter_map(|rule| match &rule.host {
+            Host::Name(name) => Some(name.clone()),
+            Host::Net(_) => None,
+        })
+        .collect()
+}
+
+/// Puts the addresses the stub answers into the firewall's allow sets (for
+/// that host's ports only) and into the status, before the application gets
+/// the answer.
+struct AllowSink {
+    ports: HashMap<String, (Vec<u16>, Vec<u16>)>,
+    snapshot: Arc<watch::Sender<Snapshot>>,
+}
+
+impl AllowSink {
+    fn new(profile: &Profile, snapshot: Arc<watch::Sender<Snapshot>>) -> AllowSink {
+        let mut ports: HashMap<String, (Vec<u16>, Vec<u16>)> = HashMap::new();
+        for rule in &profile.allow {
+            if let Host::Name(name) = &rule.host {
+                let entry = ports.entry(name.clone()).or_default();
+                entry.0.extend(&rule.tcp);
+                entry.1.extend(&rule.udp);
+            }
+        }
+        AllowSink { ports, snapshot }
+    }
+}
+
+impl AnswerSink for AllowSink {
+    fn on_answer<'a>(&'a self, name: &'a str, addrs: Addresses) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some((tcp, udp)) = self.ports.get(name) else {
+                return;
+            };
+            let mut learned = Vec::new();
+            for (addr, ttl) in &addrs {
+                let timeout = Duration::from_secs(u64::from((*ttl).max(MIN_ALLOW_SECS) + ALLOW_GRACE_SECS));
+                for (proto, ports) in [(firewall::TCP, tcp), (firewall::UDP, udp)] {
+                    learned.extend(ports.iter().map(|port| LearnedAddress {
+                        addr: *addr,
+                        proto,
+                        port: *port,
+                        timeout,
+                    }));
+                }
+            }
+            if let Err(e) = firewall::add_addresses(&learned).await {
+                tracing::warn!("could not add answered addresses to the allowlist: {e}");
+                return;
+            }
+            self.snapshot.send_modify(|s| {
+                for host in s.allowed.iter_mut().filter(|h| h.host == name) {
+                    for (addr, _) in &addrs {
+                        let text = addr.to_string();
+                        if !host.addresses.contains(&text) {
+                            host.addresses.push(text);
+                        }
+                    }
+                }
+            });
+        })
     }
 }
 

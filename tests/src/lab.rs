@@ -662,10 +662,37 @@ impl Lab {
         qtype: &str,
         timeout: Duration,
     ) -> Result<DnsReply, String> {
+        self.dns_query_over(ns, server, name, qtype, "udp", timeout)
+    }
+
+    /// `dns_query` over TCP.
+    pub fn dns_query_tcp(&self, ns: Ns, server: &str, name: &str, qtype: &str) -> Result<DnsReply, String> {
+        self.dns_query_over(ns, server, name, qtype, "tcp", Duration::from_secs(2))
+    }
+
+    fn dns_query_over(
+        &self,
+        ns: Ns,
+        server: &str,
+        name: &str,
+        qtype: &str,
+        proto: &str,
+        timeout: Duration,
+    ) -> Result<DnsReply, String> {
         let ms = timeout.as_millis().to_string();
         let line = self.labhost_probe(
             ns,
-            &["dns-query", server, name, "--type", qtype, "--timeout-ms", &ms],
+            &[
+                "dns-query",
+                server,
+                name,
+                "--type",
+                qtype,
+                "--timeout-ms",
+                &ms,
+                "--proto",
+                proto,
+            ],
         )?;
         DnsReply::parse(&line).ok_or_else(|| format!("unexpected dns-query output: {line}"))
     }

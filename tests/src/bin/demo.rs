@@ -1,6 +1,7 @@
 //! The demo (README: `sudo ./scripts/demo`): brings the lab up, starts
-//! sessiond in the client namespace with the lab profile, runs a session,
-//! shows what gets through and what does not, stops it and tears it all down.
+//! sessiond in the client namespace with the bundled lab profile, runs a
+//! session, shows what gets through and what does not, stops it and tears it
+//! all down.
 
 use std::process::ExitCode;
 
@@ -28,6 +29,23 @@ fn show(label: &str, result: &std::result::Result<String, String>) {
     }
 }
 
+/// What the client's own resolver (libc, via the resolver file) says.
+fn lookup(lab: &Lab, name: &str) -> std::result::Result<String, String> {
+    let out = lab
+        .exec(Ns::Client, &["getent", "hosts", name])
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(format!("answer {}", text.split_whitespace().next().unwrap_or("")))
+    } else {
+        Err("no address".to_string())
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
 fn run() -> Result<()> {
     step("Building the lab: client, router, wireguard-go gateway, video host (network namespaces)");
     let lab = Lab::new()?;
@@ -37,21 +55,15 @@ fn run() -> Result<()> {
         addr::GATEWAY_ENDPOINT,
         lab.gateway_public_key()
     );
-
-    // The video host is allowed by address until DNS pinning lands.
-    let profile = lab.write_profile("lab", |t| {
-        t.replace(
-            &format!("host = \"{}\"", addr::MEET_NAME),
-            &format!("host = \"{}\"", addr::HOST_V4),
-        )
-    })?;
+    let profile = lab.sessiond_profile()?;
     println!(
-        "    profile {}:\n{}",
+        "    profile {} (from profiles/lab.toml):\n{}",
         profile.path.display(),
         indent(&profile.toml)
     );
 
     step("Before the session: the client goes straight out");
+    show("DNS other.test", &lookup(&lab, addr::OTHER_NAME));
     show(
         "video host 203.0.113.10:443",
         &lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
@@ -78,9 +90,11 @@ fn run() -> Result<()> {
     print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
 
     step("During the session");
+    show("DNS meet.test (allowed)", &lookup(&lab, addr::MEET_NAME));
+    show("DNS other.test (not allowed)", &lookup(&lab, addr::OTHER_NAME));
     show(
-        "video host 203.0.113.10:443",
-        &lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        "video host meet.test:443",
+        &lab.probe_tcp(Ns::Client, addr::MEET_NAME, 443),
     );
     show(
         "video host 203.0.113.10 udp/10000",
@@ -95,8 +109,8 @@ fn run() -> Result<()> {
         &lab.probe_tcp(Ns::Client, addr::HOST_V4, 8443),
     );
     show(
-        "video host over IPv6 (no IPv6 allowed)",
-        &lab.probe_tcp(Ns::Client, addr::HOST_V6, 443),
+        "DNS-over-TLS to 203.0.113.53:853",
+        &lab.probe_tcp(Ns::Client, addr::PUBLIC_DNS_V4, 853),
     );
     let leaks = lab.leaks()?;
     println!("    leak meter on the router: {leaks} packet(s) outside the tunnel");
@@ -104,9 +118,10 @@ fn run() -> Result<()> {
 
     step("sessionctl stop");
     print!("{}", indent(&daemon.ctl_ok(&["stop"])?));
+    show("DNS other.test", &lookup(&lab, addr::OTHER_NAME));
     show(
-        "video host 203.0.113.10:443",
-        &lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        "other host 203.0.113.20:443",
+        &lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443),
     );
     let tables = lab.exec_ok(Ns::Client, &["nft", "list", "tables"])?;
     println!(
@@ -124,10 +139,6 @@ fn run() -> Result<()> {
     if leaks > 0 {
         bail!("{leaks} packet(s) left the client outside the tunnel during the session");
     }
-    println!("    done: the session reached only the video host, only through the tunnel");
+    println!("    done: during the session the client reached only meet.test, only through the tunnel");
     Ok(())
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
 }

@@ -26,8 +26,11 @@ use std::net::{
 };
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
 use nix::sys::socket::{
     bind, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, Backlog, ControlMessage,
     ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
@@ -432,154 +435,83 @@ fn probe_udp(args: &[String]) -> Result<(), String> {
 
 // ---------------------------------------------------------------- dns
 
-fn qtype_number(name: &str) -> Result<u16, String> {
-    Ok(match name.to_ascii_uppercase().as_str() {
-        "A" => 1,
-        "NS" => 2,
-        "CNAME" => 5,
-        "SOA" => 6,
-        "PTR" => 12,
-        "MX" => 15,
-        "TXT" => 16,
-        "AAAA" => 28,
-        "SRV" => 33,
-        "HTTPS" => 65,
-        "ANY" => 255,
-        other => other
-            .parse()
-            .map_err(|_| format!("usage: --type {name}: unknown query type"))?,
-    })
-}
-
-fn rcode_name(rcode: u8) -> String {
+fn rcode_name(rcode: ResponseCode) -> String {
     match rcode {
-        0 => "NOERROR".into(),
-        1 => "FORMERR".into(),
-        2 => "SERVFAIL".into(),
-        3 => "NXDOMAIN".into(),
-        4 => "NOTIMP".into(),
-        5 => "REFUSED".into(),
-        n => format!("RCODE{n}"),
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        other => format!("RCODE{}", u16::from(other)),
     }
 }
 
-fn build_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> {
-    let mut q = Vec::with_capacity(64);
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
-    q.extend_from_slice(&1u16.to_be_bytes()); // QDCOUNT
-    q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(format!("dns-query: bad name {name}"));
-        }
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&1u16.to_be_bytes()); // IN
-    Ok(q)
-}
-
-/// Reads a (possibly compressed) name at `pos`; returns it and the offset after it.
-fn read_name(msg: &[u8], mut pos: usize) -> Option<(String, usize)> {
-    let mut labels = Vec::new();
-    let mut end = None;
-    let mut jumps = 0;
-    loop {
-        let len = *msg.get(pos)? as usize;
-        if len & 0xC0 == 0xC0 {
-            let ptr = ((len & 0x3F) << 8) | *msg.get(pos + 1)? as usize;
-            end.get_or_insert(pos + 2);
-            jumps += 1;
-            if jumps > 32 {
-                return None;
-            }
-            pos = ptr;
-        } else if len == 0 {
-            let after = end.unwrap_or(pos + 1);
-            return Some((labels.join("."), after));
-        } else {
-            let label = msg.get(pos + 1..pos + 1 + len)?;
-            labels.push(String::from_utf8_lossy(label).into_owned());
-            pos += 1 + len;
-        }
-    }
-}
-
-fn u16_at(msg: &[u8], pos: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*msg.get(pos)?, *msg.get(pos + 1)?]))
-}
-
-fn u32_at(msg: &[u8], pos: usize) -> Option<u32> {
-    Some(u32::from_be_bytes([
-        *msg.get(pos)?,
-        *msg.get(pos + 1)?,
-        *msg.get(pos + 2)?,
-        *msg.get(pos + 3)?,
-    ]))
-}
-
-/// Parses a reply into (rcode, answers, minimum ttl).
-fn parse_reply(msg: &[u8]) -> Option<(u8, Vec<String>, Option<u32>)> {
-    let flags = u16_at(msg, 2)?;
-    let rcode = (flags & 0x000F) as u8;
-    let qd = u16_at(msg, 4)?;
-    let an = u16_at(msg, 6)?;
-    let mut pos = 12;
-    for _ in 0..qd {
-        let (_, after) = read_name(msg, pos)?;
-        pos = after + 4;
-    }
-    let mut answers = Vec::new();
-    let mut ttl: Option<u32> = None;
-    for _ in 0..an {
-        let (_, after) = read_name(msg, pos)?;
-        let rtype = u16_at(msg, after)?;
-        let rttl = u32_at(msg, after + 4)?;
-        let rdlen = u16_at(msg, after + 8)? as usize;
-        let rdata_at = after + 10;
-        let rdata = msg.get(rdata_at..rdata_at + rdlen)?;
-        let text = match rtype {
-            1 if rdlen == 4 => Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]).to_string(),
-            28 if rdlen == 16 => {
-                let mut b = [0u8; 16];
-                b.copy_from_slice(rdata);
-                Ipv6Addr::from(b).to_string()
-            }
-            5 | 2 | 12 => read_name(msg, rdata_at)?.0,
-            other => format!("type{other}"),
-        };
-        answers.push(text);
-        ttl = Some(ttl.map_or(rttl, |t| t.min(rttl)));
-        pos = rdata_at + rdlen;
-    }
-    Some((rcode, answers, ttl))
-}
-
+/// One query over UDP, or over TCP with `--tcp` (RFC 1035 length prefix).
 fn dns_query(args: &[String]) -> Result<(), String> {
     let args = Args::parse(args)?;
     let (server, name) = match args.positional.as_slice() {
         [s, n] => (s.clone(), n.clone()),
-        _ => return Err("usage: labhost dns-query SERVER NAME [--type T] [--port N]".into()),
+        _ => {
+            return Err("usage: labhost dns-query SERVER NAME [--type T] [--port N] [--proto udp|tcp]".into())
+        }
     };
     let server_ip: IpAddr = server
         .parse()
         .map_err(|_| format!("usage: dns-query: server {server} is not an IP address"))?;
     let port: u16 = args.num("port", 53)?;
-    let qtype = qtype_number(args.one("type").unwrap_or("A"))?;
+    let qtype = RecordType::from_str(&args.one("type").unwrap_or("A").to_ascii_uppercase())
+        .map_err(|_| "usage: --type: unknown query type".to_string())?;
     let timeout = args.timeout()?;
+    let qname = Name::from_ascii(&name).map_err(|e| format!("dns-query: bad name {name}: {e}"))?;
     let id = (std::process::id() as u16) ^ 0x5a5a;
-    let query = build_query(id, &name, qtype)?;
+    let mut message = Message::query();
+    message.metadata.id = id;
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(qname, qtype));
+    let query = message
+        .to_vec()
+        .map_err(|e| format!("dns-query: cannot encode: {e}"))?;
     let target = SocketAddr::new(server_ip, port);
-    let reply = udp_exchange(target, &query, timeout)?;
-    if u16_at(&reply, 0) != Some(id) {
+    let reply = if args.one("proto") == Some("tcp") {
+        tcp_exchange(target, &query, timeout)?
+    } else {
+        udp_exchange(target, &query, timeout)?
+    };
+    let reply = Message::from_vec(&reply).map_err(|e| format!("dns {target}: malformed reply: {e}"))?;
+    if reply.metadata.id != id {
         return Err(format!("dns {target}: reply with a wrong id"));
     }
-    let (rcode, answers, ttl) =
-        parse_reply(&reply).ok_or_else(|| format!("dns {target}: malformed reply"))?;
+    let answers: Vec<String> = reply
+        .answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::A(a) => a.0.to_string(),
+            RData::AAAA(a) => a.0.to_string(),
+            RData::CNAME(c) => c.0.to_string().trim_end_matches('.').to_string(),
+            other => format!("type{}", u16::from(other.record_type())),
+        })
+        .collect();
+    let ttl = reply.answers.iter().map(|r| r.ttl).min();
     let ttl = ttl.map(|t| format!(" ttl={t}")).unwrap_or_default();
-    println!("rcode={} answers={}{ttl}", rcode_name(rcode), answers.join(","));
+    println!(
+        "rcode={} answers={}{ttl}",
+        rcode_name(reply.metadata.response_code),
+        answers.join(",")
+    );
     Ok(())
+}
+
+fn tcp_exchange(target: SocketAddr, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+    let what = |e: &io::Error| format!("tcp {target}: {}", err_text(e));
+    let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(|e| what(&e))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| what(&e))?;
+    let mut framed = (payload.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(payload);
+    stream.write_all(&framed).map_err(|e| what(&e))?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).map_err(|e| what(&e))?;
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut reply).map_err(|e| what(&e))?;
+    Ok(reply)
 }

@@ -1,0 +1,332 @@
+//! `sessionctl import`: turns a wg-quick configuration into a profile.
+//!
+//! This module owns reading wg-quick's INI format and writing the profile
+//! text. It never writes files itself (the client does) and never logs keys.
+//! The profile it produces is validated by the same rules as every other
+//! profile before anyone writes it, so an import cannot produce a profile
+//! that `check` would refuse.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::keys::Key;
+use crate::profile::{self, decode_key, parse_endpoint, IpCidr};
+
+/// An `--allow HOST:PORT/PROTO` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowArg {
+    pub host: String,
+    pub port: u16,
+    pub tcp: bool,
+}
+
+impl std::str::FromStr for AllowArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<AllowArg, String> {
+        let bad = || format!("--allow {text:?}: write HOST:PORT/PROTO, e.g. meet.example:443/tcp");
+        let (rest, proto) = text.rsplit_once('/').ok_or_else(bad)?;
+        let tcp = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => true,
+            "udp" => false,
+            _ => return Err(format!("--allow {text:?}: the protocol must be tcp or udp")),
+        };
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("--allow {text:?}: port {port:?} is out of range 1-65535"))?;
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(AllowArg { host, port, tcp })
+    }
+}
+
+/// What an import produces: the private key (for the key file) and the
+/// profile text that refers to it.
+pub struct Imported {
+    pub private_key: Key,
+    pub profile: String,
+}
+
+#[derive(Debug, Default)]
+struct WgQuick {
+    private_key: Option<(usize, String)>,
+    addresses: Vec<(usize, String)>,
+    dns: Vec<(usize, String)>,
+    mtu: Option<(usize, String)>,
+    public_key: Option<(usize, String)>,
+    preshared_key: Option<(usize, String)>,
+    endpoint: Option<(usize, String)>,
+    keepalive: Option<(usize, String)>,
+    allowed_ips: Vec<(usize, String)>,
+    peers: usize,
+}
+
+/// Parses `text` (the file `source`) and builds a profile whose key file is
+/// `key_file` (relative to the profiles directory).
+pub fn import(source: &str, text: &str, key_file: &str, allow: &[AllowArg]) -> Result<Imported, String> {
+    let wg = parse_wg_quick(source, text)?;
+    let at = |line: usize| format!("{source} line {line}");
+    if wg.peers != 1 {
+        return Err(format!(
+            "{source}: sessiongate needs exactly one [Peer] (the practice's gateway), found {}",
+            wg.peers
+        ));
+    }
+    let (line, private) = wg
+        .private_key
+        .ok_or_else(|| format!("{source}: [Interface] has no PrivateKey"))?;
+    let private_key = decode_key(&private).map_err(|m| format!("{}: PrivateKey {m}", at(line)))?;
+    let (line, public) = wg
+        .public_key
+        .ok_or_else(|| format!("{source}: [Peer] has no PublicKey"))?;
+    decode_key(&public).map_err(|m| format!("{}: PublicKey {m}", at(line)))?;
+    let (line, endpoint) = wg.endpoint.ok_or_else(|| {
+        format!("{source}: [Peer] has no Endpoint; sessiongate needs the gateway's address")
+    })?;
+    parse_endpoint(&endpoint).map_err(|m| format!("{}: Endpoint {m}", at(line)))?;
+    if wg.addresses.is_empty() {
+        return Err(format!("{source}: [Interface] has no Address"));
+    }
+    for (line, a) in &wg.addresses {
+        a.parse::<IpCidr>()
+            .map_err(|m| format!("{}: Address {m}", at(*line)))?;
+    }
+    let mut servers = Vec::new();
+    for (line, d) in &wg.dns {
+        // wg-quick mixes resolvers and search domains in DNS; only the
+        // addresses matter here.
+        if d.parse::<std::net::IpAddr>().is_ok() {
+            servers.push(d.clone());
+        } else if profile::check_hostname(d).is_err() {
+            return Err(format!(
+                "{}: DNS {d:?} is neither an address nor a search domain",
+                at(*line)
+            ));
+        }
+    }
+    if servers.is_empty() {
+        return Err(format!(
+            "{source}: [Interface] has no DNS server; sessiongate pins DNS to the gateway's resolver, so add DNS = ADDRESS"
+        ));
+    }
+    if allow.is_empty() {
+        return Err("name at least one host to allow: --allow HOST:PORT/PROTO".to_string());
+    }
+    if wg.preshared_key.is_some() {
+        return Err(format!(
+            "{source}: PresharedKey is not imported yet; put it in a 0600 file and set tunnel.peer.preshared_key_file by hand"
+        ));
+    }
+
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let list = |items: &[String]| items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
+    let mut out = String::new();
+    let _ = writeln!(out, "# Imported from {source} by `sessionctl import`.");
+    let _ = writeln!(out, "description = {}\n", q(&format!("imported from {source}")));
+    let _ = writeln!(out, "[tunnel]");
+    let _ = writeln!(out, "private_key_file = {}", q(key_file));
+    let addresses: Vec<String> = wg.addresses.iter().map(|(_, a)| a.clone()).collect();
+    let _ = writeln!(out, "address = [{}]", list(&addresses));
+    if let Some((line, mtu)) = &wg.mtu {
+        let mtu: u16 = mtu
+            .parse()
+            .map_err(|_| format!("{}: MTU {mtu:?} is not a number", at(*line)))?;
+        let _ = writeln!(out, "mtu = {mtu}");
+    }
+    let _ = writeln!(out, "\n[tunnel.peer]");
+    let _ = writeln!(out, "public_key = {}", q(&public));
+    let _ = writeln!(out, "endpoint = {}", q(&endpoint));
+    if let Some((line, k)) = &wg.keepalive {
+        let k: u16 = k
+            .parse()
+            .map_err(|_| format!("{}: PersistentKeepalive {k:?} is not a number", at(*line)))?;
+        let _ = writeln!(out, "persistent_keepalive = {k}");
+    }
+    let routed: Vec<&str> = wg.allowed_ips.iter().map(|(_, a)| a.as_str()).collect();
+    if !routed.is_empty() && !routed.iter().all(|a| *a == "0.0.0.0/0" || *a == "::/0") {
+        let _ = writeln!(
+            out,
+            "# AllowedIPs was {}: a session always sends everything through the tunnel.",
+            routed.join(", ")
+        );
+    }
+    let _ = writeln!(out, "\n[dns]\nservers = [{}]", list(&servers));
+    let mut hosts: BTreeMap<&str, (Vec<u16>, Vec<u16>)> = BTreeMap::new();
+    for a in allow {
+        let entry = hosts.entry(a.host.as_str()).or_default();
+        let ports = if a.tcp { &mut entry.0 } else { &mut entry.1 };
+        if !ports.contains(&a.port) {
+            ports.push(a.port);
+        }
+    }
+    for (host, (tcp, udp)) in hosts {
+        let _ = writeln!(out, "\n[[allow]]\nhost = {}", q(host));
+        let show = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        if !tcp.is_empty() {
+            let _ = writeln!(out, "tcp = [{}]", show(&tcp));
+        }
+        if !udp.is_empty() {
+            let _ = writeln!(out, "udp = [{}]", show(&udp));
+        }
+    }
+    Ok(Imported {
+        private_key,
+        profile: out,
+    })
+}
+
+fn parse_wg_quick(source: &str, text: &str) -> Result<WgQuick, String> {
+    #[derive(PartialEq)]
+    enum Section {
+        None,
+        Interface,
+        Peer,
+    }
+    let mut wg = WgQuick::default();
+    let mut section = Section::None;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = match line.to_ascii_lowercase().as_str() {
+                "[interface]" => Section::Interface,
+                "[peer]" => {
+                    wg.peers += 1;
+                    Section::Peer
+                }
+                _ => return Err(format!("{source} line {line_no}: unknown section {line}")),
+            };
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("{source} line {line_no}: expected KEY = VALUE, found {line:?}"))?;
+        let key = key.trim().to_ascii_lowercase();
+        let value = value.trim().to_string();
+        let many = |v: &str| {
+            v.split(',')
+                .map(|s| (line_no, s.trim().to_string()))
+                .filter(|(_, s)| !s.is_empty())
+                .collect::<Vec<_>>()
+        };
+        match (&section, key.as_str()) {
+            (Section::Interface, "privatekey") => wg.private_key = Some((line_no, value)),
+            (Section::Interface, "address") => wg.addresses.extend(many(&value)),
+            (Section::Interface, "dns") => wg.dns.extend(many(&value)),
+            (Section::Interface, "mtu") => wg.mtu = Some((line_no, value)),
+            // wg-quick's own knobs have no meaning for a session.
+            (Section::Interface, "listenport" | "fwmark" | "table" | "saveconfig") => {}
+            (Section::Interface, "preup" | "postup" | "predown" | "postdown") => {
+                return Err(format!(
+                    "{source} line {line_no}: {key} runs shell commands, which sessiongate does not import; remove it"
+                ))
+            }
+            (Section::Peer, "publickey") => wg.public_key = Some((line_no, value)),
+            (Section::Peer, "presharedkey") => wg.preshared_key = Some((line_no, value)),
+            (Section::Peer, "endpoint") => wg.endpoint = Some((line_no, value)),
+            (Section::Peer, "persistentkeepalive") => wg.keepalive = Some((line_no, value)),
+            (Section::Peer, "allowedips") => wg.allowed_ips.extend(many(&value)),
+            (Section::None, _) => {
+                return Err(format!("{source} line {line_no}: {key} comes before any [Interface] or [Peer]"))
+            }
+            _ => return Err(format!("{source} line {line_no}: unknown key {key:?}")),
+        }
+    }
+    Ok(wg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONF: &str = "[Interface]
+# the therapist's laptop
+PrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=
+Address = 10.66.0.2/32, fd00:66::2/128
+DNS = 10.66.0.1, practice.example
+MTU = 1380
+
+[Peer]
+PublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=
+Endpoint = gw.practice.example:51820
+AllowedIPs = 0.0.0.0/0, ::/0
+PersistentKeepalive = 25
+";
+
+    fn allow() -> Vec<AllowArg> {
+        [
+            "meet.practice.example:443/tcp",
+            "meet.practice.example:10000/udp",
+            "turn.practice.example:3478/udp",
+        ]
+        .iter()
+        .map(|a| a.parse().expect("allow"))
+        .collect()
+    }
+
+    #[test]
+    fn a_wg_quick_file_becomes_a_valid_profile() {
+        let imported = import("wg0.conf", CONF, "keys/practice.key", &allow()).expect("import");
+        assert!(
+            !imported.profile.contains("yAnz5TF"),
+            "the private key must not be in the profile"
+        );
+        // The inline key check needs a file mode; give it the key inline to
+        // validate everything else with the profile rules.
+        let text = imported.profile.replace(
+            "private_key_file = \"keys/practice.key\"",
+            &format!("private_key = \"{}\"", imported.private_key.to_base64()),
+        );
+        let p = profile::parse("practice", &text, Path::new("/"), 0o600).expect("valid profile");
+        assert_eq!(p.tunnel.mtu, 1380);
+        assert_eq!(p.tunnel.addresses.len(), 2);
+        assert_eq!(p.dns_servers.len(), 1);
+        assert_eq!(p.tunnel.peer.persistent_keepalive, Some(25));
+        assert_eq!(p.allow.len(), 2);
+        assert_eq!(p.allow[0].tcp, vec![443]);
+        assert_eq!(p.allow[0].udp, vec![10000]);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let bad = CONF.replace(
+            "PublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+            "PublicKey = not base64!",
+        );
+        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        assert!(
+            e.starts_with("wg0.conf line 9: PublicKey is not valid base64"),
+            "{e}"
+        );
+        let bad = CONF.replace("MTU = 1380", "Mtu: 1380");
+        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        assert!(e.starts_with("wg0.conf line 6: expected KEY = VALUE"), "{e}");
+        let bad = CONF.replace("MTU = 1380", "PostUp = iptables -F");
+        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        assert!(
+            e.starts_with("wg0.conf line 6: postup runs shell commands"),
+            "{e}"
+        );
+        let bad = CONF.replace("DNS = 10.66.0.1, practice.example\n", "");
+        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        assert!(e.contains("has no DNS server"), "{e}");
+    }
+
+    #[test]
+    fn allow_arguments_are_checked() {
+        assert!("meet.example:443/tcp".parse::<AllowArg>().is_ok());
+        assert!("[2001:db8::1]:443/tcp".parse::<AllowArg>().is_ok());
+        assert!("meet.example:443".parse::<AllowArg>().is_err());
+        assert!("meet.example:70000/udp".parse::<AllowArg>().is_err());
+        assert!("meet.example:443/icmp".parse::<AllowArg>().is_err());
+    }
+}
