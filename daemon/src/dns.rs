@@ -507,7 +507,9 @@ impl Inner {
             Ok((mut raw, response)) => {
                 self.take_in(&origin, &question.name, &response).await;
                 Counters::bump(&self.counters.answered);
-                raw[..2].copy_from_slice(&request.metadata.id.to_be_bytes());
+                // The server's own bytes, under the client's id.
+                raw.get_mut(..2)?
+                    .copy_from_slice(&request.metadata.id.to_be_bytes());
                 Some(raw)
             }
             Err(_) => {
@@ -1272,6 +1274,18 @@ mod tests {
     }
 
     #[test]
+    fn upstream_sockets_carry_the_mark() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: SO_MARK needs CAP_NET_ADMIN");
+            return;
+        }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        set_mark(&socket, 0x5348).expect("mark");
+        let mark = nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::Mark).expect("get");
+        assert_eq!(mark, 0x5348);
+    }
+
+    #[test]
     fn learned_targets_follow_their_origin() {
         let now = Instant::now();
         let mut names = Names::default();
@@ -1649,12 +1663,11 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root, ip, nft and dnsmasq; builds its own network namespaces"]
     fn lab_against_dnsmasq_in_netns() {
-        if !nix::unistd::geteuid().is_root() || !["ip", "nft", "dnsmasq"].iter().all(|t| tool(t)) {
-            eprintln!("skipped: needs root, ip, nft and dnsmasq");
-            return;
-        }
+        assert!(
+            nix::unistd::geteuid().is_root() && ["ip", "nft", "dnsmasq"].iter().all(|t| tool(t)),
+            "this test needs root, ip, nft and dnsmasq (it builds its own network namespaces): run the tests as root"
+        );
         let id = std::process::id();
         let (client, server) = (format!("sgdnsc{id}"), format!("sgdnss{id}"));
         let dir = tempfile::tempdir().expect("tempdir");
