@@ -483,6 +483,9 @@ fn has_base_chains(listing: &Value) -> bool {
 pub struct FirewallWatch {
     events: mpsc::Receiver<()>,
     monitor: Option<Child>,
+    /// An event was taken off the channel but not reported yet (keeps
+    /// `changed` cancel-safe).
+    pending: bool,
     warned: bool,
 }
 
@@ -496,14 +499,23 @@ impl FirewallWatch {
     /// Resolves when something changed our table, or every 500 ms while the
     /// monitor cannot run (events may have been missed, so the caller should
     /// check [`is_present`] whenever this returns). Our own writes wake it
-    /// too; [`is_present`] then says all is well.
+    /// too; [`is_present`] then says all is well. Cancel-safe: dropping the
+    /// future (e.g. in `select!`) never loses a change.
     pub async fn changed(&mut self) {
-        if self.events.recv().await.is_some() {
-            tokio::time::sleep(DEBOUNCE).await;
-            while self.events.try_recv().is_ok() {}
-            return;
+        if !self.pending {
+            match self.events.recv().await {
+                Some(()) => self.pending = true,
+                None => return self.restart().await,
+            }
         }
-        // The monitor ended: restart it, and report a change.
+        tokio::time::sleep(DEBOUNCE).await;
+        while self.events.try_recv().is_ok() {}
+        self.pending = false;
+    }
+
+    /// The monitor ended: start it again after a pause (returning counts as
+    /// a change, since events may have been missed meanwhile).
+    async fn restart(&mut self) {
         self.monitor = None;
         tokio::time::sleep(RETRY).await;
         match spawn_monitor() {
@@ -525,12 +537,18 @@ impl FirewallWatch {
     }
 }
 
-/// Starts watching our table.
+/// Starts watching our table. Needs a tokio runtime (it spawns a task).
 pub fn watch() -> Result<FirewallWatch, FirewallError> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(FirewallError::Spawn(
+            "the tamper guard needs a tokio runtime".into(),
+        ));
+    }
     let (child, events) = spawn_monitor()?;
     Ok(FirewallWatch {
         events,
         monitor: Some(child),
+        pending: false,
         warned: false,
     })
 }
@@ -612,7 +630,7 @@ fn merge_learned(
 ) -> Vec<LearnedAddress> {
     let mut merged: BTreeMap<(IpAddr, u8, u16), Duration> = BTreeMap::new();
     for entry in entries {
-        let key = (entry.addr, entry.proto, entry.port);
+        let key = (canonical(entry.addr), entry.proto, entry.port);
         let mut timeout = clamp_timeout(entry.timeout);
         if let Some(expiry) = known.get(&key) {
             timeout = timeout.max(expiry.saturating_duration_since(now));
@@ -815,7 +833,11 @@ fn mask(addr: IpAddr, len: u8) -> (IpAddr, u8) {
 
 fn validate(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), FirewallError> {
     let name = &lockdown.tunnel_interface;
-    if name.is_empty() || name.len() > 15 || name.chars().any(|c| c.is_whitespace() || c == '/' || c == '"') {
+    // The kernel's rules (1-15 bytes, no '/', ':' or whitespace, not . or ..)
+    // plus nft's: '*' would make the name a wildcard, quotes and backslashes
+    // would change the string.
+    let bad_char = |c: char| !c.is_ascii_graphic() || matches!(c, '/' | ':' | '*' | '"' | '\\');
+    if name.is_empty() || name.len() > 15 || name == "." || name == ".." || name.chars().any(bad_char) {
         return Err(FirewallError::Invalid(format!(
             "tunnel interface name {name:?} is not a valid Linux interface name"
         )));
@@ -832,6 +854,15 @@ fn validate(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), Firewa
         }
     }
     Ok(())
+}
+
+/// An IPv4-mapped IPv6 address (::ffff:a.b.c.d) travels as IPv4: match it
+/// as such.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 fn table() -> Table<'static> {
@@ -975,7 +1006,7 @@ fn build(
     learned: &[LearnedAddress],
 ) -> Batch<'static> {
     let tun = lockdown.tunnel_interface.as_str();
-    let endpoint = lockdown.endpoint;
+    let endpoint = SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port());
     let v6_tunnel = allow.is_some_and(|a| a.tunnel_has_ipv6);
 
     let mut batch = Batch::new();
@@ -1103,7 +1134,8 @@ fn build(
 
     // The pinned resolvers, through the tunnel only, before DNS is refused.
     if let Some(allow) = allow {
-        for server in allow.dns_servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
+        let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
+        for server in servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
             output.push(vec![
                 eq(meta(MetaKey::Oifname), s(tun)),
                 eq(payload(ip(server), "daddr"), s(server.to_string())),
@@ -1649,6 +1681,32 @@ mod tests {
     }
 
     #[test]
+    fn mapped_endpoint_is_matched_as_ipv4() {
+        let mapped = Lockdown {
+            endpoint: "[::ffff:198.51.100.2]:51820".parse().expect("addr"),
+            ..lockdown()
+        };
+        let out = rules(&objects(&mapped, None, &[]), OUTPUT);
+        let rule = &out[position(&out, "198.51.100.2")];
+        assert!(rule.contains(r#""protocol":"ip","field":"daddr""#), "{rule}");
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: T) {}
+        let allow = session();
+        send(apply(&lockdown(), Some(&allow)));
+        send(add_addresses(&[]));
+        send(remove());
+        send(is_present());
+    }
+
+    #[test]
+    fn watch_needs_a_runtime() {
+        assert!(watch().is_err());
+    }
+
+    #[test]
     fn nft_errors_keep_nft_words() {
         use std::os::unix::process::ExitStatusExt;
         let status = std::process::ExitStatus::from_raw(256);
@@ -1662,7 +1720,16 @@ mod tests {
 
     #[test]
     fn interface_names_are_checked() {
-        for bad in ["", "lo", "a-very-long-interface-name", "sg 0", "sg\"0"] {
+        for bad in [
+            "",
+            "lo",
+            "a-very-long-interface-name",
+            "sg 0",
+            "sg\"0",
+            "sg*",
+            "..",
+            "sg:0",
+        ] {
             let l = Lockdown {
                 tunnel_interface: bad.into(),
                 ..lockdown()

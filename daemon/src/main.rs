@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use sessiond::server::{AccessPolicy, ControlSocket};
 use sessiond::session::{self, Paths};
+use sessiond::watcher::ProfileWatcher;
 
 /// sessiongate daemon: while a call profile is active, the machine reaches
 /// only the approved video host, only through WireGuard, with DNS pinned.
@@ -68,6 +69,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     // A persisted session is locked down before anything else happens.
     machine.resume().await?;
+    let watcher = ProfileWatcher::start(&args.profiles, handle.clone())
+        .map_err(|e| tracing::warn!("{e}; profile edits need a restart of sessiond"))
+        .ok();
     let socket = ControlSocket::bind(&args.socket, &policy).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let machine_task = tokio::spawn(machine.run(shutdown_rx.clone()));
@@ -80,6 +84,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     tracing::info!("sessiond is listening on {}", args.socket.display());
+    // Ready for systemd (Type=notify): the socket is open and any persisted
+    // session is locked down.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
@@ -87,6 +94,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    drop(watcher);
     let _ = shutdown_tx.send(true);
     let _ = server_task.await;
     let _ = machine_task.await;

@@ -207,7 +207,7 @@ impl fmt::Display for Endpoint {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub public_key: Key,
     pub endpoint: Endpoint,
@@ -215,7 +215,7 @@ pub struct Peer {
     pub persistent_keepalive: Option<u16>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tunnel {
     pub private_key: Key,
     pub addresses: Vec<IpCidr>,

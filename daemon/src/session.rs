@@ -68,6 +68,8 @@ pub struct StatusReport {
     pub allowed: Vec<AllowedHost>,
     /// Why the session is not simply active, in one sentence, if it is not.
     pub problem: Option<String>,
+    /// A profile change that waits for the next start, if any.
+    pub pending: Option<String>,
 }
 
 /// The state machine's published view; the tunnel's live numbers are read
@@ -78,6 +80,7 @@ pub struct Snapshot {
     pub profile: Option<String>,
     pub allowed: Vec<AllowedHost>,
     pub problem: Option<String>,
+    pub pending: Option<String>,
     pub tunnel: Option<TunnelMonitor>,
 }
 
@@ -88,6 +91,7 @@ impl Snapshot {
             profile: None,
             allowed: Vec::new(),
             problem: None,
+            pending: None,
             tunnel: None,
         }
     }
@@ -99,6 +103,7 @@ impl Snapshot {
             tunnel: self.tunnel.as_ref().map(TunnelMonitor::stats),
             allowed: self.allowed.clone(),
             problem: self.problem.clone(),
+            pending: self.pending.clone(),
         }
     }
 }
@@ -112,6 +117,8 @@ pub enum Command {
     Stop {
         reply: oneshot::Sender<Reply>,
     },
+    /// Something in the profiles directory changed (hot reload).
+    ProfilesChanged,
 }
 
 /// The handle the control server uses.
@@ -136,6 +143,12 @@ impl SessionHandle {
 
     pub async fn stop(&self) -> Reply {
         self.ask(|reply| Command::Stop { reply }).await
+    }
+
+    /// Asks the state machine to look at the profiles again. Never blocks:
+    /// if a reload is already queued, that one covers this change too.
+    pub fn profiles_changed(&self) {
+        let _ = self.commands.try_send(Command::ProfilesChanged);
     }
 
     async fn ask(&self, make: impl FnOnce(oneshot::Sender<Reply>) -> Command) -> Reply {
@@ -288,6 +301,7 @@ impl SessionMachine {
                 profile: Some(profile.name.clone()),
                 allowed: allowed_hosts(&profile),
                 problem: Some("resuming after a restart: waiting for the tunnel's handshake".into()),
+                pending: None,
                 tunnel: None,
             }
         });
@@ -320,10 +334,16 @@ impl SessionMachine {
                         let answer = self.stop().await;
                         let _ = reply.send(answer);
                     }
+                    Some(Command::ProfilesChanged) => self.reload_profile().await,
                     None => break,
                 },
                 _ = firewall_changed(&mut self.guard) => self.restore_firewall().await,
-                _ = health.tick() => self.check_health().await,
+                _ = health.tick() => {
+                    // systemd's watchdog: the state machine is alive and
+                    // looking after the tunnel.
+                    ping_watchdog();
+                    self.check_health().await
+                }
             }
         }
         if let Some(running) = &self.running {
@@ -361,6 +381,7 @@ impl SessionMachine {
                 profile: Some(name.to_string()),
                 allowed: Vec::new(),
                 problem: Some(problem),
+                pending: None,
                 tunnel: None,
             }
         });
@@ -411,6 +432,7 @@ impl SessionMachine {
                 profile: Some(profile.name.clone()),
                 allowed: allowed_hosts(&profile),
                 problem: None,
+                pending: None,
                 tunnel: None,
             }
         });
@@ -428,7 +450,7 @@ impl SessionMachine {
         // From here on the machine is locked down; failures keep it so.
         let result = match self.bring_up_tunnel(&profile, endpoint).await {
             Ok(monitor) => {
-                if monitor.wait_for_handshake(profile.handshake_timeout).await {
+                if wait_for_handshake(&monitor, profile.handshake_timeout).await {
                     self.open_allowlist().await
                 } else {
                     Err(format!(
@@ -603,6 +625,72 @@ impl SessionMachine {
         Reply::error(ErrorKind::Failed, message)
     }
 
+    /// The profiles directory changed. Other profiles are read fresh on
+    /// every request, so only the running session's profile needs care: an
+    /// invalid edit is reported and ignored; a new allow list or DNS server
+    /// list takes effect at once, in one firewall transaction; a changed
+    /// tunnel section waits for the next start, and status says so.
+    async fn reload_profile(&mut self) {
+        let Some(running) = &self.running else { return };
+        let Some(current) = running.profile.clone() else {
+            return;
+        };
+        let path = self.paths.profiles.join(format!("{}.toml", running.name));
+        let edited = match tokio::task::spawn_blocking(move || Profile::load(&path)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::warn!("{e}; the running session keeps the profile it started with");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("reloading profile {} failed: {e}", running.name);
+                return;
+            }
+        };
+        let tunnel_changed = !same_tunnel(&edited, &current);
+        let pending = tunnel_changed.then(|| {
+            "the profile's tunnel section changed; it takes effect at the next `sessionctl start`".to_string()
+        });
+        if pending != self.snapshot.borrow().pending {
+            if let Some(note) = &pending {
+                tracing::info!("{note}");
+            }
+            self.publish(|s| s.pending = pending);
+        }
+        if edited.allow == current.allow && edited.dns_servers == current.dns_servers {
+            return;
+        }
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        let mut updated = current;
+        updated.allow = edited.allow;
+        updated.dns_servers = edited.dns_servers;
+        running.profile = Some(updated.clone());
+        let open = running.allowlist_open;
+        let old_stub = running.stub.take();
+        self.publish(|s| s.allowed = allowed_hosts(&updated));
+        if !open {
+            // The new lists apply when the allowlist opens.
+            return;
+        }
+        // The stub's names, upstream servers and answer ports all come from
+        // the profile: replace it, then the table (one transaction), then
+        // resolve the new names.
+        if let Some(stub) = old_stub {
+            stub.stop().await;
+        }
+        match self.open_allowlist().await {
+            Ok(()) => tracing::info!("profile {} changed: the new allow list is in force", updated.name),
+            Err(message) => {
+                self.set_state(
+                    State::Degraded,
+                    Some(format!("{message}; the machine stays locked down")),
+                );
+            }
+        }
+    }
+
     /// Someone changed the ruleset: put our table back if it is gone or
     /// damaged.
     async fn restore_firewall(&mut self) {
@@ -674,6 +762,27 @@ impl SessionMachine {
     }
 }
 
+/// Tells systemd's watchdog the daemon is alive (nothing without systemd).
+fn ping_watchdog() {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+}
+
+/// Waits for the first handshake in one-second steps, feeding the watchdog,
+/// which would otherwise restart a daemon busy with a long `start`.
+async fn wait_for_handshake(monitor: &TunnelMonitor, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        if monitor.wait_for_handshake(left.min(HEALTH_INTERVAL)).await {
+            return true;
+        }
+        ping_watchdog();
+    }
+}
+
 /// Resolves once the tamper guard reports a change; never without a guard.
 async fn firewall_changed(guard: &mut Option<FirewallWatch>) {
     match guard {
@@ -719,6 +828,11 @@ fn allowlist_of(profile: &Profile, stub: Option<&StubResolver>) -> Allowlist {
             stub_mark: DNS_STUB_MARK,
         }),
     }
+}
+
+/// Whether two versions of a profile would build the same tunnel.
+fn same_tunnel(a: &Profile, b: &Profile) -> bool {
+    a.tunnel == b.tunnel && a.allow_lan == b.allow_lan
 }
 
 fn allowed_names(profile: &Profile) -> Vec<String> {
