@@ -20,6 +20,12 @@
 //! at once instead of hanging. Outgoing packets that no rule accepts end in
 //! `refuse`; incoming ones are dropped by the policy.
 //!
+//! *Verify counter*: both shapes hold a named counter, `refused`; the output
+//! rule just before the final refusal counts there the packets that carry
+//! [`VERIFY_MARK`] (the probes of `sessionctl verify`, nothing else), so
+//! [`refused_packets`] can prove that a probe was refused by this table and
+//! not by the far end. The rule changes no verdict.
+//!
 //! *Lockdown* ([`apply`] with `None`), in rule order:
 //! - output: `oifname lo`, and loopback by address too (127.0.0.0/8, ::1:
 //!   after a nat `redirect` the output interface is still the one routed
@@ -111,8 +117,10 @@ use nftables::batch::Batch;
 use nftables::expr::{
     Elem, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
 };
-use nftables::schema::{Chain, Element, NfListObject, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
-use nftables::stmt::{JumpTarget, Match, Operator, Reject, RejectType, Statement, NAT};
+use nftables::schema::{
+    Chain, Counter as CounterObject, Element, NfListObject, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Counter, JumpTarget, Match, Operator, Reject, RejectType, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -139,6 +147,13 @@ const INPUT: &str = "input";
 const FORWARD: &str = "forward";
 const REFUSE: &str = "refuse";
 const DNS_REDIRECT: &str = "dns_redirect";
+/// The named counter of refused verify probes (see [`refused_packets`]).
+pub const REFUSED_COUNTER: &str = "refused";
+/// SO_MARK of `sessionctl verify`'s blocked-traffic probes ("SI"). Neither
+/// the tunnel's nor the DNS stub's mark, so the probes are routed and
+/// filtered like any application's packets; only the `refused` counter
+/// looks at it.
+pub const VERIFY_MARK: u32 = 0x5349;
 
 /// How long one `nft` run may take before we give up on it.
 const NFT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -348,6 +363,27 @@ pub async fn is_present() -> Result<bool, FirewallError> {
     })
 }
 
+/// How many packets carrying [`VERIFY_MARK`] our table has refused at the
+/// end of its output chain since it was last replaced (the named counter
+/// `refused`). `sessionctl verify` reads it before and after a probe.
+pub async fn refused_packets() -> Result<u64, FirewallError> {
+    let listing = list_table()
+        .await?
+        .ok_or_else(|| FirewallError::Listing("the table is not in place".into()))?;
+    counter_packets(&listing, REFUSED_COUNTER)
+        .ok_or_else(|| FirewallError::Listing(format!("it has no counter {REFUSED_COUNTER:?}")))
+}
+
+/// The packets of a named counter of our table in a listing.
+fn counter_packets(listing: &Value, name: &str) -> Option<u64> {
+    listing["nftables"]
+        .as_array()?
+        .iter()
+        .filter_map(|item| item.get("counter"))
+        .find(|c| c["family"] == "inet" && c["table"] == TABLE && c["name"] == name)
+        .and_then(|c| c["packets"].as_u64())
+}
+
 // ---------------------------------------------------------------------------
 // Running nft.
 
@@ -386,14 +422,20 @@ async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallErr
     })
 }
 
-/// nft's own words: its `Error:` lines (it also echoes the offending JSON
-/// and a `^^^` marker, which we leave out).
+/// nft's own words: its `Error:` lines, each once (it repeats one per
+/// command of the batch, and echoes the offending JSON and a `^^^` marker,
+/// which we leave out).
 fn nft_reason(stderr: &str, status: std::process::ExitStatus) -> String {
-    let errors: Vec<&str> = stderr
+    let mut errors: Vec<&str> = Vec::new();
+    // JSON input gives "internal:0:0-0: Error: ...".
+    for error in stderr
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("Error:"))
-        .map(str::trim)
-        .collect();
+        .filter_map(|l| l.split_once("Error:").map(|(_, rest)| rest.trim()))
+    {
+        if !errors.contains(&error) {
+            errors.push(error);
+        }
+    }
     if !errors.is_empty() {
         return errors.join("; ");
     }
@@ -445,6 +487,10 @@ fn fingerprint(listing: &Value) -> String {
                 fields.remove("handle");
                 if kind == "set" || kind == "map" {
                     fields.remove("elem");
+                }
+                if kind == "counter" {
+                    fields.remove("packets");
+                    fields.remove("bytes");
                 }
             }
             parts.push(format!("{kind}:{body}"));
@@ -1013,6 +1059,14 @@ fn build(
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
     batch.add(NfListObject::Table(table()));
+    batch.add(NfListObject::Counter(CounterObject {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: REFUSED_COUNTER.into(),
+        handle: None,
+        packets: None,
+        bytes: None,
+    }));
 
     for (name, ty, flag, elems) in [
         (ALLOW4, SetType::Ipv4Addr, SetFlag::Timeout, None),
@@ -1201,7 +1255,12 @@ fn build(
         }
     }
 
-    // Whatever is left goes out loudly refused.
+    // Whatever is left goes out loudly refused; verify's probes are counted.
+    output.push(vec![
+        eq(meta(MetaKey::Mark), num(VERIFY_MARK)),
+        Statement::Counter(Counter::Named(REFUSED_COUNTER.into())),
+        refuse(),
+    ]);
     output.push(vec![refuse()]);
     refuse_chain.push(vec![
         eq(meta(MetaKey::L4proto), s("tcp")),
@@ -1688,7 +1747,7 @@ mod tests {
         };
         let out = rules(&objects(&mapped, None, &[]), OUTPUT);
         let rule = &out[position(&out, "198.51.100.2")];
-        assert!(rule.contains(r#""protocol":"ip","field":"daddr""#), "{rule}");
+        assert!(rule.contains(r#"{"field":"daddr","protocol":"ip"}"#), "{rule}");
     }
 
     #[test]
@@ -1707,6 +1766,42 @@ mod tests {
     }
 
     #[test]
+    fn verify_probes_are_counted_just_before_the_final_refusal() {
+        for allow in [None, Some(session())] {
+            let objs = objects(&lockdown(), allow.as_ref(), &[]);
+            let counter = objs
+                .iter()
+                .filter_map(|o| o["add"].get("counter"))
+                .find(|c| c["name"] == REFUSED_COUNTER)
+                .expect("the refused counter");
+            assert_eq!(counter["table"], TABLE);
+            let out = rules(&objs, OUTPUT);
+            let counted = &out[out.len() - 2];
+            assert!(
+                counted.contains("21321") && counted.contains(r#"{"counter":"refused"}"#),
+                "{counted}"
+            );
+            assert!(counted.ends_with(r#"{"jump":{"target":"refuse"}}]"#), "{counted}");
+        }
+        let listing: Value = serde_json::from_str(
+            r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+                {"counter": {"family": "inet", "name": "refused", "table": "other", "packets": 9, "bytes": 1}},
+                {"counter": {"family": "inet", "name": "refused", "table": "sessiongate", "handle": 3,
+                             "packets": 2, "bytes": 120}}]}"#,
+        )
+        .expect("json");
+        assert_eq!(counter_packets(&listing, REFUSED_COUNTER), Some(2));
+        assert_eq!(counter_packets(&listing, "nope"), None);
+        let mut later = listing.clone();
+        later["nftables"][2]["counter"]["packets"] = 5.into();
+        assert_eq!(
+            fingerprint(&listing),
+            fingerprint(&later),
+            "counting is not tampering"
+        );
+    }
+
+    #[test]
     fn nft_errors_keep_nft_words() {
         use std::os::unix::process::ExitStatusExt;
         let status = std::process::ExitStatus::from_raw(256);
@@ -1714,6 +1809,14 @@ mod tests {
         assert_eq!(
             nft_reason(stderr, status),
             "Could not process rule: No such file or directory"
+        );
+        assert_eq!(
+            nft_reason(
+                "internal:0:0-0: Error: No such file or directory\n\
+                 internal:0:0-0: Error: No such file or directory\n",
+                status
+            ),
+            "No such file or directory"
         );
         assert!(nft_reason("", status).contains("no message"));
     }
