@@ -38,6 +38,8 @@ const PROBE_AFTER: Duration = Duration::from_secs(15);
 /// Silence after which the peer counts as unreachable: the probe and two
 /// retries went unanswered.
 pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(25);
+/// How soon an initiation the network refused is tried again.
+const UNSENT_RETRY: Duration = Duration::from_secs(1);
 /// Largest IP packet we handle; buffers are sized once from it.
 const MAX_PACKET: usize = 65_535;
 /// WireGuard's overhead on a data packet, and the size of a handshake.
@@ -152,6 +154,7 @@ impl Tunnel {
             handshake: handshake_tx,
             last_rx: Instant::now(),
             last_initiation: None,
+            initiation_unsent: false,
         };
         let task = tokio::spawn(driver.run(stop_rx));
         Ok(Tunnel {
@@ -257,6 +260,8 @@ struct Driver {
     handshake: watch::Sender<Option<Instant>>,
     last_rx: Instant,
     last_initiation: Option<Instant>,
+    /// The last initiation never left (no route).
+    initiation_unsent: bool,
 }
 
 /// Buffers allocated once per tunnel and reused for every packet.
@@ -368,7 +373,9 @@ impl Driver {
 
     async fn on_timer(&mut self, dst: &mut [u8]) {
         match self.tunn.update_timers(dst) {
-            TunnResult::WriteToNetwork(datagram) => send_datagram(&self.udp, self.endpoint, datagram).await,
+            TunnResult::WriteToNetwork(datagram) => {
+                send_datagram(&self.udp, self.endpoint, datagram).await;
+            }
             TunnResult::Err(WireGuardError::ConnectionExpired) => {
                 // boringtun gives up after 90 s of failed handshakes; a
                 // session never gives up, so start over.
@@ -382,7 +389,14 @@ impl Driver {
         let retry_due = self
             .last_initiation
             .is_none_or(|t| now.duration_since(t) >= REKEY_TIMEOUT);
-        if silent && retry_due {
+        // An initiation the network refused (no route yet: the interface
+        // comes up after sessiond at boot) is retried each second, not after
+        // WireGuard's 5 s, so the session is back as soon as the link is.
+        let unsent_due = self.initiation_unsent
+            && self
+                .last_initiation
+                .is_none_or(|t| now.duration_since(t) >= UNSENT_RETRY);
+        if (silent && retry_due) || unsent_due {
             self.send_initiation(dst).await;
         }
         self.publish_handshake();
@@ -391,7 +405,9 @@ impl Driver {
     async fn send_initiation(&mut self, dst: &mut [u8]) {
         self.last_initiation = Some(Instant::now());
         match self.tunn.format_handshake_initiation(dst, true) {
-            TunnResult::WriteToNetwork(datagram) => send_datagram(&self.udp, self.endpoint, datagram).await,
+            TunnResult::WriteToNetwork(datagram) => {
+                self.initiation_unsent = !send_datagram(&self.udp, self.endpoint, datagram).await;
+            }
             TunnResult::Err(e) => tracing::warn!("could not start a handshake: {e:?}"),
             _ => {}
         }
@@ -421,10 +437,15 @@ impl Driver {
     }
 }
 
-async fn send_datagram(udp: &UdpSocket, endpoint: SocketAddr, datagram: &[u8]) {
-    if let Err(e) = udp.send_to(datagram, endpoint).await {
-        // The lockdown refuses nothing to the endpoint, so this is the
-        // network itself (no route, interface down); the timers retry.
-        tracing::debug!("sending to {endpoint} failed: {e}");
+/// Sends one datagram; returns whether the kernel took it.
+async fn send_datagram(udp: &UdpSocket, endpoint: SocketAddr, datagram: &[u8]) -> bool {
+    match udp.send_to(datagram, endpoint).await {
+        Ok(_) => true,
+        Err(e) => {
+            // The lockdown refuses nothing to the endpoint, so this is the
+            // network itself (no route, interface down); the timers retry.
+            tracing::debug!("sending to {endpoint} failed: {e}");
+            false
+        }
     }
 }
