@@ -16,6 +16,7 @@ use sessiond::control::{self, exit, Reply, Request};
 use sessiond::import::AllowArg;
 use sessiond::keys::Key;
 use sessiond::profile::Profile;
+use sessiond::verify;
 
 #[derive(Parser, Debug)]
 #[command(name = "sessionctl", version, about = "Control sessiongate sessions")]
@@ -48,7 +49,7 @@ enum Command {
         #[arg(value_name = "FILE_OR_PROFILE")]
         target: String,
     },
-    /// Prove the boundary holds with active probes (not built yet).
+    /// Prove the boundary holds with active probes (during a session).
     Verify {
         #[arg(long)]
         json: bool,
@@ -93,7 +94,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("sessionctl: {}", f.message);
+            // An empty message: the output already said what went wrong.
+            if !f.message.is_empty() {
+                eprintln!("sessionctl: {}", f.message);
+            }
             ExitCode::from(u8::try_from(f.code).unwrap_or(1))
         }
     }
@@ -125,7 +129,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Check { target } => check(socket, &target),
-        Command::Verify { .. } => Err(Failure::new(exit::FAILED, "verify is not built yet")),
+        Command::Verify { json } => {
+            // Four probes of at most 3 s each, plus the daemon's own checks.
+            let result = ask(socket, &Request::Verify, Duration::from_secs(60))?;
+            print_json_or(json, &result, describe_verify);
+            if result["passed"].as_bool() == Some(true) {
+                Ok(())
+            } else {
+                Err(Failure::new(exit::FAILED, ""))
+            }
+        }
         Command::Import {
             wg_conf,
             name,
@@ -269,26 +282,83 @@ fn keygen(out: Option<&Path>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `status` for people: the first line says whether the machine is
+/// protected and, when it is not, what to do; details follow.
 fn describe_status(v: &Value) -> String {
     let state = v["state"].as_str().unwrap_or("unknown");
-    let mut lines = Vec::new();
-    match v["profile"].as_str() {
-        Some(profile) => lines.push(format!("State: {state} (profile {profile})")),
-        None => lines.push(format!("State: {state}")),
-    }
-    if let Some(problem) = v["problem"].as_str() {
-        lines.push(format!("Problem: {problem}"));
-    }
+    let profile = v["profile"].as_str();
     let t = &v["tunnel"];
+    let endpoint = t["endpoint"].as_str();
+    let problem = v["problem"].as_str().map(|p| p.trim_end_matches('.').to_string());
+    let mut lines = Vec::new();
+    lines.push(match state {
+        "active" => {
+            let hosts: Vec<&str> = v["allowed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["host"].as_str())
+                .collect();
+            let only = if hosts.is_empty() {
+                "nothing".to_string()
+            } else {
+                format!("only {}", and_list(&hosts))
+            };
+            let via = match endpoint {
+                Some(e) => format!("through {e}"),
+                None => "through the tunnel".to_string(),
+            };
+            match t["last_handshake_secs"].as_u64() {
+                Some(age) => format!("Protected: {only} {via}, handshake {}.", ago(age)),
+                None => format!("Protected: {only} {via}."),
+            }
+        }
+        "degraded" => {
+            let problem = problem
+                .clone()
+                .unwrap_or_else(|| "the tunnel is not working".to_string());
+            // A problem that names `sessionctl stop` will not clear by itself.
+            let todo = if problem.contains("sessionctl stop") {
+                "run `sessionctl stop` to get the normal network back, then start again"
+            } else {
+                "wait, it reconnects by itself when the gateway answers, or run `sessionctl stop` to get the normal network back"
+            };
+            format!("NOT CONNECTED, but still locked down: {problem}. Everything stays blocked; {todo}.")
+        }
+        "starting" => format!(
+            "Not protected yet: starting {}; everything is blocked until the tunnel is up.",
+            profile.unwrap_or("a session")
+        ),
+        "stopping" => format!(
+            "Stopping {}: everything is blocked until the normal network is back, in a moment.",
+            profile.unwrap_or("the session")
+        ),
+        "idle" => "Not protected: no session. Start one with: sessionctl start PROFILE".to_string(),
+        other => format!("Unknown state {other:?}: this sessionctl may be older than sessiond."),
+    });
+    if state == "idle" {
+        return lines.join("\n");
+    }
+    if let Some(profile) = profile {
+        lines.push(format!("  Profile:  {profile} ({state})"));
+    }
+    if state != "degraded" {
+        if let Some(problem) = &problem {
+            lines.push(format!("  Problem:  {problem}"));
+        }
+    }
+    if let Some(pending) = v["pending"].as_str() {
+        lines.push(format!("  Pending:  {pending}"));
+    }
     if t.is_object() {
         let handshake = match t["last_handshake_secs"].as_u64() {
-            Some(age) => format!("handshake {age} s ago"),
+            Some(age) => format!("handshake {}", ago(age)),
             None => "no handshake yet".to_string(),
         };
         lines.push(format!(
-            "Tunnel: {} to {}, {handshake}, received {}, sent {}",
+            "  Tunnel:   {} to {}, {handshake}, received {}, sent {}",
             t["interface"].as_str().unwrap_or("?"),
-            t["endpoint"].as_str().unwrap_or("?"),
+            endpoint.unwrap_or("?"),
             bytes(t["rx_bytes"].as_u64().unwrap_or(0)),
             bytes(t["tx_bytes"].as_u64().unwrap_or(0)),
         ));
@@ -312,16 +382,71 @@ fn describe_status(v: &Value) -> String {
             .filter_map(Value::as_str)
             .collect();
         let addrs = if addrs.is_empty() {
-            String::new()
+            " (not resolved yet)".to_string()
         } else {
             format!(" = {}", addrs.join(", "))
         };
         lines.push(format!(
-            "Allowed: {}{addrs} ({})",
+            "  Allowed:  {}{addrs} ({})",
             a["host"].as_str().unwrap_or("?"),
             ports.join("; ")
         ));
     }
+    lines.join("\n")
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// A handshake age as people say it.
+fn ago(secs: u64) -> String {
+    match secs {
+        0 => "just now".to_string(),
+        1..=119 => format!("{secs} s ago"),
+        120..=7199 => format!("{} min ago", secs / 60),
+        _ => format!("{} h ago", secs / 3600),
+    }
+}
+
+/// `verify` for people: one line per probe, then the verdict.
+fn describe_verify(v: &Value) -> String {
+    let probes = v["probes"].as_array().cloned().unwrap_or_default();
+    let mut lines: Vec<String> = probes
+        .iter()
+        .map(|p| {
+            format!(
+                "{:<6}{:<18}{}",
+                p["result"].as_str().unwrap_or("?"),
+                p["name"].as_str().unwrap_or("?"),
+                p["evidence"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let failed: Vec<&str> = probes
+        .iter()
+        .filter(|p| p["result"] != "PASS")
+        .map(|p| p["name"].as_str().unwrap_or("?"))
+        .collect();
+    lines.push(if v["passed"].as_bool() == Some(true) && failed.is_empty() {
+        format!("The boundary holds: all {} probes passed.", probes.len())
+    } else if failed == [verify::ALLOWED_HOST] {
+        "Still locked down (nothing else got through), but the allowed host cannot be reached: \
+         the call will not connect until the tunnel works (see `sessionctl status`)."
+            .to_string()
+    } else {
+        format!(
+            "The boundary did NOT hold in {} of {} probes: do not hold a confidential call on this machine \
+             until `sessionctl verify` passes.",
+            failed.len(),
+            probes.len()
+        )
+    });
     lines.join("\n")
 }
 
@@ -354,5 +479,98 @@ fn bytes(n: u64) -> String {
         0..=1023 => format!("{n} B"),
         1024..=1_048_575 => format!("{:.1} KiB", n as f64 / 1024.0),
         _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn active() -> Value {
+        json!({
+            "state": "active", "profile": "lab", "problem": null, "pending": null,
+            "tunnel": {"interface": "sgtun0", "endpoint": "198.51.100.2:51820",
+                       "last_handshake_secs": 8, "rx_bytes": 2048, "tx_bytes": 300,
+                       "peer_reachable": true},
+            "allowed": [{"host": "meet.test", "addresses": ["203.0.113.10"], "tcp": [443], "udp": [10000]}]
+        })
+    }
+
+    #[test]
+    fn status_says_first_whether_the_machine_is_protected() {
+        let text = describe_status(&active());
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("Protected: only meet.test through 198.51.100.2:51820, handshake 8 s ago.")
+        );
+        assert!(
+            text.contains(
+                "  Tunnel:   sgtun0 to 198.51.100.2:51820, handshake 8 s ago, received 2.0 KiB, sent 300 B"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  Allowed:  meet.test = 203.0.113.10 (tcp 443; udp 10000)"),
+            "{text}"
+        );
+
+        let mut degraded = active();
+        degraded["state"] = "degraded".into();
+        degraded["problem"] =
+            "the peer 198.51.100.2:51820 stopped answering; traffic stays blocked while the tunnel retries"
+                .into();
+        let text = describe_status(&degraded);
+        assert!(
+            text.starts_with(
+                "NOT CONNECTED, but still locked down: the peer 198.51.100.2:51820 stopped answering"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .next()
+                .unwrap_or("")
+                .contains("wait, it reconnects by itself"),
+            "{text}"
+        );
+        degraded["problem"] =
+            "cannot resume: gone; the machine stays locked down until `sessionctl stop`".into();
+        let text = describe_status(&degraded);
+        assert!(text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .contains("run `sessionctl stop` to get the normal network back"));
+
+        let idle = json!({"state": "idle", "profile": null, "tunnel": null, "allowed": [], "problem": null});
+        assert_eq!(
+            describe_status(&idle),
+            "Not protected: no session. Start one with: sessionctl start PROFILE"
+        );
+        let mut starting = active();
+        starting["state"] = "starting".into();
+        assert!(describe_status(&starting).starts_with("Not protected yet: starting lab"));
+    }
+
+    #[test]
+    fn host_lists_and_ages_read_naturally() {
+        assert_eq!(and_list(&["a"]), "a");
+        assert_eq!(and_list(&["a", "b", "c"]), "a, b and c");
+        assert_eq!(ago(0), "just now");
+        assert_eq!(ago(185), "3 min ago");
+    }
+
+    #[test]
+    fn verify_prints_one_line_per_probe_and_a_verdict() {
+        let report = json!({"passed": false, "probes": [
+            {"name": "allowed host", "result": "FAIL", "evidence": "no answer"},
+            {"name": "outside host", "result": "PASS", "evidence": "refused"}]});
+        let text = describe_verify(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "FAIL  allowed host      no answer");
+        assert_eq!(lines[1], "PASS  outside host      refused");
+        assert!(lines[2].starts_with("Still locked down"), "{text}");
     }
 }

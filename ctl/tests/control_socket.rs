@@ -305,13 +305,18 @@ fn sessionctl_exit_codes_and_messages() {
         "stop without a session is not an error: {out:?}"
     );
 
-    let out = sessionctl(&d.socket(), &["verify"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "verify is not built yet and must say so: {out:?}"
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    for args in [&["verify"][..], &["verify", "--json"][..]] {
+        let out = sessionctl(&d.socket(), args);
+        assert_eq!(out.status.code(), Some(1), "verify without a session: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            "sessionctl: verify needs a running session; start one with `sessionctl start PROFILE`"
+        );
+        assert!(out.stdout.is_empty(), "{out:?}");
+    }
+    let reply = d.raw(b"{\"cmd\":\"verify\",\"json\":true}\n");
+    assert_eq!(error_kind(&reply), "bad_request", "{reply:?}");
+    assert_eq!(d.status_state(), "idle");
 
     let out = sessionctl(&d.dir.path().join("nowhere.sock"), &["status"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");

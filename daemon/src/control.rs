@@ -23,10 +23,16 @@ pub const DEFAULT_SOCKET: &str = "/run/sessiongate/sessiond.sock";
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Start { profile: String },
+    Start {
+        profile: String,
+    },
     Stop,
     Profiles,
-    Check { profile: String },
+    Check {
+        profile: String,
+    },
+    /// Active probes of the boundary during a session (SPEC §7).
+    Verify,
 }
 
 /// Why a request failed; decides `sessionctl`'s exit code.
@@ -123,7 +129,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     Ok(request)
 }
 
-const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check"];
+const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check", "verify"];
 
 /// Why a client could not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +209,7 @@ mod tests {
             Request::Status,
             Request::Stop,
             Request::Profiles,
+            Request::Verify,
             Request::Start {
                 profile: "lab".into(),
             },
@@ -236,6 +243,10 @@ mod tests {
             .unwrap_err()
             .starts_with("bad \"start\" request"));
         assert!(parse_request(br#"{"cmd":"status","extra":1}"#).is_err());
+        assert_eq!(
+            parse_request(br#"{"cmd":"verify","json":true}"#),
+            Err("unknown field \"json\" in a \"verify\" request".into())
+        );
         assert_eq!(
             parse_request(&[0xff, 0xfe]),
             Err("the request is not UTF-8 text".into())

@@ -343,7 +343,10 @@ pub fn canonical_name(name: &str) -> Option<String> {
 /// the question (each with the smallest TTL along the chain so far) and the
 /// addresses owned by a name on that chain, with their TTLs. Records for
 /// names off the chain are ignored.
-fn digest(question: &Name, response: &Message) -> (Vec<(String, u32)>, Addresses) {
+///
+/// Public so that the fuzz targets (fuzz/) can feed it arbitrary answers; a
+/// pure function of its arguments.
+pub fn digest(question: &Name, response: &Message) -> (Vec<(String, u32)>, Addresses) {
     let mut chain: Vec<&Name> = vec![question];
     let mut targets = Vec::new();
     let mut chain_ttl = u32::MAX;

@@ -20,6 +20,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod tunnel;
+pub mod verify;
 pub mod watcher;
 
 /// Marks the tunnel's own UDP packets ("SG"), so policy routing sends them

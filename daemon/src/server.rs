@@ -17,7 +17,8 @@ use tokio::sync::{watch, Mutex};
 
 use crate::control::{parse_request, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
 use crate::profile::{self, Profile};
-use crate::session::SessionHandle;
+use crate::session::{SessionHandle, State};
+use crate::verify;
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -159,8 +160,9 @@ struct Context {
     session: SessionHandle,
     profiles_dir: PathBuf,
     policy: AccessPolicy,
-    /// Held while a start or stop runs, so a second one is refused at once
-    /// instead of queueing behind it.
+    /// Held while a start, stop or verify runs, so a second one is refused
+    /// at once instead of queueing behind it (and a stop never opens the
+    /// machine under verify's probes).
     operation: Mutex<()>,
 }
 
@@ -240,6 +242,18 @@ impl Context {
                 };
                 self.session.stop().await
             }
+            Request::Verify => {
+                if self.session.status().state == State::Idle {
+                    return Reply::error(ErrorKind::Failed, verify::NEEDS_SESSION);
+                }
+                let Ok(_guard) = self.operation.try_lock() else {
+                    return busy();
+                };
+                match verify::run(&self.session).await {
+                    Ok(report) => Reply::ok(report),
+                    Err(message) => Reply::error(ErrorKind::Failed, message),
+                }
+            }
         }
     }
 
@@ -301,6 +315,6 @@ impl Context {
 fn busy() -> Reply {
     Reply::error(
         ErrorKind::Failed,
-        "another start or stop is in progress; wait for it to finish",
+        "another start, stop or verify is in progress; wait for it to finish",
     )
 }

@@ -238,11 +238,11 @@ fn a_flushed_ruleset_is_put_back_within_a_second() {
         .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
         .expect("list our table");
     assert_eq!(restored, shape, "the restored table differs from the original");
-    assert!(
-        daemon.log().contains("put it back"),
-        "no warning logged:\n{}",
-        daemon.log()
-    );
+    // The warning is written once the replacement is confirmed.
+    wait_until(Duration::from_secs(2), "the tamper warning in the log", || {
+        daemon.log().contains("put it back")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: no warning logged:\n{}", daemon.log()));
     assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
     assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
 
