@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::Value;
 use sessiond::control::{self, exit, Reply, Request};
 use sessiond::import::AllowArg;
@@ -67,6 +67,10 @@ enum Command {
         #[arg(long, default_value = "/etc/sessiongate/profiles")]
         dir: PathBuf,
     },
+    /// Print shell completions for sessionctl (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print sessionctl's man page (roff), e.g. `sessionctl man | man -l -`.
+    Man,
     /// Make a WireGuard private key file (mode 0600) and print its public key.
     Keygen {
         #[arg(long, value_name = "FILE")]
@@ -146,6 +150,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             dir,
         } => import(&wg_conf, &name, &allow, &dir),
         Command::Keygen { out } => keygen(out.as_deref()),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sessionctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| Failure::new(exit::FAILED, format!("cannot write the man page: {e}"))),
     }
 }
 

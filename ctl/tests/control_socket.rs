@@ -401,3 +401,19 @@ fn keygen_writes_a_private_key_file_and_prints_the_public_key() {
     );
     assert_eq!(again.status.code(), Some(1), "{again:?}");
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_command_definitions() {
+    let nowhere = Path::new("/nonexistent/sessiond.sock");
+    let out = sessionctl(nowhere, &["completions", "bash"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for command in ["start", "stop", "status", "verify", "import", "keygen"] {
+        assert!(text.contains(command), "bash completion lacks {command}");
+    }
+    let out = sessionctl(nowhere, &["man"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(".TH sessionctl"), "not a man page:\n{text}");
+    assert!(text.contains("verify"), "the man page lacks verify");
+}
