@@ -218,8 +218,9 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
         )
     })?;
     let key_rel = format!("keys/{name}.key");
+    let psk_rel = format!("keys/{name}.psk");
     let source = wg_conf.display().to_string();
-    let imported = sessiond::import::import(&source, &text, &key_rel, &allow)
+    let imported = sessiond::import::import(&source, &text, &key_rel, &psk_rel, &allow)
         .map_err(|m| Failure::new(exit::USAGE, m))?;
     let profile_path = dir.join(format!("{name}.toml"));
     let key_path = dir.join(&key_rel);
@@ -238,13 +239,26 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
         format!("{}\n", imported.private_key.to_base64()).as_bytes(),
     )
     .map_err(|e| io(&key_path, e))?;
+    let psk_path = dir.join(&psk_rel);
+    if let Some(psk) = &imported.preshared_key {
+        if let Err(e) = write_new(&psk_path, format!("{}\n", psk.to_base64()).as_bytes()) {
+            let _ = std::fs::remove_file(&key_path);
+            return Err(io(&psk_path, e));
+        }
+    }
     if let Err(e) = write_new(&profile_path, imported.profile.as_bytes()) {
         let _ = std::fs::remove_file(&key_path);
+        if imported.preshared_key.is_some() {
+            let _ = std::fs::remove_file(&psk_path);
+        }
         return Err(io(&profile_path, e));
     }
     // The written pair must pass the same check the daemon applies.
     if let Err(e) = Profile::load(&profile_path) {
         let _ = std::fs::remove_file(&key_path);
+        if imported.preshared_key.is_some() {
+            let _ = std::fs::remove_file(&psk_path);
+        }
         let _ = std::fs::remove_file(&profile_path);
         return Err(Failure::new(exit::USAGE, e.to_string()));
     }

@@ -49,6 +49,8 @@ impl std::str::FromStr for AllowArg {
 /// profile text that refers to it.
 pub struct Imported {
     pub private_key: Key,
+    /// The peer's preshared key, for `psk_file`, when the file has one.
+    pub preshared_key: Option<Key>,
     pub profile: String,
 }
 
@@ -67,8 +69,15 @@ struct WgQuick {
 }
 
 /// Parses `text` (the file `source`) and builds a profile whose key file is
-/// `key_file` (relative to the profiles directory).
-pub fn import(source: &str, text: &str, key_file: &str, allow: &[AllowArg]) -> Result<Imported, String> {
+/// `key_file` and whose preshared key file, if the peer has one, is
+/// `psk_file` (both relative to the profiles directory).
+pub fn import(
+    source: &str,
+    text: &str,
+    key_file: &str,
+    psk_file: &str,
+    allow: &[AllowArg],
+) -> Result<Imported, String> {
     let wg = parse_wg_quick(source, text)?;
     let at = |line: usize| format!("{source} line {line}");
     if wg.peers != 1 {
@@ -117,11 +126,10 @@ pub fn import(source: &str, text: &str, key_file: &str, allow: &[AllowArg]) -> R
     if allow.is_empty() {
         return Err("name at least one host to allow: --allow HOST:PORT/PROTO".to_string());
     }
-    if wg.preshared_key.is_some() {
-        return Err(format!(
-            "{source}: PresharedKey is not imported yet; put it in a 0600 file and set tunnel.peer.preshared_key_file by hand"
-        ));
-    }
+    let preshared_key = match &wg.preshared_key {
+        Some((line, psk)) => Some(decode_key(psk).map_err(|m| format!("{}: PresharedKey {m}", at(*line)))?),
+        None => None,
+    };
 
     let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     let list = |items: &[String]| items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
@@ -141,6 +149,9 @@ pub fn import(source: &str, text: &str, key_file: &str, allow: &[AllowArg]) -> R
     let _ = writeln!(out, "\n[tunnel.peer]");
     let _ = writeln!(out, "public_key = {}", q(&public));
     let _ = writeln!(out, "endpoint = {}", q(&endpoint));
+    if preshared_key.is_some() {
+        let _ = writeln!(out, "preshared_key_file = {}", q(psk_file));
+    }
     if let Some((line, k)) = &wg.keepalive {
         let k: u16 = k
             .parse()
@@ -176,6 +187,7 @@ pub fn import(source: &str, text: &str, key_file: &str, allow: &[AllowArg]) -> R
     }
     Ok(Imported {
         private_key,
+        preshared_key,
         profile: out,
     })
 }
@@ -275,7 +287,14 @@ PersistentKeepalive = 25
 
     #[test]
     fn a_wg_quick_file_becomes_a_valid_profile() {
-        let imported = import("wg0.conf", CONF, "keys/practice.key", &allow()).expect("import");
+        let imported = import(
+            "wg0.conf",
+            CONF,
+            "keys/practice.key",
+            "keys/practice.psk",
+            &allow(),
+        )
+        .expect("import");
         assert!(
             !imported.profile.contains("yAnz5TF"),
             "the private key must not be in the profile"
@@ -302,23 +321,58 @@ PersistentKeepalive = 25
             "PublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
             "PublicKey = not base64!",
         );
-        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        let e = import("wg0.conf", &bad, "k", "p", &allow())
+            .err()
+            .unwrap_or_default();
         assert!(
             e.starts_with("wg0.conf line 9: PublicKey is not valid base64"),
             "{e}"
         );
         let bad = CONF.replace("MTU = 1380", "Mtu: 1380");
-        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        let e = import("wg0.conf", &bad, "k", "p", &allow())
+            .err()
+            .unwrap_or_default();
         assert!(e.starts_with("wg0.conf line 6: expected KEY = VALUE"), "{e}");
         let bad = CONF.replace("MTU = 1380", "PostUp = iptables -F");
-        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        let e = import("wg0.conf", &bad, "k", "p", &allow())
+            .err()
+            .unwrap_or_default();
         assert!(
             e.starts_with("wg0.conf line 6: postup runs shell commands"),
             "{e}"
         );
         let bad = CONF.replace("DNS = 10.66.0.1, practice.example\n", "");
-        let e = import("wg0.conf", &bad, "k", &allow()).err().unwrap_or_default();
+        let e = import("wg0.conf", &bad, "k", "p", &allow())
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("has no DNS server"), "{e}");
+    }
+
+    #[test]
+    fn a_preshared_key_goes_to_its_own_file() {
+        let with_psk = CONF.replace(
+            "Endpoint = gw.practice.example:51820",
+            "Endpoint = gw.practice.example:51820\nPresharedKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=",
+        );
+        let imported = import("wg0.conf", &with_psk, "keys/p.key", "keys/p.psk", &allow()).expect("import");
+        assert!(imported.preshared_key.is_some());
+        assert!(
+            imported.profile.contains("preshared_key_file = \"keys/p.psk\""),
+            "{}",
+            imported.profile
+        );
+        assert!(
+            !imported.profile.contains("yAnz5TF"),
+            "no key material in the profile"
+        );
+        let bad = with_psk.replace(
+            "PresharedKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=",
+            "PresharedKey = short",
+        );
+        let e = import("wg0.conf", &bad, "k", "p", &allow())
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("wg0.conf line 11: PresharedKey"), "{e}");
     }
 
     #[test]
