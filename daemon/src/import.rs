@@ -158,6 +158,12 @@ pub fn import(
             .map_err(|_| format!("{}: PersistentKeepalive {k:?} is not a number", at(*line)))?;
         let _ = writeln!(out, "persistent_keepalive = {k}");
     }
+    // Each entry is checked as a network before it is echoed into a comment:
+    // the comment must never carry text a TOML parser would choke on.
+    for (line, a) in &wg.allowed_ips {
+        a.parse::<IpCidr>()
+            .map_err(|m| format!("{}: AllowedIPs {m}", at(*line)))?;
+    }
     let routed: Vec<&str> = wg.allowed_ips.iter().map(|(_, a)| a.as_str()).collect();
     if !routed.is_empty() && !routed.iter().all(|a| *a == "0.0.0.0/0" || *a == "::/0") {
         let _ = writeln!(
@@ -373,6 +379,24 @@ PersistentKeepalive = 25
             .err()
             .unwrap_or_default();
         assert!(e.starts_with("wg0.conf line 11: PresharedKey"), "{e}");
+    }
+
+    #[test]
+    fn allowed_ips_are_checked_before_they_reach_the_profile() {
+        // Found by the import fuzz target: a control character in AllowedIPs
+        // used to end up in a TOML comment and make the profile unparsable.
+        let bad = CONF.replace("AllowedIPs = 0.0.0.0/0, ::/0", "AllowedIPs = 10.0.0.0/8\u{1}");
+        let e = import("wg0.conf", &bad, "k", "p", &allow())
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("wg0.conf line 11: AllowedIPs"), "{e}");
+        let split = CONF.replace("AllowedIPs = 0.0.0.0/0, ::/0", "AllowedIPs = 10.0.0.0/8");
+        let imported = import("wg0.conf", &split, "k", "p", &allow()).expect("import");
+        assert!(
+            imported.profile.contains("# AllowedIPs was 10.0.0.0/8"),
+            "{}",
+            imported.profile
+        );
     }
 
     #[test]
