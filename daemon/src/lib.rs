@@ -19,6 +19,7 @@ pub mod routing;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod trust;
 pub mod tunnel;
 pub mod verify;
 pub mod watcher;

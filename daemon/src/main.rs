@@ -44,6 +44,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // Before anything else: never run on profiles, keys or state that
+    // someone other than root could have changed.
+    if let Err(e) = sessiond::trust::check(&args.profiles, &args.state_dir) {
+        tracing::error!("{e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
