@@ -151,6 +151,15 @@ fn referenced_key_files(profile: &Path, dir: &Path) -> Vec<PathBuf> {
     let Ok(doc) = toml::from_str::<toml::Table>(&text) else {
         return Vec::new();
     };
+    key_file_paths(&doc)
+        .into_iter()
+        .map(|file| dir.join(file))
+        .collect()
+}
+
+/// The key file paths a parsed profile names (private key and preshared
+/// key), as written. Shared with the fuzz targets.
+pub fn key_file_paths(doc: &toml::Table) -> Vec<String> {
     let tunnel = doc.get("tunnel").and_then(toml::Value::as_table);
     let private = tunnel.and_then(|t| t.get("private_key_file"));
     let psk = tunnel
@@ -161,7 +170,7 @@ fn referenced_key_files(profile: &Path, dir: &Path) -> Vec<PathBuf> {
         .into_iter()
         .flatten()
         .filter_map(toml::Value::as_str)
-        .map(|file| dir.join(file))
+        .map(str::to_string)
         .collect()
 }
 

@@ -259,15 +259,8 @@ async fn outside_host(name: &'static str, target: Option<SocketAddr>) -> Probe {
     let Some(target) = target else {
         return fail("every documentation address it could use is inside the profile's allowlist".into());
     };
-    match firewall::is_present().await {
-        Ok(true) => {}
-        Ok(false) => {
-            return fail(
-                "sessiongate's firewall table is not in place as applied (it is being put back); nothing was sent"
-                    .into(),
-            )
-        }
-        Err(e) => return fail(format!("cannot read sessiongate's firewall table ({e}); nothing was sent")),
+    if let Some(problem) = firewall_missing().await {
+        return fail(problem);
     }
     let before = match firewall::refused_packets().await {
         Ok(n) => n,
@@ -349,17 +342,23 @@ enum DnsAttempt {
     TimedOut,
 }
 
+/// Why a blocking probe must not be sent: our table is not in place as
+/// applied (so a "blocked" result would prove nothing), or cannot be read.
+async fn firewall_missing() -> Option<String> {
+    match firewall::is_present().await {
+        Ok(true) => None,
+        Ok(false) => Some(
+            "sessiongate's firewall table is not in place as applied (it is being put back); nothing was sent"
+                .into(),
+        ),
+        Err(e) => Some(format!("cannot read sessiongate's firewall table ({e}); nothing was sent")),
+    }
+}
+
 async fn other_dns_server() -> Probe {
     let fail = |evidence: String| Probe::new(OTHER_DNS, Verdict::Fail, evidence);
-    match firewall::is_present().await {
-        Ok(true) => {}
-        Ok(false) => {
-            return fail(
-                "sessiongate's firewall table is not in place as applied (it is being put back); nothing was sent"
-                    .into(),
-            )
-        }
-        Err(e) => return fail(format!("cannot read sessiongate's firewall table ({e}); nothing was sent")),
+    if let Some(problem) = firewall_missing().await {
+        return fail(problem);
     }
     let query = match dns_query() {
         Ok(q) => q,

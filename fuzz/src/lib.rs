@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use sessiond::profile::{self, Host};
+use sessiond::trust::key_file_paths;
 
 /// A target's check: takes the raw input, panics on a finding.
 pub type Check = fn(&[u8]);
@@ -52,22 +53,6 @@ fn profiles_dir() -> &'static Path {
         write("bad.key", "not a key\n", 0o600);
         dir
     })
-}
-
-/// Key file paths a profile names, if it parses as TOML at all.
-fn key_file_paths(doc: &toml::Table) -> Vec<String> {
-    let tunnel = doc.get("tunnel").and_then(toml::Value::as_table);
-    let private = tunnel.and_then(|t| t.get("private_key_file"));
-    let psk = tunnel
-        .and_then(|t| t.get("peer"))
-        .and_then(toml::Value::as_table)
-        .and_then(|p| p.get("preshared_key_file"));
-    [private, psk]
-        .into_iter()
-        .flatten()
-        .filter_map(toml::Value::as_str)
-        .map(str::to_string)
-        .collect()
 }
 
 /// `sessiond::profile::parse` (parser and validator) on arbitrary text.
