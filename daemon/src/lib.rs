@@ -6,13 +6,15 @@
 //! - [`session`]: the state machine, the one place that decides ordering;
 //! - [`tunnel`]: WireGuard (boringtun) on a TUN device;
 //! - [`routing`]: addresses and the full-tunnel policy routes;
-//! - [`keys`]: key material that never shows itself.
+//! - [`keys`]: key material that never shows itself;
+//! - [`nft`]: nftables commands, in process through libnftables.
 
 pub mod control;
 pub mod dns;
 pub mod firewall;
 pub mod import;
 pub mod keys;
+pub mod nft;
 pub mod profile;
 pub mod resolvconf;
 pub mod routing;
