@@ -1,6 +1,12 @@
 //! The WireGuard tunnel: a TUN device, one UDP socket and boringtun's `Tunn`
 //! state machine, driven by a single tokio task.
 //!
+//! The data path moves packets in batches: the TUN device runs with offload
+//! (the kernel hands over up to 64 KiB of a TCP stream per read and takes
+//! coalesced segments back per write), and the socket sends runs of
+//! equal-sized datagrams with UDP GSO and receives with recvmmsg and UDP GRO
+//! (quinn-udp). Buffers are allocated once per tunnel.
+//!
 //! This module owns the tunnel's packets, its timers and its view of the
 //! peer's health. It never decides *when* a tunnel exists (the session state
 //! machine does) and never touches addresses, routes or the firewall.
@@ -40,6 +46,8 @@ const PROBE_AFTER: Duration = Duration::from_secs(15);
 pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(25);
 /// How soon an initiation the network refused is tried again.
 const UNSENT_RETRY: Duration = Duration::from_secs(1);
+/// Kernel receive buffer for the tunnel's UDP socket.
+const RECEIVE_BUFFER: usize = 4 << 20;
 /// Largest IP packet we handle; buffers are sized once from it.
 const MAX_PACKET: usize = 65_535;
 /// WireGuard's overhead on a data packet, and the size of a handshake.
@@ -124,12 +132,17 @@ impl Tunnel {
         let device = tun_rs::DeviceBuilder::new()
             .name(config.interface.clone())
             .mtu(config.mtu)
+            // Let the kernel hand over and take back 64 KiB TCP/UDP trains
+            // instead of one packet per syscall (virtio headers, TSO/USO).
+            .offload(true)
             .build_async()
             .map_err(|e| TunnelError::CreateInterface {
                 interface: config.interface.clone(),
                 reason: crate::profile::io_reason(&e),
             })?;
         let udp = bind_marked_socket(config.endpoint, config.fwmark)
+            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+        let udp_state = quinn_udp::UdpSocketState::new((&udp).into())
             .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
 
         let secret = StaticSecret::from(*config.private_key.as_bytes());
@@ -149,6 +162,7 @@ impl Tunnel {
             tunn,
             device,
             udp,
+            udp_state,
             endpoint: config.endpoint,
             shared: shared.clone(),
             handshake: handshake_tx,
@@ -156,7 +170,7 @@ impl Tunnel {
             last_initiation: None,
             initiation_unsent: false,
         };
-        let task = tokio::spawn(driver.run(stop_rx));
+        let task = tokio::spawn(driver.run(stop_rx, config.mtu));
         Ok(Tunnel {
             monitor: TunnelMonitor {
                 interface: config.interface,
@@ -246,6 +260,18 @@ fn bind_marked_socket(endpoint: SocketAddr, fwmark: u32) -> std::io::Result<UdpS
     let socket = std::net::UdpSocket::bind(bind)?;
     nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &fwmark)
         .map_err(std::io::Error::from)?;
+    // The default 208 KiB receive queue overflows while the packet task is
+    // busy with a batch the other way, and every overflow is a lost packet
+    // inside the tunnel (wireguard-go asks for 7 MiB). SO_RCVBUFFORCE may
+    // pass the system maximum, which needs CAP_NET_ADMIN (sessiond has it);
+    // without it the default stays, which still works. The send buffer stays
+    // small on purpose: on a slow uplink a big one is only a standing queue
+    // that every packet of the call would wait in.
+    if let Err(e) =
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &RECEIVE_BUFFER)
+    {
+        tracing::debug!("could not enlarge the tunnel socket's receive buffer: {e}");
+    }
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)
 }
@@ -255,6 +281,8 @@ struct Driver {
     tunn: Tunn,
     device: tun_rs::AsyncDevice,
     udp: UdpSocket,
+    /// Batched sends (UDP GSO) and receives (recvmmsg, UDP GRO) on `udp`.
+    udp_state: quinn_udp::UdpSocketState,
     endpoint: SocketAddr,
     shared: Arc<Shared>,
     handshake: watch::Sender<Option<Instant>>,
@@ -264,46 +292,165 @@ struct Driver {
     initiation_unsent: bool,
 }
 
-/// Buffers allocated once per tunnel and reused for every packet.
+/// Buffers allocated once per tunnel and reused for every packet. Most of
+/// their pages are never touched: the large ones only fill under bulk load.
 struct Buffers {
-    from_tun: Vec<u8>,
-    to_net: Vec<u8>,
-    from_net: Vec<u8>,
-    to_tun: Vec<u8>,
+    /// One read from the TUN device: the virtio header and a packet of up to
+    /// 64 KiB that the kernel segments lazily (TSO/USO).
+    tun_read: Vec<u8>,
+    /// That read split into packets of at most the MTU, and their sizes.
+    from_tun: Vec<Vec<u8>>,
+    from_tun_sizes: Vec<usize>,
+    outgoing: OutgoingBatch,
+    /// Datagrams from the network: a few buffers, each holding up to 64
+    /// datagrams that the kernel coalesced (UDP GRO).
+    from_net: Vec<Vec<u8>>,
+    from_net_meta: Vec<quinn_udp::RecvMeta>,
+    /// Decrypted packets waiting for one coalescing write to the TUN device,
+    /// each behind room for the virtio header.
+    to_tun: Vec<Vec<u8>>,
+    gro: tun_rs::GROTable,
+    /// Handshakes and keepalives from the timers.
     timer: Vec<u8>,
+    wire_len: usize,
 }
 
+/// How many packets one TUN read may split into (64 KiB at the smallest MSS
+/// the kernel uses), and how many datagrams go out in one send.
+const PACKET_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Receive buffers per recvmmsg call; each takes a whole GRO train.
+const RECV_BUFFERS: usize = 8;
+const GRO_BUFFER: usize = 65_536;
+/// How many TUN reads one turn of the loop drains before it lets the other
+/// direction and the timers run.
+const TUN_READS_PER_TURN: usize = 8;
+/// One GSO send is one IP packet before segmentation: its UDP payload
+/// cannot pass 64 KiB less the headers.
+const MAX_GSO_BYTES: usize = 65_000;
+/// Room in front of each packet written to the TUN device.
+const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
 impl Buffers {
-    fn new() -> Buffers {
-        let wire = (MAX_PACKET + WG_OVERHEAD).max(WG_MIN_BUFFER);
+    fn new(mtu: u16) -> Buffers {
+        let packet = usize::from(mtu).max(1280);
+        // Data packets grow by the header and tag plus up to 15 bytes of
+        // padding; handshakes are 148 bytes.
+        let wire_len = (packet + WG_OVERHEAD + 16).max(WG_MIN_BUFFER);
         Buffers {
-            from_tun: vec![0; MAX_PACKET],
-            to_net: vec![0; wire],
-            from_net: vec![0; wire],
-            to_tun: vec![0; wire],
-            timer: vec![0; wire],
+            tun_read: vec![0; VNET_HDR + MAX_PACKET],
+            from_tun: vec![vec![0; packet]; PACKET_BATCH],
+            from_tun_sizes: vec![0; PACKET_BATCH],
+            outgoing: OutgoingBatch::new(wire_len),
+            from_net: vec![vec![0; GRO_BUFFER]; RECV_BUFFERS],
+            from_net_meta: vec![quinn_udp::RecvMeta::default(); RECV_BUFFERS],
+            to_tun: (0..PACKET_BATCH)
+                .map(|_| Vec::with_capacity(VNET_HDR + wire_len))
+                .collect(),
+            gro: tun_rs::GROTable::default(),
+            timer: vec![0; wire_len],
+            wire_len,
         }
     }
 }
 
+/// Encrypted datagrams waiting to leave together, back to back in one
+/// buffer, so a run of equal-sized ones (a TCP stream's full segments) goes
+/// out as one UDP GSO send instead of one syscall each.
+struct OutgoingBatch {
+    buf: Vec<u8>,
+    /// Bytes in `buf` that belong to the batch.
+    len: usize,
+    count: usize,
+    /// Size of the run's datagrams (all but a shorter last one).
+    segment: usize,
+    /// A shorter datagram ended the run; the next one starts a new send.
+    closed: bool,
+    wire_len: usize,
+}
+
+impl OutgoingBatch {
+    fn new(wire_len: usize) -> OutgoingBatch {
+        OutgoingBatch {
+            buf: vec![0; wire_len * PACKET_BATCH],
+            len: 0,
+            count: 0,
+            segment: 0,
+            closed: false,
+            wire_len,
+        }
+    }
+
+    /// Where the next datagram is encrypted to.
+    fn slot(&mut self) -> &mut [u8] {
+        let end = self.len + self.wire_len;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        &mut self.buf[self.len..end]
+    }
+
+    /// Whether a datagram of `size` bytes just written to [`slot`] can join
+    /// the current send, up to `max_segments` datagrams.
+    fn fits(&self, size: usize, max_segments: usize) -> bool {
+        self.count == 0
+            || (!self.closed
+                && size <= self.segment
+                && self.count < max_segments
+                && self.len + size <= MAX_GSO_BYTES)
+    }
+
+    /// Moves a datagram of `size` bytes from the slot to the front of an
+    /// empty batch (after the batch before it was sent).
+    fn restart_with_slot(&mut self, size: usize) {
+        self.buf.copy_within(self.len..self.len + size, 0);
+        self.clear();
+    }
+
+    /// Takes the datagram of `size` bytes in the slot into the batch.
+    fn commit(&mut self, size: usize) {
+        if self.count == 0 {
+            self.segment = size;
+        } else if size < self.segment {
+            self.closed = true;
+        }
+        self.len += size;
+        self.count += 1;
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.count = 0;
+        self.segment = 0;
+        self.closed = false;
+    }
+}
+
 impl Driver {
-    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        let mut buf = Buffers::new();
+    async fn run(mut self, mut stop: oneshot::Receiver<()>, mtu: u16) {
+        let mut buf = Buffers::new(mtu);
         let mut timer = tokio::time::interval(TIMER_TICK);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.send_initiation(&mut buf.timer).await;
         loop {
             tokio::select! {
                 _ = &mut stop => break,
-                read = self.device.recv(&mut buf.from_tun) => match read {
-                    Ok(n) => self.outbound(&buf.from_tun[..n], &mut buf.to_net).await,
-                    Err(e) => {
+                read = self.device.recv_multiple(
+                    &mut buf.tun_read, &mut buf.from_tun, &mut buf.from_tun_sizes, 0,
+                ) => match read {
+                    Ok(n) => {
+                        if let Err(e) = self.outbound(n, &mut buf).await {
+                            tracing::error!("reading from the tunnel interface failed: {e}; the tunnel stops");
+                            break;
+                        }
+                    }
+                    Err(e) if is_device_gone(&e) => {
                         tracing::error!("reading from the tunnel interface failed: {e}; the tunnel stops");
                         break;
                     }
+                    Err(e) => tracing::debug!("dropped a packet from the tunnel interface: {e}"),
                 },
-                received = self.udp.recv_from(&mut buf.from_net) => match received {
-                    Ok((n, from)) => self.inbound(from, &buf.from_net[..n], &mut buf.to_tun).await,
+                received = recv_batch(&self.udp, &self.udp_state, &mut buf.from_net, &mut buf.from_net_meta) => match received {
+                    Ok(n) => self.inbound(n, &mut buf).await,
                     Err(e) => tracing::debug!("receiving from the endpoint failed: {e}"),
                 },
                 _ = timer.tick() => self.on_timer(&mut buf.timer).await,
@@ -311,9 +458,45 @@ impl Driver {
         }
     }
 
-    /// A packet from an application, to be encrypted for the peer.
-    async fn outbound(&mut self, packet: &[u8], dst: &mut [u8]) {
-        match self.tunn.encapsulate(packet, dst) {
+    /// Packets from applications, to be encrypted for the peer: the `first`
+    /// read's packets, then whatever else the device has ready, sent in as
+    /// few syscalls as the kernel allows. Errs only when the device is gone.
+    async fn outbound(&mut self, first: usize, buf: &mut Buffers) -> std::io::Result<()> {
+        let mut ready = first;
+        for turn in 0..TUN_READS_PER_TURN {
+            for i in 0..ready {
+                let packet = &buf.from_tun[i][..buf.from_tun_sizes[i]];
+                self.encrypt(packet, &mut buf.outgoing).await;
+            }
+            if turn + 1 == TUN_READS_PER_TURN {
+                break;
+            }
+            ready = match self.device.try_recv_multiple(
+                &mut buf.tun_read,
+                &mut buf.from_tun,
+                &mut buf.from_tun_sizes,
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if is_device_gone(&e) => {
+                    self.flush(&mut buf.outgoing).await;
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::debug!("dropped a packet from the tunnel interface: {e}");
+                    0
+                }
+            };
+        }
+        self.flush(&mut buf.outgoing).await;
+        Ok(())
+    }
+
+    /// Encrypts one packet into the outgoing batch, sending the batch first
+    /// when the new datagram cannot join it.
+    async fn encrypt(&mut self, packet: &[u8], batch: &mut OutgoingBatch) {
+        let size = match self.tunn.encapsulate(packet, batch.slot()) {
             TunnResult::WriteToNetwork(datagram) => {
                 // Without a session boringtun queues the packet and hands us a
                 // handshake instead (type 1); only data (type 4) counts.
@@ -322,20 +505,115 @@ impl Driver {
                         .tx_bytes
                         .fetch_add(packet.len() as u64, Ordering::Relaxed);
                 }
-                self.send(datagram).await
+                datagram.len()
             }
-            TunnResult::Err(e) => tracing::debug!("could not encrypt a packet: {e:?}"),
-            _ => {}
+            TunnResult::Err(e) => {
+                tracing::debug!("could not encrypt a packet: {e:?}");
+                return;
+            }
+            _ => return,
+        };
+        if !batch.fits(size, self.udp_state.max_gso_segments()) {
+            let full = batch.len;
+            self.send_run(&batch.buf[..full], batch.segment, batch.count)
+                .await;
+            batch.restart_with_slot(size);
+        }
+        batch.commit(size);
+    }
+
+    async fn flush(&mut self, batch: &mut OutgoingBatch) {
+        if batch.count > 0 {
+            self.send_run(&batch.buf[..batch.len], batch.segment, batch.count)
+                .await;
+        }
+        batch.clear();
+    }
+
+    /// Sends `count` datagrams of `segment` bytes (the last may be shorter)
+    /// that sit back to back in `run`: one GSO send, or one by one when the
+    /// kernel turned GSO down.
+    async fn send_run(&self, run: &[u8], segment: usize, count: usize) {
+        let transmit = quinn_udp::Transmit {
+            destination: self.endpoint,
+            ecn: None,
+            contents: run,
+            segment_size: (count > 1).then_some(segment),
+            src_ip: None,
+        };
+        let sent = self
+            .udp
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                self.udp_state.try_send((&self.udp).into(), &transmit)
+            })
+            .await;
+        if let Err(e) = sent {
+            if count > 1 && self.udp_state.max_gso_segments() == 1 {
+                // quinn-udp just learned that this path cannot do GSO.
+                for datagram in run.chunks(segment) {
+                    send_datagram(&self.udp, self.endpoint, datagram).await;
+                }
+            } else {
+                // The lockdown refuses nothing to the endpoint, so this is
+                // the network itself; WireGuard's timers and TCP retry.
+                tracing::debug!("sending to {} failed: {e}", self.endpoint);
+            }
         }
     }
 
-    /// A datagram from the network. Only the configured endpoint is heard.
-    async fn inbound(&mut self, from: SocketAddr, datagram: &[u8], dst: &mut [u8]) {
-        if from != self.endpoint {
-            return;
+    /// `count` receive buffers from the network. Only datagrams from the
+    /// configured endpoint are heard; their packets go to the TUN device in
+    /// as few writes as coalescing allows.
+    async fn inbound(&mut self, count: usize, buf: &mut Buffers) {
+        let mut pending = 0;
+        let mut heard = false;
+        let mut handshake_seen = false;
+        for i in 0..count {
+            let meta = buf.from_net_meta[i];
+            if meta.addr != self.endpoint {
+                continue;
+            }
+            let stride = meta.stride.max(1);
+            for datagram in buf.from_net[i][..meta.len].chunks(stride) {
+                let slot = &mut buf.to_tun[pending];
+                slot.clear();
+                slot.resize(VNET_HDR + buf.wire_len, 0);
+                match self.decrypt(meta.addr, datagram, &mut slot[VNET_HDR..]).await {
+                    Decrypted::Packet(len) => {
+                        slot.truncate(VNET_HDR + len);
+                        pending += 1;
+                        heard = true;
+                    }
+                    Decrypted::Nothing => heard = true,
+                    Decrypted::Rejected => continue,
+                }
+                handshake_seen |= matches!(datagram.first(), Some(1 | 2));
+                if pending == buf.to_tun.len() {
+                    self.write_to_device(&mut buf.to_tun[..pending], &mut buf.gro)
+                        .await;
+                    pending = 0;
+                }
+            }
         }
+        if pending > 0 {
+            self.write_to_device(&mut buf.to_tun[..pending], &mut buf.gro)
+                .await;
+        }
+        if heard {
+            self.last_rx = Instant::now();
+            self.shared.mark_heard();
+            // Only handshake messages (types 1 and 2) make new keys; data
+            // packets need no look at the handshake clock.
+            if handshake_seen || self.handshake.borrow().is_none() {
+                self.publish_handshake();
+            }
+        }
+    }
+
+    /// Decrypts one datagram into `dst`, answering handshakes and sending
+    /// packets that waited for one on the way.
+    async fn decrypt(&mut self, from: SocketAddr, datagram: &[u8], dst: &mut [u8]) -> Decrypted {
         let mut result = self.tunn.decapsulate(Some(from.ip()), datagram, dst);
-        let mut authenticated = true;
         loop {
             match result {
                 TunnResult::WriteToNetwork(reply) => {
@@ -347,27 +625,20 @@ impl Driver {
                     self.shared
                         .rx_bytes
                         .fetch_add(packet.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = self.device.send(packet).await {
-                        tracing::debug!("writing to the tunnel interface failed: {e}");
-                    }
-                    break;
+                    return Decrypted::Packet(packet.len());
                 }
-                TunnResult::Done => break,
+                TunnResult::Done => return Decrypted::Nothing,
                 TunnResult::Err(e) => {
                     tracing::debug!("dropped a datagram from the endpoint: {e:?}");
-                    authenticated = false;
-                    break;
+                    return Decrypted::Rejected;
                 }
             }
         }
-        if authenticated {
-            self.last_rx = Instant::now();
-            self.shared.mark_heard();
-            // Only handshake messages (types 1 and 2) make new keys; data
-            // packets need no look at the handshake clock.
-            if matches!(datagram.first(), Some(1 | 2)) || self.handshake.borrow().is_none() {
-                self.publish_handshake();
-            }
+    }
+
+    async fn write_to_device(&self, packets: &mut [Vec<u8>], gro: &mut tun_rs::GROTable) {
+        if let Err(e) = self.device.send_multiple(gro, packets, VNET_HDR).await {
+            tracing::debug!("writing to the tunnel interface failed: {e}");
         }
     }
 
@@ -431,10 +702,43 @@ impl Driver {
             changed
         });
     }
+}
 
-    async fn send(&self, datagram: &[u8]) {
-        send_datagram(&self.udp, self.endpoint, datagram).await;
-    }
+/// What one datagram from the endpoint came to.
+enum Decrypted {
+    /// A packet of this many bytes for the TUN device.
+    Packet(usize),
+    /// Authentic, but nothing for the device (a handshake, a keepalive).
+    Nothing,
+    /// Not authentic, or not for this session.
+    Rejected,
+}
+
+/// Receives a batch of datagrams (recvmmsg, with GRO trains) when the
+/// socket is readable.
+async fn recv_batch(
+    udp: &UdpSocket,
+    state: &quinn_udp::UdpSocketState,
+    bufs: &mut [Vec<u8>],
+    meta: &mut [quinn_udp::RecvMeta],
+) -> std::io::Result<usize> {
+    let mut slices: [std::io::IoSliceMut<'_>; RECV_BUFFERS] = {
+        let mut iter = bufs.iter_mut();
+        std::array::from_fn(|_| std::io::IoSliceMut::new(iter.next().map_or(&mut [][..], |b| &mut b[..])))
+    };
+    udp.async_io(tokio::io::Interest::READABLE, || {
+        state.recv(udp.into(), &mut slices, meta)
+    })
+    .await
+}
+
+/// Errors after which the TUN device cannot be used again (as opposed to
+/// one malformed packet, which is dropped).
+fn is_device_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EBADFD | libc::ENODEV | libc::EIO)
+    )
 }
 
 /// Sends one datagram; returns whether the kernel took it.

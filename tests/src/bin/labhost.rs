@@ -6,12 +6,19 @@
 //!   443 and 8443) that write `peer=<remote ip>\n` to each client and close,
 //!   and UDP echo servers (default 10000) that reply `peer=<remote ip> <payload>`
 //!   from the address the datagram was sent to. IPv4 and IPv6 on separate
-//!   sockets. Prints `ready` on stdout once every socket is bound.
+//!   sockets. Prints `ready` on stdout once every socket is bound. Also TCP
+//!   echo listeners (`--echo PORT`, default 9000) that write `peer=<remote
+//!   ip>\n` and then send back every byte they receive until the client
+//!   closes its side.
 //! - `labhost probe-tcp ADDR PORT [--timeout-ms N]` — connects, prints what the
 //!   server sent, exit 0; else prints one line (`connect 203.0.113.20:443:
 //!   Connection refused`) and exits 1. ADDR may be a name (system resolver).
 //! - `labhost probe-udp ADDR PORT [--timeout-ms N] [--payload TEXT]` — sends one
 //!   datagram, prints the reply, exit 0; else one line and exit 1.
+//! - `labhost bulk ADDR PORT BYTES [--timeout-ms N]` — through an echo
+//!   listener, sends BYTES of a fixed pseudo-random stream while reading the
+//!   echo back, and checks every byte; prints `peer=<ip> bytes=BYTES`, exit 0;
+//!   else one line (`byte 1234 differs`, a timeout) and exit 1.
 //! - `labhost listen-unix PATH [--reply TEXT]` — a unix socket server that
 //!   writes TEXT (default `ok`) and a newline to each client (replaces a stale
 //!   socket file); the harness uses it as a stand-in daemon.
@@ -44,6 +51,7 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("probe-tcp") => probe_tcp(&args[1..]),
         Some("probe-udp") => probe_udp(&args[1..]),
+        Some("bulk") => bulk(&args[1..]),
         Some("dns-query") => dns_query(&args[1..]),
         Some("listen-unix") => listen_unix(&args[1..]),
         _ => Err(
@@ -168,9 +176,14 @@ fn serve(args: &[String]) -> Result<(), String> {
     for p in args.all("udp") {
         udp_ports.push(p.parse().map_err(|_| format!("usage: --udp {p}"))?);
     }
-    if tcp_ports.is_empty() && udp_ports.is_empty() {
+    let mut echo_ports: Vec<u16> = Vec::new();
+    for p in args.all("echo") {
+        echo_ports.push(p.parse().map_err(|_| format!("usage: --echo {p}"))?);
+    }
+    if tcp_ports.is_empty() && udp_ports.is_empty() && echo_ports.is_empty() {
         tcp_ports = vec![443, 8443];
         udp_ports = vec![10000];
+        echo_ports = vec![9000];
     }
 
     let mut threads = Vec::new();
@@ -179,6 +192,13 @@ fn serve(args: &[String]) -> Result<(), String> {
             let listener = tcp_listener(v6, port)
                 .map_err(|e| format!("listen tcp {} port {port}: {e}", if v6 { "v6" } else { "v4" }))?;
             threads.push(std::thread::spawn(move || tcp_accept_loop(listener)));
+        }
+    }
+    for &port in &echo_ports {
+        for v6 in [false, true] {
+            let listener = tcp_listener(v6, port)
+                .map_err(|e| format!("listen tcp {} port {port}: {e}", if v6 { "v6" } else { "v4" }))?;
+            threads.push(std::thread::spawn(move || tcp_echo_loop(listener)));
         }
     }
     for &port in &udp_ports {
@@ -247,6 +267,26 @@ fn tcp_accept_loop(listener: TcpListener) {
                     break;
                 }
             }
+        });
+    }
+}
+
+fn tcp_echo_loop(listener: TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(mut stream) = conn else { continue };
+        std::thread::spawn(move || {
+            let Ok(peer) = stream.peer_addr() else { return };
+            if stream
+                .write_all(format!("peer={}\n", canonical(peer.ip())).as_bytes())
+                .is_err()
+            {
+                return;
+            }
+            let Ok(mut reader) = stream.try_clone() else {
+                return;
+            };
+            let _ = io::copy(&mut reader, &mut stream);
+            let _ = stream.shutdown(Shutdown::Write);
         });
     }
 }
@@ -375,6 +415,119 @@ fn probe_tcp(args: &[String]) -> Result<(), String> {
         }
     }
     Err(errors.join("; "))
+}
+
+/// The bulk test's byte stream: xorshift64, the same on both ends of the
+/// check, so any reordering, loss or corruption shows at its offset.
+struct Pattern {
+    state: u64,
+    word: [u8; 8],
+    at: usize,
+}
+
+impl Pattern {
+    fn new() -> Pattern {
+        Pattern {
+            state: 0x5347_5347_5347_5347,
+            word: [0; 8],
+            at: 8,
+        }
+    }
+
+    fn next_byte(&mut self) -> u8 {
+        if self.at == 8 {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            self.word = self.state.to_le_bytes();
+            self.at = 0;
+        }
+        self.at += 1;
+        self.word[self.at - 1]
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for byte in buf {
+            *byte = self.next_byte();
+        }
+    }
+}
+
+fn bulk(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let usage = || "usage: labhost bulk ADDR PORT BYTES [--timeout-ms N]".to_string();
+    let [addr, port, total] = args.positional.as_slice() else {
+        return Err(usage());
+    };
+    let port: u16 = port.parse().map_err(|_| usage())?;
+    let total: u64 = total.parse().map_err(|_| usage())?;
+    let timeout = args.timeout()?;
+    let target = resolve(addr, port)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{addr} has no address"))?;
+    let stream = TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| format!("connect {target}: {}", err_text(&e)))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|_| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("socket {target}: {}", err_text(&e)))?;
+    let mut reader = io::BufReader::new(stream.try_clone().map_err(|e| err_text(&e))?);
+    let mut peer = String::new();
+    io::BufRead::read_line(&mut reader, &mut peer).map_err(|e| format!("read {target}: {}", err_text(&e)))?;
+    // Steps of 1 to 64 KiB, so the kernel sees writes of every size.
+    let mut writer = stream;
+    let sender = std::thread::spawn(move || -> Result<(), String> {
+        let mut pattern = Pattern::new();
+        let mut buf = vec![0u8; 65_536];
+        let mut sent = 0u64;
+        let mut step = 1usize;
+        while sent < total {
+            let n = (step.min(buf.len()) as u64).min(total - sent) as usize;
+            pattern.fill(&mut buf[..n]);
+            writer
+                .write_all(&buf[..n])
+                .map_err(|e| format!("write: {}", err_text(&e)))?;
+            sent += n as u64;
+            step = step * 7 % 65_537 + 1;
+        }
+        writer
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {}", err_text(&e)))
+    });
+    let mut expect = Pattern::new();
+    let mut got = vec![0u8; 65_536];
+    let mut received = 0u64;
+    let mut failure = None;
+    while received < total {
+        let n = match reader.read(&mut got) {
+            Ok(0) => {
+                failure = Some(format!("the echo ended after {received} of {total} bytes"));
+                break;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                failure = Some(format!("read after {received} bytes: {}", err_text(&e)));
+                break;
+            }
+        };
+        for &byte in &got[..n] {
+            if byte != expect.next_byte() {
+                failure.get_or_insert_with(|| format!("byte {received} differs"));
+            }
+            received += 1;
+        }
+        if failure.is_some() {
+            break;
+        }
+    }
+    let sent = sender.join().map_err(|_| "the sender panicked".to_string())?;
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    sent?;
+    println!("{} bytes={received}", peer.trim());
+    Ok(())
 }
 
 fn unspecified_for(target: &SocketAddr) -> SocketAddr {
