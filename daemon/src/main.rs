@@ -44,12 +44,6 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    // Before anything else: never run on profiles, keys or state that
-    // someone other than root could have changed.
-    if let Err(e) = sessiond::trust::check(&args.profiles, &args.state_dir) {
-        tracing::error!("{e}");
-        return std::process::ExitCode::FAILURE;
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -57,6 +51,21 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Before anything else: never run on profiles, keys or state that
+    // someone other than root could have changed. Refusing must not open the
+    // machine, though: a session persisted before a reboot is locked down
+    // first.
+    if let Err(e) = sessiond::trust::check(&args.profiles, &args.state_dir) {
+        tracing::error!("{e}");
+        match runtime.block_on(sessiond::session::lock_down_persisted(&args.state_dir)) {
+            Ok(Some(profile)) => tracing::error!(
+                "the session of profile {profile} stays locked down: fix the above and start sessiond again, then `sessionctl stop` ends it (or `nft delete table inet sessiongate` by hand)"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::error!("{e:#}"),
+        }
+        return std::process::ExitCode::FAILURE;
+    }
     match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

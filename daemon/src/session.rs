@@ -240,6 +240,34 @@ pub fn new(paths: Paths) -> (SessionMachine, SessionHandle) {
     )
 }
 
+/// The lockdown that protects a persisted session until its tunnel is back.
+fn lockdown_of(persisted: &PersistedSession) -> Lockdown {
+    Lockdown {
+        endpoint: persisted.endpoint,
+        fwmark: TUNNEL_FWMARK,
+        tunnel_interface: persisted.interface.clone(),
+        allow_lan: persisted.allow_lan,
+    }
+}
+
+/// For a sessiond that refuses to run (its startup trust check failed) while
+/// a session is persisted: puts that session's lockdown back before the
+/// process exits, so a refusal after a reboot leaves the machine closed
+/// rather than open. Only the state file is read; nothing from the profiles
+/// (which are what the check distrusts). A lockdown from a state file someone
+/// else could have written is still a lockdown: it lets out nothing but the
+/// tunnel's marked UDP to one endpoint. Returns the persisted profile's name
+/// when it locked down.
+pub async fn lock_down_persisted(state_dir: &std::path::Path) -> anyhow::Result<Option<String>> {
+    let Some(persisted) = StateDir::new(state_dir).load()? else {
+        return Ok(None);
+    };
+    firewall::apply(&lockdown_of(&persisted), None)
+        .await
+        .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;
+    Ok(Some(persisted.profile))
+}
+
 impl SessionMachine {
     /// Locks the machine down at once if a session was persisted (after a
     /// crash or a reboot), then brings its tunnel back. Errors here are
@@ -258,12 +286,7 @@ impl SessionMachine {
             "resuming the session of profile {} found in the state directory",
             persisted.profile
         );
-        let lockdown = Lockdown {
-            endpoint: persisted.endpoint,
-            fwmark: TUNNEL_FWMARK,
-            tunnel_interface: persisted.interface.clone(),
-            allow_lan: persisted.allow_lan,
-        };
+        let lockdown = lockdown_of(&persisted);
         firewall::apply(&lockdown, None)
             .await
             .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;

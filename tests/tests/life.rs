@@ -20,18 +20,12 @@ fn state(daemon: &Daemon) -> String {
         .unwrap_or_else(|e| format!("status failed: {e:#}"))
 }
 
-#[test]
-fn a_boot_with_a_persisted_session_leaks_nothing_from_the_first_moment() {
-    let lab = lab();
-    lab.sessiond_profile().expect("profile");
-    let mut daemon = lab.start_sessiond().expect("start sessiond");
-    daemon.ctl_ok(&["start", "lab"]).expect("start");
+/// sessiond dies mid-session, then the machine reboots: kernel state is gone
+/// (firewall, rules, the tunnel), files stay (the persisted session, the
+/// pinned resolver file).
+fn crash_and_reboot(lab: &Lab, daemon: &mut Daemon) {
     daemon.kill9().expect("kill -9");
     wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("exit");
-
-    // A reboot: kernel state is gone (firewall, rules, the tunnel), files
-    // stay (the persisted session, the pinned resolver file), and the
-    // network interface is down until systemd has started sessiond.
     lab.exec_ok(Ns::Client, &["nft", "delete", "table", "inet", "sessiongate"])
         .expect("clear nft");
     for family in ["-4", "-6"] {
@@ -40,6 +34,16 @@ fn a_boot_with_a_persisted_session_leaks_nothing_from_the_first_moment() {
                 .expect("clear rules");
         }
     }
+}
+
+#[test]
+fn a_boot_with_a_persisted_session_leaks_nothing_from_the_first_moment() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    crash_and_reboot(&lab, &mut daemon);
+    // The network interface is down until systemd has started sessiond.
     lab.exec_ok(Ns::Client, &["ip", "link", "set", addr::CLIENT_IF, "down"])
         .expect("link down");
     assert!(
@@ -99,6 +103,64 @@ fn a_boot_with_a_persisted_session_leaks_nothing_from_the_first_moment() {
         Ok(format!("peer={}", addr::GATEWAY_V4))
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// After a reboot, sessiond's startup trust check refuses to run (here the
+/// profiles directory became group-writable). Refusing must not leave the
+/// persisted session open: the lockdown is back before the process exits,
+/// and once the directory is fixed the session resumes and stops normally.
+#[test]
+fn a_refused_start_after_a_reboot_still_locks_the_persisted_session_down() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    crash_and_reboot(&lab, &mut daemon);
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443),
+        Ok(format!("peer={}", addr::CLIENT_V4)),
+        "after the simulated reboot the network should be open, as it would be"
+    );
+    let profiles = daemon.profiles_dir().to_path_buf();
+    std::fs::set_permissions(&profiles, std::fs::Permissions::from_mode(0o775)).expect("chmod 775");
+
+    lab.reset_leaks().expect("reset");
+    let refused = daemon
+        .restart()
+        .expect_err("sessiond should refuse a group-writable profiles dir");
+    let refused = format!("{refused:#}");
+    assert!(refused.contains("writable by group or others"), "{refused}");
+    assert!(refused.contains("stays locked down"), "{refused}");
+    assert!(
+        lab.exec_ok(Ns::Client, &["nft", "list", "tables"])
+            .expect("nft")
+            .contains("inet sessiongate"),
+        "the refusing sessiond left the persisted session open"
+    );
+    let short = Duration::from_millis(300);
+    assert!(lab
+        .probe_tcp_timeout(Ns::Client, addr::OTHER_V4, 443, short)
+        .is_err());
+    assert!(lab
+        .probe_udp_timeout(Ns::Client, addr::HOST_V4, 10000, short)
+        .is_err());
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+
+    std::fs::set_permissions(&profiles, std::fs::Permissions::from_mode(0o755)).expect("chmod 755");
+    daemon
+        .restart()
+        .expect("sessiond starts once the directory is fixed");
+    wait_until(Duration::from_secs(30), "the resumed session active", || {
+        state(&daemon) == "active"
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert!(!lab
+        .exec_ok(Ns::Client, &["nft", "list", "tables"])
+        .expect("nft")
+        .contains("sessiongate"));
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
 }
 
 #[test]
