@@ -9,8 +9,9 @@
 //! a time. Per round and system it measures: TCP throughput up and down
 //! (iperf3 to the lab host 203.0.113.10:5201), the tunnel process's CPU
 //! seconds per GB over those transfers and its CPU share while carrying a
-//! steady 20 Mbit/s UDP stream, UDP round trips (p50/p99) idle and under a
-//! concurrent bulk upload, the time from "bring it up" to the first TCP
+//! steady 20 Mbit/s UDP stream, UDP round trips (p50/p99, pings on a fixed
+//! schedule) idle and under a concurrent bulk upload with the gateway's
+//! socket-queue drops meanwhile, the time from "bring it up" to the first TCP
 //! connection that arrives through the tunnel, resident memory, and the
 //! lab's leak meter (sessiongate must leak nothing).
 //!
@@ -358,6 +359,7 @@ struct Sample {
     load_p50_ms: f64,
     load_p99_ms: f64,
     pings_lost: f64,
+    gateway_drops: f64,
     load_mbps: f64,
     first_packet_ms: f64,
     up_cmd_ms: f64,
@@ -516,6 +518,14 @@ fn metrics() -> Vec<Metric> {
         Metric {
             name: "pings lost (idle + loaded, per round)",
             get: |s| s.pings_lost,
+            decimals: 0,
+            ratio: false,
+            worst: false,
+            goal: Goal::None,
+        },
+        Metric {
+            name: "datagrams the gateway dropped (socket queue full) during the loaded pings",
+            get: |s| s.gateway_drops,
             decimals: 0,
             ratio: false,
             worst: false,
@@ -828,6 +838,23 @@ fn iperf_run(lab: &Lab, server: &mut IperfServer, secs: u64, extra: &[&str]) -> 
 
 /// `udp-ping ADDR PORT COUNT INTERVAL_MS`: one datagram every interval to
 /// labhost's echo, prints JSON {"rtt_us": [...], "lost": N, "peer": "..."}.
+/// Datagrams the gateway's kernel dropped because wireguard-go's socket
+/// queue was full (`Udp: RcvbufErrors` in the gateway namespace): where a
+/// client that sends faster than the gateway decrypts loses packets.
+fn gateway_udp_drops(lab: &Lab) -> Result<u64> {
+    let snmp = lab.exec_ok(Ns::Gateway, &["cat", "/proc/net/snmp"])?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        bail!("the gateway's /proc/net/snmp has no Udp lines");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .context("the gateway's /proc/net/snmp has no Udp RcvbufErrors")
+}
+
 fn udp_ping(args: &[String]) -> Result<()> {
     let [a, port, count, interval] = args else {
         bail!("usage: bench udp-ping ADDR PORT COUNT INTERVAL_MS");
@@ -837,62 +864,77 @@ fn udp_ping(args: &[String]) -> Result<()> {
     let interval = Duration::from_millis(interval.parse().context("udp-ping: bad INTERVAL_MS")?);
     let sock = UdpSocket::bind("0.0.0.0:0").context("udp-ping: bind")?;
     sock.connect(target).context("udp-ping: connect")?;
-    let mut rtts = Vec::new();
-    let mut lost = 0u32;
+    // Pings leave on a fixed schedule, like a call's media, whatever happens
+    // to earlier ones: a lost reply must not push the later pings out of
+    // the window they are meant to measure.
+    let sender = sock.try_clone().context("udp-ping: clone")?;
+    let start = Instant::now();
+    let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; count as usize]));
+    let send_log = sent_at.clone();
+    let send_thread = std::thread::spawn(move || -> Result<()> {
+        for i in 0..count {
+            let due = start + interval * i;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let at = Instant::now();
+            if let Ok(mut log) = send_log.lock() {
+                log[i as usize] = Some(at);
+            }
+            // ICMP errors from an earlier ping can surface here; the ping
+            // then counts as lost.
+            let _ = sender.send(format!("bench-ping {i} ").as_bytes());
+        }
+        Ok(())
+    });
+    let mut rtts: Vec<Option<Duration>> = vec![None; count as usize];
     let mut peer = String::new();
     let mut buf = [0u8; 2048];
-    let start = Instant::now();
-    for i in 0..count {
-        let due = start + interval * i;
+    let deadline = start + interval * count + PING_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left)).context("udp-ping: timeout")?;
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(_) => continue,
+        };
         let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let payload = format!("bench-ping {i} ");
-        let sent = Instant::now();
-        sock.send(payload.as_bytes()).context("udp-ping: send")?;
-        let deadline = sent + PING_TIMEOUT;
-        let mut got = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            sock.set_read_timeout(Some(left)).context("udp-ping: timeout")?;
-            match sock.recv(&mut buf) {
-                Ok(n) => {
-                    let reply = String::from_utf8_lossy(&buf[..n]);
-                    // labhost answers `peer=IP <payload>`.
-                    if reply.ends_with(&payload) {
-                        got = Some(sent.elapsed());
-                        if peer.is_empty() {
-                            peer = reply
-                                .split_whitespace()
-                                .next()
-                                .and_then(|w| w.strip_prefix("peer="))
-                                .unwrap_or("")
-                                .to_string();
-                        }
-                        break;
-                    }
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        // labhost answers `peer=IP bench-ping SEQ `.
+        let mut words = reply.split_whitespace();
+        let from = words.next().and_then(|w| w.strip_prefix("peer=")).unwrap_or("");
+        let seq = match (words.next(), words.next().and_then(|w| w.parse::<usize>().ok())) {
+            (Some("bench-ping"), Some(seq)) if seq < rtts.len() => seq,
+            _ => continue,
+        };
+        let sent = sent_at.lock().ok().and_then(|log| log[seq]);
+        if let Some(sent) = sent {
+            let rtt = now.duration_since(sent);
+            if rtt <= PING_TIMEOUT && rtts[seq].is_none() {
+                rtts[seq] = Some(rtt);
+                if peer.is_empty() {
+                    peer = from.to_string();
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
-                // ICMP errors (e.g. a firewall reject) surface here: a loss.
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
-        }
-        match got {
-            Some(d) => rtts.push(d.as_micros() as u64),
-            None => lost += 1,
         }
     }
+    send_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("udp-ping: the sender panicked"))??;
+    let lost = rtts.iter().filter(|r| r.is_none()).count();
+    let rtts: Vec<u64> = rtts.iter().flatten().map(|d| d.as_micros() as u64).collect();
     println!(
         "{}",
         serde_json::json!({ "rtt_us": rtts, "lost": lost, "peer": peer })
@@ -1341,7 +1383,9 @@ impl Bench<'_> {
         sample.idle_p99_ms = idle.p99_ms;
         let bulk = spawn_iperf(lab, self.cfg.ping_secs() + 2, &[])?;
         sleep(Duration::from_secs(1))?;
+        let drops_before = gateway_udp_drops(lab)?;
         let loaded = run_pings(lab, &self.me, &self.cfg);
+        sample.gateway_drops = gateway_udp_drops(lab)?.saturating_sub(drops_before) as f64;
         let bulk_result = finish(&bulk, Duration::from_secs(self.cfg.ping_secs() + 25))
             .and_then(|log| iperf_json(&log))
             .and_then(|v| json_f64(&v, &["end", "sum_received", "bits_per_second"]));
@@ -1387,7 +1431,7 @@ impl Bench<'_> {
             down.with_context(|| format!("taking {} down", sys.label()))?;
             eprintln!(
                 "[round {}/{}] {:<13} up {:>6.0} down {:>6.0} Mbit/s | {:>5.2} CPU s/GB | udp {:>4.1}% CPU \
-                 | rtt idle {:.2}/{:.2} load {:.2}/{:.2} ms | first packet {:>6.1} ms | rss {:.1} MiB | leaks {}",
+                 | rtt idle {:.2}/{:.2} load {:.2}/{:.2} ms, {} lost, gateway dropped {} | first packet {:>6.1} ms | rss {:.1} MiB | leaks {}",
                 round + 1,
                 self.cfg.rounds,
                 sys.label(),
@@ -1399,6 +1443,8 @@ impl Bench<'_> {
                 sample.idle_p99_ms,
                 sample.load_p50_ms,
                 sample.load_p99_ms,
+                sample.pings_lost,
+                sample.gateway_drops,
                 sample.first_packet_ms,
                 sample.rss_mib,
                 sample.leaks
