@@ -753,3 +753,73 @@ async fn send_datagram(udp: &UdpSocket, endpoint: SocketAddr, datagram: &[u8]) -
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encrypts a stand-in datagram of `size` bytes into the batch the way
+    /// the packet task does; returns the runs sent as (segment, count, len).
+    fn push(batch: &mut OutgoingBatch, size: usize, max: usize, sent: &mut Vec<(usize, usize, usize)>) {
+        batch.slot()[..size].fill(size as u8);
+        if !batch.fits(size, max) {
+            sent.push((batch.segment, batch.count, batch.len));
+            batch.restart_with_slot(size);
+        }
+        batch.commit(size);
+    }
+
+    #[test]
+    fn equal_datagrams_share_one_send_and_a_shorter_one_ends_it() {
+        let mut batch = OutgoingBatch::new(1500);
+        let mut sent = Vec::new();
+        for size in [1452, 1452, 1452, 300, 1452] {
+            push(&mut batch, size, 64, &mut sent);
+        }
+        // Three full ones and the shorter tail went together; the next
+        // full one starts a new send, and its bytes moved to the front.
+        assert_eq!(sent, vec![(1452, 4, 3 * 1452 + 300)]);
+        assert_eq!((batch.count, batch.len, batch.segment), (1, 1452, 1452));
+        assert!(batch.buf[..1452].iter().all(|&b| b == 1452u16 as u8));
+    }
+
+    #[test]
+    fn a_larger_datagram_starts_a_new_send() {
+        let mut batch = OutgoingBatch::new(1500);
+        let mut sent = Vec::new();
+        for size in [96, 96, 1452] {
+            push(&mut batch, size, 64, &mut sent);
+        }
+        assert_eq!(sent, vec![(96, 2, 192)]);
+        assert_eq!(batch.segment, 1452);
+    }
+
+    #[test]
+    fn a_send_stops_at_the_segment_limit_and_at_64_kib() {
+        let mut batch = OutgoingBatch::new(1500);
+        let mut sent = Vec::new();
+        for _ in 0..5 {
+            push(&mut batch, 1000, 2, &mut sent);
+        }
+        assert_eq!(sent, vec![(1000, 2, 2000), (1000, 2, 2000)]);
+
+        let mut batch = OutgoingBatch::new(1500);
+        let mut sent = Vec::new();
+        for _ in 0..50 {
+            push(&mut batch, 1452, 64, &mut sent);
+        }
+        // 44 * 1452 = 63 888 fits under MAX_GSO_BYTES; 45 would not.
+        assert_eq!(sent, vec![(1452, 44, 44 * 1452)]);
+        assert!(sent.iter().all(|&(_, _, len)| len <= MAX_GSO_BYTES));
+    }
+
+    #[test]
+    fn without_gso_every_datagram_is_its_own_send() {
+        let mut batch = OutgoingBatch::new(1500);
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            push(&mut batch, 1452, 1, &mut sent);
+        }
+        assert_eq!(sent, vec![(1452, 1, 1452), (1452, 1, 1452)]);
+    }
+}
