@@ -1567,8 +1567,6 @@ mod tests {
     #[tokio::test]
     async fn stop_frees_the_port_and_a_busy_port_is_one_sentence() {
         let fake = fake_upstream().await;
-        let (first, _) = stub(vec![fake.addr], &["meet.test"], Recorder::new(0)).await;
-        let port = first.port();
         let config = |port| StubConfig {
             port,
             upstream: vec![fake.addr],
@@ -1576,6 +1574,20 @@ mod tests {
             upstream_mark: 0,
             sink: Recorder::new(0),
         };
+        // A port below the kernel's ephemeral range (32768 and up): a port
+        // the kernel handed out could be handed again, to another test's
+        // client socket on ::1, between the stop and the second start, and
+        // the second start would then fail for a reason this test is not
+        // about. Nothing binds these ports without asking for them.
+        let mut first = None;
+        for candidate in 20_000..20_500 {
+            if let Ok(stub) = StubResolver::start(config(candidate)).await {
+                first = Some(stub);
+                break;
+            }
+        }
+        let first = first.expect("a free port between 20000 and 20500");
+        let port = first.port();
         let starting = StubResolver::start(config(port));
         assert_send(&starting);
         let err = starting.await.err().expect("port busy");
