@@ -11,7 +11,8 @@
 //! seconds per GB over those transfers and its CPU share while carrying a
 //! steady 20 Mbit/s UDP stream, UDP round trips (p50/p99, pings on a fixed
 //! schedule) idle and under a concurrent bulk upload with the gateway's
-//! socket-queue drops meanwhile, the time from "bring it up" to the first TCP
+//! socket-queue drops meanwhile, the same under a bulk upload through a
+//! shaped uplink (BENCH_UPLINK_RATE, default 50mbit), the time from "bring it up" to the first TCP
 //! connection that arrives through the tunnel, resident memory, and the
 //! lab's leak meter (sessiongate must leak nothing).
 //!
@@ -19,7 +20,8 @@
 //! itself there): `udp-ping` and `first-packet`.
 //!
 //! Environment: BENCH_ROUNDS (3), BENCH_SECS (5, per transfer), BENCH_PINGS
-//! (200), BENCH_PING_INTERVAL_MS (10), BENCH_UDP_RATE (20M), BENCH_SYSTEMS
+//! (200), BENCH_PING_INTERVAL_MS (10), BENCH_UDP_RATE (20M),
+//! BENCH_UPLINK_RATE (50mbit, a tc rate), BENCH_SYSTEMS
 //! (sessiongate,wireguard-go,boringtun-cli), BENCH_BORINGTUN (path of
 //! boringtun-cli; default target/bench-tools/bin/boringtun-cli),
 //! BENCH_PROFILE=1 (afterwards: an strace timeline of `sessionctl start`,
@@ -113,6 +115,8 @@ struct Config {
     pings: u32,
     ping_interval_ms: u64,
     udp_rate: String,
+    /// tc rate of the shaped uplink (the second loaded-ping run).
+    uplink_rate: String,
     systems: Vec<System>,
     boringtun: Option<PathBuf>,
     profile: bool,
@@ -175,12 +179,14 @@ impl Config {
             None
         };
         let udp_rate = std::env::var("BENCH_UDP_RATE").unwrap_or_else(|_| "20M".to_string());
+        let uplink_rate = std::env::var("BENCH_UPLINK_RATE").unwrap_or_else(|_| "50mbit".to_string());
         Ok(Config {
             rounds: env_num("BENCH_ROUNDS", 3, 1)?,
             secs: env_num("BENCH_SECS", 5, 1)?,
             pings: env_num("BENCH_PINGS", 200, 10)?,
             ping_interval_ms: env_num("BENCH_PING_INTERVAL_MS", 10, 1)?,
             udp_rate,
+            uplink_rate,
             systems,
             boringtun,
             profile: std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1"),
@@ -360,6 +366,9 @@ struct Sample {
     load_p99_ms: f64,
     pings_lost: f64,
     gateway_drops: f64,
+    uplink_p50_ms: f64,
+    uplink_p99_ms: f64,
+    uplink_lost: f64,
     load_mbps: f64,
     first_packet_ms: f64,
     up_cmd_ms: f64,
@@ -526,6 +535,30 @@ fn metrics() -> Vec<Metric> {
         Metric {
             name: "datagrams the gateway dropped (socket queue full) during the loaded pings",
             get: |s| s.gateway_drops,
+            decimals: 0,
+            ratio: false,
+            worst: false,
+            goal: Goal::None,
+        },
+        Metric {
+            name: "UDP round trip under bulk upload, shaped uplink, p50 (ms)",
+            get: |s| s.uplink_p50_ms,
+            decimals: 2,
+            ratio: true,
+            worst: false,
+            goal: Goal::None,
+        },
+        Metric {
+            name: "UDP round trip under bulk upload, shaped uplink, p99 (ms)",
+            get: |s| s.uplink_p99_ms,
+            decimals: 2,
+            ratio: true,
+            worst: false,
+            goal: Goal::Ratio(Some(Bound::AtMost(1.0)), None),
+        },
+        Metric {
+            name: "pings lost under bulk upload, shaped uplink (per round)",
+            get: |s| s.uplink_lost,
             decimals: 0,
             ratio: false,
             worst: false,
@@ -1404,11 +1437,48 @@ impl Bench<'_> {
         };
         sample.rss_mib = sample.rss_mib.max(rss_mib(up.pid)?);
 
+        // (b) again with the bottleneck where it is in real use: the uplink.
+        // The client's link to the router is shaped (a token bucket in front
+        // of the client's interface, like a slow Wi-Fi or DSL uplink), so
+        // the queue forms there for every client instead of in the gateway's
+        // socket; replies come back unshaped.
+        let shaped = self.shaped_pings(lab);
+        let cleared = lab.exec(
+            Ns::Client,
+            &["tc", "qdisc", "del", "dev", addr::CLIENT_IF, "root"],
+        );
+        let shaped = shaped?;
+        cleared?;
+        sample.uplink_p50_ms = shaped.p50_ms;
+        sample.uplink_p99_ms = shaped.p99_ms;
+        sample.uplink_lost = shaped.lost as f64;
+
         sample.leaks = lab.leaks()? as f64;
         if sys == System::Sessiongate && sample.leaks > 0.0 {
             self.leak_reports.push(lab.leak_report());
         }
         Ok(())
+    }
+
+    /// Pings under a bulk upload while the uplink is shaped to
+    /// BENCH_UPLINK_RATE; the caller removes the shaping.
+    fn shaped_pings(&mut self, lab: &Lab) -> Result<PingStats> {
+        let shape = format!(
+            "tc qdisc replace dev {} root tbf rate {} burst 64kb latency 50ms",
+            addr::CLIENT_IF,
+            self.cfg.uplink_rate
+        );
+        lab.exec_ok(Ns::Client, &shape.split_whitespace().collect::<Vec<_>>())
+            .context("shaping the lab's uplink with tc")?;
+        let bulk = spawn_iperf(lab, self.cfg.ping_secs() + 2, &[])?;
+        sleep(Duration::from_secs(1))?;
+        let pings = run_pings(lab, &self.me, &self.cfg);
+        if finish(&bulk, Duration::from_secs(self.cfg.ping_secs() + 25)).is_err() {
+            check_interrupted()?;
+            eprintln!("  the bulk upload over the shaped uplink failed; restarting iperf3's server");
+            self.iperf.restart(lab)?;
+        }
+        pings
     }
 
     fn round(&mut self, round: usize) -> Result<[Option<Sample>; 3]> {
@@ -1431,7 +1501,7 @@ impl Bench<'_> {
             down.with_context(|| format!("taking {} down", sys.label()))?;
             eprintln!(
                 "[round {}/{}] {:<13} up {:>6.0} down {:>6.0} Mbit/s | {:>5.2} CPU s/GB | udp {:>4.1}% CPU \
-                 | rtt idle {:.2}/{:.2} load {:.2}/{:.2} ms, {} lost, gateway dropped {} | first packet {:>6.1} ms | rss {:.1} MiB | leaks {}",
+                 | rtt idle {:.2}/{:.2} load {:.2}/{:.2} ms, {} lost, gateway dropped {} | shaped uplink {:.2}/{:.2} ms, {} lost | first packet {:>6.1} ms | rss {:.1} MiB | leaks {}",
                 round + 1,
                 self.cfg.rounds,
                 sys.label(),
@@ -1445,6 +1515,9 @@ impl Bench<'_> {
                 sample.load_p99_ms,
                 sample.pings_lost,
                 sample.gateway_drops,
+                sample.uplink_p50_ms,
+                sample.uplink_p99_ms,
+                sample.uplink_lost,
                 sample.first_packet_ms,
                 sample.rss_mib,
                 sample.leaks
