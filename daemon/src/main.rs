@@ -29,6 +29,10 @@ struct Args {
     /// The resolver file pointed at the local stub during a session.
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Run the nft binary for every firewall change instead of libnftables
+    /// in process (slower; for a libnftables that misbehaves).
+    #[arg(long)]
+    nft_binary: bool,
     /// Members of this group may use the control socket besides root.
     #[arg(long, default_value = "sessiongate")]
     control_group: String,
@@ -44,6 +48,9 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    if args.nft_binary {
+        sessiond::nft::use_binary_only();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

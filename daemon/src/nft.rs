@@ -23,12 +23,15 @@
 //! The library is opened at run time (`dlopen` of `libnftables.so.1`, which
 //! Debian's `nftables` package depends on), not linked, so a machine without
 //! it still builds and runs sessiond: [`Libnftables::get`] answers `None` and
-//! the firewall falls back to the binary.
+//! the firewall falls back to the binary. [`use_binary_only`] (sessiond's
+//! `--nft-binary`) asks for that fallback on purpose: for a libnftables that
+//! misbehaves, and so the lab can prove the fallback keeps every guarantee.
 //!
 //! The context binds to the network namespace the process is in when it is
 //! first used; sessiond never changes namespace.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// `NFT_CTX_DEFAULT` for `nft_ctx_new`.
@@ -71,24 +74,39 @@ impl Drop for Context {
 }
 
 static LIBNFTABLES: OnceLock<Option<Libnftables>> = OnceLock::new();
+static BINARY_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Never load libnftables in this process: every command runs the `nft`
+/// binary. Takes effect only before the first firewall change.
+pub fn use_binary_only() {
+    BINARY_ONLY.store(true, Ordering::Relaxed);
+}
 
 impl Libnftables {
     /// The process's libnftables, loaded on first use; `None` when the
     /// library is not installed or not usable (logged once).
     pub fn get() -> Option<&'static Libnftables> {
         LIBNFTABLES
-            .get_or_init(|| match Context::open() {
-                Ok(context) => Some(Libnftables {
-                    context: Mutex::new(context),
-                }),
-                Err(reason) => {
-                    tracing::info!(
-                        "libnftables is not usable ({reason}); sessiond runs the nft binary instead"
-                    );
-                    None
+            .get_or_init(|| {
+                if BINARY_ONLY.load(Ordering::Relaxed) {
+                    tracing::info!("firewall changes run the nft binary, as asked (--nft-binary)");
+                    return None;
                 }
+                Libnftables::open()
             })
             .as_ref()
+    }
+
+    fn open() -> Option<Libnftables> {
+        match Context::open() {
+            Ok(context) => Some(Libnftables {
+                context: Mutex::new(context),
+            }),
+            Err(reason) => {
+                tracing::info!("libnftables is not usable ({reason}); sessiond runs the nft binary instead");
+                None
+            }
+        }
     }
 
     /// Runs `command` (nft syntax or nft's JSON) as `nft -j -f -` would: one
