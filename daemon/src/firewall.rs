@@ -393,26 +393,68 @@ fn counter_packets(listing: &Value, name: &str) -> Option<u64> {
 // Running nft.
 
 async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallError> {
-    let json = serde_json::to_vec(&batch.to_nftables()).map_err(|e| FirewallError::Encode(e.to_string()))?;
-    if let Some(lib) = Libnftables::get() {
-        let text = String::from_utf8_lossy(&json);
-        return lib.run(&text).map(|_| ()).map_err(|error| FirewallError::Nft {
+    let json =
+        serde_json::to_string(&batch.to_nftables()).map_err(|e| FirewallError::Encode(e.to_string()))?;
+    nft(NftCommand::Batch(&json), what)
+        .await?
+        .map(drop)
+        .map_err(|error| FirewallError::Nft {
             what,
-            reason: nft_words(&error).unwrap_or(error),
-        });
+            reason: nft_reason(&error),
+        })
+}
+
+/// `nft -j list table inet sessiongate`; `None` when the table is missing.
+async fn list_table() -> Result<Option<Value>, FirewallError> {
+    const WHAT: &str = "listing of the firewall table";
+    match nft(NftCommand::Line(&format!("list table inet {TABLE}")), WHAT).await? {
+        Ok(out) => serde_json::from_str(&out)
+            .map(Some)
+            .map_err(|e| FirewallError::Listing(e.to_string())),
+        Err(error) if error.contains("No such file or directory") => Ok(None),
+        Err(error) => Err(FirewallError::Nft {
+            what: WHAT,
+            reason: nft_reason(&error),
+        }),
     }
-    let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+}
+
+/// One nft command, with JSON output.
+enum NftCommand<'a> {
+    /// A JSON batch, one transaction (what `nft -j -f -` reads).
+    Batch(&'a str),
+    /// A command line, e.g. `list table inet sessiongate`.
+    Line(&'a str),
+}
+
+/// Runs `command` through libnftables in process, or through the `nft`
+/// binary when the library is missing ([`crate::nft`]). The outer error:
+/// nft could not be run at all; the inner one: nft refused, in its words.
+async fn nft(command: NftCommand<'_>, what: &'static str) -> Result<Result<String, String>, FirewallError> {
+    if let Some(lib) = Libnftables::get() {
+        let (NftCommand::Batch(text) | NftCommand::Line(text)) = command;
+        return Ok(lib.run(text));
+    }
+    let mut nft = Command::new("nft");
+    nft.arg("-j")
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
+        .kill_on_drop(true);
+    let input = match command {
+        NftCommand::Batch(json) => {
+            nft.args(["-f", "-"]).stdin(Stdio::piped());
+            Some(json)
+        }
+        NftCommand::Line(line) => {
+            nft.args(line.split_whitespace()).stdin(Stdio::null());
+            None
+        }
+    };
+    let mut child = nft.spawn().map_err(|e| FirewallError::Spawn(e.to_string()))?;
     let run = async {
-        if let Some(mut stdin) = child.stdin.take() {
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
             stdin
-                .write_all(&json)
+                .write_all(input.as_bytes())
                 .await
                 .map_err(|e| FirewallError::Spawn(format!("writing the ruleset to nft failed: {e}")))?;
             // Dropping stdin closes it: nft reads to the end, then commits.
@@ -426,22 +468,20 @@ async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallErr
         .await
         .map_err(|_| FirewallError::Timeout(what))??;
     if out.status.success() {
-        return Ok(());
+        return Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()));
     }
-    Err(FirewallError::Nft {
-        what,
-        reason: nft_reason(&String::from_utf8_lossy(&out.stderr), out.status),
-    })
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Ok(Err(if stderr.trim().is_empty() {
+        format!("nft exited with {} and no message", out.status)
+    } else {
+        stderr.into_owned()
+    }))
 }
 
 /// nft's own words: its `Error:` lines, each once (it repeats one per
 /// command of the batch, and echoes the offending JSON and a `^^^` marker,
-/// which we leave out).
-fn nft_reason(stderr: &str, status: std::process::ExitStatus) -> String {
-    nft_words(stderr).unwrap_or_else(|| format!("nft exited with {status} and no message"))
-}
-
-fn nft_words(stderr: &str) -> Option<String> {
+/// which we leave out), or else its first line.
+fn nft_reason(stderr: &str) -> String {
     let mut errors: Vec<&str> = Vec::new();
     // JSON input gives "internal:0:0-0: Error: ...".
     for error in stderr
@@ -453,51 +493,12 @@ fn nft_words(stderr: &str) -> Option<String> {
         }
     }
     if !errors.is_empty() {
-        return Some(errors.join("; "));
+        return errors.join("; ");
     }
-    stderr
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .map(str::to_string)
-}
-
-/// `nft -j list table inet sessiongate`; `None` when the table is missing.
-async fn list_table() -> Result<Option<Value>, FirewallError> {
-    if let Some(lib) = Libnftables::get() {
-        return match lib.run(&format!("list table inet {TABLE}")) {
-            Ok(out) => serde_json::from_str(&out)
-                .map(Some)
-                .map_err(|e| FirewallError::Listing(e.to_string())),
-            Err(error) if error.contains("No such file or directory") => Ok(None),
-            Err(error) => Err(FirewallError::Nft {
-                what: "listing of the firewall table",
-                reason: nft_words(&error).unwrap_or(error),
-            }),
-        };
+    match stderr.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) => line.to_string(),
+        None => "nft gave no message".to_string(),
     }
-    let run = Command::new("nft")
-        .args(["-j", "list", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(NFT_TIMEOUT, run)
-        .await
-        .map_err(|_| FirewallError::Timeout("listing of the firewall table"))?
-        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.contains("No such file or directory") {
-            return Ok(None);
-        }
-        return Err(FirewallError::Nft {
-            what: "listing of the firewall table",
-            reason: nft_reason(&stderr, out.status),
-        });
-    }
-    serde_json::from_slice(&out.stdout)
-        .map(Some)
-        .map_err(|e| FirewallError::Listing(e.to_string()))
 }
 
 /// The listed objects of our table that the tamper guard compares: every
@@ -1832,22 +1833,19 @@ mod tests {
 
     #[test]
     fn nft_errors_keep_nft_words() {
-        use std::os::unix::process::ExitStatusExt;
-        let status = std::process::ExitStatus::from_raw(256);
         let stderr = "Error: Could not process rule: No such file or directory\n{\"nftables\": []}\n^^^^\n";
         assert_eq!(
-            nft_reason(stderr, status),
+            nft_reason(stderr),
             "Could not process rule: No such file or directory"
         );
         assert_eq!(
             nft_reason(
                 "internal:0:0-0: Error: No such file or directory\n\
-                 internal:0:0-0: Error: No such file or directory\n",
-                status
+                 internal:0:0-0: Error: No such file or directory\n"
             ),
             "No such file or directory"
         );
-        assert!(nft_reason("", status).contains("no message"));
+        assert!(nft_reason("").contains("no message"));
     }
 
     #[test]

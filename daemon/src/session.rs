@@ -240,14 +240,19 @@ pub fn new(paths: Paths) -> (SessionMachine, SessionHandle) {
     )
 }
 
-/// The lockdown that protects a persisted session until its tunnel is back.
-fn lockdown_of(persisted: &PersistedSession) -> Lockdown {
-    Lockdown {
+/// Puts back the lockdown that protects a persisted session until its
+/// tunnel is back, and returns it.
+async fn lock_down(persisted: &PersistedSession) -> anyhow::Result<Lockdown> {
+    let lockdown = Lockdown {
         endpoint: persisted.endpoint,
         fwmark: TUNNEL_FWMARK,
         tunnel_interface: persisted.interface.clone(),
         allow_lan: persisted.allow_lan,
-    }
+    };
+    firewall::apply(&lockdown, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;
+    Ok(lockdown)
 }
 
 /// For a sessiond that refuses to run (its startup trust check failed) while
@@ -262,9 +267,7 @@ pub async fn lock_down_persisted(state_dir: &std::path::Path) -> anyhow::Result<
     let Some(persisted) = StateDir::new(state_dir).load()? else {
         return Ok(None);
     };
-    firewall::apply(&lockdown_of(&persisted), None)
-        .await
-        .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;
+    lock_down(&persisted).await?;
     Ok(Some(persisted.profile))
 }
 
@@ -286,10 +289,7 @@ impl SessionMachine {
             "resuming the session of profile {} found in the state directory",
             persisted.profile
         );
-        let lockdown = lockdown_of(&persisted);
-        firewall::apply(&lockdown, None)
-            .await
-            .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;
+        let lockdown = lock_down(&persisted).await?;
         self.start_guard();
         if let Err(e) = routing::remove_stale(TUNNEL_FWMARK, ROUTE_TABLE).await {
             tracing::warn!("could not clear routing rules left by the previous run: {e}");

@@ -361,10 +361,9 @@ struct OutgoingBatch {
     /// Bytes in `buf` that belong to the batch.
     len: usize,
     count: usize,
-    /// Size of the run's datagrams (all but a shorter last one).
+    /// Size of the run's datagrams (all but a shorter last one, which ends
+    /// the run: then `len` falls short of `count * segment`).
     segment: usize,
-    /// A shorter datagram ended the run; the next one starts a new send.
-    closed: bool,
     wire_len: usize,
 }
 
@@ -375,7 +374,6 @@ impl OutgoingBatch {
             len: 0,
             count: 0,
             segment: 0,
-            closed: false,
             wire_len,
         }
     }
@@ -392,8 +390,9 @@ impl OutgoingBatch {
     /// Whether a datagram of `size` bytes just written to [`slot`] can join
     /// the current send, up to `max_segments` datagrams.
     fn fits(&self, size: usize, max_segments: usize) -> bool {
+        let ended_by_a_shorter_one = self.len < self.count * self.segment;
         self.count == 0
-            || (!self.closed
+            || (!ended_by_a_shorter_one
                 && size <= self.segment
                 && self.count < max_segments
                 && self.len + size <= MAX_GSO_BYTES)
@@ -410,8 +409,6 @@ impl OutgoingBatch {
     fn commit(&mut self, size: usize) {
         if self.count == 0 {
             self.segment = size;
-        } else if size < self.segment {
-            self.closed = true;
         }
         self.len += size;
         self.count += 1;
@@ -421,7 +418,6 @@ impl OutgoingBatch {
         self.len = 0;
         self.count = 0;
         self.segment = 0;
-        self.closed = false;
     }
 }
 
@@ -436,18 +432,11 @@ impl Driver {
                 _ = &mut stop => break,
                 read = self.device.recv_multiple(
                     &mut buf.tun_read, &mut buf.from_tun, &mut buf.from_tun_sizes, 0,
-                ) => match read {
-                    Ok(n) => {
-                        if let Err(e) = self.outbound(n, &mut buf).await {
-                            tracing::error!("reading from the tunnel interface failed: {e}; the tunnel stops");
-                            break;
-                        }
-                    }
-                    Err(e) if is_device_gone(&e) => {
+                ) => {
+                    if let Err(e) = self.outbound(read, &mut buf).await {
                         tracing::error!("reading from the tunnel interface failed: {e}; the tunnel stops");
                         break;
                     }
-                    Err(e) => tracing::debug!("dropped a packet from the tunnel interface: {e}"),
                 },
                 received = recv_batch(&self.udp, &self.udp_state, &mut buf.from_net, &mut buf.from_net_meta) => match received {
                     Ok(n) => self.inbound(n, &mut buf).await,
@@ -460,37 +449,38 @@ impl Driver {
 
     /// Packets from applications, to be encrypted for the peer: the `first`
     /// read's packets, then whatever else the device has ready, sent in as
-    /// few syscalls as the kernel allows. Errs only when the device is gone.
-    async fn outbound(&mut self, first: usize, buf: &mut Buffers) -> std::io::Result<()> {
-        let mut ready = first;
-        for turn in 0..TUN_READS_PER_TURN {
-            for i in 0..ready {
-                let packet = &buf.from_tun[i][..buf.from_tun_sizes[i]];
-                self.encrypt(packet, &mut buf.outgoing).await;
+    /// few syscalls as the kernel allows. Errs only when the device is gone
+    /// (one malformed packet is dropped and logged).
+    async fn outbound(&mut self, first: std::io::Result<usize>, buf: &mut Buffers) -> std::io::Result<()> {
+        let mut read = first;
+        let mut result = Ok(());
+        for turn in 1..=TUN_READS_PER_TURN {
+            match read {
+                Ok(ready) => {
+                    for i in 0..ready {
+                        let packet = &buf.from_tun[i][..buf.from_tun_sizes[i]];
+                        self.encrypt(packet, &mut buf.outgoing).await;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if is_device_gone(&e) => {
+                    result = Err(e);
+                    break;
+                }
+                Err(e) => tracing::debug!("dropped a packet from the tunnel interface: {e}"),
             }
-            if turn + 1 == TUN_READS_PER_TURN {
+            if turn == TUN_READS_PER_TURN {
                 break;
             }
-            ready = match self.device.try_recv_multiple(
+            read = self.device.try_recv_multiple(
                 &mut buf.tun_read,
                 &mut buf.from_tun,
                 &mut buf.from_tun_sizes,
                 0,
-            ) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if is_device_gone(&e) => {
-                    self.flush(&mut buf.outgoing).await;
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::debug!("dropped a packet from the tunnel interface: {e}");
-                    0
-                }
-            };
+            );
         }
         self.flush(&mut buf.outgoing).await;
-        Ok(())
+        result
     }
 
     /// Encrypts one packet into the outgoing batch, sending the batch first
@@ -514,9 +504,7 @@ impl Driver {
             _ => return,
         };
         if !batch.fits(size, self.udp_state.max_gso_segments()) {
-            let full = batch.len;
-            self.send_run(&batch.buf[..full], batch.segment, batch.count)
-                .await;
+            self.send_batch(batch).await;
             batch.restart_with_slot(size);
         }
         batch.commit(size);
@@ -524,16 +512,15 @@ impl Driver {
 
     async fn flush(&mut self, batch: &mut OutgoingBatch) {
         if batch.count > 0 {
-            self.send_run(&batch.buf[..batch.len], batch.segment, batch.count)
-                .await;
+            self.send_batch(batch).await;
         }
         batch.clear();
     }
 
-    /// Sends `count` datagrams of `segment` bytes (the last may be shorter)
-    /// that sit back to back in `run`: one GSO send, or one by one when the
-    /// kernel turned GSO down.
-    async fn send_run(&self, run: &[u8], segment: usize, count: usize) {
+    /// Sends the batch's datagrams (all of its segment size, the last may be
+    /// shorter): one GSO send, or one by one when the kernel turned GSO down.
+    async fn send_batch(&self, batch: &OutgoingBatch) {
+        let (run, segment, count) = (&batch.buf[..batch.len], batch.segment, batch.count);
         let transmit = quinn_udp::Transmit {
             destination: self.endpoint,
             ecn: None,
@@ -575,8 +562,9 @@ impl Driver {
             }
             let stride = meta.stride.max(1);
             for datagram in buf.from_net[i][..meta.len].chunks(stride) {
+                // Only the part past the last packet gets zeroed; tun-rs
+                // writes the virtio header itself.
                 let slot = &mut buf.to_tun[pending];
-                slot.clear();
                 slot.resize(VNET_HDR + buf.wire_len, 0);
                 match self.decrypt(meta.addr, datagram, &mut slot[VNET_HDR..]).await {
                     Decrypted::Packet(len) => {

@@ -869,8 +869,6 @@ fn iperf_run(lab: &Lab, server: &mut IperfServer, secs: u64, extra: &[&str]) -> 
 
 // ------------------------------------------------------------ helpers run in the client namespace
 
-/// `udp-ping ADDR PORT COUNT INTERVAL_MS`: one datagram every interval to
-/// labhost's echo, prints JSON {"rtt_us": [...], "lost": N, "peer": "..."}.
 /// Datagrams the gateway's kernel dropped because wireguard-go's socket
 /// queue was full (`Udp: RcvbufErrors` in the gateway namespace): where a
 /// client that sends faster than the gateway decrypts loses packets.
@@ -888,6 +886,8 @@ fn gateway_udp_drops(lab: &Lab) -> Result<u64> {
         .context("the gateway's /proc/net/snmp has no Udp RcvbufErrors")
 }
 
+/// `udp-ping ADDR PORT COUNT INTERVAL_MS`: one datagram every interval to
+/// labhost's echo, prints JSON {"rtt_us": [...], "lost": N, "peer": "..."}.
 fn udp_ping(args: &[String]) -> Result<()> {
     let [a, port, count, interval] = args else {
         bail!("usage: bench udp-ping ADDR PORT COUNT INTERVAL_MS");
@@ -1414,27 +1414,12 @@ impl Bench<'_> {
         let idle = run_pings(lab, &self.me, &self.cfg)?;
         sample.idle_p50_ms = idle.p50_ms;
         sample.idle_p99_ms = idle.p99_ms;
-        let bulk = spawn_iperf(lab, self.cfg.ping_secs() + 2, &[])?;
-        sleep(Duration::from_secs(1))?;
-        let drops_before = gateway_udp_drops(lab)?;
-        let loaded = run_pings(lab, &self.me, &self.cfg);
-        sample.gateway_drops = gateway_udp_drops(lab)?.saturating_sub(drops_before) as f64;
-        let bulk_result = finish(&bulk, Duration::from_secs(self.cfg.ping_secs() + 25))
-            .and_then(|log| iperf_json(&log))
-            .and_then(|v| json_f64(&v, &["end", "sum_received", "bits_per_second"]));
-        let loaded = loaded?;
+        let (loaded, bulk_mbps, gateway_drops) = self.pings_under_upload(lab)?;
+        sample.gateway_drops = gateway_drops as f64;
         sample.load_p50_ms = loaded.p50_ms;
         sample.load_p99_ms = loaded.p99_ms;
         sample.pings_lost = (idle.lost + loaded.lost) as f64;
-        sample.load_mbps = match bulk_result {
-            Ok(bps) => bps / 1e6,
-            Err(e) => {
-                check_interrupted()?;
-                eprintln!("  the bulk upload under the pings failed ({e:#}); restarting iperf3's server");
-                self.iperf.restart(lab)?;
-                f64::NAN
-            }
-        };
+        sample.load_mbps = bulk_mbps;
         sample.rss_mib = sample.rss_mib.max(rss_mib(up.pid)?);
 
         // (b) again with the bottleneck where it is in real use: the uplink.
@@ -1470,15 +1455,33 @@ impl Bench<'_> {
         );
         lab.exec_ok(Ns::Client, &shape.split_whitespace().collect::<Vec<_>>())
             .context("shaping the lab's uplink with tc")?;
+        Ok(self.pings_under_upload(lab)?.0)
+    }
+
+    /// A ping run while a bulk upload goes on (it starts 1 s before the
+    /// pings and ends 1 s after them); the upload's rate in Mbit/s (NaN if
+    /// it failed; iperf3's server is then restarted); and the datagrams the
+    /// gateway dropped while the pings ran.
+    fn pings_under_upload(&mut self, lab: &Lab) -> Result<(PingStats, f64, u64)> {
         let bulk = spawn_iperf(lab, self.cfg.ping_secs() + 2, &[])?;
         sleep(Duration::from_secs(1))?;
+        let drops_before = gateway_udp_drops(lab)?;
         let pings = run_pings(lab, &self.me, &self.cfg);
-        if finish(&bulk, Duration::from_secs(self.cfg.ping_secs() + 25)).is_err() {
-            check_interrupted()?;
-            eprintln!("  the bulk upload over the shaped uplink failed; restarting iperf3's server");
-            self.iperf.restart(lab)?;
-        }
-        pings
+        let drops = gateway_udp_drops(lab)?.saturating_sub(drops_before);
+        let bulk_result = finish(&bulk, Duration::from_secs(self.cfg.ping_secs() + 25))
+            .and_then(|log| iperf_json(&log))
+            .and_then(|v| json_f64(&v, &["end", "sum_received", "bits_per_second"]));
+        let pings = pings?;
+        let mbps = match bulk_result {
+            Ok(bps) => bps / 1e6,
+            Err(e) => {
+                check_interrupted()?;
+                eprintln!("  the bulk upload under the pings failed ({e:#}); restarting iperf3's server");
+                self.iperf.restart(lab)?;
+                f64::NAN
+            }
+        };
+        Ok((pings, mbps, drops))
     }
 
     fn round(&mut self, round: usize) -> Result<[Option<Sample>; 3]> {

@@ -187,18 +187,17 @@ fn serve(args: &[String]) -> Result<(), String> {
     }
 
     let mut threads = Vec::new();
-    for &port in &tcp_ports {
-        for v6 in [false, true] {
-            let listener = tcp_listener(v6, port)
-                .map_err(|e| format!("listen tcp {} port {port}: {e}", if v6 { "v6" } else { "v4" }))?;
-            threads.push(std::thread::spawn(move || tcp_accept_loop(listener)));
-        }
-    }
-    for &port in &echo_ports {
-        for v6 in [false, true] {
-            let listener = tcp_listener(v6, port)
-                .map_err(|e| format!("listen tcp {} port {port}: {e}", if v6 { "v6" } else { "v4" }))?;
-            threads.push(std::thread::spawn(move || tcp_echo_loop(listener)));
+    // Each TCP service: its ports, and what it does with each listener.
+    let greet: fn(TcpListener) = tcp_accept_loop;
+    let echo: fn(TcpListener) = tcp_echo_loop;
+    let tcp_services = [(&tcp_ports, greet), (&echo_ports, echo)];
+    for (ports, serve) in tcp_services {
+        for &port in ports {
+            for v6 in [false, true] {
+                let listener = tcp_listener(v6, port)
+                    .map_err(|e| format!("listen tcp {} port {port}: {e}", if v6 { "v6" } else { "v4" }))?;
+                threads.push(std::thread::spawn(move || serve(listener)));
+            }
         }
     }
     for &port in &udp_ports {
@@ -475,8 +474,8 @@ fn bulk(args: &[String]) -> Result<(), String> {
     let mut reader = io::BufReader::new(stream.try_clone().map_err(|e| err_text(&e))?);
     let mut peer = String::new();
     io::BufRead::read_line(&mut reader, &mut peer).map_err(|e| format!("read {target}: {}", err_text(&e)))?;
-    // Steps of 1 to 64 KiB, so the kernel sees writes of every size.
     let mut writer = stream;
+    // Writes in steps of 1 byte to 64 KiB, so the kernel sees every size.
     let sender = std::thread::spawn(move || -> Result<(), String> {
         let mut pattern = Pattern::new();
         let mut buf = vec![0u8; 65_536];
