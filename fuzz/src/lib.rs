@@ -57,7 +57,7 @@ fn profiles_dir() -> &'static Path {
 
 /// `sessiond::profile::parse` (parser and validator) on arbitrary text.
 ///
-/// Properties: no panic; a valid profile satisfies every rule of SPEC §3
+/// Properties: no panic; a valid profile satisfies every rule of docs/profiles.md
 /// that the type system does not already; an error names the profile; and
 /// an inline private key never shows up in the error a person (or a
 /// `profiles --json` reply, or the log) sees.
