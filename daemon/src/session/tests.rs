@@ -735,3 +735,34 @@ async fn verify_needs_a_session_and_answers_with_its_report() {
     settle(&mut m).await;
     assert!(matches!(answered(&mut rx), Outcome::Verified(_)));
 }
+
+/// The loop itself: while a start waits for its handshake, `status`
+/// answers and `stop` is served (and cancels the start).
+#[tokio::test]
+async fn the_loop_serves_stop_and_status_while_a_start_waits() {
+    let (m, handle) = machine();
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let running = tokio::spawn(m.run(shutdown));
+    let starter = handle.clone();
+    let start = tokio::spawn(async move { starter.start(profile()).await });
+    while handle.status().tunnel.is_none() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(handle.status().phase, Phase::Starting);
+    let stopped = handle.stop().await;
+    assert!(matches!(stopped, Outcome::Stopped(_)), "{stopped:?}");
+    let started = start.await.expect("the start task");
+    assert!(
+        matches!(
+            started,
+            Outcome::Failed {
+                cause: Some(Cause::Cancelled),
+                ..
+            }
+        ),
+        "{started:?}"
+    );
+    assert_eq!(handle.status().phase, Phase::Idle);
+    let _ = shutdown_tx.send(true);
+    running.await.expect("the machine ends on shutdown");
+}
