@@ -16,6 +16,7 @@ fn lab() -> Lab {
 fn session(lab: &Lab) -> Daemon<'_> {
     lab.sessiond_profile().expect("write profile");
     let daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_all_leaks().expect("reset");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     daemon
 }
@@ -40,7 +41,7 @@ fn allowed_names_come_from_the_pinned_resolver_and_others_fail() {
     lab.set_public_answers(addr::MEET_NAME, &[addr::OTHER_V4])
         .expect("public answer");
     let daemon = session(&lab);
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
 
     assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
     assert!(
@@ -77,14 +78,14 @@ fn allowed_names_come_from_the_pinned_resolver_and_others_fail() {
         !pinned.contains(addr::OTHER_NAME),
         "a non-allowed name reached the pinned resolver:\n{pinned}"
     );
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
 
 #[test]
 fn queries_aimed_at_another_resolver_never_leave_the_machine() {
     let lab = lab();
     let _daemon = session(&lab);
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     let public_before = lab.public_resolver_log();
 
     for (proto, reply) in [
@@ -123,7 +124,7 @@ fn queries_aimed_at_another_resolver_never_leave_the_machine() {
         "the public resolver was asked something during the session"
     );
     assert!(!lab.pinned_resolver_log().contains(addr::OTHER_NAME));
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
 
 #[test]
@@ -140,6 +141,8 @@ fn the_resolver_file_is_restored_byte_for_byte_and_lookups_go_back() {
     let during = std::fs::read_to_string(&path).expect("read resolv.conf");
     assert_ne!(during, original, "the resolver file was not pointed at the stub");
     assert!(during.contains("nameserver 127.0.0.1"), "{during}");
+    assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(
@@ -166,6 +169,7 @@ fn the_resolver_file_survives_a_crash_and_resume() {
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(std::fs::read(&path).expect("read resolv.conf"), original);
 }
@@ -175,7 +179,7 @@ fn an_allowed_host_whose_address_changes_stays_reachable() {
     let lab = lab();
     let _daemon = session(&lab);
     assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     assert!(
         lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443).is_err(),
         "the future address must be blocked before the DNS answer names it"
@@ -199,5 +203,5 @@ fn an_allowed_host_whose_address_changes_stays_reachable() {
     println!("new address in use {:?} after the change", changed.elapsed());
     // The other host's address is allowed only for meet.test's ports.
     assert!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 8443).is_err());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }

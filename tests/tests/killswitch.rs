@@ -11,15 +11,20 @@ fn lab() -> Lab {
     Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
 }
 
-/// The lab profile with the video host allowed by address.
+/// The lab profile with the video host allowed by address; the tunnel leak
+/// meter follows it.
 fn literal_profile(lab: &Lab, name: &str, edit: impl FnOnce(String) -> String) {
-    lab.write_profile(name, |t| {
-        edit(t.replace(
-            &format!("host = \"{}\"", addr::MEET_NAME),
-            &format!("host = \"{}\"", addr::HOST_V4),
-        ))
-    })
-    .expect("write profile");
+    let files = lab
+        .write_profile(name, |t| {
+            edit(t.replace(
+                &format!("host = \"{}\"", addr::MEET_NAME),
+                &format!("host = \"{}\"", addr::HOST_V4),
+            ))
+        })
+        .expect("write profile");
+    // The tunnel leak meter allows what this profile allows.
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
 }
 
 fn state(daemon: &Daemon) -> String {
@@ -68,7 +73,7 @@ fn only_the_allowed_host_on_its_ports_passes_and_blocked_traffic_fails_fast() {
     let lab = lab();
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond().expect("start sessiond");
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
 
     assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
@@ -92,7 +97,7 @@ fn only_the_allowed_host_on_its_ports_passes_and_blocked_traffic_fails_fast() {
     );
 
     assert!(nft_tables(&lab).contains("table inet sessiongate"));
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(nft_tables(&lab).trim(), "", "our table is left after stop");
@@ -108,7 +113,7 @@ fn a_dead_gateway_leaks_nothing_and_the_session_comes_back() {
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
 
     lab.kill_gateway().expect("kill wireguard-go");
     // Probe everything, allowed or not, for several seconds with the
@@ -124,7 +129,7 @@ fn a_dead_gateway_leaks_nothing_and_the_session_comes_back() {
         assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
         rounds += 1;
     }
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     lab.restart_gateway().expect("restart wireguard-go");
     let back = Instant::now();
@@ -141,7 +146,7 @@ fn a_dead_gateway_leaks_nothing_and_the_session_comes_back() {
         "gateway dead: {rounds} probe rounds, 0 leaks; traffic flows again {:?} after the gateway returned",
         back.elapsed()
     );
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
 
 #[test]
@@ -150,7 +155,7 @@ fn a_killed_daemon_leaves_the_machine_locked_and_a_restart_resumes() {
     literal_profile(&lab, "lab", |t| t);
     let mut daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
 
     daemon.kill9().expect("kill -9 sessiond");
     wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("sessiond exits");
@@ -162,7 +167,7 @@ fn a_killed_daemon_leaves_the_machine_locked_and_a_restart_resumes() {
         "reached the host with the daemon dead: {direct:?}"
     );
     assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     let restarted = Instant::now();
     daemon.restart().expect("restart sessiond");
@@ -175,7 +180,7 @@ fn a_killed_daemon_leaves_the_machine_locked_and_a_restart_resumes() {
         restarted.elapsed()
     );
     assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop after a restart");
     assert_eq!(nft_tables(&lab).trim(), "");
@@ -191,6 +196,7 @@ fn stop_works_after_a_restart_even_when_the_profile_was_deleted() {
     literal_profile(&lab, "lab", |t| t);
     let before = lab.exec_ok(Ns::Client, &["ip", "rule"]).expect("ip rule");
     let mut daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_all_leaks().expect("reset");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     daemon.kill9().expect("kill -9 sessiond");
     wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("sessiond exits");
@@ -205,6 +211,7 @@ fn stop_works_after_a_restart_even_when_the_profile_was_deleted() {
     );
     let direct = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(700));
     assert!(direct.is_err(), "open while the profile is missing: {direct:?}");
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(state(&daemon), "idle");
@@ -244,7 +251,7 @@ fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond_with(sessiond_args).expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset leaks");
+    lab.reset_all_leaks().expect("reset leaks");
     let pid = daemon.pid().expect("sessiond's pid");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("sessiond's memory map");
     let used = if maps.contains("libnftables") {
@@ -288,7 +295,7 @@ fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
 
-    assert_eq!(lab.leaks().expect("leak meter"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert!(!nft_tables(&lab).contains("sessiongate"), "{}", nft_tables(&lab));
@@ -309,7 +316,9 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
         t.replace(&gateway_key, &wrong)
             .replace("handshake_timeout_secs = 10", "handshake_timeout_secs = 2")
     });
-    literal_profile(&lab, "invalid", |t| t.replace("udp = [10000]", "udp = [70000]"));
+    // Written directly: the tunnel meter keeps following `wrongkey`.
+    lab.write_profile("invalid", |t| t.replace("udp = [10000]", "udp = [70000]"))
+        .expect("write profile");
     let daemon = lab.start_sessiond().expect("start sessiond");
     let ruleset_before = lab
         .exec_ok(Ns::Client, &["nft", "list", "ruleset"])
@@ -329,7 +338,7 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
     );
     assert!(!daemon.state_dir().join("session.json").exists());
 
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     let out = daemon.ctl(&["start", "wrongkey"]).expect("run start");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
@@ -340,7 +349,7 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
     let direct = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(700));
     assert!(direct.is_err(), "open after a failed start: {direct:?}");
     assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(

@@ -52,7 +52,7 @@ fn a_boot_with_a_persisted_session_leaks_nothing_from_the_first_moment() {
     );
 
     // Applications keep trying to talk the whole time.
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
     std::thread::scope(|scope| {
@@ -97,7 +97,7 @@ fn a_boot_with_a_persisted_session_leaks_nothing_from_the_first_moment() {
         stop.store(true, Ordering::SeqCst);
     });
     println!("{} probe rounds during the boot", rounds.load(Ordering::SeqCst));
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
     assert_eq!(
         lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
         Ok(format!("peer={}", addr::GATEWAY_V4))
@@ -125,7 +125,7 @@ fn a_refused_start_after_a_reboot_still_locks_the_persisted_session_down() {
     let profiles = daemon.profiles_dir().to_path_buf();
     std::fs::set_permissions(&profiles, std::fs::Permissions::from_mode(0o775)).expect("chmod 775");
 
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     let refused = daemon
         .restart()
         .expect_err("sessiond should refuse a group-writable profiles dir");
@@ -145,7 +145,7 @@ fn a_refused_start_after_a_reboot_still_locks_the_persisted_session_down() {
     assert!(lab
         .probe_udp_timeout(Ns::Client, addr::HOST_V4, 10000, short)
         .is_err());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     std::fs::set_permissions(&profiles, std::fs::Permissions::from_mode(0o755)).expect("chmod 755");
     daemon
@@ -160,7 +160,7 @@ fn a_refused_start_after_a_reboot_still_locks_the_persisted_session_down() {
         .exec_ok(Ns::Client, &["nft", "list", "tables"])
         .expect("nft")
         .contains("sessiongate"));
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
 
 #[test]
@@ -168,6 +168,7 @@ fn profile_edits_are_picked_up_live_and_bad_ones_never_disturb_the_session() {
     let lab = lab();
     let files = lab.sessiond_profile().expect("profile");
     let daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_all_leaks().expect("reset");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     assert!(
         lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443).is_err(),
@@ -196,6 +197,8 @@ fn profile_edits_are_picked_up_live_and_bad_ones_never_disturb_the_session() {
         files.toml,
         addr::OTHER_NAME
     );
+    lab.set_tunnel_allowed_profile(&widened)
+        .expect("tunnel meter follows the edit");
     std::fs::write(&files.path, &widened).expect("edit");
     wait_until(
         Duration::from_secs(10),
@@ -239,6 +242,7 @@ fn profile_edits_are_picked_up_live_and_bad_ones_never_disturb_the_session() {
     lab.write_profile("second", |t| t).expect("second profile");
     let listed = daemon.ctl_ok(&["profiles", "--json"]).expect("profiles");
     assert!(listed.contains("\"second\""), "{listed}");
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -283,6 +287,11 @@ fn a_real_wg_quick_file_imports_into_a_working_profile() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).expect("key").permissions());
     assert_eq!(mode & 0o777, 0o600);
     daemon.ctl_ok(&["check", "imported"]).expect("check");
+    let imported = std::fs::read_to_string(daemon.profiles_dir().join("imported.toml"))
+        .expect("read the imported profile");
+    lab.set_tunnel_allowed_profile(&imported)
+        .expect("tunnel meter follows the imported profile");
+    lab.reset_all_leaks().expect("reset");
 
     daemon
         .ctl_ok(&["start", "imported"])
@@ -292,6 +301,7 @@ fn a_real_wg_quick_file_imports_into_a_working_profile() {
         Ok(format!("peer={}", addr::GATEWAY_V6))
     );
     assert!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443).is_err());
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 
     // Importing again never overwrites.

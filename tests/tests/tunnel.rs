@@ -13,15 +13,20 @@ fn lab() -> Lab {
 }
 
 /// The lab profile with the video host allowed by address (names are
-/// answered by the DNS stub, which these tests do not depend on).
+/// answered by the DNS stub, which these tests do not depend on); the
+/// tunnel leak meter follows it.
 fn literal_profile(lab: &Lab, name: &str, edit: impl FnOnce(String) -> String) {
-    lab.write_profile(name, |t| {
-        edit(t.replace(
-            &format!("host = \"{}\"", addr::MEET_NAME),
-            &format!("host = \"{}\"", addr::HOST_V4),
-        ))
-    })
-    .expect("write profile");
+    let files = lab
+        .write_profile(name, |t| {
+            edit(t.replace(
+                &format!("host = \"{}\"", addr::MEET_NAME),
+                &format!("host = \"{}\"", addr::HOST_V4),
+            ))
+        })
+        .expect("write profile");
+    // The tunnel leak meter allows what this profile allows.
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -58,7 +63,7 @@ fn a_session_carries_traffic_both_ways_through_wireguard_go() {
     let lab = lab();
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond().expect("start sessiond");
-    lab.reset_leaks().expect("reset leaks");
+    lab.reset_all_leaks().expect("reset leaks");
 
     let started = daemon.ctl(&["start", "lab"]).expect("run sessionctl start");
     assert_eq!(
@@ -100,7 +105,7 @@ fn a_session_carries_traffic_both_ways_through_wireguard_go() {
     let status = daemon.status().expect("status");
     assert!(status["tunnel"]["rx_bytes"].as_u64().unwrap_or(0) > 0, "{status}");
     assert!(status["tunnel"]["tx_bytes"].as_u64().unwrap_or(0) > 0, "{status}");
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     // A second start while the session runs is refused and changes nothing.
     let again = daemon.ctl(&["start", "lab"]).expect("run sessionctl start");
@@ -141,7 +146,7 @@ fn bulk_transfers_arrive_intact_both_ways_over_ipv4_and_ipv6() {
     });
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start the session");
-    lab.reset_leaks().expect("reset leaks");
+    lab.reset_all_leaks().expect("reset leaks");
 
     let labhost = lab.labhost_path().to_string_lossy().to_string();
     for (host, gateway) in [
@@ -175,7 +180,7 @@ fn bulk_transfers_arrive_intact_both_ways_over_ipv4_and_ipv6() {
             clock.elapsed().as_secs_f64()
         );
     }
-    assert_eq!(lab.leaks().expect("leak meter"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -185,6 +190,7 @@ fn stop_leaves_rules_routes_and_links_exactly_as_before() {
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond().expect("start sessiond");
     let before = network_snapshot(&lab);
+    lab.reset_all_leaks().expect("reset leaks");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     let during = network_snapshot(&lab);
     assert_ne!(before, during, "the session changed nothing?");
@@ -192,6 +198,7 @@ fn stop_leaves_rules_routes_and_links_exactly_as_before() {
         during.contains("fwmark 0x5347"),
         "no policy rule during the session:\n{during}"
     );
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(state(&daemon), "idle");
     let after = network_snapshot(&lab);
@@ -215,6 +222,7 @@ fn a_wrong_peer_key_fails_clearly_within_the_timeout() {
     });
     let daemon = lab.start_sessiond().expect("start sessiond");
     let before = network_snapshot(&lab);
+    lab.reset_all_leaks().expect("reset leaks");
     let clock = Instant::now();
     let out = daemon.ctl(&["start", "wrongkey"]).expect("run sessionctl start");
     let took = clock.elapsed();
@@ -235,6 +243,7 @@ fn a_wrong_peer_key_fails_clearly_within_the_timeout() {
     println!("wrong key reported after {took:?}");
     // Not active, and stop brings everything back.
     assert_eq!(state(&daemon), "degraded");
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(network_snapshot(&lab), before);
 }
@@ -244,6 +253,7 @@ fn a_dead_gateway_degrades_the_session_and_its_return_recovers_it() {
     let lab = lab();
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_all_leaks().expect("reset leaks");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     assert_eq!(state(&daemon), "active");
 
@@ -275,4 +285,5 @@ fn a_dead_gateway_degrades_the_session_and_its_return_recovers_it() {
         Ok(format!("peer={}", addr::GATEWAY_V4))
     );
     println!("gateway killed -> degraded after {detect:?}; restarted -> active after {recover:?}");
+    lab.assert_no_leaks();
 }
