@@ -331,8 +331,27 @@ impl Lab {
         // Start the slow-ish processes first; they need only their namespace.
         self.start_gateway_process()?;
         let labhost = self.labhost.to_string_lossy().into_owned();
-        // `--lab ID` only labels the process (ps shows whose it is).
-        let serve = [labhost.as_str(), "serve", "--lab", self.id.as_str()];
+        // `--lab ID` only labels the process (ps shows whose it is). 853
+        // listens too, so a DNS-over-TLS probe to an allowed address can
+        // only be stopped by the product's refusal, not by a closed port.
+        let serve = [
+            labhost.as_str(),
+            "serve",
+            "--lab",
+            self.id.as_str(),
+            "--tcp",
+            "443",
+            "--tcp",
+            "8443",
+            "--tcp",
+            "853",
+            "--udp",
+            "10000",
+            "--udp",
+            "853",
+            "--echo",
+            "9000",
+        ];
         self.host_server = Some(self.spawn_named(Ns::Host, "labhost-serve", &serve)?);
         self.checkpoint("processes")?;
 

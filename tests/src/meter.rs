@@ -18,7 +18,8 @@
 //! from a profile's text (`set_tunnel_allowed_profile`): each `[[allow]]`
 //! host (a name resolved with the pinned resolver's current answers, or a
 //! literal address/CIDR) on its TCP and UDP ports, and the `[dns]` servers on
-//! TCP/UDP 53 — so DNS to any other server, and 853 anywhere, counts. At setup
+//! TCP/UDP 53 — so DNS to any other server, and 853 anywhere, counts (also
+//! when an `[[allow]]` lists 53 or 853: the product refuses those). At setup
 //! it follows the lab's standard profile. Also not counted: link control as
 //! above, and ICMP errors that conntrack relates to a flow it has seen (an
 //! error about an allowed flow carries nothing new; an error about a
@@ -34,6 +35,8 @@ use crate::lab::{addr, lock, Lab, Ns};
 const TABLE: &str = "labmeter";
 const TUNNEL_TABLE: &str = "labtunnelmeter";
 const COUNTER: &str = "escaped";
+/// DNS and DNS-over-TLS/QUIC: never allowed through an `[[allow]]` rule.
+const DNS_PORTS: [u16; 2] = [53, 853];
 const DESTINATION_SETS: [&str; 4] = ["ports4", "ports6", "other4", "other6"];
 
 /// IPv6 link control, never counted by either meter.
@@ -379,7 +382,9 @@ impl Lab {
             };
             for net in nets {
                 for (proto, ports) in [("tcp", tcp), ("udp", udp)] {
-                    for &port in ports {
+                    // DNS and DNS-over-TLS only to the pinned servers on 53,
+                    // whatever the allow list says (as the product does).
+                    for &port in ports.iter().filter(|p| !DNS_PORTS.contains(p)) {
                         flows.push(TunnelFlow {
                             net: net.clone(),
                             proto,

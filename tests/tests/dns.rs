@@ -84,8 +84,19 @@ fn allowed_names_come_from_the_pinned_resolver_and_others_fail() {
 #[test]
 fn queries_aimed_at_another_resolver_never_leave_the_machine() {
     let lab = lab();
-    let _daemon = session(&lab);
+    // meet.test also on TCP/UDP 853, where the host listens: DNS-over-TLS to
+    // it can then only be stopped by the 53/853 refusal rule.
+    let files = lab
+        .write_profile("lab", |t| {
+            t.replace("tcp = [443]", "tcp = [443, 853]")
+                .replace("udp = [10000]", "udp = [10000, 853]")
+        })
+        .expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
     lab.reset_all_leaks().expect("reset");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
     let public_before = lab.public_resolver_log();
 
     for (proto, reply) in [
@@ -115,8 +126,23 @@ fn queries_aimed_at_another_resolver_never_leave_the_machine() {
         let r = reply.expect("answer for an allowed name");
         assert_eq!(r.answers, vec![addr::HOST_V4.to_string()], "{r:?}");
     }
-    // DNS-over-TLS is refused outright.
-    assert!(lab.probe_tcp(Ns::Client, addr::PUBLIC_DNS_V4, 853).is_err());
+    // DNS-over-TLS is refused outright: to the public resolver, and to the
+    // allowed host (its address is in the allow set now, on 853 too).
+    let status = daemon.status().expect("status");
+    assert!(
+        status["allowed"][0]["addresses"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == addr::HOST_V4)),
+        "meet.test not resolved yet: {status}"
+    );
+    for host in [addr::PUBLIC_DNS_V4, addr::HOST_V4] {
+        assert_eq!(
+            lab.probe_tcp(Ns::Client, host, 853),
+            Err(format!("connect {host}:853: Connection refused"))
+        );
+    }
+    let udp = lab.probe_udp(Ns::Client, addr::HOST_V4, 853);
+    assert!(udp.is_err(), "udp 853 to the allowed host: {udp:?}");
 
     let public_after = lab.public_resolver_log();
     assert_eq!(

@@ -11,15 +11,22 @@ fn lab() -> Lab {
     Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
 }
 
-/// The lab profile with the video host allowed by address; the tunnel leak
-/// meter follows it.
+/// The lab profile with the video host allowed by address, also on TCP and
+/// UDP 853 (where the host listens): DNS-over-TLS to it must then be stopped
+/// by the kill switch's 53/853 refusal, which comes before the allow list,
+/// and by nothing else. The tunnel leak meter follows it (it never allows
+/// 853).
 fn literal_profile(lab: &Lab, name: &str, edit: impl FnOnce(String) -> String) {
     let files = lab
         .write_profile(name, |t| {
-            edit(t.replace(
-                &format!("host = \"{}\"", addr::MEET_NAME),
-                &format!("host = \"{}\"", addr::HOST_V4),
-            ))
+            edit(
+                t.replace(
+                    &format!("host = \"{}\"", addr::MEET_NAME),
+                    &format!("host = \"{}\"", addr::HOST_V4),
+                )
+                .replace("tcp = [443]", "tcp = [443, 853]")
+                .replace("udp = [10000]", "udp = [10000, 853]"),
+            )
         })
         .expect("write profile");
     // The tunnel leak meter allows what this profile allows.
@@ -39,8 +46,8 @@ fn through_tunnel() -> Result<String, String> {
 }
 
 /// Probes that must all be refused during a session (other host, unlisted
-/// port, IPv6, the public resolver, DNS-over-TLS); returns the ones that got
-/// through.
+/// port, IPv6, the public resolver, DNS-over-TLS to the allowed host, which
+/// listens on 853 and lists it); returns the ones that got through.
 fn forbidden_probes_that_passed(lab: &Lab) -> Vec<String> {
     let short = Duration::from_millis(700);
     let mut passed = Vec::new();
@@ -49,13 +56,18 @@ fn forbidden_probes_that_passed(lab: &Lab) -> Vec<String> {
         (addr::HOST_V4, 8443),
         (addr::HOST_V6, 443),
         (addr::PUBLIC_DNS_V4, 853),
+        (addr::HOST_V4, 853),
     ];
     for (host, port) in tcp {
         if let Ok(reply) = lab.probe_tcp_timeout(Ns::Client, host, port, short) {
             passed.push(format!("tcp {host}:{port} -> {reply}"));
         }
     }
-    for (host, port) in [(addr::OTHER_V4, 10000), (addr::HOST_V6, 10000)] {
+    for (host, port) in [
+        (addr::OTHER_V4, 10000),
+        (addr::HOST_V6, 10000),
+        (addr::HOST_V4, 853),
+    ] {
         if let Ok(reply) = lab.probe_udp_timeout(Ns::Client, host, port, short) {
             passed.push(format!("udp {host}:{port} -> {reply}"));
         }
