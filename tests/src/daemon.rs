@@ -148,6 +148,7 @@ impl Lab {
             state_dir,
             profiles,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             runs: Vec::new(),
         };
         daemon.launch()?;
@@ -164,6 +165,7 @@ pub struct Daemon<'a> {
     state_dir: PathBuf,
     profiles: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     runs: Vec<LabChild>,
 }
 
@@ -187,7 +189,8 @@ impl Daemon<'_> {
             "sessiongate",
         ];
         args.extend(self.extra.iter().map(String::as_str));
-        let child = self.lab.spawn_named(Ns::Client, "sessiond", &args)?;
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = self.lab.spawn_env(Ns::Client, "sessiond", &args, &env)?;
         self.runs.push(child.clone());
         let mut exited = false;
         wait_until(DAEMON_START_TIMEOUT, "sessiond's control socket", || {
@@ -210,6 +213,13 @@ impl Daemon<'_> {
 
     fn current(&self) -> Result<&LabChild> {
         self.runs.last().context("sessiond was never started")
+    }
+
+    /// Sets an environment variable for the next `restart` (and every one
+    /// after it), e.g. `NOTIFY_SOCKET`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// The control socket path.
