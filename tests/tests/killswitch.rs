@@ -237,7 +237,20 @@ fn stop_works_after_a_restart_even_when_the_profile_was_deleted() {
 
 #[test]
 fn a_flushed_ruleset_is_put_back_within_a_second() {
-    tamper_and_stop(&[], Nft::InProcess);
+    tamper_and_stop(&[], Nft::InProcess, Window::OutsideOnly);
+}
+
+/// While the table is gone (flush to restore, 40-90 ms here) forbidden
+/// traffic must not pass either, nor go on afterwards. Today it does both,
+/// through the tunnel: the policy routes still carry every packet into it
+/// and nothing filters (seen: ~500 datagrams of the spray to 203.0.113.20,
+/// 203.0.113.53:53 and 2001:db8:203::10 reached the gateway), and a UDP
+/// flow opened in the window then passes the restored table as
+/// `ct state established` (issue 13 item 3).
+#[test]
+#[ignore = "known leak found by this test (not yet an issue item): forbidden traffic goes through the tunnel while a flushed table is being put back"]
+fn nothing_forbidden_passes_while_a_flushed_table_is_put_back() {
+    tamper_and_stop(&[], Nft::InProcess, Window::BothMeters);
 }
 
 /// `--nft-binary`: every firewall change runs the nft binary instead of
@@ -245,7 +258,19 @@ fn a_flushed_ruleset_is_put_back_within_a_second() {
 /// The same tamper case and a clean stop prove it keeps the guarantees.
 #[test]
 fn the_nft_binary_fallback_keeps_the_same_guarantees() {
-    tamper_and_stop(&["--nft-binary"], Nft::Binary);
+    tamper_and_stop(&["--nft-binary"], Nft::Binary, Window::OutsideOnly);
+}
+
+/// What must hold while our table is gone, between a flush and its restore.
+#[derive(PartialEq, Debug)]
+enum Window {
+    /// Nothing leaves outside the tunnel (what reaches the gateway inside
+    /// the tunnel then is printed); the spray stops at the restore, and new
+    /// traffic afterwards must leave both meters at zero.
+    OutsideOnly,
+    /// Both meters at zero, the window included, and the spray keeps going
+    /// after the restore: its flows opened in the window must be closed too.
+    BothMeters,
 }
 
 /// How sessiond is expected to reach nftables.
@@ -257,8 +282,11 @@ enum Nft {
 
 /// A session; the ruleset flushed and our table deleted (each put back
 /// within 1 s, identical, with a warning, still closed, nothing leaked);
-/// then a stop that leaves no table and gives the network back.
-fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
+/// then a stop that leaves no table and gives the network back. A UDP spray
+/// to forbidden destinations (a datagram every 0.5 ms, v4 and v6, DNS to
+/// the public resolver) runs from before the flush until after the second
+/// restore, so traffic is attempted while the table is gone.
+fn tamper_and_stop(sessiond_args: &[&str], nft: Nft, window: Window) {
     let lab = lab();
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond_with(sessiond_args).expect("start sessiond");
@@ -275,6 +303,21 @@ fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
     let shape = lab
         .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
         .expect("list our table");
+
+    let labhost = lab.labhost_path().to_string_lossy().into_owned();
+    let forbidden = [
+        format!("{}:10000", addr::OTHER_V4),
+        format!("{}:8443", addr::HOST_V4),
+        format!("{}:53", addr::PUBLIC_DNS_V4),
+        format!("[{}]:10000", addr::HOST_V6),
+    ];
+    let mut spray_args = vec![labhost.as_str(), "spray"];
+    spray_args.extend(forbidden.iter().map(String::as_str));
+    let spray = lab.spawn(Ns::Client, &spray_args).expect("start the spray");
+    wait_until(Duration::from_secs(5), "the spray running", || {
+        spray.log().contains("spraying")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", spray.log()));
 
     let flushed = Instant::now();
     lab.exec_ok(Ns::Client, &["nft", "flush", "ruleset"])
@@ -306,7 +349,23 @@ fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
         nft_tables(&lab).contains("table inet sessiongate")
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
-
+    assert!(spray.is_running(), "the spray stopped: {}", spray.log());
+    match window {
+        Window::BothMeters => {
+            lab.assert_no_leaks();
+            // With the table back, the spray's flows meet it again too.
+            lab.reset_all_leaks().expect("reset leaks");
+            assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+            spray.kill().expect("stop the spray");
+        }
+        Window::OutsideOnly => {
+            spray.kill().expect("stop the spray");
+            println!("while the table was gone: {}", lab.tunnel_leak_report());
+            assert_eq!(lab.leaks().expect("leak meter"), 0, "{}", lab.leak_report());
+            lab.reset_all_leaks().expect("reset leaks");
+            assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+        }
+    }
     lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
