@@ -434,3 +434,139 @@ fn a_real_wg_quick_file_imports_into_a_working_profile() {
         .expect("import again");
     assert_eq!(again.status.code(), Some(1), "{again:?}");
 }
+
+/// A group and users made for one test in the host's /etc/group and
+/// /etc/passwd (not network state: the lab's namespaces share them), removed
+/// again on drop, also after a failed assertion.
+struct LocalAccounts {
+    group: String,
+    users: Vec<String>,
+}
+
+impl LocalAccounts {
+    fn new(group: &str) -> LocalAccounts {
+        lab::util::run(&["groupadd", "--system", group]).expect("groupadd");
+        LocalAccounts {
+            group: group.to_string(),
+            users: Vec::new(),
+        }
+    }
+
+    /// A system user with its own primary group and no home, optionally
+    /// also a member of the test's group.
+    fn add_user(&mut self, name: &str, member: bool) {
+        let mut args = vec![
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ];
+        if member {
+            args.extend(["--groups", self.group.as_str()]);
+        }
+        args.push(name);
+        lab::util::run(&args).expect("useradd");
+        self.users.push(name.to_string());
+    }
+}
+
+impl Drop for LocalAccounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            if let Err(e) = lab::util::run(&["userdel", user]) {
+                eprintln!("removing user {user}: {e:#}");
+            }
+        }
+        if let Err(e) = lab::util::run(&["groupdel", &self.group]) {
+            eprintln!("removing group {}: {e:#}", self.group);
+        }
+    }
+}
+
+/// The control group, for real: a group that exists and a non-root member
+/// runs `sessionctl` against sessiond (status, start, stop), while a
+/// non-root user outside the group is turned away.
+#[test]
+fn a_member_of_the_control_group_runs_sessionctl_and_others_cannot() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let lab = lab();
+    let id = lab.id().to_string();
+    let mut accounts = LocalAccounts::new(&format!("sgctl{id}"));
+    let (member, outsider) = (format!("sgmem{id}"), format!("sgout{id}"));
+    accounts.add_user(&member, true);
+    accounts.add_user(&outsider, false);
+    // Others may pass through the lab's private dir to reach the socket
+    // (not list it; the profiles dir inside stays 0700).
+    std::fs::set_permissions(lab.tmp_dir(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod the lab dir");
+    lab.sessiond_profile().expect("profile");
+    let daemon = lab
+        .start_sessiond_for_group(&accounts.group)
+        .expect("start sessiond");
+    let gid = nix::unistd::Group::from_name(&accounts.group)
+        .expect("group lookup")
+        .expect("the group exists")
+        .gid
+        .as_raw();
+    let meta = std::fs::metadata(daemon.socket()).expect("socket");
+    assert_eq!(meta.gid(), gid, "the socket does not belong to the control group");
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode");
+
+    let text = |out: &std::process::Output| {
+        format!(
+            "exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    let status = daemon
+        .ctl_as(&member, &["status", "--json"])
+        .expect("run sessionctl");
+    assert!(
+        status.status.success(),
+        "member: {}\n{}",
+        text(&status),
+        daemon.log()
+    );
+    let refused = daemon
+        .ctl_as(&outsider, &["status", "--json"])
+        .expect("run sessionctl");
+    assert!(
+        !refused.status.success(),
+        "an outsider used the socket: {}",
+        text(&refused)
+    );
+
+    lab.reset_all_leaks().expect("reset");
+    let started = daemon.ctl_as(&member, &["start", "lab"]).expect("run sessionctl");
+    assert!(
+        started.status.success(),
+        "member start: {}\n{}",
+        text(&started),
+        daemon.log()
+    );
+    assert_eq!(state(&daemon), "active");
+    let refused = daemon.ctl_as(&outsider, &["stop"]).expect("run sessionctl");
+    assert!(
+        !refused.status.success(),
+        "an outsider stopped the session: {}",
+        text(&refused)
+    );
+    assert_eq!(state(&daemon), "active");
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    lab.assert_no_leaks();
+    let stopped = daemon.ctl_as(&member, &["stop"]).expect("run sessionctl");
+    assert!(
+        stopped.status.success(),
+        "member stop: {}\n{}",
+        text(&stopped),
+        daemon.log()
+    );
+    assert_eq!(state(&daemon), "idle");
+}
