@@ -83,7 +83,7 @@ fn a_flushed_ruleset_is_put_back_while_a_start_waits_for_its_handshake() {
             .expect("list our table");
         lab.exec_ok(Ns::Client, &["nft", "flush", "ruleset"])
             .expect("nft flush ruleset");
-        lab.reset_leaks().expect("reset leaks");
+        lab.reset_all_leaks().expect("reset leaks");
         wait_until(
             Duration::from_secs(1),
             "our table back after a flush during a start",
@@ -100,7 +100,7 @@ fn a_flushed_ruleset_is_put_back_while_a_start_waits_for_its_handshake() {
         // Still waiting: the window the start leaves is closed.
         assert_eq!(state(&daemon), "starting");
         assert_eq!(probes_that_passed(&lab), Vec::<String>::new());
-        assert_eq!(lab.leaks().expect("leak meter"), 0, "{}", lab.leak_report());
+        lab.assert_no_leaks();
         daemon.ctl_ok(&["stop"]).expect("stop");
     });
     assert!(!start.status.success(), "the start succeeded with a dead gateway");
@@ -114,8 +114,11 @@ fn stop_cancels_a_start_that_waits_and_gives_the_network_back() {
     let before = lab.exec_ok(Ns::Client, &["ip", "rule"]).expect("ip rule");
     let daemon = lab.start_sessiond().expect("start sessiond");
     let (stopped, start) = during_a_waiting_start(&lab, &daemon, || {
+        lab.reset_all_leaks().expect("reset leaks");
         daemon.ctl(&["stop"]).expect("run sessionctl stop")
     });
+    // Nothing left while the start waited or while it was cancelled.
+    lab.assert_no_leaks();
     assert!(
         stopped.status.success(),
         "stop during a waiting start failed: {}{}",
