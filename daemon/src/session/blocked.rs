@@ -5,6 +5,8 @@
 //!
 //! In particular a failed reload stays blocked whatever the peer does: the
 //! health check never reads the published phase to decide anything.
+//!
+//! Never: open the allowlist for any other cause.
 
 use super::cause::Cause;
 use super::effects::Effects;

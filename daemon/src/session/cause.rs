@@ -6,6 +6,9 @@
 //! `{"reason": "start_failed", "step": "routes"}`), like talpid-core's
 //! `ErrorStateCause`, so a client can match on it and a newer daemon can add
 //! causes an older client reads as unknown.
+//!
+//! Never: carry a destination or key material (causes reach logs and
+//! clients); the details stay in the sentence the session logs.
 
 use serde::{Deserialize, Serialize};
 

@@ -5,6 +5,8 @@
 //!
 //! Next: the handshake opens the allowlist (→ open); the timeout blocks
 //! (→ blocked, no handshake); `stop` cancels (see `stop.rs`).
+//!
+//! Never: wait for the handshake inside the machine's loop.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -4,6 +4,9 @@
 //! Order: persist the session → lockdown firewall (and its guard) → tunnel
 //! → routes → connecting. Until the lockdown is up a failure changes
 //! nothing; after it, the machine stays locked down (blocked).
+//!
+//! Never: start the tunnel before the lockdown is in place, or leave a
+//! persisted session behind a lockdown that failed to go up.
 
 use std::net::SocketAddr;
 use std::time::Duration;

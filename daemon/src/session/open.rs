@@ -8,7 +8,8 @@
 //!   the table, then resolves the new names; if that fails the session is
 //!   locked down (blocked), never left on an allow list it no longer means.
 //!
-//! Any failure here goes back to the bare lockdown before it reports.
+//! Never: leave the allowlist in force after a failure here; any failure
+//! goes back to the bare lockdown before it reports.
 
 use std::sync::Arc;
 

@@ -5,6 +5,9 @@
 //!
 //! A failure part-way leaves the machine locked down (blocked, bare
 //! lockdown), never open; `stop` can be run again.
+//!
+//! Never: remove the firewall while the tunnel or its routes are still up,
+//! or while the tamper guard could put it back.
 
 use super::cause::Cause;
 use super::effects::Effects;
