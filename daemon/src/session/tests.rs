@@ -766,3 +766,58 @@ async fn the_loop_serves_stop_and_status_while_a_start_waits() {
     let _ = shutdown_tx.send(true);
     running.await.expect("the machine ends on shutdown");
 }
+
+#[tokio::test]
+async fn a_resume_whose_tunnel_changed_stays_locked_down() {
+    let (mut m, handle) = machine();
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: "198.51.100.2:51820".parse().expect("address"),
+        interface: "sg1".into(),
+        allow_lan: false,
+    });
+    m.resume().await.expect("resume");
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "firewall lockdown",
+            "guard on",
+            "stale routes",
+            "load profile"
+        ]
+    );
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::CannotResume)));
+    assert_eq!(table(&m), Table::Lockdown);
+}
+
+#[tokio::test]
+async fn a_reload_while_a_start_waits_only_changes_what_will_open() {
+    let (mut m, handle) = machine();
+    let mut rx = start(&mut m).await;
+    m.ctx.effects.on_disk = Some(profile_with("other.test"));
+    forget(&mut m);
+    m.on_command(Command::ProfilesChanged).await;
+    assert_eq!(calls(&m), ["load profile"]);
+    assert_eq!(table(&m), Table::Lockdown);
+    assert_eq!(phase(&handle), (Phase::Starting, None));
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(matches!(answered(&mut rx), Outcome::Started(_)));
+    assert_eq!(handle.status().allowed[0].host, "other.test");
+}
+
+#[tokio::test]
+async fn a_changed_tunnel_section_waits_for_the_next_start() {
+    let (mut m, handle) = active().await;
+    let mut edited = profile();
+    edited.tunnel.mtu = 1280;
+    m.ctx.effects.on_disk = Some(edited);
+    m.on_command(Command::ProfilesChanged).await;
+    assert_eq!(calls(&m), ["load profile"]);
+    assert!(handle
+        .status()
+        .pending
+        .is_some_and(|p| p.contains("next `sessionctl start`")));
+    assert_eq!(phase(&handle), (Phase::Active, None));
+}
