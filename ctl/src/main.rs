@@ -16,6 +16,7 @@ use sessiond::control::{self, exit, Reply, Request};
 use sessiond::import::AllowArg;
 use sessiond::keys::Key;
 use sessiond::profile::Profile;
+use sessiond::session::Cause;
 use sessiond::verify;
 
 #[derive(Parser, Debug)]
@@ -342,11 +343,14 @@ fn describe_status(v: &Value) -> String {
             let problem = problem
                 .clone()
                 .unwrap_or_else(|| "the tunnel is not working".to_string());
-            // A problem that names `sessionctl stop` will not clear by itself.
-            let todo = if problem.contains("sessionctl stop") {
-                "run `sessionctl stop` to get the normal network back, then start again"
-            } else {
+            // The cause says whether it clears by itself; a cause this
+            // sessionctl does not know (or none) gets the advice that always
+            // works.
+            let clears = serde_json::from_value::<Cause>(v["cause"].clone()).is_ok_and(|c| c.clears_by_itself());
+            let todo = if clears {
                 "wait, it reconnects by itself when the gateway answers, or run `sessionctl stop` to get the normal network back"
+            } else {
+                "run `sessionctl stop` to get the normal network back, then start again"
             };
             format!("NOT CONNECTED, but still locked down: {problem}. Everything stays blocked; {todo}.")
         }
@@ -546,6 +550,7 @@ mod tests {
         degraded["problem"] =
             "the peer 198.51.100.2:51820 stopped answering; traffic stays blocked while the tunnel retries"
                 .into();
+        degraded["cause"] = json!({"reason": "peer_lost"});
         let text = describe_status(&degraded);
         assert!(
             text.starts_with(
@@ -560,14 +565,20 @@ mod tests {
                 .contains("wait, it reconnects by itself"),
             "{text}"
         );
-        degraded["problem"] =
-            "cannot resume: gone; the machine stays locked down until `sessionctl stop`".into();
+        // The advice follows the cause, not the wording of the problem.
+        degraded["problem"] = "cannot resume: gone".into();
+        degraded["cause"] = json!({"reason": "cannot_resume"});
         let text = describe_status(&degraded);
         assert!(text
             .lines()
             .next()
             .unwrap_or("")
             .contains("run `sessionctl stop` to get the normal network back"));
+        degraded["problem"] = "resuming after a restart, not `sessionctl stop`".into();
+        degraded["cause"] = json!({"reason": "resuming"});
+        assert!(describe_status(&degraded).contains("wait, it reconnects by itself"));
+        degraded["cause"] = json!({"reason": "a_cause_from_a_newer_sessiond"});
+        assert!(describe_status(&degraded).contains("run `sessionctl stop` to get the normal network back"));
 
         let idle = json!({"state": "idle", "profile": null, "tunnel": null, "allowed": [], "problem": null});
         assert_eq!(

@@ -3,7 +3,9 @@
 //! - [`profile`]: the profile format and its validation;
 //! - [`control`]: the request/reply protocol shared with `sessionctl`;
 //! - [`server`]: the control socket and who may use it;
-//! - [`session`]: the state machine, the one place that decides ordering;
+//! - [`session`]: the state machine, the one place that decides ordering
+//!   (one file per stage; every side effect behind its `Effects` seam);
+//! - [`store`]: the persisted session, which survives crashes and reboots;
 //! - [`tunnel`]: WireGuard (boringtun) on a TUN device;
 //! - [`routing`]: addresses and the full-tunnel policy routes;
 //! - [`keys`]: key material that never shows itself;
@@ -20,7 +22,7 @@ pub mod resolvconf;
 pub mod routing;
 pub mod server;
 pub mod session;
-pub mod state;
+pub mod store;
 pub mod trust;
 pub mod tunnel;
 pub mod verify;

@@ -1,5 +1,6 @@
 //! The control server: the Unix socket, who may use it, and turning each
-//! request line into a call on the session.
+//! request line into a call on the session, and what the session did into
+//! the reply.
 //!
 //! This module owns the socket file, its permissions, the per-connection
 //! limits (size, time) and the credential check. It must never let one client
@@ -13,12 +14,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 
 use crate::control::{parse_request, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
 use crate::profile::{self, Profile};
-use crate::session::{SessionHandle, State};
-use crate::verify;
+use crate::session::{Outcome, SessionHandle};
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -129,7 +129,6 @@ impl ControlSocket {
             session,
             profiles_dir,
             policy,
-            operation: Mutex::new(()),
         });
         loop {
             tokio::select! {
@@ -160,10 +159,6 @@ struct Context {
     session: SessionHandle,
     profiles_dir: PathBuf,
     policy: AccessPolicy,
-    /// Held while a start, stop or verify runs, so a second one is refused
-    /// at once instead of queueing behind it (and a stop never opens the
-    /// machine under verify's probes).
-    operation: Mutex<()>,
 }
 
 impl Context {
@@ -227,33 +222,14 @@ impl Context {
                 Ok(p) => Reply::ok(serde_json::json!({"profile": p.name, "valid": true})),
                 Err(reply) => reply,
             },
-            Request::Start { profile } => {
-                let Ok(_guard) = self.operation.try_lock() else {
-                    return busy();
-                };
-                match self.load_profile(&profile).await {
-                    Ok(p) => self.session.start(p).await,
-                    Err(reply) => reply,
-                }
-            }
-            Request::Stop => {
-                let Ok(_guard) = self.operation.try_lock() else {
-                    return busy();
-                };
-                self.session.stop().await
-            }
-            Request::Verify => {
-                if self.session.status().state == State::Idle {
-                    return Reply::error(ErrorKind::Failed, verify::NEEDS_SESSION);
-                }
-                let Ok(_guard) = self.operation.try_lock() else {
-                    return busy();
-                };
-                match verify::run(&self.session).await {
-                    Ok(report) => Reply::ok(report),
-                    Err(message) => Reply::error(ErrorKind::Failed, message),
-                }
-            }
+            Request::Start { profile } => match self.load_profile(&profile).await {
+                Ok(p) => reply_to(self.session.start(p).await),
+                Err(reply) => reply,
+            },
+            // The session machine orders these among themselves: a stop
+            // cancels a start that waits and a verify that probes.
+            Request::Stop => reply_to(self.session.stop().await),
+            Request::Verify => reply_to(self.session.verify().await),
         }
     }
 
@@ -312,9 +288,14 @@ impl Context {
     }
 }
 
-fn busy() -> Reply {
-    Reply::error(
-        ErrorKind::Failed,
-        "another start, stop or verify is in progress; wait for it to finish",
-    )
+/// Turns what the session did into the reply for the client.
+fn reply_to(outcome: Outcome) -> Reply {
+    match outcome {
+        Outcome::Started(status) => Reply::ok(status),
+        Outcome::Stopped(message) => Reply::ok(serde_json::json!({ "message": message })),
+        Outcome::Verified(report) => Reply::ok(report),
+        Outcome::Refused(message) | Outcome::Failed { message, .. } => {
+            Reply::error(ErrorKind::Failed, message)
+        }
+    }
 }

@@ -20,8 +20,9 @@
 //!
 //! What it must never do: send a packet that our firewall has not decided on
 //! (each blocked-traffic probe goes out only after our table was found in
-//! place, the server keeps `start` and `stop` out while verify runs, and the
-//! targets are documentation addresses or an allowed host); change the
+//! place, the session machine runs verify as its own command and cancels
+//! it before a `stop` takes the firewall away, and the targets are
+//! documentation addresses or an allowed host); change the
 //! firewall, the routes or the session; take longer than [`PROBE_TIMEOUT`]
 //! per probe; or log a destination (SPEC §9: the log gets counts only).
 
@@ -37,7 +38,7 @@ use tokio::net::{TcpSocket, UdpSocket};
 
 use crate::firewall::{self, VERIFY_MARK};
 use crate::profile::io_reason;
-use crate::session::{AllowedHost, SessionHandle, State, StatusReport};
+use crate::session::{AllowedHost, Phase, StatusReport};
 
 /// The longest any one probe waits.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -104,9 +105,8 @@ pub struct Report {
 /// Runs the probes one after another (the outside probes read the refuse
 /// counter around themselves, so they must not overlap). `Err` is the
 /// reply's message: there is no session.
-pub async fn run(session: &SessionHandle) -> Result<Report, String> {
-    let status = session.status();
-    if status.state == State::Idle {
+pub async fn run(status: StatusReport) -> Result<Report, String> {
+    if status.phase == Phase::Idle {
         return Err(NEEDS_SESSION.to_string());
     }
     let probes = vec![
@@ -165,8 +165,8 @@ async fn allowed_host(status: &StatusReport) -> Probe {
         Err(_) => fail(format!(
             "no answer from {target} within {} s through {interface}{}",
             PROBE_TIMEOUT.as_secs(),
-            match status.state {
-                State::Active => String::new(),
+            match status.phase {
+                Phase::Active => String::new(),
                 state => format!(" (the session is {})", state_word(state)),
             }
         )),
@@ -515,13 +515,13 @@ fn lower(text: &str) -> String {
     }
 }
 
-fn state_word(state: State) -> &'static str {
+fn state_word(state: Phase) -> &'static str {
     match state {
-        State::Idle => "idle",
-        State::Starting => "starting",
-        State::Active => "active",
-        State::Degraded => "degraded",
-        State::Stopping => "stopping",
+        Phase::Idle => "idle",
+        Phase::Starting => "starting",
+        Phase::Active => "active",
+        Phase::Degraded => "degraded",
+        Phase::Stopping => "stopping",
     }
 }
 

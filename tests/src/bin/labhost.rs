@@ -19,6 +19,12 @@
 //!   listener, sends BYTES of a fixed pseudo-random stream while reading the
 //!   echo back, and checks every byte; prints `peer=<ip> bytes=BYTES`, exit 0;
 //!   else one line (`byte 1234 differs`, a timeout) and exit 1.
+//! - `labhost spray ADDR:PORT... [--interval-us N]` — sends one small UDP
+//!   datagram to each target in turn, every N microseconds (default 500),
+//!   from one unconnected socket per family, ignoring every error, until
+//!   killed: an
+//!   application that never stops trying (the boot test). Prints `spraying`
+//!   once started.
 //! - `labhost listen-unix PATH [--reply TEXT]` — a unix socket server that
 //!   writes TEXT (default `ok`) and a newline to each client (replaces a stale
 //!   socket file); the harness uses it as a stand-in daemon.
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
         Some("bulk") => bulk(&args[1..]),
         Some("dns-query") => dns_query(&args[1..]),
         Some("listen-unix") => listen_unix(&args[1..]),
+        Some("spray") => spray(&args[1..]),
         _ => Err(
             "usage: labhost serve|probe-tcp ADDR PORT|probe-udp ADDR PORT|dns-query SERVER NAME".to_string(),
         ),
@@ -583,6 +590,35 @@ fn probe_udp(args: &[String]) -> Result<(), String> {
         }
     }
     Err(errors.join("; "))
+}
+
+// ---------------------------------------------------------------- spray
+
+fn spray(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let interval = Duration::from_micros(args.num("interval-us", 500u64)?.max(1));
+    let mut targets = Vec::new();
+    for t in &args.positional {
+        targets.push(
+            t.parse::<SocketAddr>()
+                .map_err(|_| format!("usage: spray: {t} is not ADDR:PORT"))?,
+        );
+    }
+    if targets.is_empty() {
+        return Err("usage: labhost spray ADDR:PORT... [--interval-us N]".into());
+    }
+    let v4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| format!("bind: {}", err_text(&e)))?;
+    let v6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).map_err(|e| format!("bind: {}", err_text(&e)))?;
+    println!("spraying");
+    let _ = io::stdout().flush();
+    loop {
+        for t in &targets {
+            let sock = if t.is_ipv6() { &v6 } else { &v4 };
+            // Refused, unreachable, no route: an application keeps trying.
+            let _ = sock.send_to(b"spray", t);
+            std::thread::sleep(interval);
+        }
+    }
 }
 
 // ---------------------------------------------------------------- dns

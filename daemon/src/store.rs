@@ -1,9 +1,10 @@
-//! The persisted session: what the daemon must know after a crash or a
-//! reboot to put the lockdown back at once and resume (SPEC §8).
+//! The persisted-session store: what the daemon must know after a crash or
+//! a reboot to put the lockdown back at once and resume (SPEC §8).
 //!
 //! This module owns the file `session.json` in the state directory and its
 //! atomic replacement (write, fsync, rename, fsync the directory). It holds
-//! no key material: keys stay in the profile's key files.
+//! no key material: keys stay in the profile's key files. It never decides
+//! when the session is saved or cleared: the session machine does.
 
 use std::fs;
 use std::io::Write;
@@ -27,7 +28,7 @@ pub struct PersistedSession {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub enum StoreError {
     #[error("could not write the session state in {dir}: {reason}")]
     Write { dir: String, reason: String },
     #[error("could not read the session state {path}: {reason}")]
@@ -36,15 +37,15 @@ pub enum StateError {
     Remove { path: String, reason: String },
 }
 
-/// The state directory.
+/// The persisted-session store: one file in the state directory.
 #[derive(Debug, Clone)]
-pub struct StateDir {
+pub struct SessionStore {
     dir: PathBuf,
 }
 
-impl StateDir {
-    pub fn new(dir: &Path) -> StateDir {
-        StateDir {
+impl SessionStore {
+    pub fn new(dir: &Path) -> SessionStore {
+        SessionStore {
             dir: dir.to_path_buf(),
         }
     }
@@ -55,8 +56,8 @@ impl StateDir {
 
     /// Writes the session so that a crash at any moment leaves either the
     /// old file or the new one, never a torn one.
-    pub fn save(&self, session: &PersistedSession) -> Result<(), StateError> {
-        let err = |e: std::io::Error| StateError::Write {
+    pub fn save(&self, session: &PersistedSession) -> Result<(), StoreError> {
+        let err = |e: std::io::Error| StoreError::Write {
             dir: self.dir.display().to_string(),
             reason: crate::profile::io_reason(&e),
         };
@@ -64,7 +65,7 @@ impl StateDir {
             fs::create_dir_all(&self.dir).map_err(err)?;
             fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
         }
-        let body = serde_json::to_vec_pretty(session).map_err(|e| StateError::Write {
+        let body = serde_json::to_vec_pretty(session).map_err(|e| StoreError::Write {
             dir: self.dir.display().to_string(),
             reason: e.to_string(),
         })?;
@@ -87,9 +88,9 @@ impl StateDir {
     /// The persisted session, if there is one. A file that cannot be parsed
     /// is an error, not "no session": the caller must lock down rather than
     /// guess.
-    pub fn load(&self) -> Result<Option<PersistedSession>, StateError> {
+    pub fn load(&self) -> Result<Option<PersistedSession>, StoreError> {
         let path = self.file();
-        let read_err = |reason: String| StateError::Read {
+        let read_err = |reason: String| StoreError::Read {
             path: path.display().to_string(),
             reason,
         };
@@ -102,7 +103,7 @@ impl StateDir {
         }
     }
 
-    pub fn clear(&self) -> Result<(), StateError> {
+    pub fn clear(&self) -> Result<(), StoreError> {
         let path = self.file();
         match fs::remove_file(&path) {
             Ok(()) => {
@@ -110,7 +111,7 @@ impl StateDir {
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StateError::Remove {
+            Err(e) => Err(StoreError::Remove {
                 path: path.display().to_string(),
                 reason: crate::profile::io_reason(&e),
             }),
@@ -134,25 +135,25 @@ mod tests {
     #[test]
     fn save_load_clear_round_trip() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let state = StateDir::new(&tmp.path().join("state"));
-        assert_eq!(state.load().expect("load"), None);
-        state.save(&sample()).expect("save");
-        assert_eq!(state.load().expect("load"), Some(sample()));
+        let store = SessionStore::new(&tmp.path().join("state"));
+        assert_eq!(store.load().expect("load"), None);
+        store.save(&sample()).expect("save");
+        assert_eq!(store.load().expect("load"), Some(sample()));
         let mode = fs::metadata(tmp.path().join("state"))
             .expect("meta")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
-        state.clear().expect("clear");
-        assert_eq!(state.load().expect("load"), None);
-        state.clear().expect("clearing twice is fine");
+        store.clear().expect("clear");
+        assert_eq!(store.load().expect("load"), None);
+        store.clear().expect("clearing twice is fine");
     }
 
     #[test]
     fn a_torn_file_is_an_error_not_an_absence() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let state = StateDir::new(tmp.path());
+        let store = SessionStore::new(tmp.path());
         fs::write(tmp.path().join(FILE_NAME), b"{\"profile\":").expect("write");
-        assert!(state.load().is_err());
+        assert!(store.load().is_err());
     }
 }

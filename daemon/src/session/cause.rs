@@ -1,0 +1,81 @@
+//! Why a session is degraded or a command failed, as a type (the sentence
+//! for people travels beside it). `sessionctl` decides what to advise from
+//! the cause, never from the wording of the sentence.
+//!
+//! Serialized with a tag (`{"reason": "peer_lost"}`,
+//! `{"reason": "start_failed", "step": "routes"}`), like talpid-core's
+//! `ErrorStateCause`, so a client can match on it and a newer daemon can add
+//! causes an older client reads as unknown.
+//!
+//! Never: carry a destination or key material (causes reach logs and
+//! clients); the details stay in the sentence the session logs.
+
+use serde::{Deserialize, Serialize};
+
+/// The step of a start (or resume) that failed after the lockdown went up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Tunnel,
+    Routes,
+    DnsStub,
+    Allowlist,
+    ResolverFile,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Cause {
+    /// sessiond restarted during a session and waits for the tunnel's first
+    /// handshake; clears by itself.
+    Resuming,
+    /// The peer stopped answering; the tunnel retries and the session comes
+    /// back by itself when it answers.
+    PeerLost,
+    /// No handshake within the profile's timeout at start.
+    NoHandshake,
+    /// A step of the start failed after the lockdown went up.
+    StartFailed { step: Step },
+    /// The persisted session cannot be resumed (its profile is gone, invalid
+    /// or has a different tunnel).
+    CannotResume,
+    /// A changed profile could not be put in force; the session was locked
+    /// down rather than left on the old allow list.
+    ReloadFailed,
+    /// `stop` failed part-way; the machine stays locked down.
+    StopFailed,
+    /// `stop` cancelled a start that was still waiting.
+    Cancelled,
+    /// The network is back but the persisted session could not be removed.
+    StoreNotCleared,
+}
+
+impl Cause {
+    /// Whether the session gets out of this by itself (the tunnel retries),
+    /// rather than only through `sessionctl stop`.
+    pub fn clears_by_itself(&self) -> bool {
+        matches!(self, Cause::Resuming | Cause::PeerLost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_carry_a_tag_and_read_back() {
+        let cause = Cause::StartFailed { step: Step::Routes };
+        let json = serde_json::to_value(&cause).expect("encode");
+        assert_eq!(
+            json,
+            serde_json::json!({"reason": "start_failed", "step": "routes"})
+        );
+        assert_eq!(serde_json::from_value::<Cause>(json).expect("decode"), cause);
+        assert_eq!(
+            serde_json::to_value(Cause::PeerLost).expect("encode"),
+            serde_json::json!({"reason": "peer_lost"})
+        );
+        assert!(Cause::PeerLost.clears_by_itself());
+        assert!(!Cause::ReloadFailed.clears_by_itself());
+    }
+}

@@ -1,0 +1,337 @@
+//! The seam between the session machine and the machine it changes: every
+//! side effect (persisted session, firewall and its tamper guard, tunnel,
+//! routes, DNS stub, resolver file, verify's probes) is one call of
+//! [`Effects`]. [`SystemEffects`] does them by delegating to the modules
+//! that own each; the unit tests use a recorder instead, so the order of
+//! every transition is tested without root.
+//!
+//! What it must never do: decide anything. Each call does exactly one thing
+//! and reports how it went; order, retries and what a failure means are the
+//! machine's (`session/mod.rs` and the stage files).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use super::status::StatusReport;
+use super::Paths;
+use crate::dns::{AnswerSink, StubConfig, StubResolver};
+use crate::firewall::{self, Allowlist, FirewallWatch, Lockdown};
+use crate::profile::{Host, Profile};
+use crate::resolvconf::{Pinned, ResolverFile};
+use crate::routing::{self, RouteConfig, Routes};
+use crate::store::{PersistedSession, SessionStore};
+use crate::tunnel::{Tunnel, TunnelConfig, TunnelMonitor, TunnelStats};
+use crate::verify;
+use crate::{DNS_STUB_MARK, ROUTE_TABLE, TUNNEL_FWMARK};
+
+/// A read-only view of a running tunnel, for status and for the machine's
+/// handshake and health events.
+pub trait TunnelView: Send + Sync {
+    fn stats(&self) -> TunnelStats;
+    /// Resolves once the tunnel has had its first handshake.
+    fn handshake_done(&self) -> BoxFuture<'static, ()>;
+}
+
+/// Every side effect the session machine has. Errors are one sentence.
+#[allow(async_fn_in_trait)]
+pub trait Effects {
+    type Tunnel: Send + Sync + 'static;
+    type Routes: Send + Sync + 'static;
+    type Stub: Send + Sync + 'static;
+
+    fn load_session(&mut self) -> Result<Option<PersistedSession>, String>;
+    fn save_session(&mut self, session: &PersistedSession) -> Result<(), String>;
+    fn clear_session(&mut self) -> Result<(), String>;
+
+    /// Reads the profile `name` from the profiles directory.
+    async fn load_profile(&mut self, name: &str) -> Result<Profile, String>;
+    async fn resolve_endpoint(&mut self, profile: &Profile) -> Result<SocketAddr, String>;
+
+    /// Replaces our table with the lockdown (`allow` = None) or the session
+    /// shape, in one transaction.
+    async fn apply_firewall(&mut self, lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), String>;
+    async fn remove_firewall(&mut self) -> Result<(), String>;
+    /// Whether our table is in place as we last applied it.
+    async fn firewall_present(&mut self) -> Result<bool, String>;
+    fn start_guard(&mut self);
+    fn stop_guard(&mut self);
+    /// Resolves when the guard saw a change of the ruleset; never without a
+    /// guard. Cancel-safe.
+    async fn firewall_changed(&mut self);
+
+    async fn start_tunnel(&mut self, profile: &Profile, endpoint: SocketAddr)
+        -> Result<Self::Tunnel, String>;
+    fn tunnel_view(&self, tunnel: &Self::Tunnel) -> Arc<dyn TunnelView>;
+    async fn stop_tunnel(&mut self, tunnel: Self::Tunnel);
+    async fn add_routes(&mut self, profile: &Profile) -> Result<Self::Routes, String>;
+    async fn remove_routes(&mut self, routes: Self::Routes) -> Result<(), String>;
+    /// Removes routing rules a previous run left behind.
+    async fn remove_stale_routes(&mut self) -> Result<(), String>;
+
+    async fn start_stub(
+        &mut self,
+        profile: &Profile,
+        sink: Arc<dyn AnswerSink>,
+    ) -> Result<Self::Stub, String>;
+    fn stub_port(&self, stub: &Self::Stub) -> u16;
+    /// Resolves every allowed name through the stub (its sink puts the
+    /// addresses in place); runs beside the machine's loop.
+    fn resolve_names(&self, stub: &Arc<Self::Stub>) -> BoxFuture<'static, ()>;
+    async fn stop_stub(&mut self, stub: Arc<Self::Stub>);
+
+    /// Points the resolver file at the stub.
+    fn pin_resolver_file(&mut self) -> Result<(), String>;
+    fn restore_resolver_file(&mut self) -> Result<(), String>;
+
+    /// Runs verify's probes beside the machine's loop.
+    fn verify(&self, status: StatusReport) -> BoxFuture<'static, Result<verify::Report, String>>;
+}
+
+impl TunnelView for TunnelMonitor {
+    fn stats(&self) -> TunnelStats {
+        TunnelMonitor::stats(self)
+    }
+
+    fn handshake_done(&self) -> BoxFuture<'static, ()> {
+        let monitor = self.clone();
+        async move {
+            loop {
+                if monitor.wait_for_handshake(Duration::from_secs(1)).await {
+                    return;
+                }
+                // A tunnel whose task ended answers "no" at once: do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        .boxed()
+    }
+}
+
+/// The real side effects, through the modules that own each.
+pub struct SystemEffects {
+    profiles: PathBuf,
+    resolv_conf: PathBuf,
+    store: SessionStore,
+    resolver_file: ResolverFile,
+    /// Watches our nftables table while a session runs (tamper guard).
+    guard: Option<FirewallWatch>,
+}
+
+impl SystemEffects {
+    pub fn new(paths: &Paths) -> SystemEffects {
+        SystemEffects {
+            profiles: paths.profiles.clone(),
+            resolv_conf: paths.resolv_conf.clone(),
+            store: SessionStore::new(&paths.state_dir),
+            resolver_file: ResolverFile::new(&paths.resolv_conf, &paths.state_dir),
+            guard: None,
+        }
+    }
+}
+
+impl Effects for SystemEffects {
+    type Tunnel = Tunnel;
+    type Routes = Routes;
+    type Stub = StubResolver;
+
+    fn load_session(&mut self) -> Result<Option<PersistedSession>, String> {
+        self.store.load().map_err(|e| e.to_string())
+    }
+
+    fn save_session(&mut self, session: &PersistedSession) -> Result<(), String> {
+        self.store.save(session).map_err(|e| e.to_string())
+    }
+
+    fn clear_session(&mut self) -> Result<(), String> {
+        self.store.clear().map_err(|e| e.to_string())
+    }
+
+    async fn load_profile(&mut self, name: &str) -> Result<Profile, String> {
+        let path = self.profiles.join(format!("{name}.toml"));
+        match tokio::task::spawn_blocking(move || Profile::load(&path)).await {
+            Ok(loaded) => loaded.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("loading profile {name} failed: {e}")),
+        }
+    }
+
+    async fn resolve_endpoint(&mut self, profile: &Profile) -> Result<SocketAddr, String> {
+        let endpoint = &profile.tunnel.peer.endpoint;
+        if let Ok(ip) = endpoint.host.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, endpoint.port));
+        }
+        let mut addrs = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|e| format!("could not resolve the endpoint {endpoint}: {e}; nothing was changed"))?;
+        addrs
+            .next()
+            .ok_or_else(|| format!("the endpoint {endpoint} resolves to no address; nothing was changed"))
+    }
+
+    async fn apply_firewall(&mut self, lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), String> {
+        firewall::apply(lockdown, allow).await.map_err(|e| e.to_string())
+    }
+
+    async fn remove_firewall(&mut self) -> Result<(), String> {
+        firewall::remove().await.map_err(|e| e.to_string())
+    }
+
+    async fn firewall_present(&mut self) -> Result<bool, String> {
+        firewall::is_present().await.map_err(|e| e.to_string())
+    }
+
+    fn start_guard(&mut self) {
+        if self.guard.is_some() {
+            return;
+        }
+        match firewall::watch() {
+            Ok(w) => self.guard = Some(w),
+            Err(e) => tracing::error!("cannot watch the firewall for tampering: {e}"),
+        }
+    }
+
+    fn stop_guard(&mut self) {
+        self.guard = None;
+    }
+
+    async fn firewall_changed(&mut self) {
+        match &mut self.guard {
+            Some(watch) => watch.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn start_tunnel(&mut self, profile: &Profile, endpoint: SocketAddr) -> Result<Tunnel, String> {
+        let t = &profile.tunnel;
+        Tunnel::start(TunnelConfig {
+            interface: t.interface.clone(),
+            private_key: t.private_key.clone(),
+            peer_public_key: t.peer.public_key.clone(),
+            preshared_key: t.peer.preshared_key.clone(),
+            endpoint,
+            persistent_keepalive: t.peer.persistent_keepalive,
+            mtu: t.mtu,
+            fwmark: TUNNEL_FWMARK,
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    fn tunnel_view(&self, tunnel: &Tunnel) -> Arc<dyn TunnelView> {
+        Arc::new(tunnel.monitor())
+    }
+
+    async fn stop_tunnel(&mut self, tunnel: Tunnel) {
+        tunnel.stop().await;
+    }
+
+    async fn add_routes(&mut self, profile: &Profile) -> Result<Routes, String> {
+        let t = &profile.tunnel;
+        routing::apply(&RouteConfig {
+            interface: t.interface.clone(),
+            addresses: t.addresses.iter().map(|a| (a.addr, a.prefix)).collect(),
+            mtu: u32::from(t.mtu),
+            fwmark: TUNNEL_FWMARK,
+            table: ROUTE_TABLE,
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    async fn remove_routes(&mut self, routes: Routes) -> Result<(), String> {
+        routes.remove().await.map_err(|e| e.to_string())
+    }
+
+    async fn remove_stale_routes(&mut self) -> Result<(), String> {
+        routing::remove_stale(TUNNEL_FWMARK, ROUTE_TABLE)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn start_stub(
+        &mut self,
+        profile: &Profile,
+        sink: Arc<dyn AnswerSink>,
+    ) -> Result<StubResolver, String> {
+        StubResolver::start(StubConfig {
+            port: 0,
+            upstream: profile
+                .dns_servers
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, 53))
+                .collect(),
+            allowed_names: allowed_names(profile),
+            upstream_mark: DNS_STUB_MARK,
+            sink,
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    fn stub_port(&self, stub: &StubResolver) -> u16 {
+        stub.port()
+    }
+
+    fn resolve_names(&self, stub: &Arc<StubResolver>) -> BoxFuture<'static, ()> {
+        let stub = stub.clone();
+        async move {
+            let failed = stub
+                .resolve_all()
+                .await
+                .iter()
+                .filter(|(_, r)| r.is_err())
+                .count();
+            if failed > 0 {
+                tracing::warn!(
+                    "{failed} allowed host name(s) did not resolve through the pinned DNS servers yet"
+                );
+            }
+        }
+        .boxed()
+    }
+
+    async fn stop_stub(&mut self, stub: Arc<StubResolver>) {
+        // The machine ends every resolution before it stops the stub, so
+        // this is the last reference; if not, dropping it aborts its tasks.
+        if let Ok(stub) = Arc::try_unwrap(stub) {
+            stub.stop().await;
+        }
+    }
+
+    fn pin_resolver_file(&mut self) -> Result<(), String> {
+        match self.resolver_file.pin() {
+            Ok(Pinned::Rewritten) => Ok(()),
+            Ok(Pinned::LeftToManager) => {
+                tracing::info!(
+                    "{} is managed by another program (a symlink); DNS is pinned by the firewall redirect alone",
+                    self.resolv_conf.display()
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn restore_resolver_file(&mut self) -> Result<(), String> {
+        self.resolver_file.restore().map_err(|e| e.to_string())
+    }
+
+    fn verify(&self, status: StatusReport) -> BoxFuture<'static, Result<verify::Report, String>> {
+        verify::run(status).boxed()
+    }
+}
+
+fn allowed_names(profile: &Profile) -> Vec<String> {
+    profile
+        .allow
+        .iter()
+        .filter_map(|rule| match &rule.host {
+            Host::Name(name) => Some(name.clone()),
+            Host::Net(_) => None,
+        })
+        .collect()
+}

@@ -1,0 +1,258 @@
+//! What the session machine holds, as types: one variant per stage, each
+//! owning exactly what exists in that stage, so a stage can only be what
+//! its data says (no flag can claim an open allowlist whose stub is gone).
+//!
+//! - [`Stage::Idle`]: nothing of ours is on the machine;
+//! - [`Stage::Connecting`]: the lockdown is up, the tunnel and its routes
+//!   too, and the machine waits for the first handshake (an event, see
+//!   `connecting.rs`), for a client's `start` or for a resumed session;
+//! - [`Stage::Open`]: the allowlist is open with the DNS stub behind it;
+//!   while the names of a start are still being resolved it is *opening*,
+//!   then active, or degraded while the peer is lost;
+//! - [`Stage::Blocked`]: locked down with a [`Cause`]; only `stop` (or, for
+//!   a start that timed out, a late handshake) gets it out.
+//!
+//! The phase `status` shows is derived from the stage ([`Stage::published`]),
+//! never the other way round. This file never calls a side effect.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::cause::Cause;
+use super::effects::{Effects, TunnelView};
+use super::status::Phase;
+use super::{Ctx, Event, Responder};
+use crate::firewall::{AllowEntry, Allowlist, DnsRedirect, Lockdown};
+use crate::profile::{Host, Profile};
+use crate::{DNS_STUB_MARK, TUNNEL_FWMARK};
+
+pub(crate) enum Stage<E: Effects> {
+    Idle,
+    Connecting(Connecting<E>),
+    Open(Open<E>),
+    Blocked(Blocked<E>),
+}
+
+// By hand: a derive would ask `E: Default`, which no effects need be.
+#[allow(clippy::derivable_impls)]
+impl<E: Effects> Default for Stage<E> {
+    fn default() -> Self {
+        Stage::Idle
+    }
+}
+
+/// Who waits for the session to open: a client's `start`, or nobody (a
+/// resumed session, or a late handshake after a start timed out).
+pub(crate) enum Waiter {
+    Client(Responder),
+    Resume,
+}
+
+/// What every stage but idle holds: the lockdown, and whatever of the
+/// tunnel came up. `profile` is missing only when a resumed profile could
+/// not be read.
+pub(crate) struct Locked<E: Effects> {
+    pub name: String,
+    pub lockdown: Lockdown,
+    pub profile: Option<Profile>,
+    pub tunnel: Option<E::Tunnel>,
+    pub view: Option<Arc<dyn TunnelView>>,
+    pub routes: Option<E::Routes>,
+}
+
+impl<E: Effects> Locked<E> {
+    pub fn new(name: &str, lockdown: Lockdown, profile: Option<Profile>) -> Locked<E> {
+        Locked {
+            name: name.to_string(),
+            lockdown,
+            profile,
+            tunnel: None,
+            view: None,
+            routes: None,
+        }
+    }
+}
+
+/// Lockdown, tunnel and routes are up; the first handshake is awaited as
+/// an event (the waits run beside the loop and are aborted with the stage).
+pub(crate) struct Connecting<E: Effects> {
+    pub locked: Locked<E>,
+    pub waiter: Waiter,
+    /// Tags the events of this wait, so a late one from an earlier stage is
+    /// ignored.
+    pub id: u64,
+    pub endpoint: SocketAddr,
+    pub timeout: Option<Duration>,
+    pub _waits: Vec<Task>,
+}
+
+/// The allowlist is open, with its DNS stub.
+pub(crate) struct Open<E: Effects> {
+    pub locked: Locked<E>,
+    pub stub: Arc<E::Stub>,
+    /// The names being resolved beside the loop, if they are.
+    pub resolving: Option<Task>,
+    /// Who waits for the names to resolve (then the resolver file is pinned
+    /// and the session is active); `None` once active.
+    pub opening: Option<Waiter>,
+    /// Why the session is degraded while the peer is lost.
+    pub peer_lost: Option<String>,
+}
+
+/// Locked down, with why.
+pub(crate) struct Blocked<E: Effects> {
+    pub locked: Locked<E>,
+    pub cause: Cause,
+    pub problem: String,
+}
+
+/// A task beside the loop that reports with an [`Event`]; aborted when
+/// dropped, so a stage that ends takes its waits with it.
+pub(crate) struct Task {
+    pub id: u64,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Task {
+    pub fn spawn<E: Effects>(
+        ctx: &mut Ctx<E>,
+        make: impl FnOnce(u64) -> futures::future::BoxFuture<'static, Event>,
+    ) -> Task {
+        let id = ctx.next_id();
+        let events = ctx.events.clone();
+        let work = make(id);
+        let handle = tokio::spawn(async move {
+            let event = work.await;
+            let _ = events.send(event);
+        });
+        Task {
+            id,
+            handle: Some(handle),
+        }
+    }
+
+    /// Aborts the task and waits until it is gone (so whatever it held,
+    /// such as a reference to the stub, is released).
+    pub async fn finish(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
+}
+
+pub(crate) const RESUMING: &str = "resuming after a restart: waiting for the tunnel's handshake";
+const RESUMING_NAMES: &str = "resuming: the tunnel is up, resolving the allowed names";
+
+impl<E: Effects> Stage<E> {
+    /// The session's profile name, unless idle.
+    pub fn name(&self) -> Option<&str> {
+        self.locked().map(|l| l.name.as_str())
+    }
+
+    pub fn locked(&self) -> Option<&Locked<E>> {
+        match self {
+            Stage::Idle => None,
+            Stage::Connecting(c) => Some(&c.locked),
+            Stage::Open(o) => Some(&o.locked),
+            Stage::Blocked(b) => Some(&b.locked),
+        }
+    }
+
+    pub fn locked_mut(&mut self) -> Option<&mut Locked<E>> {
+        match self {
+            Stage::Idle => None,
+            Stage::Connecting(c) => Some(&mut c.locked),
+            Stage::Open(o) => Some(&mut o.locked),
+            Stage::Blocked(b) => Some(&mut b.locked),
+        }
+    }
+
+    /// The firewall shape this stage must have: none, the lockdown, or the
+    /// lockdown with the allowlist. The tamper guard puts back this.
+    pub fn firewall_shape(&self, effects: &E) -> Option<(Lockdown, Option<Allowlist>)> {
+        match self {
+            Stage::Idle => None,
+            Stage::Connecting(c) => Some((c.locked.lockdown.clone(), None)),
+            Stage::Blocked(b) => Some((b.locked.lockdown.clone(), None)),
+            Stage::Open(o) => {
+                let allow = o
+                    .locked
+                    .profile
+                    .as_ref()
+                    .map(|p| allowlist_of(p, Some(effects.stub_port(&o.stub))));
+                Some((o.locked.lockdown.clone(), allow))
+            }
+        }
+    }
+
+    /// What `status` shows for this stage: phase, cause, problem.
+    pub fn published(&self) -> (Phase, Option<Cause>, Option<String>) {
+        let resuming = |text: &str| (Phase::Degraded, Some(Cause::Resuming), Some(text.to_string()));
+        match self {
+            Stage::Idle => (Phase::Idle, None, None),
+            Stage::Connecting(c) => match c.waiter {
+                Waiter::Client(_) => (Phase::Starting, None, None),
+                Waiter::Resume => resuming(RESUMING),
+            },
+            Stage::Open(o) => match (&o.opening, &o.peer_lost) {
+                (Some(Waiter::Client(_)), _) => (Phase::Starting, None, None),
+                (Some(Waiter::Resume), _) => resuming(RESUMING_NAMES),
+                (None, None) => (Phase::Active, None, None),
+                (None, Some(problem)) => (Phase::Degraded, Some(Cause::PeerLost), Some(problem.clone())),
+            },
+            Stage::Blocked(b) => (Phase::Degraded, Some(b.cause.clone()), Some(b.problem.clone())),
+        }
+    }
+}
+
+/// The lockdown for a profile whose endpoint resolved to `endpoint`.
+pub(crate) fn lockdown_of(profile: &Profile, endpoint: SocketAddr) -> Lockdown {
+    Lockdown {
+        endpoint,
+        fwmark: TUNNEL_FWMARK,
+        tunnel_interface: profile.tunnel.interface.clone(),
+        allow_lan: profile.allow_lan,
+    }
+}
+
+/// The firewall's allowlist for a profile: literal addresses now; names join
+/// through the DNS stub (listening on `stub_port`) as they are answered.
+pub(crate) fn allowlist_of(profile: &Profile, stub_port: Option<u16>) -> Allowlist {
+    Allowlist {
+        rules: profile
+            .allow
+            .iter()
+            .filter_map(|rule| match &rule.host {
+                Host::Net(net) => Some(AllowEntry {
+                    net: (net.addr, net.prefix),
+                    tcp: rule.tcp.clone(),
+                    udp: rule.udp.clone(),
+                }),
+                Host::Name(_) => None,
+            })
+            .collect(),
+        dns_servers: profile.dns_servers.clone(),
+        tunnel_has_ipv6: profile.tunnel.addresses.iter().any(|a| a.is_ipv6()),
+        dns_redirect: stub_port.map(|port| DnsRedirect {
+            port,
+            stub_mark: DNS_STUB_MARK,
+        }),
+    }
+}
+
+/// The sentence for a failure after the lockdown went up.
+pub(crate) fn stays_locked(message: &str) -> String {
+    format!("{message}; the machine stays locked down until you run `sessionctl stop`")
+}

@@ -1,0 +1,175 @@
+//! What the session shows: the published [`Snapshot`] that `status` reads
+//! without asking the machine, and the DNS answer sink that adds answered
+//! addresses to the firewall and to that snapshot.
+//!
+//! The phase in the snapshot is always derived from the machine's typed
+//! stage (see `stage.rs`); nothing here decides a transition.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::cause::Cause;
+use super::effects::TunnelView;
+use crate::dns::{Addresses, AnswerSink};
+use crate::firewall::{self, LearnedAddress};
+use crate::profile::{Host, Profile};
+use crate::tunnel::TunnelStats;
+
+/// An answered address stays allowed at least this long, whatever its TTL,
+/// plus a grace period so a connection opened just before expiry works.
+const MIN_ALLOW_SECS: u32 = 60;
+const ALLOW_GRACE_SECS: u32 = 30;
+
+/// The word `status` shows for the session (SPEC §4): `idle → starting →
+/// active ⇄ degraded → stopping → idle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Idle,
+    Starting,
+    Active,
+    Degraded,
+    Stopping,
+}
+
+/// One `[[allow]]` entry as `status` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AllowedHost {
+    pub host: String,
+    pub addresses: Vec<String>,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+/// What `status` reports (SPEC §2). The phase goes on the wire as `state`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatusReport {
+    #[serde(rename = "state")]
+    pub phase: Phase,
+    pub profile: Option<String>,
+    pub tunnel: Option<TunnelStats>,
+    pub allowed: Vec<AllowedHost>,
+    /// Why the session is not simply active, in one sentence, if it is not.
+    pub problem: Option<String>,
+    /// The same as a type, for clients to act on.
+    pub cause: Option<Cause>,
+    /// A profile change that waits for the next start, if any.
+    pub pending: Option<String>,
+}
+
+/// The state machine's published view; the tunnel's live numbers are read
+/// from its view when a status is asked for.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub phase: Phase,
+    pub profile: Option<String>,
+    pub allowed: Vec<AllowedHost>,
+    pub problem: Option<String>,
+    pub cause: Option<Cause>,
+    pub pending: Option<String>,
+    pub tunnel: Option<Arc<dyn TunnelView>>,
+}
+
+impl Snapshot {
+    pub fn idle() -> Snapshot {
+        Snapshot {
+            phase: Phase::Idle,
+            profile: None,
+            allowed: Vec::new(),
+            problem: None,
+            cause: None,
+            pending: None,
+            tunnel: None,
+        }
+    }
+
+    pub fn report(&self) -> StatusReport {
+        StatusReport {
+            phase: self.phase,
+            profile: self.profile.clone(),
+            tunnel: self.tunnel.as_ref().map(|t| t.stats()),
+            allowed: self.allowed.clone(),
+            problem: self.problem.clone(),
+            cause: self.cause.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+}
+
+pub(crate) fn allowed_hosts(profile: &Profile) -> Vec<AllowedHost> {
+    profile
+        .allow
+        .iter()
+        .map(|rule| AllowedHost {
+            host: rule.host.to_string(),
+            addresses: match &rule.host {
+                Host::Net(net) => vec![net.to_string()],
+                Host::Name(_) => Vec::new(),
+            },
+            tcp: rule.tcp.clone(),
+            udp: rule.udp.clone(),
+        })
+        .collect()
+}
+
+/// Puts the addresses the stub answers into the firewall's allow sets (for
+/// that host's ports only) and into the status, before the application gets
+/// the answer.
+pub(crate) struct AllowSink {
+    ports: HashMap<String, (Vec<u16>, Vec<u16>)>,
+    snapshot: Arc<watch::Sender<Snapshot>>,
+}
+
+impl AllowSink {
+    pub(crate) fn new(profile: &Profile, snapshot: Arc<watch::Sender<Snapshot>>) -> AllowSink {
+        let mut ports: HashMap<String, (Vec<u16>, Vec<u16>)> = HashMap::new();
+        for rule in &profile.allow {
+            if let Host::Name(name) = &rule.host {
+                let entry = ports.entry(name.clone()).or_default();
+                entry.0.extend(&rule.tcp);
+                entry.1.extend(&rule.udp);
+            }
+        }
+        AllowSink { ports, snapshot }
+    }
+}
+
+impl AnswerSink for AllowSink {
+    fn on_answer<'a>(&'a self, name: &'a str, addrs: Addresses) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some((tcp, udp)) = self.ports.get(name) else {
+                return;
+            };
+            let mut learned = Vec::new();
+            for (addr, ttl) in &addrs {
+                let timeout = Duration::from_secs(u64::from((*ttl).max(MIN_ALLOW_SECS) + ALLOW_GRACE_SECS));
+                for (proto, ports) in [(firewall::TCP, tcp), (firewall::UDP, udp)] {
+                    learned.extend(ports.iter().map(|port| LearnedAddress {
+                        addr: *addr,
+                        proto,
+                        port: *port,
+                        timeout,
+                    }));
+                }
+            }
+            if let Err(e) = firewall::add_addresses(&learned).await {
+                tracing::warn!("could not add answered addresses to the allowlist: {e}");
+                return;
+            }
+            self.snapshot.send_modify(|s| {
+                for host in s.allowed.iter_mut().filter(|h| h.host == name) {
+                    for (addr, _) in &addrs {
+                        let text = addr.to_string();
+                        if !host.addresses.contains(&text) {
+                            host.addresses.push(text);
+                        }
+                    }
+                }
+            });
+        })
+    }
+}

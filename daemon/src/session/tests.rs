@@ -1,0 +1,823 @@
+//! The order of every transition, without root: the machine runs on a
+//! recorder of side effects that can make any one step fail. Every test
+//! checks the calls in order and where the firewall ends up; no failure may
+//! leave it open.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::sync::{oneshot, watch};
+
+use super::stage::Stage;
+use super::*;
+use crate::dns::AnswerSink;
+use crate::firewall::{Allowlist, Lockdown};
+use crate::store::PersistedSession;
+use crate::tunnel::TunnelStats;
+
+/// What our table looks like, as far as the recorder knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Absent,
+    Lockdown,
+    Open,
+}
+
+struct FakeView {
+    handshake: watch::Receiver<bool>,
+    reachable: Arc<AtomicBool>,
+}
+
+impl TunnelView for FakeView {
+    fn stats(&self) -> TunnelStats {
+        TunnelStats {
+            interface: "sg0".into(),
+            endpoint: "198.51.100.2:51820".into(),
+            last_handshake_secs: (*self.handshake.borrow()).then_some(1),
+            rx_bytes: 0,
+            tx_bytes: 0,
+            peer_reachable: self.reachable.load(Ordering::SeqCst),
+        }
+    }
+
+    fn handshake_done(&self) -> BoxFuture<'static, ()> {
+        let mut rx = self.handshake.clone();
+        async move {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+        .boxed()
+    }
+}
+
+struct Recorder {
+    calls: Vec<String>,
+    fail: HashSet<&'static str>,
+    table: Table,
+    /// What `firewall_present` answers (false: someone flushed the table).
+    present: bool,
+    handshake_tx: watch::Sender<bool>,
+    handshake: watch::Receiver<bool>,
+    reachable: Arc<AtomicBool>,
+    /// What `load_profile` reads (a reload or a resume).
+    on_disk: Option<Profile>,
+    persisted: Option<PersistedSession>,
+    /// Verify's probes never finish unless told.
+    verify_done: bool,
+}
+
+impl Recorder {
+    fn new() -> Recorder {
+        let (handshake_tx, handshake) = watch::channel(false);
+        Recorder {
+            calls: Vec::new(),
+            fail: HashSet::new(),
+            table: Table::Absent,
+            present: true,
+            handshake_tx,
+            handshake,
+            reachable: Arc::new(AtomicBool::new(false)),
+            on_disk: Some(profile()),
+            persisted: None,
+            verify_done: true,
+        }
+    }
+
+    fn call(&mut self, name: &'static str) -> Result<(), String> {
+        self.calls.push(name.to_string());
+        if self.fail.contains(name) {
+            Err(format!("{name} failed"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Effects for Recorder {
+    type Tunnel = ();
+    type Routes = ();
+    type Stub = ();
+
+    fn load_session(&mut self) -> Result<Option<PersistedSession>, String> {
+        self.call("load session")?;
+        Ok(self.persisted.clone())
+    }
+    fn save_session(&mut self, session: &PersistedSession) -> Result<(), String> {
+        self.call("save session")?;
+        self.persisted = Some(session.clone());
+        Ok(())
+    }
+    fn clear_session(&mut self) -> Result<(), String> {
+        self.call("clear session")?;
+        self.persisted = None;
+        Ok(())
+    }
+    async fn load_profile(&mut self, _name: &str) -> Result<Profile, String> {
+        self.call("load profile")?;
+        self.on_disk
+            .clone()
+            .ok_or_else(|| "profile lab: there is no lab.toml".to_string())
+    }
+    async fn resolve_endpoint(&mut self, _profile: &Profile) -> Result<SocketAddr, String> {
+        self.call("resolve endpoint")?;
+        Ok("198.51.100.2:51820".parse().expect("address"))
+    }
+    async fn apply_firewall(
+        &mut self,
+        _lockdown: &Lockdown,
+        allow: Option<&Allowlist>,
+    ) -> Result<(), String> {
+        match allow {
+            None => {
+                self.call("firewall lockdown")?;
+                self.table = Table::Lockdown;
+            }
+            Some(_) => {
+                self.call("firewall allowlist")?;
+                self.table = Table::Open;
+            }
+        }
+        self.present = true;
+        Ok(())
+    }
+    async fn remove_firewall(&mut self) -> Result<(), String> {
+        self.call("firewall remove")?;
+        self.table = Table::Absent;
+        Ok(())
+    }
+    async fn firewall_present(&mut self) -> Result<bool, String> {
+        self.call("firewall present")?;
+        Ok(self.present)
+    }
+    fn start_guard(&mut self) {
+        self.calls.push("guard on".into());
+    }
+    fn stop_guard(&mut self) {
+        self.calls.push("guard off".into());
+    }
+    async fn firewall_changed(&mut self) {
+        std::future::pending().await
+    }
+    async fn start_tunnel(&mut self, _profile: &Profile, _endpoint: SocketAddr) -> Result<(), String> {
+        self.call("tunnel up")
+    }
+    fn tunnel_view(&self, _tunnel: &()) -> Arc<dyn TunnelView> {
+        Arc::new(FakeView {
+            handshake: self.handshake.clone(),
+            reachable: self.reachable.clone(),
+        })
+    }
+    async fn stop_tunnel(&mut self, _tunnel: ()) {
+        self.calls.push("tunnel down".into());
+    }
+    async fn add_routes(&mut self, _profile: &Profile) -> Result<(), String> {
+        self.call("routes up")
+    }
+    async fn remove_routes(&mut self, _routes: ()) -> Result<(), String> {
+        self.call("routes down")
+    }
+    async fn remove_stale_routes(&mut self) -> Result<(), String> {
+        self.call("stale routes")
+    }
+    async fn start_stub(&mut self, _profile: &Profile, _sink: Arc<dyn AnswerSink>) -> Result<(), String> {
+        self.call("stub start")
+    }
+    fn stub_port(&self, _stub: &()) -> u16 {
+        5353
+    }
+    fn resolve_names(&self, _stub: &Arc<()>) -> BoxFuture<'static, ()> {
+        async {}.boxed()
+    }
+    async fn stop_stub(&mut self, _stub: Arc<()>) {
+        self.calls.push("stub stop".into());
+    }
+    fn pin_resolver_file(&mut self) -> Result<(), String> {
+        self.call("pin resolver")
+    }
+    fn restore_resolver_file(&mut self) -> Result<(), String> {
+        self.call("restore resolver")
+    }
+    fn verify(&self, _status: StatusReport) -> BoxFuture<'static, Result<verify::Report, String>> {
+        let done = self.verify_done;
+        async move {
+            if !done {
+                std::future::pending::<()>().await;
+            }
+            Ok(verify::Report {
+                passed: true,
+                probes: Vec::new(),
+            })
+        }
+        .boxed()
+    }
+}
+
+const PEER: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+const PRIV: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+
+fn profile_with(host: &str) -> Profile {
+    let text = format!(
+        r#"
+[tunnel]
+private_key = "{PRIV}"
+address = ["192.0.2.66/32"]
+[tunnel.peer]
+public_key = "{PEER}"
+endpoint = "198.51.100.2:51820"
+[dns]
+servers = ["192.0.2.65"]
+[[allow]]
+host = "{host}"
+tcp = [443]
+"#
+    );
+    crate::profile::parse("lab", &text, Path::new("/nonexistent"), 0o600).expect("test profile")
+}
+
+fn profile() -> Profile {
+    profile_with("meet.test")
+}
+
+type Machine = SessionMachine<Recorder>;
+
+fn machine() -> (Machine, SessionHandle) {
+    with_effects(Recorder::new())
+}
+
+/// Lets the tasks beside the loop run and hands their events to the
+/// machine, until nothing more happens.
+async fn settle(m: &mut Machine) {
+    loop {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let Ok(event) = m.events.try_recv() else { return };
+        m.on_event(event).await;
+    }
+}
+
+fn calls(m: &Machine) -> Vec<&str> {
+    m.ctx.effects.calls.iter().map(String::as_str).collect()
+}
+
+/// Forgets the calls so far, so a test sees only the next transition's.
+fn forget(m: &mut Machine) {
+    m.ctx.effects.calls.clear();
+}
+
+fn table(m: &Machine) -> Table {
+    m.ctx.effects.table
+}
+
+fn phase(handle: &SessionHandle) -> (Phase, Option<Cause>) {
+    let status = handle.status();
+    (status.phase, status.cause)
+}
+
+async fn start(m: &mut Machine) -> oneshot::Receiver<Outcome> {
+    let (reply, rx) = oneshot::channel();
+    m.on_command(Command::Start {
+        profile: Box::new(profile()),
+        reply,
+    })
+    .await;
+    settle(m).await;
+    rx
+}
+
+async fn stop(m: &mut Machine) -> Outcome {
+    let (reply, rx) = oneshot::channel();
+    m.on_command(Command::Stop { reply }).await;
+    settle(m).await;
+    rx.await.expect("stop answers")
+}
+
+fn handshake(m: &Machine) {
+    let _ = m.ctx.effects.handshake_tx.send(true);
+    m.ctx.effects.reachable.store(true, Ordering::SeqCst);
+}
+
+/// A started, active session with the calls forgotten.
+async fn active() -> (Machine, SessionHandle) {
+    let (mut m, handle) = machine();
+    let mut rx = start(&mut m).await;
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(matches!(rx.try_recv(), Ok(Outcome::Started(_))));
+    forget(&mut m);
+    (m, handle)
+}
+
+fn answered(rx: &mut oneshot::Receiver<Outcome>) -> Outcome {
+    rx.try_recv().expect("the command was answered")
+}
+
+#[tokio::test]
+async fn start_locks_down_before_the_tunnel_and_opens_after_the_handshake() {
+    let (mut m, handle) = machine();
+    let mut rx = start(&mut m).await;
+    assert_eq!(
+        calls(&m),
+        [
+            "resolve endpoint",
+            "save session",
+            "firewall lockdown",
+            "guard on",
+            "tunnel up",
+            "routes up"
+        ]
+    );
+    // The start waits for the handshake as an event: the loop is free and
+    // status says starting.
+    assert!(rx.try_recv().is_err(), "start answered before the handshake");
+    assert_eq!(phase(&handle), (Phase::Starting, None));
+    assert_eq!(table(&m), Table::Lockdown);
+
+    forget(&mut m);
+    handshake(&m);
+    settle(&mut m).await;
+    assert_eq!(calls(&m), ["stub start", "firewall allowlist", "pin resolver"]);
+    match answered(&mut rx) {
+        Outcome::Started(status) => assert_eq!(status.phase, Phase::Active),
+        other => panic!("start did not succeed: {other:?}"),
+    }
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    assert_eq!(table(&m), Table::Open);
+}
+
+#[tokio::test]
+async fn a_start_failing_at_any_step_is_locked_down_or_unchanged_never_open() {
+    // (step that fails, whether the lockdown was already up)
+    let steps = [
+        ("resolve endpoint", false),
+        ("save session", false),
+        ("firewall lockdown", false),
+        ("tunnel up", true),
+        ("routes up", true),
+        ("stub start", true),
+        ("firewall allowlist", true),
+        ("pin resolver", true),
+    ];
+    for (step, locked) in steps {
+        let (mut m, handle) = machine();
+        m.ctx.effects.fail.insert(step);
+        let mut rx = start(&mut m).await;
+        handshake(&m);
+        settle(&mut m).await;
+        let outcome = answered(&mut rx);
+        assert!(!matches!(outcome, Outcome::Started(_)), "{step}: start succeeded");
+        assert_ne!(table(&m), Table::Open, "{step}: the allowlist is open");
+        if locked {
+            assert_eq!(table(&m), Table::Lockdown, "{step}");
+            let (phase, cause) = phase(&handle);
+            assert_eq!(phase, Phase::Degraded, "{step}");
+            assert!(
+                matches!(cause, Some(Cause::StartFailed { .. })),
+                "{step}: {cause:?}"
+            );
+            assert!(matches!(outcome, Outcome::Failed { .. }), "{step}");
+            // Health ticks with a reachable peer do not open it either.
+            m.on_health().await;
+            assert_eq!(table(&m), Table::Lockdown, "{step}: opened by a health tick");
+        } else {
+            assert_eq!(table(&m), Table::Absent, "{step}");
+            assert_eq!(phase(&handle).0, Phase::Idle, "{step}");
+            assert!(matches!(outcome, Outcome::Refused(_)), "{step}");
+            assert!(!calls(&m).contains(&"tunnel up"), "{step}: {:?}", calls(&m));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failed_lockdown_clears_the_persisted_session() {
+    let (mut m, _handle) = machine();
+    m.ctx.effects.fail.insert("firewall lockdown");
+    let _refused = start(&mut m).await;
+    assert_eq!(
+        calls(&m),
+        [
+            "resolve endpoint",
+            "save session",
+            "firewall lockdown",
+            "clear session"
+        ]
+    );
+    assert_eq!(m.ctx.effects.persisted, None);
+}
+
+#[tokio::test]
+async fn stop_takes_the_tunnel_down_before_the_firewall_and_clears_the_store_last() {
+    let (mut m, handle) = active().await;
+    let outcome = stop(&mut m).await;
+    assert!(matches!(outcome, Outcome::Stopped(_)), "{outcome:?}");
+    assert_eq!(
+        calls(&m),
+        [
+            "restore resolver",
+            "stub stop",
+            "tunnel down",
+            "routes down",
+            "guard off",
+            "firewall remove",
+            "clear session"
+        ]
+    );
+    assert_eq!(table(&m), Table::Absent);
+    assert_eq!(phase(&handle), (Phase::Idle, None));
+}
+
+#[tokio::test]
+async fn a_stop_failing_part_way_stays_locked_down_and_can_be_run_again() {
+    for step in ["restore resolver", "routes down", "firewall remove"] {
+        let (mut m, handle) = active().await;
+        m.ctx.effects.fail.insert(step);
+        let outcome = stop(&mut m).await;
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Failed {
+                    cause: Some(Cause::StopFailed),
+                    ..
+                }
+            ),
+            "{step}: {outcome:?}"
+        );
+        assert_eq!(table(&m), Table::Lockdown, "{step}");
+        assert_eq!(
+            phase(&handle),
+            (Phase::Degraded, Some(Cause::StopFailed)),
+            "{step}"
+        );
+        m.on_health().await;
+        assert_eq!(
+            phase(&handle).0,
+            Phase::Degraded,
+            "{step}: a health tick changed it"
+        );
+        // The guard keeps the bare lockdown, not the old allowlist.
+        m.ctx.effects.present = false;
+        m.on_firewall_changed().await;
+        assert_eq!(table(&m), Table::Lockdown, "{step}");
+
+        m.ctx.effects.fail.clear();
+        let again = stop(&mut m).await;
+        assert!(matches!(again, Outcome::Stopped(_)), "{step}: {again:?}");
+        assert_eq!(table(&m), Table::Absent, "{step}");
+        assert_eq!(m.ctx.effects.persisted, None, "{step}");
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_cleared_is_reported_with_the_network_back() {
+    let (mut m, handle) = active().await;
+    m.ctx.effects.fail.insert("clear session");
+    let outcome = stop(&mut m).await;
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Failed {
+                cause: Some(Cause::StoreNotCleared),
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(table(&m), Table::Absent);
+    assert_eq!(phase(&handle).0, Phase::Idle);
+}
+
+#[tokio::test]
+async fn stop_cancels_a_start_that_waits_for_its_handshake() {
+    let (mut m, handle) = machine();
+    let mut start_rx = start(&mut m).await;
+    forget(&mut m);
+    let outcome = stop(&mut m).await;
+    assert!(matches!(outcome, Outcome::Stopped(_)), "{outcome:?}");
+    assert!(
+        matches!(
+            answered(&mut start_rx),
+            Outcome::Failed {
+                cause: Some(Cause::Cancelled),
+                ..
+            }
+        ),
+        "the waiting start was not told"
+    );
+    assert_eq!(
+        calls(&m),
+        [
+            "restore resolver",
+            "tunnel down",
+            "routes down",
+            "guard off",
+            "firewall remove",
+            "clear session"
+        ]
+    );
+    // A handshake after the stop is a late event of an ended stage.
+    forget(&mut m);
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+    assert_eq!(phase(&handle).0, Phase::Idle);
+}
+
+#[tokio::test]
+async fn a_second_start_is_refused_while_one_waits() {
+    let (mut m, _handle) = machine();
+    let _first = start(&mut m).await;
+    forget(&mut m);
+    let mut second = start(&mut m).await;
+    assert!(matches!(answered(&mut second), Outcome::Refused(_)));
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+}
+
+#[tokio::test]
+async fn the_guard_puts_back_the_shape_of_the_current_stage() {
+    // While a start waits for its handshake: the bare lockdown.
+    let (mut m, _handle) = machine();
+    let _rx = start(&mut m).await;
+    forget(&mut m);
+    m.ctx.effects.present = false;
+    m.ctx.effects.table = Table::Absent;
+    m.on_firewall_changed().await;
+    assert_eq!(calls(&m), ["firewall present", "firewall lockdown"]);
+    assert_eq!(table(&m), Table::Lockdown);
+
+    // While active: the allowlist, and the names again (the learned
+    // addresses went with the old table).
+    let (mut m, _handle) = active().await;
+    m.ctx.effects.present = false;
+    m.ctx.effects.table = Table::Absent;
+    m.on_firewall_changed().await;
+    settle(&mut m).await;
+    assert_eq!(calls(&m), ["firewall present", "firewall allowlist"]);
+    assert!(m.events.try_recv().is_err());
+    assert_eq!(table(&m), Table::Open);
+
+    // Our own writes wake the guard too; a table in place is left alone.
+    forget(&mut m);
+    m.on_firewall_changed().await;
+    assert_eq!(calls(&m), ["firewall present"]);
+}
+
+#[tokio::test]
+async fn no_handshake_in_time_stays_locked_down_until_a_late_one() {
+    let (mut m, handle) = machine();
+    let mut rx = start(&mut m).await;
+    let Stage::Connecting(c) = &m.stage else {
+        panic!("not connecting")
+    };
+    let id = c.id;
+    m.on_event(Event::HandshakeTimeout(id)).await;
+    match answered(&mut rx) {
+        Outcome::Failed { cause, message } => {
+            assert_eq!(cause, Some(Cause::NoHandshake));
+            assert!(
+                message.contains("no handshake from 198.51.100.2:51820 within 10 s"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::NoHandshake)));
+    assert_eq!(table(&m), Table::Lockdown);
+    // The tunnel still runs: a late handshake opens the allowlist.
+    forget(&mut m);
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(calls(&m).is_empty(), "opened before the health check looked");
+    m.on_health().await;
+    settle(&mut m).await;
+    assert_eq!(calls(&m), ["stub start", "firewall allowlist", "pin resolver"]);
+    assert_eq!(phase(&handle), (Phase::Active, None));
+}
+
+#[tokio::test]
+async fn peer_loss_degrades_and_its_return_recovers() {
+    let (mut m, handle) = active().await;
+    m.ctx.effects.reachable.store(false, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::PeerLost)));
+    assert!(handle
+        .status()
+        .problem
+        .unwrap_or_default()
+        .contains("stopped answering"));
+    m.ctx.effects.reachable.store(true, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+}
+
+#[tokio::test]
+async fn resume_locks_down_first_and_opens_after_the_handshake() {
+    let (mut m, handle) = machine();
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: "198.51.100.2:51820".parse().expect("address"),
+        interface: "sg0".into(),
+        allow_lan: false,
+    });
+    m.resume().await.expect("resume");
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "firewall lockdown",
+            "guard on",
+            "stale routes",
+            "load profile",
+            "tunnel up",
+            "routes up"
+        ]
+    );
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::Resuming)));
+    forget(&mut m);
+    handshake(&m);
+    settle(&mut m).await;
+    assert_eq!(calls(&m), ["stub start", "firewall allowlist", "pin resolver"]);
+    assert_eq!(phase(&handle), (Phase::Active, None));
+}
+
+#[tokio::test]
+async fn a_resume_without_its_profile_stays_locked_down() {
+    let (mut m, handle) = machine();
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: "198.51.100.2:51820".parse().expect("address"),
+        interface: "sg0".into(),
+        allow_lan: false,
+    });
+    m.ctx.effects.on_disk = None;
+    m.resume().await.expect("resume");
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::CannotResume)));
+    assert_eq!(table(&m), Table::Lockdown);
+    assert!(!calls(&m).contains(&"tunnel up"));
+    let outcome = stop(&mut m).await;
+    assert!(matches!(outcome, Outcome::Stopped(_)), "{outcome:?}");
+    assert_eq!(table(&m), Table::Absent);
+}
+
+#[tokio::test]
+async fn a_reload_replaces_the_stub_then_the_table() {
+    let (mut m, handle) = active().await;
+    m.ctx.effects.on_disk = Some(profile_with("other.test"));
+    m.on_command(Command::ProfilesChanged).await;
+    settle(&mut m).await;
+    assert_eq!(
+        calls(&m),
+        ["load profile", "stub stop", "stub start", "firewall allowlist"]
+    );
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    assert_eq!(handle.status().allowed[0].host, "other.test");
+    // An unchanged profile changes nothing.
+    forget(&mut m);
+    m.on_command(Command::ProfilesChanged).await;
+    assert_eq!(calls(&m), ["load profile"]);
+}
+
+/// The bug found by reading: after a failed reload the session was degraded
+/// with the stub gone but still marked open, and the next health tick made
+/// it active again while DNS pointed at a stopped stub.
+#[tokio::test]
+async fn a_failed_reload_locks_down_and_a_health_tick_does_not_reopen_it() {
+    for step in ["stub start", "firewall allowlist"] {
+        let (mut m, handle) = active().await;
+        m.ctx.effects.on_disk = Some(profile_with("other.test"));
+        m.ctx.effects.fail.insert(step);
+        m.on_command(Command::ProfilesChanged).await;
+        assert_eq!(
+            phase(&handle),
+            (Phase::Degraded, Some(Cause::ReloadFailed)),
+            "{step}"
+        );
+        assert_eq!(table(&m), Table::Lockdown, "{step}");
+        m.ctx.effects.fail.clear();
+        m.on_health().await;
+        settle(&mut m).await;
+        assert_eq!(
+            phase(&handle).0,
+            Phase::Degraded,
+            "{step}: a health tick made it active"
+        );
+        assert_eq!(table(&m), Table::Lockdown, "{step}");
+    }
+}
+
+#[tokio::test]
+async fn stop_cancels_a_running_verify_before_the_firewall_goes() {
+    let (mut m, _handle) = active().await;
+    m.ctx.effects.verify_done = false;
+    let (reply, mut verify_rx) = oneshot::channel();
+    m.on_command(Command::Verify { reply }).await;
+    settle(&mut m).await;
+    assert!(verify_rx.try_recv().is_err(), "verify answered early");
+    let outcome = stop(&mut m).await;
+    assert!(matches!(outcome, Outcome::Stopped(_)), "{outcome:?}");
+    assert!(matches!(answered(&mut verify_rx), Outcome::Refused(_)));
+}
+
+#[tokio::test]
+async fn verify_needs_a_session_and_answers_with_its_report() {
+    let (mut m, _handle) = machine();
+    let (reply, mut rx) = oneshot::channel();
+    m.on_command(Command::Verify { reply }).await;
+    assert!(matches!(answered(&mut rx), Outcome::Refused(_)));
+
+    let (mut m, _handle) = active().await;
+    let (reply, mut rx) = oneshot::channel();
+    m.on_command(Command::Verify { reply }).await;
+    settle(&mut m).await;
+    assert!(matches!(answered(&mut rx), Outcome::Verified(_)));
+}
+
+/// The loop itself: while a start waits for its handshake, `status`
+/// answers and `stop` is served (and cancels the start).
+#[tokio::test]
+async fn the_loop_serves_stop_and_status_while_a_start_waits() {
+    let (m, handle) = machine();
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let running = tokio::spawn(m.run(shutdown));
+    let starter = handle.clone();
+    let start = tokio::spawn(async move { starter.start(profile()).await });
+    while handle.status().tunnel.is_none() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(handle.status().phase, Phase::Starting);
+    let stopped = handle.stop().await;
+    assert!(matches!(stopped, Outcome::Stopped(_)), "{stopped:?}");
+    let started = start.await.expect("the start task");
+    assert!(
+        matches!(
+            started,
+            Outcome::Failed {
+                cause: Some(Cause::Cancelled),
+                ..
+            }
+        ),
+        "{started:?}"
+    );
+    assert_eq!(handle.status().phase, Phase::Idle);
+    let _ = shutdown_tx.send(true);
+    running.await.expect("the machine ends on shutdown");
+}
+
+#[tokio::test]
+async fn a_resume_whose_tunnel_changed_stays_locked_down() {
+    let (mut m, handle) = machine();
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: "198.51.100.2:51820".parse().expect("address"),
+        interface: "sg1".into(),
+        allow_lan: false,
+    });
+    m.resume().await.expect("resume");
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "firewall lockdown",
+            "guard on",
+            "stale routes",
+            "load profile"
+        ]
+    );
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::CannotResume)));
+    assert_eq!(table(&m), Table::Lockdown);
+}
+
+#[tokio::test]
+async fn a_reload_while_a_start_waits_only_changes_what_will_open() {
+    let (mut m, handle) = machine();
+    let mut rx = start(&mut m).await;
+    m.ctx.effects.on_disk = Some(profile_with("other.test"));
+    forget(&mut m);
+    m.on_command(Command::ProfilesChanged).await;
+    assert_eq!(calls(&m), ["load profile"]);
+    assert_eq!(table(&m), Table::Lockdown);
+    assert_eq!(phase(&handle), (Phase::Starting, None));
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(matches!(answered(&mut rx), Outcome::Started(_)));
+    assert_eq!(handle.status().allowed[0].host, "other.test");
+}
+
+#[tokio::test]
+async fn a_changed_tunnel_section_waits_for_the_next_start() {
+    let (mut m, handle) = active().await;
+    let mut edited = profile();
+    edited.tunnel.mtu = 1280;
+    m.ctx.effects.on_disk = Some(edited);
+    m.on_command(Command::ProfilesChanged).await;
+    assert_eq!(calls(&m), ["load profile"]);
+    assert!(handle
+        .status()
+        .pending
+        .is_some_and(|p| p.contains("next `sessionctl start`")));
+    assert_eq!(phase(&handle), (Phase::Active, None));
+}
