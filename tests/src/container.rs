@@ -216,9 +216,9 @@ impl<'a> Container<'a> {
         Ok(())
     }
 
-    /// Installs sessiond and sessionctl from this build, the unit, the
-    /// sysusers and tmpfiles snippets from `systemd/`, enables the unit the
-    /// way `systemctl enable` would, and copies `labhost` (for probes that
+    /// Installs sessiond and sessionctl from this build, the units, the
+    /// early lockdown's nft file, the sysusers and tmpfiles snippets from
+    /// `systemd/`, enables the units the way `systemctl enable` would, and copies `labhost` (for probes that
     /// use the container's own resolver file).
     pub fn install_sessiongate(&self) -> Result<()> {
         let systemd = util::workspace_root().join("systemd");
@@ -240,6 +240,17 @@ impl<'a> Container<'a> {
             "/usr/lib/tmpfiles.d/sessiongate.conf",
             0o644,
         )?;
+        self.install(
+            &systemd.join("sessiongate-early-lockdown.service"),
+            "/usr/lib/systemd/system/sessiongate-early-lockdown.service",
+            0o644,
+        )?;
+        self.install(
+            &systemd.join("early-lockdown.nft"),
+            "/usr/lib/sessiongate/early-lockdown.nft",
+            0o644,
+        )?;
+        self.enable("sessiongate-early-lockdown.service", "sysinit.target")?;
         self.enable("sessiond.service", "multi-user.target")
     }
 

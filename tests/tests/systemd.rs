@@ -52,7 +52,7 @@ fn ctl(c: &Container, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("{e:#}\njournal:\n{}", c.journal("sessiond")))
 }
 
-fn state(c: &Container) -> String {
+fn state_of(c: &Container) -> String {
     let out = c.exec(&["sessionctl", "status", "--json"]);
     match out {
         Ok(o) if o.status.success() => serde_json::from_slice::<serde_json::Value>(&o.stdout)
@@ -164,7 +164,7 @@ fn a_member_of_the_control_group_runs_a_session_through_the_installed_unit() {
         text(&started),
         c.journal("sessiond")
     );
-    assert_eq!(state(&c), "active");
+    assert_eq!(state_of(&c), "active");
 
     // The sandbox keeps every feature: the TUN device, the src_valid_mark
     // sysctl, the resolver file pointed at the stub (names resolve through
@@ -287,7 +287,7 @@ fn a_restart_and_a_reboot_mid_session_stay_locked_down_and_resume() {
             let settled = wait_until(
                 Duration::from_secs(30),
                 "the session active after a restart",
-                || state(&c) == "active",
+                || state_of(&c) == "active",
             );
             watching.store(false, Ordering::SeqCst);
             assert!(restarted.status.success(), "restart: {}", text(&restarted));
@@ -315,7 +315,7 @@ fn a_restart_and_a_reboot_mid_session_stay_locked_down_and_resume() {
         wait_until(
             Duration::from_secs(60),
             "the session active after the reboot",
-            || state(&c) == "active",
+            || state_of(&c) == "active",
         )
         .unwrap_or_else(|e| panic!("{e:#}\njournal:\n{}", c.journal("sessiond")));
     });
@@ -332,4 +332,94 @@ fn a_restart_and_a_reboot_mid_session_stay_locked_down_and_resume() {
     assert_through_tunnel(&c);
     ctl(&c, &["stop"]);
     assert!(!has_lockdown(&c));
+}
+
+/// Boots after `break_it` changed the powered-off machine, with traffic
+/// trying to get out throughout, and checks that the machine is closed
+/// before the network comes up and stays closed once systemd has given up
+/// on sessiond.
+fn boot_stays_closed(lab: &Lab, c: &mut Container, case: &str) {
+    forget_kernel_state(lab);
+    lab.reset_leaks().expect("reset leaks");
+    with_traffic(lab, || {
+        c.boot().unwrap_or_else(|e| panic!("{case}: boot: {e:#}"));
+        wait_until(Duration::from_secs(60), "systemd to give up on sessiond", || {
+            c.unit_property("sessiond.service", "ActiveState")
+                .is_ok_and(|s| s == "failed")
+        })
+        .unwrap_or_else(|e| panic!("{case}: {e:#}\njournal:\n{}", c.journal("sessiond")));
+    });
+    let seen = c
+        .exec_ok(&["cat", "/run/firewall-at-network-up"])
+        .expect("the network unit ran");
+    assert_eq!(seen.trim(), "locked", "{case}: the network came up open");
+    assert!(has_lockdown(c), "{case}: no lockdown once sessiond gave up");
+    assert!(
+        lab.probe_tcp_timeout(Ns::Client, addr::OTHER_V4, 443, Duration::from_millis(500))
+            .is_err(),
+        "{case}: another host is reachable"
+    );
+    assert_eq!(
+        lab.leaks().expect("leaks"),
+        0,
+        "{case}: {}\nearly lockdown:\n{}",
+        lab.leak_report(),
+        c.journal("sessiongate-early-lockdown")
+    );
+    c.poweroff().unwrap_or_else(|e| panic!("{case}: poweroff: {e:#}"));
+}
+
+#[test]
+fn a_boot_stays_closed_when_sessiond_cannot_run() {
+    let lab = lab();
+    let mut c = booted(&lab);
+    ctl(&c, &["start", "lab"]);
+    install_network_manager(&c);
+    c.poweroff().unwrap_or_else(|e| panic!("poweroff: {e:#}"));
+    let binary = c.path("/usr/sbin/sessiond");
+    let moved = c.path("/usr/sbin/sessiond.away");
+    let state_file = c.path("/var/lib/sessiongate/session.json");
+    let state = std::fs::read(&state_file).expect("the persisted session");
+
+    // The binary is missing (a broken upgrade).
+    std::fs::rename(&binary, &moved).expect("move the binary away");
+    boot_stays_closed(&lab, &mut c, "missing binary");
+    std::fs::rename(&moved, &binary).expect("put the binary back");
+
+    // The state file is corrupt: sessiond refuses to guess and exits.
+    std::fs::write(&state_file, b"{\"profile\": \"lab\", \"endp").expect("corrupt the state");
+    boot_stays_closed(&lab, &mut c, "corrupt state file");
+    std::fs::write(&state_file, &state).expect("restore the state");
+
+    // sessiond crashes at once, every time.
+    std::fs::rename(&binary, &moved).expect("move the binary away");
+    c.write("/usr/sbin/sessiond", "#!/bin/sh\nkill -SEGV $$\n", 0o755)
+        .expect("a crashing sessiond");
+    boot_stays_closed(&lab, &mut c, "crash-looping sessiond");
+    std::fs::rename(&moved, &binary).expect("put the binary back");
+
+    // Repaired: sessiond takes over from the early lockdown and resumes.
+    forget_kernel_state(&lab);
+    c.boot().unwrap_or_else(|e| panic!("boot: {e:#}"));
+    wait_until(
+        Duration::from_secs(60),
+        "the session active after the repair",
+        || state_of(&c) == "active",
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\njournal:\n{}", c.journal("sessiond")));
+    assert_through_tunnel(&c);
+    ctl(&c, &["stop"]);
+    assert!(!has_lockdown(&c), "the lockdown stayed after stop");
+
+    // With no session persisted, a boot leaves the network alone.
+    c.poweroff().unwrap_or_else(|e| panic!("poweroff: {e:#}"));
+    forget_kernel_state(&lab);
+    c.boot().unwrap_or_else(|e| panic!("boot: {e:#}"));
+    assert!(!has_lockdown(&c), "a boot without a session locked the machine");
+    assert_eq!(
+        c.exec_ok(&["cat", "/run/firewall-at-network-up"])
+            .expect("the network unit ran")
+            .trim(),
+        "open"
+    );
 }
