@@ -423,3 +423,183 @@ fn a_boot_stays_closed_when_sessiond_cannot_run() {
         "open"
     );
 }
+
+/// Builds the Debian package from this build's binaries (scripts/package
+/// --debug-build) into `dir`, and a copy of it with a higher version (what
+/// an upgrade installs). Returns (package, upgrade).
+fn build_packages(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let script = lab::util::workspace_root().join("scripts/package");
+    let dir_s = dir.to_string_lossy().into_owned();
+    lab::util::run(&[&script.to_string_lossy(), "--debug-build", &dir_s])
+        .unwrap_or_else(|e| panic!("scripts/package: {e:#}"));
+    let deb = std::fs::read_dir(dir)
+        .expect("package dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a .deb");
+    // The same package as version X.1: unpack, bump, repack.
+    let tree = dir.join("upgrade-tree");
+    let tree_s = tree.to_string_lossy().into_owned();
+    lab::util::run(&["dpkg-deb", "-R", &deb.to_string_lossy(), &tree_s]).expect("dpkg-deb -R");
+    let control = tree.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).expect("control");
+    let bumped: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("Version: ") {
+            Some(v) => format!("Version: {v}.1\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&control, bumped).expect("write control");
+    let upgrade = dir.join("upgrade.deb");
+    lab::util::run(&["dpkg-deb", "-b", "-Zgzip", &tree_s, &upgrade.to_string_lossy()]).expect("dpkg-deb -b");
+    (deb, upgrade)
+}
+
+/// `apt-get ARGS` in the container, offline (every dependency is in the
+/// root already).
+fn apt(c: &Container, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q"];
+    full.extend_from_slice(args);
+    c.exec(&full).expect("apt-get")
+}
+
+fn exists(c: &Container, inside: &str) -> bool {
+    c.path(inside).exists()
+}
+
+#[test]
+fn the_debian_package_installs_upgrades_and_removes_without_opening_a_session() {
+    let lab = lab();
+    let files = lab.sessiond_profile().expect("profile");
+    let packages = lab.tmp_dir().join("packages");
+    let (deb, upgrade) = build_packages(&packages);
+    let mut c = Container::new(&lab).unwrap_or_else(|e| panic!("container: {e:#}"));
+    c.write(
+        "/etc/resolv.conf",
+        &format!("nameserver {}\n", addr::PUBLIC_DNS_V4),
+        0o644,
+    )
+    .expect("resolv.conf");
+    c.install(&deb, "/root/sessiongate.deb", 0o644)
+        .expect("copy the package");
+    let labhost = lab::util::find_binary("labhost").expect("labhost");
+    c.install(&labhost, "/usr/local/bin/labhost", 0o755)
+        .expect("copy labhost");
+    c.install(&upgrade, "/root/sessiongate-upgrade.deb", 0o644)
+        .expect("copy the upgrade");
+    c.boot().unwrap_or_else(|e| panic!("boot: {e:#}"));
+
+    // Install: the group, the directories, both units enabled, sessiond running.
+    let out = apt(&c, &["install", "/root/sessiongate.deb"]);
+    assert!(out.status.success(), "apt install: {}", text(&out));
+    assert_eq!(
+        c.unit_property("sessiond.service", "ActiveState").expect("show"),
+        "active"
+    );
+    for unit in ["sessiond.service", "sessiongate-early-lockdown.service"] {
+        assert_eq!(
+            c.unit_property(unit, "UnitFileState").expect("show"),
+            "enabled",
+            "{unit}"
+        );
+    }
+    c.exec_ok(&["getent", "group", "sessiongate"])
+        .expect("the control group");
+    for path in [
+        "/usr/sbin/sessiond",
+        "/usr/bin/sessionctl",
+        "/usr/share/man/man1/sessionctl.1.gz",
+        "/usr/share/bash-completion/completions/sessionctl",
+        "/usr/share/doc/sessiongate/examples/jitsi-practice.toml",
+        "/etc/sessiongate/profiles/keys",
+        "/var/lib/sessiongate",
+    ] {
+        assert!(exists(&c, path), "{path} is missing after install");
+    }
+
+    // A session, then an upgrade and a refused removal in the middle of it.
+    c.install_profile(&files).expect("install the profile");
+    lab.reset_leaks().expect("reset leaks");
+    ctl(&c, &["start", "lab"]);
+    let main_pid = c.unit_property("sessiond.service", "MainPID").expect("MainPID");
+    let lockdown_gone = AtomicBool::new(false);
+    let watching = AtomicBool::new(true);
+    with_traffic(&lab, || {
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while watching.load(Ordering::SeqCst) {
+                    if !has_lockdown(&c) {
+                        lockdown_gone.store(true, Ordering::SeqCst);
+                    }
+                }
+            });
+            let upgraded = apt(&c, &["install", "/root/sessiongate-upgrade.deb"]);
+            let removal = apt(&c, &["remove", "sessiongate"]);
+            let settled = wait_until(
+                Duration::from_secs(30),
+                "the session active after the upgrade",
+                || state_of(&c) == "active",
+            );
+            watching.store(false, Ordering::SeqCst);
+            assert!(upgraded.status.success(), "upgrade: {}", text(&upgraded));
+            assert!(!removal.status.success(), "removal mid-session went through");
+            assert!(
+                text(&removal).contains("sessionctl stop"),
+                "the refusal does not say what to do: {}",
+                text(&removal)
+            );
+            settled.unwrap_or_else(|e| panic!("{e:#}\njournal:\n{}", c.journal("sessiond")));
+        });
+    });
+    assert!(
+        !lockdown_gone.load(Ordering::SeqCst),
+        "the lockdown was missing during the upgrade or the removal"
+    );
+    assert_ne!(
+        c.unit_property("sessiond.service", "MainPID").expect("MainPID"),
+        main_pid,
+        "the upgrade did not restart sessiond"
+    );
+    assert!(
+        exists(&c, "/usr/sbin/sessiond"),
+        "the refused removal removed the binary"
+    );
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    assert_through_tunnel(&c);
+
+    // Removal after stop: sessiond gone, the configuration kept.
+    ctl(&c, &["stop"]);
+    let out = apt(&c, &["remove", "sessiongate"]);
+    assert!(out.status.success(), "apt remove: {}", text(&out));
+    assert!(!exists(&c, "/usr/sbin/sessiond"));
+    assert_ne!(
+        c.unit_property("sessiond.service", "ActiveState").expect("show"),
+        "active"
+    );
+    assert!(!has_lockdown(&c), "a removal left the firewall behind");
+    assert!(
+        exists(&c, "/etc/sessiongate/profiles/lab.toml"),
+        "remove must keep /etc/sessiongate"
+    );
+
+    // Purge: configuration, keys and state go.
+    let out = apt(&c, &["purge", "sessiongate"]);
+    assert!(out.status.success(), "apt purge: {}", text(&out));
+    assert!(!exists(&c, "/etc/sessiongate"), "purge kept /etc/sessiongate");
+    assert!(
+        !exists(&c, "/var/lib/sessiongate"),
+        "purge kept /var/lib/sessiongate"
+    );
+
+    // Reinstall: running again.
+    let out = apt(&c, &["install", "/root/sessiongate.deb"]);
+    assert!(out.status.success(), "reinstall: {}", text(&out));
+    assert_eq!(
+        c.unit_property("sessiond.service", "ActiveState").expect("show"),
+        "active"
+    );
+    c.exec_ok(&["sessionctl", "status"])
+        .expect("status after reinstall");
+    c.poweroff().unwrap_or_else(|e| panic!("poweroff: {e:#}"));
+}
