@@ -139,6 +139,11 @@ fn a_member_of_the_control_group_runs_a_session_through_the_installed_unit() {
         "sessiond is not active after boot:\n{}",
         c.journal("sessiond")
     );
+    assert!(
+        !has_lockdown(&c),
+        "a first boot without a session came up locked:\n{}",
+        c.journal("sessiongate-early-lockdown")
+    );
     let main_pid = c.unit_property("sessiond.service", "MainPID").expect("MainPID");
 
     // A user who is not (yet) in the control group is refused with the fix.
