@@ -299,7 +299,7 @@ impl<'a> Container<'a> {
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let log2 = log.try_clone().context("duplicating the nspawn log")?;
         let root = self.root.to_string_lossy().into_owned();
-        let machine = format!("sglab-{}", self.lab.id());
+        let machine = self.machine();
         let child = Command::new("systemd-nspawn")
             .args([
                 "--quiet",
@@ -359,6 +359,11 @@ impl<'a> Container<'a> {
             bail!("the container stopped while booting:\n{}", self.console_log());
         }
         Ok(())
+    }
+
+    /// The machine name nspawn gets (also the container's hostname).
+    fn machine(&self) -> String {
+        format!("sglab-{}", self.lab.id())
     }
 
     fn nspawn_running(&mut self) -> bool {
@@ -460,6 +465,15 @@ fn child_of(pid: u32) -> Option<u32> {
 impl Drop for Container<'_> {
     fn drop(&mut self) {
         self.kill();
+        // nspawn's bookkeeping under /run for this root and machine name,
+        // which it leaves behind: the lock named after the root's inode and
+        // the mount-propagation directory.
+        if let Ok(meta) = std::fs::metadata(&self.root) {
+            use std::os::unix::fs::MetadataExt;
+            let lock = format!("/run/systemd/nspawn/locks/inode-{}:{}", meta.dev(), meta.ino());
+            let _ = std::fs::remove_file(lock);
+        }
+        let _ = std::fs::remove_dir_all(format!("/run/systemd/nspawn/propagate/{}", self.machine()));
         if self.mounted {
             let root = self.root.to_string_lossy().into_owned();
             // The mount may be busy for a moment after the container died.
