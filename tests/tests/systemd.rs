@@ -187,6 +187,17 @@ fn a_member_of_the_control_group_runs_a_session_through_the_installed_unit() {
     assert_through_tunnel(&c);
     assert!(probe_tcp(&c, addr::OTHER_NAME).is_err(), "other.test reachable");
 
+    // Firewall changes went through libnftables inside sessiond, not a
+    // spawned nft.
+    let maps = c
+        .exec_ok(&["cat", &format!("/proc/{main_pid}/maps")])
+        .expect("sessiond's memory maps");
+    assert!(
+        maps.contains("libnftables.so"),
+        "libnftables is not loaded in sessiond:\n{}",
+        c.journal("sessiond")
+    );
+
     // nft monitor sees a flush and the table comes back.
     c.exec_ok(&["nft", "flush", "ruleset"]).expect("flush");
     wait_until(
