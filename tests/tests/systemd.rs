@@ -219,6 +219,27 @@ fn a_member_of_the_control_group_runs_a_session_through_the_installed_unit() {
 
     let stopped = c.exec_as(USER, &["sessionctl", "stop"]).expect("runuser");
     assert!(stopped.status.success(), "stop as {USER}: {}", text(&stopped));
+
+    // Removed from the group, the user is refused at once, even from a
+    // login that still carries the group (setpriv keeps it here).
+    c.exec_ok(&["gpasswd", "-d", USER, "sessiongate"])
+        .expect("gpasswd -d");
+    let stale_login = c
+        .exec(&[
+            "setpriv",
+            &format!("--reuid={USER}"),
+            &format!("--regid={USER}"),
+            "--groups=sessiongate",
+            "sessionctl",
+            "status",
+        ])
+        .expect("setpriv");
+    assert_eq!(stale_login.status.code(), Some(4), "{}", text(&stale_login));
+    assert!(
+        text(&stale_login).contains("control group sessiongate"),
+        "{}",
+        text(&stale_login)
+    );
     assert!(!has_lockdown(&c), "the firewall stayed after stop");
     assert_eq!(
         c.unit_property("sessiond.service", "MainPID").expect("MainPID"),
