@@ -187,6 +187,15 @@ fn a_member_of_the_control_group_runs_a_session_through_the_installed_unit() {
     assert_through_tunnel(&c);
     assert!(probe_tcp(&c, addr::OTHER_NAME).is_err(), "other.test reachable");
 
+    // sessionctl verify's live probes work from inside the sandbox too.
+    let verified = c.exec_as(USER, &["sessionctl", "verify"]).expect("runuser");
+    assert!(
+        verified.status.success(),
+        "verify: {}\njournal:\n{}",
+        text(&verified),
+        c.journal("sessiond")
+    );
+
     // Firewall changes went through libnftables inside sessiond, not a
     // spawned nft.
     let maps = c
