@@ -136,7 +136,7 @@ const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check"
 pub enum ClientError {
     #[error("cannot reach sessiond at {path}: {reason} (is the daemon running?)")]
     Unreachable { path: String, reason: String },
-    #[error("permission denied on {path}: only root and members of the control group may use sessiond")]
+    #[error("{} (on {path})", crate::server::refusal_message(&crate::server::socket_group_name(std::path::Path::new(path))))]
     PermissionDenied { path: String },
     #[error("sessiond closed the connection without answering")]
     NoReply,

@@ -34,7 +34,7 @@ struct Args {
     #[arg(long)]
     nft_binary: bool,
     /// Members of this group may use the control socket besides root.
-    #[arg(long, default_value = "sessiongate")]
+    #[arg(long, default_value = sessiond::server::DEFAULT_CONTROL_GROUP)]
     control_group: String,
 }
 

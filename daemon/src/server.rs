@@ -37,34 +37,92 @@ pub enum ServerError {
     Permissions { path: String, reason: String },
 }
 
+/// The control group's name unless `sessiond --control-group` says
+/// otherwise; the sysusers snippet creates it.
+pub const DEFAULT_CONTROL_GROUP: &str = "sessiongate";
+
+/// What a caller without permission is told: who may use sessiond and how
+/// to become one of them.
+pub fn refusal_message(group: &str) -> String {
+    format!(
+        "permission denied: only root and members of the control group {group} may use sessiond; \
+         add yourself with `sudo usermod -aG {group} $USER` and log in again"
+    )
+}
+
+/// The name of the group that owns the control socket at `path` (the
+/// control group, for a socket sessiond made), for the client's refusal
+/// message; the default group when the socket cannot be looked at.
+pub fn socket_group_name(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                .ok()
+                .flatten()
+        })
+        .filter(|g| g.gid.as_raw() != 0)
+        .map(|g| g.name)
+        .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.to_string())
+}
+
 /// Who may talk to the daemon: root, the daemon's own user, and members of
 /// the control group.
+///
+/// Membership is looked up in the group database at every connection, not
+/// once at start: a user added to the group gets in at their next login (when
+/// their processes carry the group and the socket's mode lets them connect),
+/// and a user removed from it is refused at once, all without restarting
+/// sessiond.
 #[derive(Debug, Clone)]
 pub struct AccessPolicy {
-    pub group: Option<nix::unistd::Group>,
+    group_name: String,
 }
 
 impl AccessPolicy {
     pub fn for_group(name: &str) -> AccessPolicy {
-        let group = nix::unistd::Group::from_name(name).ok().flatten();
-        if group.is_none() {
+        let policy = AccessPolicy {
+            group_name: name.to_string(),
+        };
+        if policy.group().is_none() {
             tracing::warn!("control group {name} does not exist; only root may use the control socket");
         }
-        AccessPolicy { group }
+        policy
     }
 
-    fn allows(&self, uid: u32, gid: u32) -> bool {
+    /// The control group's name.
+    pub fn group_name(&self) -> &str {
+        &self.group_name
+    }
+
+    /// The control group as the group database has it now.
+    pub fn group(&self) -> Option<nix::unistd::Group> {
+        nix::unistd::Group::from_name(&self.group_name).ok().flatten()
+    }
+
+    /// Decides from the peer's credentials (SO_PEERCRED) and the group
+    /// database as it is now. Reads the database (files, or whatever NSS
+    /// says), so it blocks: call it off the async threads.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
         if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
             return true;
         }
-        let Some(group) = &self.group else { return false };
+        let Some(group) = self.group() else { return false };
         if gid == group.gid.as_raw() {
             return true;
         }
-        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-            Ok(Some(user)) => user.gid == group.gid || group.mem.contains(&user.name),
-            _ => false,
+        let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+            return false;
+        };
+        if user.gid == group.gid || group.mem.contains(&user.name) {
+            return true;
         }
+        // Supplementary groups from every NSS source, not only /etc/group.
+        let Ok(name) = std::ffi::CString::new(user.name) else {
+            return false;
+        };
+        nix::unistd::getgrouplist(&name, user.gid).is_ok_and(|groups| groups.contains(&group.gid))
     }
 }
 
@@ -106,7 +164,7 @@ impl ControlSocket {
             path: shown.clone(),
             reason,
         };
-        if let Some(group) = &policy.group {
+        if let Some(group) = policy.group() {
             nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| perm_err(e.desc().to_string()))?;
         }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
@@ -164,15 +222,24 @@ struct Context {
 impl Context {
     async fn handle(&self, mut stream: UnixStream) {
         let reply = match stream.peer_cred() {
-            Ok(cred) if self.policy.allows(cred.uid(), cred.gid()) => {
-                self.read_and_dispatch(&mut stream).await
-            }
             Ok(cred) => {
-                tracing::warn!("refused a control connection from uid {}", cred.uid());
-                Reply::error(
-                    ErrorKind::PermissionDenied,
-                    "permission denied: only root and members of the control group may use sessiond",
-                )
+                let (uid, gid) = (cred.uid(), cred.gid());
+                let policy = self.policy.clone();
+                let allowed = tokio::task::spawn_blocking(move || policy.allows(uid, gid))
+                    .await
+                    .unwrap_or(false);
+                if allowed {
+                    self.read_and_dispatch(&mut stream).await
+                } else {
+                    tracing::warn!(
+                        "refused a control connection from uid {uid}: not in the control group {}",
+                        self.policy.group_name()
+                    );
+                    Reply::error(
+                        ErrorKind::PermissionDenied,
+                        refusal_message(self.policy.group_name()),
+                    )
+                }
             }
             Err(e) => Reply::error(
                 ErrorKind::PermissionDenied,
@@ -297,5 +364,39 @@ fn reply_to(outcome: Outcome) -> Reply {
         Outcome::Refused(message) | Outcome::Failed { message, .. } => {
             Reply::error(ErrorKind::Failed, message)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_always_allowed_and_strangers_never() {
+        let policy = AccessPolicy::for_group("sessiongate-test-no-such-group");
+        assert!(policy.allows(0, 0));
+        assert!(!policy.allows(65534, 65534));
+    }
+
+    #[test]
+    fn membership_comes_from_the_group_database_at_each_call() {
+        // nobody's primary group is a group of the database on every Debian
+        // machine; a caller of that user is a member without any gid of its own.
+        let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+            return;
+        };
+        let Ok(Some(group)) = nix::unistd::Group::from_gid(nobody.gid) else {
+            return;
+        };
+        let policy = AccessPolicy::for_group(&group.name);
+        assert!(policy.allows(nobody.uid.as_raw(), 12345));
+        assert!(!AccessPolicy::for_group("sessiongate-test-no-such-group").allows(nobody.uid.as_raw(), 12345));
+    }
+
+    #[test]
+    fn the_refusal_names_the_group_and_the_fix() {
+        let message = refusal_message("practice");
+        assert!(message.contains("control group practice"), "{message}");
+        assert!(message.contains("sudo usermod -aG practice $USER"), "{message}");
     }
 }
