@@ -570,3 +570,39 @@ fn a_member_of_the_control_group_runs_sessionctl_and_others_cannot() {
     );
     assert_eq!(state(&daemon), "idle");
 }
+
+/// A lockdown that no session owns (the early-boot unit's, after the state
+/// file it kept the machine closed for was removed by hand) is opened by an
+/// explicit `sessionctl stop`, and by nothing else: sessiond starting idle
+/// leaves it in place.
+#[test]
+fn stop_with_no_session_removes_the_early_boot_lockdown() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/early-lockdown.nft");
+    lab.exec_ok(Ns::Client, &["nft", "-f", rules])
+        .expect("load the early lockdown");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    assert_eq!(state(&daemon), "idle");
+    let blocked = lab.probe_tcp(Ns::Client, addr::HOST_V4, 443);
+    assert!(blocked.is_err(), "the early lockdown let TCP out: {blocked:?}");
+    assert!(
+        lab.exec(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
+            .expect("nft")
+            .status
+            .success(),
+        "sessiond starting idle removed the early lockdown"
+    );
+
+    let out = daemon.ctl_ok(&["stop"]).expect("stop");
+    assert!(out.contains("lockdown was left"), "stop said: {out}");
+    assert!(
+        !lab.exec(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
+            .expect("nft")
+            .status
+            .success(),
+        "the early lockdown is still there after stop"
+    );
+    lab.probe_tcp(Ns::Client, addr::HOST_V4, 443)
+        .expect("meet.test reachable after stop");
+}

@@ -18,7 +18,7 @@ use super::{answer, Ctx, Outcome, Responder};
 pub(crate) async fn stop<E: Effects>(ctx: &mut Ctx<E>, stage: Stage<E>, reply: Responder) -> Stage<E> {
     let (mut locked, open, waiter) = match stage {
         Stage::Idle => {
-            answer(reply, Outcome::Stopped("no session is running".into()));
+            leftover(ctx, reply).await;
             return Stage::Idle;
         }
         Stage::Connecting(c) => (c.locked, None, Some(c.waiter)),
@@ -102,6 +102,43 @@ pub(crate) async fn stop<E: Effects>(ctx: &mut Ctx<E>, stage: Stage<E>, reply: R
         Outcome::Stopped("session stopped; normal networking is back".into()),
     );
     Stage::Idle
+}
+
+/// Stop with no session: nothing of ours should be in force, but a lockdown
+/// can be left without one: the early-boot unit's (a session whose state
+/// could not be read), or one whose state file was removed by hand. Only an
+/// explicit stop opens the machine, so this is where it goes.
+async fn leftover<E: Effects>(ctx: &mut Ctx<E>, reply: Responder) {
+    match ctx.effects.firewall_present().await {
+        Ok(false) => answer(reply, Outcome::Stopped("no session is running".into())),
+        Ok(true) => match ctx.effects.remove_firewall().await {
+            Ok(()) => {
+                tracing::warn!("removed a lockdown that no session owned");
+                answer(
+                    reply,
+                    Outcome::Stopped(
+                        "no session was running, but a lockdown was left in place; it is removed and normal networking is back".into(),
+                    ),
+                )
+            }
+            Err(e) => answer(
+                reply,
+                Outcome::Failed {
+                    cause: Some(Cause::StopFailed),
+                    message: format!(
+                        "a lockdown with no session is in place and could not be removed: {e}; the machine stays locked down"
+                    ),
+                },
+            ),
+        },
+        Err(e) => answer(
+            reply,
+            Outcome::Failed {
+                cause: None,
+                message: format!("could not check for a leftover lockdown: {e}"),
+            },
+        ),
+    }
 }
 
 /// Stop failed part-way: whatever is left stays behind the bare lockdown.

@@ -151,7 +151,7 @@ impl Effects for Recorder {
     }
     async fn firewall_present(&mut self) -> Result<bool, String> {
         self.call("firewall present")?;
-        Ok(self.present)
+        Ok(self.present && self.table != Table::Absent)
     }
     fn start_guard(&mut self) {
         self.calls.push("guard on".into());
@@ -820,4 +820,31 @@ async fn a_changed_tunnel_section_waits_for_the_next_start() {
         .pending
         .is_some_and(|p| p.contains("next `sessionctl start`")));
     assert_eq!(phase(&handle), (Phase::Active, None));
+}
+
+#[tokio::test]
+async fn stop_with_no_session_removes_a_leftover_lockdown_and_only_then() {
+    let (mut m, handle) = machine();
+    let outcome = stop(&mut m).await;
+    assert!(matches!(outcome, Outcome::Stopped(_)), "{outcome:?}");
+    assert_eq!(calls(&m), ["firewall present"]);
+
+    // The early-boot unit's lockdown, with no session to own it.
+    forget(&mut m);
+    m.ctx.effects.table = Table::Lockdown;
+    m.ctx.effects.fail.insert("firewall remove");
+    let outcome = stop(&mut m).await;
+    assert!(matches!(outcome, Outcome::Failed { .. }), "{outcome:?}");
+    assert_eq!(table(&m), Table::Lockdown);
+
+    forget(&mut m);
+    m.ctx.effects.fail.clear();
+    let outcome = stop(&mut m).await;
+    match outcome {
+        Outcome::Stopped(message) => assert!(message.contains("lockdown was left"), "{message}"),
+        other => panic!("stop did not succeed: {other:?}"),
+    }
+    assert_eq!(calls(&m), ["firewall present", "firewall remove"]);
+    assert_eq!(table(&m), Table::Absent);
+    assert_eq!(phase(&handle), (Phase::Idle, None));
 }
