@@ -31,21 +31,23 @@
 //!   after a nat `redirect` the output interface is still the one routed
 //!   before nat ran, so `oifname lo` alone would miss redirected DNS); the
 //!   tunnel's own UDP to the endpoint, which must carry the tunnel's fwmark
-//!   *and* go to the endpoint's address *and* port; DHCP (68→67) and DHCPv6
-//!   (546→547); IPv6 neighbour discovery (see below); then TCP/UDP to ports
+//!   *and* go to the endpoint's address *and* port; DHCP (68→67) to the
+//!   limited broadcast or a directly connected subnet and DHCPv6 (546→547)
+//!   to ff02::1:2 or link-local, never through the tunnel interface;
+//!   IPv6 neighbour discovery (see below); then TCP/UDP to ports
 //!   53 and 853 are refused, before the LAN can accept them; then the LAN
 //!   when `allow_lan`; then `refuse`.
 //! - input: `iifname lo` (no anti-spoofing rule here: redirected DNS replies
 //!   come back on `lo` with a foreign source); the endpoint's UDP replies
 //!   (source address and port, conntrack `established`, so an unsolicited
-//!   packet claiming to be the peer cannot reach other local ports); DHCP and
-//!   DHCPv6 replies; neighbour discovery; the LAN when `allow_lan`.
+//!   packet claiming to be the peer cannot reach other local ports); DHCP
+//!   replies from a directly connected subnet or answering a renewal, DHCPv6
+//!   replies from link-local addresses, neither through the tunnel;
+//!   neighbour discovery; the LAN when `allow_lan`.
 //!
 //! *Session* ([`apply`] with `Some`): lockdown plus, through `oifname` of the
 //! tunnel only (a name, so the table can go up before the interface exists):
 //! - the pinned DNS servers on TCP/UDP 53 (before the 53/853 refusal);
-//! - `ct state established,related` both ways on the tunnel (replies, and
-//!   connections that outlive a DNS answer's timeout);
 //! - `daddr . l4proto . dport` in four named sets: `allow4_nets`/`allow6_nets`
 //!   (flags interval: the profile's literal addresses and CIDRs, fixed at
 //!   apply time) and `allow4`/`allow6` (flags timeout: addresses from DNS
@@ -53,6 +55,14 @@
 //!   because the kernel refuses an element that overlaps an interval already
 //!   in the set (`File exists`), which would fail a whole DNS update whenever
 //!   an answer falls inside a literal CIDR;
+//! - established flows both ways on the tunnel, but only while the far
+//!   end's `address . protocol . port` is in `allow*_nets` or in
+//!   `known4`/`known6` (every answer of this session whose name and port
+//!   the allowlist still holds, without timeout): no flow outlives the
+//!   allowlist that admitted it (a new session starts with empty `known`
+//!   sets; an apply that removes a name, host or port cuts its flows at
+//!   once), yet an answer's TTL running out cuts nothing; related ICMP
+//!   errors in; the pinned resolvers' replies;
 //! - IPv6: the `allow6*` and IPv6 DNS rules exist only when the tunnel has
 //!   an IPv6 address; otherwise every IPv6 packet except loopback, neighbour
 //!   discovery, DHCPv6, an IPv6 endpoint and (with `allow_lan`) the LAN is
@@ -88,9 +98,12 @@
 //! # DNS answers and re-applies
 //!
 //! [`add_addresses`] remembers what it added (in this process) with the
-//! expiry, and every session-shape [`apply`] puts the unexpired ones back
-//! with their remaining time, so replacing the table (tamper guard, shape
-//! change) does not close a host the stub already answered for. A lockdown
+//! expiry and the name it answered, and every session-shape [`apply`] puts
+//! the unexpired ones back with their remaining time, so replacing the
+//! table (tamper guard, shape change) does not close a host the stub
+//! already answered for; but only those whose name and port the new
+//! [`Allowlist::names`] still holds: a reload that narrows closes at once,
+//! for new and established flows alike. A lockdown
 //! [`apply`] and [`remove`] forget them: a new session never inherits the
 //! last one's answers. All writes go through one lock, so an update cannot
 //! land in a table that a concurrent apply is about to replace.
@@ -142,6 +155,13 @@ pub const ALLOW6: &str = "allow6";
 pub const ALLOW4_NETS: &str = "allow4_nets";
 /// The profile's literal IPv6 addresses and CIDRs (interval).
 pub const ALLOW6_NETS: &str = "allow6_nets";
+/// Every DNS answer of this session whose name and port the allowlist still
+/// holds, without a timeout (IPv4, same type as `allow4`): established flows
+/// are checked against it, so a flow outlives its answer's TTL but not the
+/// allowlist entry that admitted it.
+pub const KNOWN4: &str = "known4";
+/// The same for IPv6.
+pub const KNOWN6: &str = "known6";
 
 /// IP protocol numbers for [`LearnedAddress::proto`].
 pub const TCP: u8 = 6;
@@ -209,10 +229,32 @@ pub struct DnsRedirect {
     pub stub_mark: u32,
 }
 
+/// One allowed host name and its ports: the DNS stub's answers for it are
+/// let through on these ports only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedEntry {
+    pub name: String,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+impl NamedEntry {
+    fn allows(&self, proto: u8, port: u16) -> bool {
+        match proto {
+            TCP => self.tcp.contains(&port),
+            UDP => self.udp.contains(&port),
+            _ => false,
+        }
+    }
+}
+
 /// The session part, opened once the tunnel has its handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowlist {
     pub rules: Vec<AllowEntry>,
+    /// Allowed names and their ports. An apply forgets the answers (and
+    /// cuts the flows) of names and ports that are no longer here.
+    pub names: Vec<NamedEntry>,
     /// Pinned resolvers, reachable on 53 (TCP and UDP) through the tunnel.
     pub dns_servers: Vec<IpAddr>,
     /// Without an IPv6 tunnel address all IPv6 but loopback is refused.
@@ -254,15 +296,25 @@ pub enum FirewallError {
 /// it), so a DNS update cannot interleave with a replace.
 static WRITE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// (address, protocol, port) of a learned address.
+type LearnedKey = (IpAddr, u8, u16);
+
 struct Applied {
     /// DNS answers in the allow sets: (address, proto, port) → expiry.
-    learned: BTreeMap<(IpAddr, u8, u16), Instant>,
+    learned: BTreeMap<LearnedKey, Instant>,
+    /// Every answer of this session (expired or not) and the names it was
+    /// an answer for: what the `known` sets hold.
+    sources: BTreeMap<LearnedKey, BTreeSet<String>>,
+    /// The allowed names of the session shape in force (empty in lockdown).
+    names: Vec<NamedEntry>,
     /// The table as listed right after the last apply (see [`fingerprint`]).
     fingerprint: Option<String>,
 }
 
 static APPLIED: Mutex<Applied> = Mutex::new(Applied {
     learned: BTreeMap::new(),
+    sources: BTreeMap::new(),
+    names: Vec::new(),
     fingerprint: None,
 });
 
@@ -284,15 +336,40 @@ pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(),
     } else {
         Vec::new()
     };
+    let on_link = connected_routes(&lockdown.tunnel_interface);
     let _write = WRITE_LOCK.lock().await;
-    let learned = match allow {
-        Some(_) => unexpired_learned(Instant::now()),
-        None => {
-            applied().learned.clear();
-            Vec::new()
+    // Narrowing takes effect here, at once: answers for names or ports the
+    // new allowlist no longer holds are forgotten, so neither new nor
+    // established flows to them pass the new table.
+    let (learned, known) = {
+        let mut state = applied();
+        match allow {
+            Some(allow) => {
+                state.names = allow.names.clone();
+                let Applied {
+                    learned,
+                    sources,
+                    names,
+                    ..
+                } = &mut *state;
+                narrow(learned, sources, names);
+            }
+            None => {
+                state.learned.clear();
+                state.sources.clear();
+                state.names.clear();
+            }
         }
+        drop(state);
+        (unexpired_learned(Instant::now()), known_keys())
     };
-    let batch = build(lockdown, allow, &lan, &learned);
+    let inputs = Inputs {
+        lan,
+        on_link,
+        learned,
+        known,
+    };
+    let batch = build_table(lockdown, allow, &inputs);
     // Until the new reference is taken, is_present checks the structure only.
     applied().fingerprint = None;
     run_nft(batch, "firewall table").await?;
@@ -304,13 +381,12 @@ pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(),
     Ok(())
 }
 
-/// Adds learned addresses to the allow sets, each with its timeout, in one
-/// transaction. An address already there gets the later of its current and
-/// its new expiry.
-pub async fn add_addresses(entries: &[LearnedAddress]) -> Result<(), FirewallError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
+/// Adds learned addresses (answers for the allowed name `name`) to the
+/// allow sets, each with its timeout, in one transaction. An address already
+/// there gets the later of its current and its new expiry. Entries whose
+/// name and port the allowlist in force does not hold are left out (an
+/// answer that arrives after a narrowing must not widen it again).
+pub async fn add_addresses(name: &str, entries: &[LearnedAddress]) -> Result<(), FirewallError> {
     for entry in entries {
         if entry.proto != TCP && entry.proto != UDP {
             return Err(FirewallError::Invalid(format!(
@@ -323,15 +399,31 @@ pub async fn add_addresses(entries: &[LearnedAddress]) -> Result<(), FirewallErr
     let now = Instant::now();
     let merged = {
         let state = applied();
-        merge_learned(&state.learned, entries, now)
+        let allowed: Vec<LearnedAddress> = entries
+            .iter()
+            .filter(|e| {
+                state
+                    .names
+                    .iter()
+                    .any(|n| n.name == name && n.allows(e.proto, e.port))
+            })
+            .copied()
+            .collect();
+        merge_learned(&state.learned, &allowed, now)
     };
-    run_nft(element_batch(&merged), "allowlist update").await?;
+    if merged.is_empty() {
+        return Ok(());
+    }
+    let mut batch = element_batch(&merged);
+    let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.port)).collect();
+    add_known(&mut batch, &keys);
+    run_nft(batch, "allowlist update").await?;
     let mut state = applied();
     state.learned.retain(|_, expiry| *expiry > now);
     for entry in &merged {
-        state
-            .learned
-            .insert((entry.addr, entry.proto, entry.port), now + entry.timeout);
+        let key = (entry.addr, entry.proto, entry.port);
+        state.learned.insert(key, now + entry.timeout);
+        state.sources.entry(key).or_default().insert(name.to_string());
     }
     Ok(())
 }
@@ -347,6 +439,8 @@ pub async fn remove() -> Result<(), FirewallError> {
     run_nft(batch, "removal of the firewall table").await?;
     let mut state = applied();
     state.learned.clear();
+    state.sources.clear();
+    state.names.clear();
     state.fingerprint = None;
     Ok(())
 }
@@ -682,6 +776,24 @@ fn touches_our_table(line: &str) -> bool {
 // ---------------------------------------------------------------------------
 // Learned addresses.
 
+/// Forgets the answers whose names (or ports) `names` no longer holds.
+fn narrow(
+    learned: &mut BTreeMap<LearnedKey, Instant>,
+    sources: &mut BTreeMap<LearnedKey, BTreeSet<String>>,
+    names: &[NamedEntry],
+) {
+    sources.retain(|&(_, proto, port), asked_by| {
+        asked_by.retain(|name| names.iter().any(|n| &n.name == name && n.allows(proto, port)));
+        !asked_by.is_empty()
+    });
+    learned.retain(|key, _| sources.contains_key(key));
+}
+
+/// Every answer the `known` sets hold.
+fn known_keys() -> Vec<LearnedKey> {
+    applied().sources.keys().copied().collect()
+}
+
 fn unexpired_learned(now: Instant) -> Vec<LearnedAddress> {
     let mut state = applied();
     state.learned.retain(|_, expiry| *expiry > now);
@@ -779,8 +891,41 @@ fn element_batch(entries: &[LearnedAddress]) -> Batch<'static> {
     batch
 }
 
+/// Adds answers to the `known` sets (no timeout: they stay while their
+/// name and port are allowed; adding one that is there already is fine).
+fn add_known(batch: &mut Batch<'static>, keys: &[LearnedKey]) {
+    for (set, v6) in [(KNOWN4, false), (KNOWN6, true)] {
+        let elems: Vec<Expression<'static>> = keys
+            .iter()
+            .filter(|(addr, _, _)| addr.is_ipv6() == v6)
+            .map(|&(addr, proto, port)| concat(vec![s(addr.to_string()), num(proto), num(port)]))
+            .collect();
+        if !elems.is_empty() {
+            batch.add(NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: set.into(),
+                elem: Cow::Owned(elems),
+            }));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The LAN, from the routing table.
+
+/// The directly connected subnets of this namespace (IPv4 and IPv6),
+/// without the tunnel and loopback: where a DHCP server can be on-link.
+fn connected_routes(tunnel: &str) -> Vec<(IpAddr, u8)> {
+    let mut nets: Vec<(IpAddr, u8)> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/net/route") {
+        nets.extend(parse_route_v4(&text, tunnel));
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        nets.extend(parse_route_v6(&text, tunnel));
+    }
+    normalize_nets(nets)
+}
 
 /// The directly connected subnets of this network namespace, without the
 /// tunnel and loopback, plus the link-local ranges `allow_lan` opens.
@@ -1037,6 +1182,32 @@ fn tcp_or_udp() -> Statement<'static> {
     is_in(meta(MetaKey::L4proto), set_of(vec![s("tcp"), s("udp")]))
 }
 
+/// ICMP and ICMPv6 error messages (what path MTU discovery and
+/// unreachable reports are made of).
+fn icmp_errors() -> [Statement<'static>; 2] {
+    let types = |protocol: &'static str, names: &[&'static str]| {
+        is_in(
+            payload(protocol, "type"),
+            set_of(names.iter().map(|t| s(*t)).collect()),
+        )
+    };
+    [
+        types(
+            "icmp",
+            &["destination-unreachable", "time-exceeded", "parameter-problem"],
+        ),
+        types(
+            "icmpv6",
+            &[
+                "destination-unreachable",
+                "packet-too-big",
+                "time-exceeded",
+                "parameter-problem",
+            ],
+        ),
+    ]
+}
+
 fn established() -> Statement<'static> {
     is_in(ct_state(), set_of(vec![s("established"), s("related")]))
 }
@@ -1050,6 +1221,94 @@ fn icmpv6_types(types: &[&str]) -> Statement<'static> {
         payload("icmpv6", "type"),
         set_of(types.iter().map(|t| s(*t)).collect()),
     )
+}
+
+/// DHCP (68→67) and DHCPv6 (546→547) out, and their replies in, never
+/// through the tunnel. DHCPv4 goes to the limited broadcast or to a server
+/// on a directly connected subnet (unicast renewals to the lease's server);
+/// replies come from such a server, or answer a renewal (conntrack). DHCPv6
+/// goes to All_DHCP_Relay_Agents_and_Servers (ff02::1:2) or a link-local
+/// address; replies come from a link-local address (RFC 8415 servers and
+/// relays on the link answer from theirs). So a process that binds a DHCP
+/// client port gets no channel to any host beyond the link.
+fn dhcp_rules(
+    tun: &str,
+    on_link: &[(IpAddr, u8)],
+) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'static>>>) {
+    let not_out_tunnel = || {
+        Statement::Match(Match {
+            left: meta(MetaKey::Oifname),
+            right: s(tun),
+            op: Operator::NEQ,
+        })
+    };
+    let not_in_tunnel = || {
+        Statement::Match(Match {
+            left: meta(MetaKey::Iifname),
+            right: s(tun),
+            op: Operator::NEQ,
+        })
+    };
+    let ports = |sport: u16, dport: u16| {
+        vec![
+            eq(payload("udp", "sport"), num(sport)),
+            eq(payload("udp", "dport"), num(dport)),
+        ]
+    };
+    let rule =
+        |first: Statement<'static>, mut parts: Vec<Statement<'static>>, last: Vec<Statement<'static>>| {
+            let mut rule = vec![first];
+            rule.append(&mut parts);
+            rule.extend(last);
+            rule
+        };
+    let links_v4: Vec<Expression<'static>> = on_link
+        .iter()
+        .filter(|(a, _)| a.is_ipv4())
+        .map(|&n| net(n))
+        .collect();
+    let mut out = Vec::new();
+    let mut inp = Vec::new();
+    out.push(rule(
+        not_out_tunnel(),
+        ports(68, 67),
+        vec![eq(payload("ip", "daddr"), s("255.255.255.255")), accept()],
+    ));
+    inp.push(rule(
+        not_in_tunnel(),
+        ports(67, 68),
+        vec![is_in(ct_state(), set_of(vec![s("established")])), accept()],
+    ));
+    if !links_v4.is_empty() {
+        out.push(rule(
+            not_out_tunnel(),
+            ports(68, 67),
+            vec![is_in(payload("ip", "daddr"), set_of(links_v4.clone())), accept()],
+        ));
+        inp.push(rule(
+            not_in_tunnel(),
+            ports(67, 68),
+            vec![is_in(payload("ip", "saddr"), set_of(links_v4)), accept()],
+        ));
+    }
+    let link_local_v6 = || net((IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10));
+    out.push(rule(
+        not_out_tunnel(),
+        ports(546, 547),
+        vec![
+            is_in(
+                payload("ip6", "daddr"),
+                set_of(vec![s("ff02::1:2"), link_local_v6()]),
+            ),
+            accept(),
+        ],
+    ));
+    inp.push(rule(
+        not_in_tunnel(),
+        ports(547, 546),
+        vec![eq(payload("ip6", "saddr"), link_local_v6()), accept()],
+    ));
+    (out, inp)
 }
 
 struct ChainSpec {
@@ -1073,14 +1332,41 @@ impl ChainSpec {
     }
 }
 
-/// The whole table as one batch: add, delete and add the table (replaces
-/// it whether or not it exists), then its sets, chains and rules.
+/// What an apply reads from the machine and from this process's memory.
+#[derive(Debug, Default)]
+struct Inputs {
+    /// `allow_lan`'s networks (empty without it).
+    lan: Vec<(IpAddr, u8)>,
+    /// The directly connected subnets (see [`connected_routes`]).
+    on_link: Vec<(IpAddr, u8)>,
+    /// Unexpired answers to put back, with their remaining time.
+    learned: Vec<LearnedAddress>,
+    /// Every answer whose name and port are still allowed.
+    known: Vec<LearnedKey>,
+}
+
+/// [`build_table`] with only the LAN and learned addresses (unit tests).
+#[cfg(test)]
 fn build(
     lockdown: &Lockdown,
     allow: Option<&Allowlist>,
     lan: &[(IpAddr, u8)],
     learned: &[LearnedAddress],
 ) -> Batch<'static> {
+    let inputs = Inputs {
+        lan: lan.to_vec(),
+        learned: learned.to_vec(),
+        ..Inputs::default()
+    };
+    build_table(lockdown, allow, &inputs)
+}
+
+/// The whole table as one batch: add, delete and add the table (replaces
+/// it whether or not it exists), then its sets, chains and rules.
+fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) -> Batch<'static> {
+    let lan = inputs.lan.as_slice();
+    let connected = inputs.on_link.as_slice();
+    let learned = inputs.learned.as_slice();
     let tun = lockdown.tunnel_interface.as_str();
     let endpoint = SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port());
     let v6_tunnel = allow.is_some_and(|a| a.tunnel_has_ipv6);
@@ -1099,18 +1385,20 @@ fn build(
     }));
 
     for (name, ty, flag, elems) in [
-        (ALLOW4, SetType::Ipv4Addr, SetFlag::Timeout, None),
-        (ALLOW6, SetType::Ipv6Addr, SetFlag::Timeout, None),
+        (ALLOW4, SetType::Ipv4Addr, Some(SetFlag::Timeout), None),
+        (ALLOW6, SetType::Ipv6Addr, Some(SetFlag::Timeout), None),
+        (KNOWN4, SetType::Ipv4Addr, None, None),
+        (KNOWN6, SetType::Ipv6Addr, None, None),
         (
             ALLOW4_NETS,
             SetType::Ipv4Addr,
-            SetFlag::Interval,
+            Some(SetFlag::Interval),
             allow.map(|a| static_elements(a, false)),
         ),
         (
             ALLOW6_NETS,
             SetType::Ipv6Addr,
-            SetFlag::Interval,
+            Some(SetFlag::Interval),
             allow.map(|a| static_elements(a, true)),
         ),
     ] {
@@ -1125,7 +1413,7 @@ fn build(
                 SetType::InetService,
             ])),
             policy: None,
-            flags: Some(HashSet::from([flag])),
+            flags: flag.map(|flag| HashSet::from([flag])),
             elem: elems.filter(|e| !e.is_empty()).map(Cow::Owned),
             timeout: None,
             gc_interval: None,
@@ -1150,6 +1438,7 @@ fn build(
                 }));
             }
         }
+        add_known(&mut batch, &inputs.known);
     }
 
     let filter = |hook| Some((hook, NfChainType::Filter, 0));
@@ -1185,19 +1474,12 @@ fn build(
         accept(),
     ]);
 
-    // DHCP and DHCPv6 keep the lease.
-    for (client, server) in [(68u16, 67u16), (546, 547)] {
-        output.push(vec![
-            eq(payload("udp", "sport"), num(client)),
-            eq(payload("udp", "dport"), num(server)),
-            accept(),
-        ]);
-        input.push(vec![
-            eq(payload("udp", "sport"), num(server)),
-            eq(payload("udp", "dport"), num(client)),
-            accept(),
-        ]);
-    }
+    // DHCP and DHCPv6 keep the lease: only to the link (broadcast, on-link
+    // servers, the DHCPv6 multicast group, link-local), never through the
+    // tunnel, and only replies from there (see [`dhcp_rules`]).
+    let (dhcp_out, dhcp_in) = dhcp_rules(tun, connected);
+    output.rules.extend(dhcp_out);
+    input.rules.extend(dhcp_in);
 
     // IPv6 neighbour discovery, on-link only.
     output.push(vec![
@@ -1239,13 +1521,11 @@ fn build(
     ]);
 
     if let Some(allow) = allow {
-        output.push(vec![eq(meta(MetaKey::Oifname), s(tun)), established(), accept()]);
-        input.push(vec![eq(meta(MetaKey::Iifname), s(tun)), established(), accept()]);
-        let mut families = vec![("ip", ALLOW4, ALLOW4_NETS)];
+        let mut families = vec![("ip", ALLOW4, ALLOW4_NETS, KNOWN4)];
         if allow.tunnel_has_ipv6 {
-            families.push(("ip6", ALLOW6, ALLOW6_NETS));
+            families.push(("ip6", ALLOW6, ALLOW6_NETS, KNOWN6));
         }
-        for (family, dynamic, literal) in families {
+        for &(family, dynamic, literal, _) in &families {
             for set in [dynamic, literal] {
                 output.push(vec![
                     eq(meta(MetaKey::Oifname), s(tun)),
@@ -1260,6 +1540,62 @@ fn build(
                     accept(),
                 ]);
             }
+        }
+        // Established flows pass only while the allowlist in force still
+        // holds what admitted them: the far end's address, protocol and
+        // port must be in a literal set or among the still-allowed answers
+        // (`known*`, which outlive a TTL but not a narrowing). Only flows
+        // we opened get this far (input drops new connections), so on the
+        // way out the far end is the destination, on the way in the source.
+        // (nft cannot put `ct original proto-dst` in a concatenation.)
+        for &(family, _, literal, known) in &families {
+            for set in [known, literal] {
+                let far_end = |addr: &'static str, port: &'static str| {
+                    is_in(
+                        concat(vec![
+                            payload(family, addr),
+                            meta(MetaKey::L4proto),
+                            payload("th", port),
+                        ]),
+                        s(format!("@{set}")),
+                    )
+                };
+                output.push(vec![
+                    eq(meta(MetaKey::Oifname), s(tun)),
+                    is_in(ct_state(), set_of(vec![s("established")])),
+                    far_end("daddr", "dport"),
+                    accept(),
+                ]);
+                input.push(vec![
+                    eq(meta(MetaKey::Iifname), s(tun)),
+                    is_in(ct_state(), set_of(vec![s("established")])),
+                    far_end("saddr", "sport"),
+                    accept(),
+                ]);
+            }
+        }
+        // ICMP errors about those flows (path MTU, unreachable) come back
+        // through the tunnel; conntrack marks them related only when they
+        // quote a flow it tracks.
+        for errors in icmp_errors() {
+            input.push(vec![
+                eq(meta(MetaKey::Iifname), s(tun)),
+                is_in(ct_state(), set_of(vec![s("related")])),
+                errors,
+                accept(),
+            ]);
+        }
+        // The pinned resolvers' answers.
+        let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
+        for server in servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
+            input.push(vec![
+                eq(meta(MetaKey::Iifname), s(tun)),
+                eq(payload(ip(server), "saddr"), s(server.to_string())),
+                tcp_or_udp(),
+                eq(payload("th", "sport"), num(53u32)),
+                established(),
+                accept(),
+            ]);
         }
     }
 
@@ -1403,6 +1739,7 @@ mod tests {
                     udp: vec![],
                 },
             ],
+            names: vec![],
             dns_servers: vec![
                 v4(192, 0, 2, 65),
                 IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x53)),
@@ -1486,7 +1823,7 @@ mod tests {
         assert!(endpoint.contains("51820"), "{endpoint}");
         let text = serde_json::to_string(&objs).expect("text");
         assert!(
-            !text.contains("sg0"),
+            !text.contains(r#""op":"==","right":"sg0""#),
             "lockdown must not open the tunnel interface"
         );
         assert!(
@@ -1785,7 +2122,7 @@ mod tests {
         fn send<T: Send>(_: T) {}
         let allow = session();
         send(apply(&lockdown(), Some(&allow)));
-        send(add_addresses(&[]));
+        send(add_addresses("meet.test", &[]));
         send(remove());
         send(is_present());
     }
@@ -1867,5 +2204,67 @@ mod tests {
             assert!(validate(&l, None).is_err(), "{bad:?}");
         }
         assert!(validate(&lockdown(), None).is_ok());
+    }
+
+    #[test]
+    fn narrowing_forgets_answers_of_removed_names_and_ports_but_not_expired_ones() {
+        let meet = |tcp: Vec<u16>| NamedEntry {
+            name: "meet.test".into(),
+            tcp,
+            udp: vec![],
+        };
+        let now = Instant::now();
+        let host = v4(203, 0, 113, 10);
+        let mut learned = BTreeMap::from([((host, TCP, 443), now + Duration::from_secs(60))]);
+        let mut sources = BTreeMap::from([
+            ((host, TCP, 443), BTreeSet::from(["meet.test".to_string()])),
+            // Expired from `learned`, still known: its flows go on.
+            ((host, TCP, 9000), BTreeSet::from(["meet.test".to_string()])),
+        ]);
+        narrow(&mut learned, &mut sources, &[meet(vec![443, 9000])]);
+        assert_eq!(sources.len(), 2);
+        assert_eq!(learned.len(), 1);
+        narrow(&mut learned, &mut sources, &[meet(vec![9000])]);
+        assert_eq!(sources.keys().collect::<Vec<_>>(), [&(host, TCP, 9000)]);
+        assert!(learned.is_empty());
+        narrow(&mut learned, &mut sources, &[]);
+        assert!(sources.is_empty());
+    }
+
+    #[test]
+    fn dhcp_only_to_the_link_and_never_through_the_tunnel() {
+        let inputs = Inputs {
+            on_link: vec![(v4(192, 0, 2, 0), 26)],
+            ..Inputs::default()
+        };
+        let batch = build_table(&lockdown(), None, &inputs);
+        let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+        let objs = value["nftables"].as_array().expect("array").clone();
+        for (chain, port) in [(OUTPUT, "68"), (INPUT, "67")] {
+            let dhcp: Vec<String> = rules(&objs, chain)
+                .into_iter()
+                .filter(|r| {
+                    r.contains(&format!(r#""right":{port}"#))
+                        || r.contains(r#""right":546"#)
+                        || r.contains(r#""right":547"#)
+                })
+                .collect();
+            assert_eq!(dhcp.len(), 3, "{chain}: {dhcp:#?}");
+            for rule in &dhcp {
+                assert!(rule.contains(r#""op":"!=""#) && rule.contains("sg0"), "{rule}");
+                assert!(
+                    [
+                        "255.255.255.255",
+                        "192.0.2.0",
+                        "ff02::1:2",
+                        "fe80::",
+                        "established"
+                    ]
+                    .iter()
+                    .any(|only| rule.contains(only)),
+                    "a DHCP rule open to any address: {rule}"
+                );
+            }
+        }
     }
 }

@@ -844,6 +844,16 @@ fn allowlist_of(profile: &Profile, stub: Option<&StubResolver>) -> Allowlist {
                 Host::Name(_) => None,
             })
             .collect(),
+        names: (profile.allow.iter())
+            .filter_map(|rule| match &rule.host {
+                Host::Name(name) => Some(firewall::NamedEntry {
+                    name: name.clone(),
+                    tcp: rule.tcp.clone(),
+                    udp: rule.udp.clone(),
+                }),
+                Host::Net(_) => None,
+            })
+            .collect(),
         dns_servers: profile.dns_servers.clone(),
         tunnel_has_ipv6: profile.tunnel.addresses.iter().any(|a| a.is_ipv6()),
         dns_redirect: stub.map(|stub| DnsRedirect {
@@ -909,7 +919,7 @@ impl AnswerSink for AllowSink {
                     }));
                 }
             }
-            if let Err(e) = firewall::add_addresses(&learned).await {
+            if let Err(e) = firewall::add_addresses(name, &learned).await {
                 tracing::warn!("could not add answered addresses to the allowlist: {e}");
                 return;
             }
