@@ -15,7 +15,10 @@
 //!
 //! Both shapes have `output`, `input` and `forward` base chains (filter,
 //! priority 0, policy drop; `forward` stays empty: a session machine forwards
-//! nothing) and a regular chain `refuse` that rejects: TCP with a reset,
+//! nothing), a `postrouting` base chain (filter, priority 0, policy drop)
+//! that repeats `output`'s rules where the real output device is known
+//! (after any other table's nat or re-mark; refusals drop there), and a
+//! regular chain `refuse` that rejects: TCP with a reset,
 //! everything else with ICMP(v6) admin-prohibited, so local applications fail
 //! at once instead of hanging. Outgoing packets that no rule accepts end in
 //! `refuse`; incoming ones are dropped by the policy.
@@ -170,6 +173,7 @@ pub const UDP: u8 = 17;
 const OUTPUT: &str = "output";
 const INPUT: &str = "input";
 const FORWARD: &str = "forward";
+const POSTROUTING: &str = "postrouting";
 const REFUSE: &str = "refuse";
 const DNS_REDIRECT: &str = "dns_redirect";
 /// The named counter of refused verify probes (see [`refused_packets`]).
@@ -623,7 +627,8 @@ fn fingerprint(listing: &Value) -> String {
     parts.join("\n")
 }
 
-/// Our three base chains, with their hooks and policy drop.
+/// Our three filtering base chains, with their hooks and policy drop (the
+/// fingerprint covers `postrouting` and the rest once we applied).
 fn has_base_chains(listing: &Value) -> bool {
     let chains: Vec<&Value> = listing["nftables"]
         .as_array()
@@ -1637,6 +1642,27 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
         Some(RejectCode::AdminProhibited),
     )))]);
 
+    // The same rules once more where the real output device is known:
+    // another table's nat (a `dnat` after our filter, as Docker and
+    // kube-proxy do) or route chain (a new mark) can send a packet that
+    // `output` saw going to `lo` or the tunnel somewhere else. `reject` is
+    // not allowed in postrouting, so refusals drop here; verify's counter
+    // stays in `output` alone.
+    let mut postrouting = ChainSpec::new(POSTROUTING, filter(NfHook::Postrouting));
+    for rule in &output.rules {
+        if rule.iter().any(|st| matches!(st, Statement::Counter(_))) {
+            continue;
+        }
+        postrouting.push(
+            rule.iter()
+                .map(|st| match st {
+                    Statement::Jump(jump) if jump.target == REFUSE => Statement::Drop(None),
+                    other => other.clone(),
+                })
+                .collect(),
+        );
+    }
+
     // Room for the stub: every DNS packet but the stub's own to the stub.
     let mut chains = vec![refuse_chain];
     if let Some(redirect) = allow.and_then(|a| a.dns_redirect) {
@@ -1657,7 +1683,7 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
         ]);
         chains.push(nat);
     }
-    chains.extend([output, input, forward]);
+    chains.extend([output, input, forward, postrouting]);
 
     for chain in &chains {
         batch.add(NfListObject::Chain(Chain {
@@ -2266,5 +2292,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn postrouting_repeats_output_with_drops_and_without_the_verify_counter() {
+        let objs = objects(&lockdown(), Some(&session()), &[]);
+        let out = rules(&objs, OUTPUT);
+        let post = rules(&objs, POSTROUTING);
+        assert_eq!(post.len(), out.len() - 1, "{post:#?}");
+        assert!(post
+            .iter()
+            .all(|r| !r.contains("refuse") && !r.contains(REFUSED_COUNTER)));
+        assert_eq!(post.last().expect("rules"), r#"[{"drop":null}]"#);
+        let chain = objs
+            .iter()
+            .filter_map(|o| o["add"].get("chain"))
+            .find(|c| c["name"] == POSTROUTING)
+            .expect("postrouting chain");
+        assert_eq!(chain["hook"], "postrouting");
+        assert_eq!(chain["policy"], "drop");
     }
 }

@@ -394,3 +394,75 @@ fn a_reload_closes_removed_names_and_ports_at_once() {
     assert_eq!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443), tunnel);
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+// ---------------------------------------------------------------- 13.5
+
+/// labhost serve in `ns` with the given arguments, ready.
+fn serve(lab: &Lab, ns: Ns, args: &[&str]) -> LabChild {
+    let bin = lab.labhost_path().to_string_lossy().into_owned();
+    let mut full = vec![bin.as_str(), "serve"];
+    full.extend_from_slice(args);
+    let child = lab.spawn_named(ns, "serve", &full).expect("spawn labhost");
+    wait_until(Duration::from_secs(10), "labhost serve ready", || {
+        child.log().contains("ready") || !child.is_running()
+    })
+    .expect("labhost serve");
+    assert!(child.is_running(), "{}", child.log());
+    child
+}
+
+/// Another table's `dnat` of a local address (the machine's own) (what Docker and kube-proxy
+/// do; here in a nat chain after our filter, where the output hook's
+/// interface is still the one routed before NAT: `lo`) must not carry a connection past our table, neither through the
+/// tunnel to a host the profile does not allow nor out in clear; nor may
+/// another table's route chain re-mark a packet so that it leaves beside
+/// the tunnel.
+#[test]
+fn another_tables_dnat_or_remark_does_not_slip_past_the_kill_switch() {
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let _router = serve(&lab, Ns::Router, &["--tcp", "8443"]);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    let foreign = format!(
+        "table ip lkforeign {{
+            chain nat_out {{
+                type nat hook output priority 50; policy accept;
+                ip daddr {client} tcp dport 8443 dnat to {router}:8443
+                ip daddr {client} tcp dport 443 dnat to {other}:443
+            }}
+            chain remark {{
+                type route hook output priority 10; policy accept;
+                ip daddr {host} tcp dport 443 meta mark set {mark:#x}
+            }}
+        }}",
+        client = addr::CLIENT_V4,
+        router = addr::ROUTER_CLIENT_V4,
+        other = addr::OTHER_V4,
+        host = addr::HOST_V4,
+        // sessiond::TUNNEL_FWMARK (this crate does not link the daemon).
+        mark = 0x5347,
+    );
+    lab.exec_stdin(Ns::Client, &["nft", "-f", "-"], foreign.as_bytes())
+        .expect("add the foreign table");
+    lab.reset_leaks().expect("reset");
+
+    let short = Duration::from_millis(800);
+    let in_clear = lab.probe_tcp_timeout(Ns::Client, addr::CLIENT_V4, 8443, short);
+    assert!(
+        in_clear.is_err(),
+        "a foreign DNAT went out in clear: {in_clear:?}"
+    );
+    let tunnelled = lab.probe_tcp_timeout(Ns::Client, addr::CLIENT_V4, 443, short);
+    assert!(
+        tunnelled.is_err(),
+        "a foreign DNAT reached a host the profile does not allow: {tunnelled:?}"
+    );
+    let remarked = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, short);
+    assert!(
+        remarked != Ok(format!("peer={}", addr::CLIENT_V4)),
+        "a foreign re-mark sent the allowed host's traffic beside the tunnel: {remarked:?}"
+    );
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
