@@ -1478,6 +1478,39 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
         is_in(ct_state(), set_of(vec![s("established")])),
         accept(),
     ]);
+    // Path MTU errors about the tunnel's own UDP (from any router on the
+    // path, which conntrack relates to that flow only): without them a link
+    // smaller than ours is a black hole for full-sized datagrams. See
+    // tunnel.rs for the outer don't-fragment policy that goes with it.
+    let too_big = if endpoint.is_ipv4() {
+        vec![
+            eq(payload("icmp", "type"), s("destination-unreachable")),
+            eq(payload("icmp", "code"), s("frag-needed")),
+        ]
+    } else {
+        vec![eq(payload("icmpv6", "type"), s("packet-too-big"))]
+    };
+    input.push(
+        too_big
+            .into_iter()
+            .chain([
+                is_in(ct_state(), set_of(vec![s("related")])),
+                eq(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: "daddr".into(),
+                        family: Some(if endpoint.is_ipv4() {
+                            nftables::expr::CTFamily::IP
+                        } else {
+                            nftables::expr::CTFamily::IP6
+                        }),
+                        dir: Some(nftables::expr::CTDir::Original),
+                    })),
+                    s(endpoint.ip().to_string()),
+                ),
+                accept(),
+            ])
+            .collect(),
+    );
 
     // DHCP and DHCPv6 keep the lease: only to the link (broadcast, on-link
     // servers, the DHCPv6 multicast group, link-local), never through the
@@ -1502,6 +1535,25 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
         on_link(),
         accept(),
     ]);
+
+    // TCP through the tunnel announces no larger segments than the route
+    // there carries (the tunnel's MTU), for both ends of the connection.
+    if allow.is_some() {
+        output.push(vec![
+            eq(meta(MetaKey::Oifname), s(tun)),
+            is_in(payload("tcp", "flags"), s("syn")),
+            Statement::Mangle(nftables::stmt::Mangle {
+                key: Expression::Named(NamedExpression::TcpOption(nftables::expr::TcpOption {
+                    name: "maxseg".into(),
+                    field: Some("size".into()),
+                })),
+                value: Expression::Named(NamedExpression::RT(nftables::expr::RT {
+                    key: nftables::expr::RTKey::MTU,
+                    family: None,
+                })),
+            }),
+        ]);
+    }
 
     // The pinned resolvers, through the tunnel only, before DNS is refused.
     if let Some(allow) = allow {
@@ -2311,5 +2363,21 @@ mod tests {
             .expect("postrouting chain");
         assert_eq!(chain["hook"], "postrouting");
         assert_eq!(chain["policy"], "drop");
+    }
+
+    #[test]
+    fn path_mtu_errors_for_the_tunnels_own_flow_and_mss_clamped_in_the_tunnel() {
+        let objs = objects(&lockdown(), Some(&session()), &[]);
+        let input = rules(&objs, INPUT);
+        let too_big = &input[position(&input, "frag-needed")];
+        assert!(
+            too_big.contains("related") && too_big.contains("198.51.100.2") && too_big.contains("original"),
+            "{too_big}"
+        );
+        let out = rules(&objs, OUTPUT);
+        let clamp = &out[position(&out, "maxseg")];
+        assert!(clamp.contains("sg0") && clamp.contains("mtu"), "{clamp}");
+        let locked = rules(&objects(&lockdown(), None, &[]), OUTPUT);
+        assert!(!locked.iter().any(|r| r.contains("maxseg")));
     }
 }

@@ -466,3 +466,56 @@ fn another_tables_dnat_or_remark_does_not_slip_past_the_kill_switch() {
     assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+// ---------------------------------------------------------------- 13.7
+
+/// A 1280-byte link on the path (DS-Lite, LTE, PPPoE are like that): a
+/// bulk transfer through the tunnel must complete, not stall while small
+/// exchanges work.
+#[test]
+fn a_bulk_transfer_crosses_a_1280_byte_link() {
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443, 9000], &[]));
+    // Both ends of the router-gateway link (a veth drops what is larger
+    // than its own MTU on receipt, a real link would not be asymmetric).
+    for (ns, ifname) in [
+        (Ns::Router, addr::ROUTER_GATEWAY_IF),
+        (Ns::Gateway, addr::GATEWAY_IF),
+    ] {
+        lab.exec_ok(ns, &["ip", "link", "set", ifname, "mtu", "1280"])
+            .expect("a small MTU on the path");
+    }
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    let bin = lab.labhost_path().to_string_lossy().into_owned();
+    let bytes = 4_000_000;
+    let out = lab
+        .exec(
+            Ns::Client,
+            &[
+                &bin,
+                "bulk",
+                addr::HOST_V4,
+                "9000",
+                &bytes.to_string(),
+                "--timeout-ms",
+                "15000",
+            ],
+        )
+        .expect("run labhost bulk");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.contains(&format!("bytes={bytes}")),
+        "the bulk transfer through the tunnel did not complete over a 1280-byte link: {}",
+        report.trim()
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
