@@ -241,19 +241,23 @@ impl Profile {
     /// Reads and validates the profile file at `path`. The profile's name is
     /// the file stem; relative key paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+        use std::io::Read;
         let name = profile_name_of(path);
-        let text = fs::read_to_string(path).map_err(|e| {
+        let unreadable = |e: std::io::Error| {
             ProfileError::whole(
                 &name,
                 format!("cannot read {}: {}", path.display(), io_reason(&e)),
             )
-        })?;
-        let meta = fs::metadata(path).map_err(|e| {
-            ProfileError::whole(
-                &name,
-                format!("cannot read {}: {}", path.display(), io_reason(&e)),
-            )
-        })?;
+        };
+        // Mode, owner and text from one open file, so the file checked is
+        // the file read. Whoever can write a profile decides where traffic
+        // goes: one that others may write is refused, at every start and
+        // every reload.
+        let mut file = fs::File::open(path).map_err(unreadable)?;
+        let meta = file.metadata().map_err(unreadable)?;
+        crate::trust::check_profile_file(path, &meta).map_err(|e| ProfileError::whole(&name, e.0))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(unreadable)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut profile = parse(&name, &text, base, meta.mode())?;
         profile.path = path.to_path_buf();
@@ -886,6 +890,27 @@ tcp = [5349]
         assert!(check_profile_name("lab.v2").is_ok());
         for bad in ["../../etc/passwd", "/etc/passwd", "a/b", "", ".hidden", "x\0y"] {
             assert!(check_profile_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_profile_file_others_can_write_is_refused_on_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.toml");
+        fs::write(&path, good()).expect("write profile");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(Profile::load(&path).is_ok());
+        for mode in [0o620, 0o602, 0o666] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let e = Profile::load(&path)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("writable by group or others") && e.contains("chmod go-w"),
+                "mode {mode:o}: {e}"
+            );
         }
     }
 }

@@ -519,3 +519,61 @@ fn a_bulk_transfer_crosses_a_1280_byte_link() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+// ---------------------------------------------------------------- 13.8
+
+/// A profile file that others can write is refused at `start` and at a
+/// hot reload (such a user could widen the allowlist), with the fix named.
+#[test]
+fn a_profile_that_others_can_write_is_refused_at_start_and_at_reload() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let path = lab.profiles_dir().expect("profiles dir").join("lab.toml");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    let chmod =
+        |mode: u32| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+
+    chmod(0o666);
+    let refused = daemon.ctl(&["start", "lab"]).expect("run sessionctl");
+    let said = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(
+        !refused.status.success() && said.contains("chmod go-w"),
+        "a world-writable profile was started: {said}"
+    );
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443),
+        Ok(format!("peer={}", addr::CLIENT_V4))
+    );
+
+    chmod(0o600);
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    chmod(0o666);
+    let widened = lab
+        .default_profile_toml()
+        .replace(
+            &format!("host = \"{}\"", addr::MEET_NAME),
+            &format!("host = \"{}\"", addr::OTHER_V4),
+        )
+        .replace("tcp = [443]", "tcp = [443, 8443]");
+    let outcomes = || {
+        let log = daemon.log();
+        log.matches("chmod go-w").count() + log.matches("the new allow list is in force").count()
+    };
+    let before = outcomes();
+    std::fs::write(&path, widened).expect("widen the profile");
+    wait_until(Duration::from_secs(15), "the reload refused or done", || {
+        outcomes() > before
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let other = lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443);
+    assert!(
+        other.is_err(),
+        "a world-writable edit widened the session: {other:?}"
+    );
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
