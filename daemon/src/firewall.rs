@@ -114,10 +114,12 @@
 //! # Tamper guard
 //!
 //! [`watch`] runs `nft -j monitor` as a child and wakes on any event about
-//! our table except set elements; [`is_present`] then says whether the
-//! table still has the chains, rules and sets we last applied (a listing
-//! taken right after each apply, without handles and set elements, is the
-//! reference).
+//! our table except deleted set elements; [`is_present`] then says whether
+//! the table still has the chains, rules and sets we last applied (a
+//! listing taken right after each apply, without handles and without the
+//! elements of the answer sets, is the reference), and whether every
+//! element of the answer sets is one of this session's answers (so a host
+//! or port someone else adds is taken out by the caller's re-apply).
 //!
 //! The `nftables` crate builds the batches; they go to the kernel through
 //! libnftables in process ([`crate::nft`]; a change is then about 1 ms
@@ -452,18 +454,84 @@ pub async fn remove() -> Result<(), FirewallError> {
 /// Whether our table is in the kernel with the chains, rules and sets we
 /// last applied (or, if this process has not applied it, with its three
 /// base chains at policy drop).
+///
+/// With a reference, also every element of the sets that DNS answers fill
+/// must be one of this session's answers: an element someone else added (a
+/// host, a port) makes the table "damaged", and the caller's re-apply
+/// takes it out. The elements of the literal sets are part of the
+/// reference itself.
 pub async fn is_present() -> Result<bool, FirewallError> {
+    // No write in flight: our own element adds are in the books before we
+    // compare against them.
+    let _write = WRITE_LOCK.lock().await;
     let Some(listing) = list_table().await? else {
         return Ok(false);
     };
     if !has_base_chains(&listing) {
         return Ok(false);
     }
-    let expected = applied().fingerprint.clone();
+    let (expected, foreign) = {
+        let state = applied();
+        (
+            state.fingerprint.clone(),
+            foreign_elements(&listing, &state.sources),
+        )
+    };
     Ok(match expected {
-        Some(expected) => fingerprint(&listing) == expected,
-        None => true,
+        Some(expected) if fingerprint(&listing) != expected => false,
+        Some(_) if !foreign.is_empty() => {
+            tracing::warn!(
+                "someone else added elements to the sessiongate firewall's sets: {}",
+                foreign.join(", ")
+            );
+            false
+        }
+        Some(_) | None => true,
     })
+}
+
+/// The sets whose elements come and go with DNS answers and timeouts.
+const ANSWER_SETS: [&str; 4] = [ALLOW4, ALLOW6, KNOWN4, KNOWN6];
+
+/// The elements of the answer sets in `listing` that are not answers of
+/// this session (`sources`), as text; an element we cannot read counts.
+fn foreign_elements(listing: &Value, sources: &BTreeMap<LearnedKey, BTreeSet<String>>) -> Vec<String> {
+    let mut foreign = Vec::new();
+    for item in listing["nftables"].as_array().into_iter().flatten() {
+        let Some(set) = item.get("set") else { continue };
+        if set["family"] != "inet"
+            || set["table"] != TABLE
+            || !ANSWER_SETS.iter().any(|name| set["name"] == *name)
+        {
+            continue;
+        }
+        for elem in set["elem"].as_array().into_iter().flatten() {
+            // {"concat": [...]}, or {"elem": {"val": {"concat": [...]}, "timeout": ..}}
+            let parts = elem.get("concat").or_else(|| {
+                elem.get("elem")
+                    .and_then(|e| e.get("val"))
+                    .and_then(|v| v.get("concat"))
+            });
+            let key = parts.and_then(|p| learned_key_of(p.as_array()?));
+            if !key.is_some_and(|k| sources.contains_key(&k)) {
+                foreign.push(format!("{}: {elem}", set["name"].as_str().unwrap_or("?")));
+            }
+        }
+    }
+    foreign
+}
+
+/// (address, protocol, port) from a listed `addr . proto . port` element.
+fn learned_key_of(parts: &[Value]) -> Option<LearnedKey> {
+    let [addr, proto, port] = parts else { return None };
+    let addr: IpAddr = addr.as_str()?.parse().ok()?;
+    let proto = match proto {
+        Value::String(name) if name == "tcp" => TCP,
+        Value::String(name) if name == "udp" => UDP,
+        other => u8::try_from(other.as_u64()?).ok()?,
+    };
+    let port = u16::try_from(port.as_u64()?).ok()?;
+    Some((canonical(addr), proto, port))
 }
 
 /// How many packets carrying [`VERIFY_MARK`] our table has refused at the
@@ -611,9 +679,13 @@ fn fingerprint(listing: &Value) -> String {
                 continue;
             }
             let mut body = body.clone();
+            let answers = ANSWER_SETS.iter().any(|name| body["name"] == *name);
             if let Some(fields) = body.as_object_mut() {
                 fields.remove("handle");
-                if kind == "set" || kind == "map" {
+                // The literal sets' elements are fixed at apply: part of
+                // the reference. The answer sets' are checked one by one
+                // (see `foreign_elements`).
+                if kind == "map" || (kind == "set" && answers) {
                     fields.remove("elem");
                 }
                 if kind == "counter" {
@@ -746,13 +818,28 @@ fn spawn_monitor() -> Result<(Child, mpsc::Receiver<()>), FirewallError> {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             // A full channel already holds a wake-up: dropping this is fine.
-            if touches_our_table(&line) && tx.try_send(()).is_err() && tx.is_closed() {
+            let wake = touches_our_table(&line) || adds_elements_to_our_table(&line);
+            if wake && tx.try_send(()).is_err() && tx.is_closed() {
                 return;
             }
         }
         // Dropping tx tells FirewallWatch::changed that the monitor ended.
     });
     Ok((child, rx))
+}
+
+/// Whether one line of `nft -j monitor` adds set elements to our table:
+/// ours (DNS answers) or someone else's, which [`is_present`] tells apart.
+/// Deleted elements (timeouts, someone else's deletes) only close.
+fn adds_elements_to_our_table(line: &str) -> bool {
+    let Ok(Value::Object(event)) = serde_json::from_str::<Value>(line.trim()) else {
+        return false;
+    };
+    event.get("add").is_some_and(|added| {
+        added
+            .get("element")
+            .is_some_and(|e| e["family"] == "inet" && e["table"] == TABLE)
+    })
 }
 
 /// Whether one line of `nft -j monitor` is about our table (set elements
@@ -2379,5 +2466,41 @@ mod tests {
         assert!(clamp.contains("sg0") && clamp.contains("mtu"), "{clamp}");
         let locked = rules(&objects(&lockdown(), None, &[]), OUTPUT);
         assert!(!locked.iter().any(|r| r.contains("maxseg")));
+    }
+
+    #[test]
+    fn elements_that_are_not_our_answers_are_foreign() {
+        let listing: Value = serde_json::from_str(
+            r#"{"nftables": [
+                {"set": {"family": "inet", "table": "sessiongate", "name": "allow4", "elem": [
+                    {"elem": {"val": {"concat": ["203.0.113.10", "tcp", 443]}, "timeout": 90, "expires": 89}},
+                    {"elem": {"val": {"concat": ["203.0.113.20", "tcp", 443]}, "timeout": 90}}]}},
+                {"set": {"family": "inet", "table": "sessiongate", "name": "known6", "elem": [
+                    {"concat": ["2001:db8::10", "udp", 10000]}]}},
+                {"set": {"family": "inet", "table": "sessiongate", "name": "allow4_nets", "elem": [
+                    {"concat": [{"prefix": {"addr": "203.0.113.0", "len": 24}}, "tcp", 443]}]}}]}"#,
+        )
+        .expect("json");
+        let ours = |keys: &[LearnedKey]| -> BTreeMap<LearnedKey, BTreeSet<String>> {
+            keys.iter()
+                .map(|k| (*k, BTreeSet::from(["meet.test".to_string()])))
+                .collect()
+        };
+        let meet = (v4(203, 0, 113, 10), TCP, 443);
+        let meet6 = ("2001:db8::10".parse().expect("v6"), UDP, 10000);
+        let foreign = foreign_elements(&listing, &ours(&[meet, meet6]));
+        assert_eq!(foreign.len(), 1, "{foreign:?}");
+        assert!(foreign[0].contains("203.0.113.20"), "{foreign:?}");
+        assert_eq!(foreign_elements(&listing, &ours(&[meet])).len(), 2);
+
+        assert!(adds_elements_to_our_table(
+            r#"{"add": {"element": {"family": "inet", "table": "sessiongate", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
+        assert!(!adds_elements_to_our_table(
+            r#"{"delete": {"element": {"family": "inet", "table": "sessiongate", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
+        assert!(!adds_elements_to_our_table(
+            r#"{"add": {"element": {"family": "inet", "table": "other", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
     }
 }

@@ -577,3 +577,51 @@ fn a_profile_that_others_can_write_is_refused_at_start_and_at_reload() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+// ---------------------------------------------------------------- 13.9
+
+/// Elements someone else adds to our sets (a host, a port) are noticed by
+/// the tamper guard and taken out again.
+#[test]
+fn elements_someone_else_adds_to_our_sets_are_taken_out() {
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::MEET_NAME, &[443], &[]));
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    assert_eq!(resolve(&lab, addr::MEET_NAME), [addr::HOST_V4]);
+    let foreign = [
+        ("allow4", format!("{} . tcp . 443 timeout 1h", addr::OTHER_V4)),
+        ("allow4_nets", format!("{} . tcp . 8443", addr::OTHER_V4)),
+        ("known4", format!("{} . udp . 10000", addr::OTHER_V4)),
+    ];
+    for (set, element) in &foreign {
+        lab.exec_ok(
+            Ns::Client,
+            &[
+                "nft",
+                "add",
+                "element",
+                "inet",
+                "sessiongate",
+                set,
+                &format!("{{ {element} }}"),
+            ],
+        )
+        .expect("add a foreign element");
+    }
+    wait_until(Duration::from_secs(5), "the foreign elements gone", || {
+        let listing = lab
+            .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
+            .unwrap_or_default();
+        listing.contains("table inet sessiongate") && !listing.contains(addr::OTHER_V4)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let other = lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443);
+    assert!(other.is_err(), "a foreign element opened other.test: {other:?}");
+    // Our own answers are back.
+    wait_until(Duration::from_secs(5), "meet.test open again", || {
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443) == Ok(format!("peer={}", addr::GATEWAY_V4))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
