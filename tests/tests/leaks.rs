@@ -625,3 +625,49 @@ fn elements_someone_else_adds_to_our_sets_are_taken_out() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// One local user holding every TCP slot of the DNS stub must not stop
+/// another user's lookups over TCP.
+#[test]
+fn one_local_user_cannot_hold_every_tcp_slot_of_the_dns_stub() {
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::MEET_NAME, &[443], &[]));
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    // Every TCP connection to port 53 is redirected to the stub.
+    let dns = sock(addr::PUBLIC_DNS_V4, 53);
+    let held: Vec<TcpStream> = in_namespace(&lab, Ns::Client, move || {
+        (0..80)
+            .filter_map(|_| TcpStream::connect_timeout(&dns, Duration::from_secs(2)).ok())
+            .collect()
+    });
+    assert!(held.len() >= 64, "only {} connections opened", held.len());
+    let bin = lab.labhost_path().to_string_lossy().into_owned();
+    let out = lab
+        .exec(
+            Ns::Client,
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                &bin,
+                "dns-query",
+                addr::PUBLIC_DNS_V4,
+                addr::MEET_NAME,
+                "--proto",
+                "tcp",
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .expect("run labhost as nobody");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("rcode=NOERROR") && said.contains(addr::HOST_V4),
+        "another user's TCP lookup failed while root held the stub's connections: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
