@@ -671,3 +671,45 @@ fn one_local_user_cannot_hold_every_tcp_slot_of_the_dns_stub() {
     drop(held);
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// sessiond holds the tunnel's private key: it must never write a core
+/// file, even when it was started with cores allowed. (That it is also not
+/// dumpable, PR_SET_DUMPABLE 0, is checked by a unit test in main.rs: this
+/// machine's kernel lets a process of the same uid without CAP_SYS_PTRACE
+/// read /proc/PID/environ of a non-dumpable process, so no lab probe can
+/// tell the difference here.)
+#[test]
+fn sessiond_never_writes_a_core_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let sessiond = lab::util::find_binary("sessiond").expect("sessiond");
+    let sessionctl = lab::util::find_binary("sessionctl").expect("sessionctl");
+    let wrapper = lab.tmp_dir().join("sessiond-with-cores");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nulimit -c unlimited\nexec {} \"$@\"\n",
+            sessiond.display()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let daemon = lab
+        .start_sessiond_binaries(&wrapper, &sessionctl, &[])
+        .expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    let pid = daemon.pid().expect("sessiond's pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit");
+    let words: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(
+        (words.get(4), words.get(5)),
+        (Some(&"0"), Some(&"0")),
+        "sessiond may write a core file: {core}"
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
