@@ -1,10 +1,12 @@
-//! The kill switch: one nftables table, `inet sessiongate`, replaced as a
-//! whole in one atomic transaction each time its shape changes (SPEC §5).
+//! The kill switch: two nftables tables, `inet sessiongate` and `netdev
+//! sessiongate`, replaced as a whole in one atomic transaction each time
+//! their shape changes.
 //!
 //! # What this module owns, and what it must never do
 //!
-//! It owns the table `inet sessiongate` and nothing else. It never touches
-//! another table (it only ever names its own, in writes and in reads), and it
+//! It owns the tables `inet sessiongate` and `netdev sessiongate` and
+//! nothing else. It never touches another table (it only ever names its
+//! own, in writes and in reads), and it
 //! never removes its table from a `Drop` or a panic path: the table is kernel
 //! state that outlives a crashed daemon, which is what keeps the machine
 //! closed until `sessionctl stop` ([`remove`] is the only way out). Every
@@ -70,6 +72,19 @@
 //!   an IPv6 address; otherwise every IPv6 packet except loopback, neighbour
 //!   discovery, DHCPv6, an IPv6 endpoint and (with `allow_lan`) the LAN is
 //!   refused.
+//!
+//! *Link level* (`netdev sessiongate`, same transaction, both shapes): an
+//! egress chain (policy drop) on every interface of the namespace but `lo`
+//! and the tunnel, read from `/proc/net/dev` at every apply; the tamper
+//! guard also watches `ip monitor link`, so an interface that appears
+//! during a session gets its chain at once. It admits ARP, the tunnel's
+//! marked UDP to the endpoint, DHCP/DHCPv6 as above, neighbour discovery
+//! and MLD reports, and the LAN under `allow_lan`. It exists for senders
+//! that never meet this namespace's `inet` hooks: a macvlan/ipvlan child in
+//! another namespace, a bridge port's frames (VMs, containers), ordinary
+//! AF_PACKET sockets. It cannot see what bypasses the egress hook
+//! (PACKET_QDISC_BYPASS, AF_XDP, XDP redirects) nor an interface in another
+//! namespace that has its own physical device.
 //!
 //! *Neighbour discovery* is allowed in both shapes, in both directions, only
 //! with hop limit 255 (so only on-link: routers never forward it; RFC 4861):
@@ -313,6 +328,13 @@ struct Applied {
     sources: BTreeMap<LearnedKey, BTreeSet<String>>,
     /// The allowed names of the session shape in force (empty in lockdown).
     names: Vec<NamedEntry>,
+    /// The tunnel interface of the table in force (the link-level table
+    /// is on every other interface but `lo`).
+    tunnel: Option<String>,
+    /// The interfaces the link-level table's egress chains were put on
+    /// (nft 1.0.6 leaves a netdev chain's device out of its JSON listing,
+    /// so this is the reference).
+    devices: Vec<String>,
     /// The table as listed right after the last apply (see [`fingerprint`]).
     fingerprint: Option<String>,
 }
@@ -321,6 +343,8 @@ static APPLIED: Mutex<Applied> = Mutex::new(Applied {
     learned: BTreeMap::new(),
     sources: BTreeMap::new(),
     names: Vec::new(),
+    tunnel: None,
+    devices: Vec::new(),
     fingerprint: None,
 });
 
@@ -375,10 +399,31 @@ pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(),
         learned,
         known,
     };
-    let batch = build_table(lockdown, allow, &inputs);
-    // Until the new reference is taken, is_present checks the structure only.
-    applied().fingerprint = None;
-    run_nft(batch, "firewall table").await?;
+    // An interface that goes away between reading the list and the
+    // transaction fails the whole transaction (nothing changes): read the
+    // list again and retry then.
+    let mut attempts = 0;
+    loop {
+        let devices = link_devices(&lockdown.tunnel_interface);
+        let mut batch = build_table(lockdown, allow, &inputs);
+        // The link-level table, in the same transaction.
+        add_link_table(&mut batch, lockdown, &inputs, &devices);
+        // Until the new reference is taken, is_present checks the structure only.
+        {
+            let mut state = applied();
+            state.fingerprint = None;
+            state.tunnel = Some(lockdown.tunnel_interface.clone());
+            state.devices = devices.clone();
+        }
+        match run_nft(batch, "firewall table").await {
+            Ok(()) => break,
+            Err(e) if attempts < 2 && link_devices(&lockdown.tunnel_interface) != devices => {
+                tracing::debug!("the interfaces changed during a firewall change ({e}); trying again");
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let fingerprint = match list_table().await {
         Ok(Some(listing)) => Some(fingerprint(&listing)),
         Ok(None) | Err(_) => None,
@@ -440,13 +485,17 @@ pub async fn remove() -> Result<(), FirewallError> {
     // Adding the (empty) table first makes the delete succeed whether or
     // not it exists, in one transaction.
     let mut batch = Batch::new();
-    batch.add(NfListObject::Table(table()));
-    batch.delete(NfListObject::Table(table()));
+    for table in [table(), link_table()] {
+        batch.add(NfListObject::Table(table.clone()));
+        batch.delete(NfListObject::Table(table));
+    }
     run_nft(batch, "removal of the firewall table").await?;
     let mut state = applied();
     state.learned.clear();
     state.sources.clear();
     state.names.clear();
+    state.tunnel = None;
+    state.devices.clear();
     state.fingerprint = None;
     Ok(())
 }
@@ -470,24 +519,39 @@ pub async fn is_present() -> Result<bool, FirewallError> {
     if !has_base_chains(&listing) {
         return Ok(false);
     }
-    let (expected, foreign) = {
+    let (expected, foreign, tunnel, devices) = {
         let state = applied();
         (
             state.fingerprint.clone(),
             foreign_elements(&listing, &state.sources),
+            state.tunnel.clone(),
+            state.devices.clone(),
         )
     };
-    Ok(match expected {
-        Some(expected) if fingerprint(&listing) != expected => false,
-        Some(_) if !foreign.is_empty() => {
-            tracing::warn!(
-                "someone else added elements to the sessiongate firewall's sets: {}",
-                foreign.join(", ")
+    let Some(expected) = expected else {
+        return Ok(true);
+    };
+    if fingerprint(&listing) != expected {
+        return Ok(false);
+    }
+    if !foreign.is_empty() {
+        tracing::warn!(
+            "someone else added elements to the sessiongate firewall's sets: {}",
+            foreign.join(", ")
+        );
+        return Ok(false);
+    }
+    if let Some(tunnel) = tunnel {
+        let links = link_devices(&tunnel);
+        if devices != links {
+            tracing::info!(
+                "the network interfaces changed: the link-level table is put on {}",
+                links.join(", ")
             );
-            false
+            return Ok(false);
         }
-        Some(_) | None => true,
-    })
+    }
+    Ok(true)
 }
 
 /// The sets whose elements come and go with DNS answers and timeouts.
@@ -570,10 +634,25 @@ async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallErr
         })
 }
 
-/// `nft -j list table inet sessiongate`; `None` when the table is missing.
+/// `nft -j list table inet sessiongate` with the objects of `netdev
+/// sessiongate` appended; `None` when either table is missing.
 async fn list_table() -> Result<Option<Value>, FirewallError> {
+    let Some(mut listing) = list_one("inet").await? else {
+        return Ok(None);
+    };
+    let Some(link) = list_one("netdev").await? else {
+        return Ok(None);
+    };
+    if let (Some(all), Some(more)) = (listing["nftables"].as_array_mut(), link["nftables"].as_array()) {
+        all.extend(more.iter().filter(|o| o.get("metainfo").is_none()).cloned());
+    }
+    Ok(Some(listing))
+}
+
+/// `nft -j list table FAMILY sessiongate`; `None` when it is missing.
+async fn list_one(family: &str) -> Result<Option<Value>, FirewallError> {
     const WHAT: &str = "listing of the firewall table";
-    match nft(NftCommand::Line(&format!("list table inet {TABLE}")), WHAT).await? {
+    match nft(NftCommand::Line(&format!("list table {family} {TABLE}")), WHAT).await? {
         Ok(out) => serde_json::from_str(&out)
             .map(Some)
             .map_err(|e| FirewallError::Listing(e.to_string())),
@@ -730,6 +809,9 @@ fn has_base_chains(listing: &Value) -> bool {
 pub struct FirewallWatch {
     events: mpsc::Receiver<()>,
     monitor: Option<Child>,
+    /// `ip -o monitor link`: an interface that appears needs its egress
+    /// chain (see [`is_present`]).
+    links: Option<Child>,
     /// An event was taken off the channel but not reported yet (keeps
     /// `changed` cancel-safe).
     pending: bool,
@@ -764,13 +846,15 @@ impl FirewallWatch {
     /// a change, since events may have been missed meanwhile).
     async fn restart(&mut self) {
         self.monitor = None;
+        self.links = None;
         tokio::time::sleep(RETRY).await;
         match spawn_monitor() {
-            Ok((child, events)) => {
+            Ok((child, links, events)) => {
                 if self.warned {
                     tracing::info!("the firewall tamper guard's nft monitor runs again");
                 }
                 self.monitor = Some(child);
+                self.links = links;
                 self.events = events;
                 self.warned = false;
             }
@@ -791,16 +875,20 @@ pub fn watch() -> Result<FirewallWatch, FirewallError> {
             "the tamper guard needs a tokio runtime".into(),
         ));
     }
-    let (child, events) = spawn_monitor()?;
+    let (child, links, events) = spawn_monitor()?;
     Ok(FirewallWatch {
         events,
         monitor: Some(child),
+        links,
         pending: false,
         warned: false,
     })
 }
 
-fn spawn_monitor() -> Result<(Child, mpsc::Receiver<()>), FirewallError> {
+/// `nft -j monitor` (required) and `ip -o monitor link` (best effort: without
+/// it a new interface waits for the next check), both waking one channel.
+#[allow(clippy::type_complexity)]
+fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), FirewallError> {
     let mut child = Command::new("nft")
         .args(["-j", "monitor"])
         .stdin(Stdio::null())
@@ -814,6 +902,9 @@ fn spawn_monitor() -> Result<(Child, mpsc::Receiver<()>), FirewallError> {
         .take()
         .ok_or_else(|| FirewallError::Spawn("nft monitor has no output".into()))?;
     let (tx, rx) = mpsc::channel(64);
+    // Weak: when nft monitor ends the channel must close (the watch then
+    // restarts both), whatever the link monitor does.
+    let link_tx = tx.downgrade();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -825,7 +916,38 @@ fn spawn_monitor() -> Result<(Child, mpsc::Receiver<()>), FirewallError> {
         }
         // Dropping tx tells FirewallWatch::changed that the monitor ended.
     });
-    Ok((child, rx))
+    let links = match spawn_link_monitor(link_tx) {
+        Ok(links) => Some(links),
+        Err(e) => {
+            tracing::warn!("the firewall tamper guard cannot watch network interfaces ({e}); a new interface gets its link-level chain at the next check");
+            None
+        }
+    };
+    Ok((child, links, rx))
+}
+
+fn spawn_link_monitor(tx: mpsc::WeakSender<()>) -> Result<Child, FirewallError> {
+    let mut child = Command::new("ip")
+        .args(["-o", "monitor", "link"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| FirewallError::Spawn("ip monitor has no output".into()))?;
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(_)) = lines.next_line().await {
+            let Some(tx) = tx.upgrade() else { return };
+            // A full channel already holds a wake-up.
+            let _ = tx.try_send(());
+        }
+    });
+    Ok(child)
 }
 
 /// Whether one line of `nft -j monitor` adds set elements to our table:
@@ -846,6 +968,7 @@ fn adds_elements_to_our_table(line: &str) -> bool {
 /// excepted). A line we cannot read counts as a change: checking costs one
 /// listing, missing a change costs the lockdown.
 fn touches_our_table(line: &str) -> bool {
+    let ours = |family: &Value| family == "inet" || family == "netdev";
     let line = line.trim();
     if line.is_empty() {
         return false;
@@ -859,8 +982,8 @@ fn touches_our_table(line: &str) -> bool {
         };
         objects.iter().any(|(kind, obj)| match kind.as_str() {
             "element" | "metainfo" => false,
-            "table" => obj["family"] == "inet" && obj["name"] == TABLE,
-            _ => obj["family"] == "inet" && obj["table"] == TABLE,
+            "table" => ours(&obj["family"]) && obj["name"] == TABLE,
+            _ => ours(&obj["family"]) && obj["table"] == TABLE,
         })
     })
 }
@@ -1853,6 +1976,120 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
     batch
 }
 
+// ---------------------------------------------------------------------------
+// The link-level table.
+
+/// Our second table (family netdev): an egress chain on every interface of
+/// this namespace but `lo` and the tunnel. It sees what leaves through the
+/// device whoever sent it: this namespace's packets, and those of a
+/// macvlan/ipvlan child in another namespace or of a bridge port (VMs,
+/// containers), which never meet the `inet` hooks here.
+fn link_table() -> Table<'static> {
+    Table {
+        family: NfFamily::NetDev,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+/// The interfaces of this namespace that get an egress chain, sorted:
+/// every one but `lo` and the tunnel (from `/proc/net/dev`, which lists
+/// the reading process's namespace).
+fn link_devices(tunnel: &str) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    parse_proc_net_dev(&text, tunnel)
+}
+
+fn parse_proc_net_dev(text: &str, tunnel: &str) -> Vec<String> {
+    let mut devices: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.split_once(':').map(|(name, _)| name.trim()))
+        .filter(|name| !name.is_empty() && !name.contains('|') && *name != "lo" && *name != tunnel)
+        .map(str::to_string)
+        .collect();
+    devices.sort();
+    devices.dedup();
+    devices
+}
+
+/// Adds `netdev sessiongate` (replaced as a whole, like ours in `inet`) to
+/// `batch`. Each egress chain (policy drop) lets out only: ARP; the
+/// tunnel's UDP to the endpoint (mark, address and port); DHCP and DHCPv6
+/// as in the `inet` table; IPv6 neighbour discovery (hop limit 255) and
+/// MLD reports (hop limit 1); the LAN under `allow_lan`.
+fn add_link_table(batch: &mut Batch<'static>, lockdown: &Lockdown, inputs: &Inputs, devices: &[String]) {
+    let endpoint = SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port());
+    batch.add(NfListObject::Table(link_table()));
+    batch.delete(NfListObject::Table(link_table()));
+    batch.add(NfListObject::Table(link_table()));
+
+    let mut rules: Vec<Vec<Statement<'static>>> = Vec::new();
+    rules.push(vec![eq(meta(MetaKey::Protocol), s("arp")), accept()]);
+    rules.push(vec![
+        eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
+        eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
+        eq(payload("udp", "dport"), num(endpoint.port())),
+        accept(),
+    ]);
+    // DHCP: the same rules as the inet table's, without the tunnel test
+    // (the tunnel has no chain here).
+    let (dhcp_out, _) = dhcp_rules(&lockdown.tunnel_interface, &inputs.on_link);
+    for rule in dhcp_out {
+        rules.push(
+            rule.into_iter()
+                .filter(|st| !matches!(st, Statement::Match(m) if m.op == Operator::NEQ))
+                .collect(),
+        );
+    }
+    rules.push(vec![
+        icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
+        on_link(),
+        accept(),
+    ]);
+    rules.push(vec![
+        icmpv6_types(&["mld-listener-report", "mld-listener-done", "mld2-listener-report"]),
+        eq(payload("ip6", "hoplimit"), num(1u32)),
+        accept(),
+    ]);
+    if lockdown.allow_lan {
+        for (family, v6) in [("ip", false), ("ip6", true)] {
+            let nets: Vec<Expression<'static>> = inputs
+                .lan
+                .iter()
+                .filter(|(a, _)| a.is_ipv6() == v6)
+                .map(|&n| net(n))
+                .collect();
+            if !nets.is_empty() {
+                rules.push(vec![is_in(payload(family, "daddr"), set_of(nets)), accept()]);
+            }
+        }
+    }
+
+    for (index, device) in devices.iter().enumerate() {
+        let name = format!("egress{index}");
+        batch.add(NfListObject::Chain(Chain {
+            family: NfFamily::NetDev,
+            table: TABLE.into(),
+            name: name.clone().into(),
+            _type: Some(NfChainType::Filter),
+            hook: Some(NfHook::Egress),
+            prio: Some(0),
+            dev: Some(device.clone().into()),
+            policy: Some(NfChainPolicy::Drop),
+            ..Default::default()
+        }));
+        for rule in &rules {
+            batch.add(NfListObject::Rule(Rule {
+                family: NfFamily::NetDev,
+                table: TABLE.into(),
+                chain: name.clone().into(),
+                expr: Cow::Owned(rule.clone()),
+                ..Default::default()
+            }));
+        }
+    }
+}
+
 /// The profile's literal networks as interval-set elements, without
 /// overlaps (nft refuses them) for one address family.
 fn static_elements(allow: &Allowlist, v6: bool) -> Vec<Expression<'static>> {
@@ -2501,6 +2738,50 @@ mod tests {
         ));
         assert!(!adds_elements_to_our_table(
             r#"{"add": {"element": {"family": "inet", "table": "other", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
+    }
+
+    #[test]
+    fn link_table_closes_every_interface_but_lo_and_the_tunnel() {
+        let dev = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+  sg0:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+ wlan0:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+  eth0:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+";
+        assert_eq!(parse_proc_net_dev(dev, "sg0"), ["eth0", "wlan0"]);
+
+        let mut batch = Batch::new();
+        let inputs = Inputs {
+            on_link: vec![(v4(192, 0, 2, 0), 26)],
+            ..Inputs::default()
+        };
+        add_link_table(&mut batch, &lockdown(), &inputs, &["eth0".into(), "wlan0".into()]);
+        let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+        let objs = value["nftables"].as_array().expect("array").clone();
+        let chains: Vec<&Value> = objs.iter().filter_map(|o| o["add"].get("chain")).collect();
+        assert_eq!(chains.len(), 2);
+        for chain in &chains {
+            assert_eq!(chain["family"], "netdev");
+            assert_eq!(chain["hook"], "egress");
+            assert_eq!(chain["policy"], "drop");
+        }
+        let egress = rules(&objs, "egress0");
+        let endpoint = &egress[position(&egress, "198.51.100.2")];
+        assert!(
+            endpoint.contains("21319") && endpoint.contains("51820"),
+            "{endpoint}"
+        );
+        assert!(egress.iter().all(|r| !r.contains("sg0")), "{egress:#?}");
+        assert!(!egress
+            .iter()
+            .any(|r| r.contains("192.0.2.0") && !r.contains("67")));
+        for rule in &egress {
+            assert!(rule.ends_with(r#"{"accept":null}]"#), "{rule}");
+        }
+        assert!(touches_our_table(
+            r#"{"delete": {"chain": {"family": "netdev", "table": "sessiongate", "name": "egress0"}}}"#
         ));
     }
 }

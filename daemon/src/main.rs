@@ -73,7 +73,7 @@ fn main() -> std::process::ExitCode {
         tracing::error!("{e}");
         match runtime.block_on(sessiond::session::lock_down_persisted(&args.state_dir)) {
             Ok(Some(profile)) => tracing::error!(
-                "the session of profile {profile} stays locked down: fix the above and start sessiond again, then `sessionctl stop` ends it (or `nft delete table inet sessiongate` by hand)"
+                "the session of profile {profile} stays locked down: fix the above and start sessiond again, then `sessionctl stop` ends it (or `nft delete table inet sessiongate` and `nft delete table netdev sessiongate` by hand)"
             ),
             Ok(None) => {}
             Err(e) => tracing::error!("{e:#}"),

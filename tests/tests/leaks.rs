@@ -713,3 +713,161 @@ fn sessiond_never_writes_a_core_file() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+// ---------------------------------------------------------------- 13.6
+
+/// A namespace this test makes beside the lab's (named with the helper tag
+/// `lk` and the lab's id), deleted on drop even after a failed assertion.
+struct ExtraNamespace(String);
+
+impl ExtraNamespace {
+    fn new(lab: &Lab, suffix: &str) -> ExtraNamespace {
+        let name = format!("lk{}{suffix}", lab.id());
+        lab::util::run(&["ip", "netns", "add", &name]).expect("ip netns add");
+        ExtraNamespace(name)
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["ip", "netns", "exec", self.0.as_str()];
+        full.extend_from_slice(args);
+        lab::util::output(&full).expect("ip netns exec")
+    }
+
+    /// TCP connect from this namespace: Ok(the server's greeting) or Err.
+    fn probe_tcp(&self, lab: &Lab, host: &str, port: u16) -> Result<String, String> {
+        let bin = lab.labhost_path().to_string_lossy().into_owned();
+        let port = port.to_string();
+        let out = self.run(&[&bin, "probe-tcp", host, &port, "--timeout-ms", "800"]);
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() {
+            Ok(said)
+        } else {
+            Err(format!("{said} {}", String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+}
+
+impl Drop for ExtraNamespace {
+    fn drop(&mut self) {
+        if let Ok(out) = lab::util::output(&["ip", "netns", "pids", &self.0]) {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = lab::util::output(&["kill", "-9", pid]);
+            }
+        }
+        let _ = lab::util::output(&["ip", "netns", "delete", &self.0]);
+    }
+}
+
+/// A macvlan child of `parent` (in the client namespace) moved into `ns`
+/// with `address`/26 and a default route via `gateway`.
+fn macvlan_child(lab: &Lab, parent: &str, ns: &ExtraNamespace, address: &str, gateway: &str) {
+    let child = format!("{parent}m");
+    let client = lab.ns_name(Ns::Client).to_string();
+    lab::util::run(&[
+        "ip", "-n", &client, "link", "add", &child, "link", parent, "type", "macvlan", "mode", "bridge",
+    ])
+    .expect("add the macvlan child");
+    lab::util::run(&["ip", "-n", &client, "link", "set", &child, "netns", &ns.0]).expect("move it");
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        vec!["addr", "add", &format!("{address}/26"), "dev", &child],
+        vec!["link", "set", &child, "up"],
+        vec!["route", "add", "default", "via", gateway],
+    ] {
+        let mut full = vec!["ip", "-n", ns.0.as_str()];
+        full.extend(args.iter().copied());
+        lab::util::run(&full).expect("configure the macvlan child");
+    }
+}
+
+/// Another namespace on the physical link (a macvlan child: `firejail
+/// --net=eth0`, containers on macvlan networks) never meets this
+/// namespace's `inet` hooks; the link-level table stops it at the device,
+/// also on an interface that appears during the session, and goes at stop.
+#[test]
+fn other_namespaces_on_the_link_are_closed_at_the_device() {
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let side = ExtraNamespace::new(&lab, "m");
+    macvlan_child(&lab, addr::CLIENT_IF, &side, "192.0.2.3", addr::ROUTER_CLIENT_V4);
+    let before = side.probe_tcp(&lab, addr::OTHER_V4, 443);
+    assert_eq!(
+        before,
+        Ok("peer=192.0.2.3".to_string()),
+        "the macvlan child is not wired"
+    );
+
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_leaks().expect("reset");
+    let during = side.probe_tcp(&lab, addr::OTHER_V4, 443);
+    assert!(
+        during.is_err(),
+        "a macvlan child in another namespace got out: {during:?}"
+    );
+    let allowed_host = side.probe_tcp(&lab, addr::HOST_V4, 443);
+    assert!(
+        allowed_host.is_err(),
+        "a macvlan child got out in clear: {allowed_host:?}"
+    );
+    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    // The session itself still works.
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+
+    // A second link appears during the session, with a macvlan child.
+    lab::util::run(&[
+        "ip",
+        "-n",
+        lab.ns_name(Ns::Client),
+        "link",
+        "add",
+        "c2n",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "n2r",
+        "netns",
+        lab.ns_name(Ns::Router),
+    ])
+    .expect("add a link");
+    lab.ip_batch(
+        Ns::Router,
+        &["addr add 192.0.2.129/26 dev n2r".into(), "link set n2r up".into()],
+    )
+    .expect("router side");
+    lab.ip_batch(Ns::Client, &["link set c2n up".into()])
+        .expect("client side");
+    let late = ExtraNamespace::new(&lab, "n");
+    macvlan_child(&lab, "c2n", &late, "192.0.2.131", "192.0.2.129");
+    wait_until(Duration::from_secs(5), "an egress chain on the new link", || {
+        lab.exec_ok(Ns::Client, &["nft", "list", "table", "netdev", "sessiongate"])
+            .is_ok_and(|t| t.contains("\"c2n\""))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let on_new_link = late.probe_tcp(&lab, addr::OTHER_V4, 443);
+    assert!(
+        on_new_link.is_err(),
+        "a macvlan child of a new link got out: {on_new_link:?}"
+    );
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert_eq!(
+        lab.exec_ok(Ns::Client, &["nft", "list", "tables"])
+            .expect("nft")
+            .trim(),
+        "",
+        "a table of ours is left after stop"
+    );
+    assert_eq!(
+        side.probe_tcp(&lab, addr::OTHER_V4, 443),
+        Ok("peer=192.0.2.3".to_string())
+    );
+    assert_eq!(
+        late.probe_tcp(&lab, addr::OTHER_V4, 443),
+        Ok("peer=192.0.2.131".to_string())
+    );
+}

@@ -26,8 +26,10 @@ fn state(daemon: &Daemon) -> String {
 fn crash_and_reboot(lab: &Lab, daemon: &mut Daemon) {
     daemon.kill9().expect("kill -9");
     wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("exit");
-    lab.exec_ok(Ns::Client, &["nft", "delete", "table", "inet", "sessiongate"])
-        .expect("clear nft");
+    for family in ["inet", "netdev"] {
+        lab.exec_ok(Ns::Client, &["nft", "delete", "table", family, "sessiongate"])
+            .expect("clear nft");
+    }
     for family in ["-4", "-6"] {
         for pref in ["5190", "5191"] {
             lab.exec_ok(Ns::Client, &["ip", family, "rule", "del", "pref", pref])
