@@ -201,6 +201,13 @@ pub const REFUSED_COUNTER: &str = "refused";
 /// looks at it.
 pub const VERIFY_MARK: u32 = 0x5349;
 
+/// The conntrack mark bit our `postrouting` chain sets on every flow that
+/// leaves during a session (tunnel, endpoint, loopback alike), so that
+/// [`remove`] and a fresh lockdown can delete exactly the session's flows.
+/// One bit, OR-ed in: whatever else another program keeps in the ct mark
+/// stays.
+pub const SESSION_CT_BIT: u32 = 0x4000_0000;
+
 /// How long one `nft` run may take before we give up on it.
 const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds of a DNS answer's timeout in the allow sets.
@@ -368,6 +375,10 @@ pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(),
     };
     let on_link = connected_routes(&lockdown.tunnel_interface);
     let _write = WRITE_LOCK.lock().await;
+    // A lockdown that starts a session (nothing applied by this process
+    // since the last removal, or a daemon that resumes after a crash): no
+    // flow of an earlier session may go on into this one.
+    let fresh_start = allow.is_none() && applied().tunnel.is_none();
     // Narrowing takes effect here, at once: answers for names or ports the
     // new allowlist no longer holds are forgotten, so neither new nor
     // established flows to them pass the new table.
@@ -429,6 +440,9 @@ pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(),
         Ok(None) | Err(_) => None,
     };
     applied().fingerprint = fingerprint;
+    if fresh_start {
+        forget_session_flows().await;
+    }
     Ok(())
 }
 
@@ -490,14 +504,52 @@ pub async fn remove() -> Result<(), FirewallError> {
         batch.delete(NfListObject::Table(table));
     }
     run_nft(batch, "removal of the firewall table").await?;
-    let mut state = applied();
-    state.learned.clear();
-    state.sources.clear();
-    state.names.clear();
-    state.tunnel = None;
-    state.devices.clear();
-    state.fingerprint = None;
+    {
+        let mut state = applied();
+        state.learned.clear();
+        state.sources.clear();
+        state.names.clear();
+        state.tunnel = None;
+        state.devices.clear();
+        state.fingerprint = None;
+    }
+    // Then no flow of the session outlives it in connection tracking.
+    forget_session_flows().await;
     Ok(())
+}
+
+/// Deletes every tracked flow that carries [`SESSION_CT_BIT`], IPv4 and
+/// IPv6, with the `conntrack` tool (package conntrack). Best effort: while
+/// a table of ours is in place its rules already refuse flows the
+/// allowlist does not hold; this only keeps a later ruleset (ours or
+/// anyone's, with `ct state established`) from meeting them.
+async fn forget_session_flows() {
+    let mark = format!("{SESSION_CT_BIT:#x}/{SESSION_CT_BIT:#x}");
+    for family in ["ipv4", "ipv6"] {
+        let run = Command::new("conntrack")
+            .args(["-D", "-m", &mark, "-f", family])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(NFT_TIMEOUT, run).await {
+            // 1: nothing to delete.
+            Ok(Ok(out)) if matches!(out.status.code(), Some(0 | 1)) => {}
+            Ok(Ok(out)) => tracing::warn!(
+                "could not delete the session's tracked connections: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(
+                    "the conntrack tool is not installed: the session's tracked connections are left to time out"
+                );
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!("could not run conntrack: {e}"),
+            Err(_) => tracing::warn!("conntrack did not finish within 10 seconds"),
+        }
+    }
 }
 
 /// Whether our table is in the kernel with the chains, rules and sets we
@@ -1328,6 +1380,14 @@ fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: "mark".into(),
+        family: None,
+        dir: None,
+    }))
+}
+
 fn ct_state() -> Expression<'static> {
     Expression::Named(NamedExpression::CT(CT {
         key: "state".into(),
@@ -1911,6 +1971,15 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
     // not allowed in postrouting, so refusals drop here; verify's counter
     // stays in `output` alone.
     let mut postrouting = ChainSpec::new(POSTROUTING, filter(NfHook::Postrouting));
+    // Tag every flow of the session (see SESSION_CT_BIT); a packet dropped
+    // below leaves no tracked flow behind anyway.
+    postrouting.push(vec![Statement::Mangle(nftables::stmt::Mangle {
+        key: ct_mark(),
+        value: Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::OR(vec![
+            ct_mark(),
+            num(SESSION_CT_BIT),
+        ]))),
+    })]);
     for rule in &output.rules {
         if rule.iter().any(|st| matches!(st, Statement::Counter(_))) {
             continue;
@@ -2675,6 +2744,12 @@ mod tests {
         let objs = objects(&lockdown(), Some(&session()), &[]);
         let out = rules(&objs, OUTPUT);
         let post = rules(&objs, POSTROUTING);
+        // The session's ct mark first, then output's rules but the counter.
+        assert!(
+            post[0].contains("mangle") && post[0].contains(&SESSION_CT_BIT.to_string()),
+            "{post:#?}"
+        );
+        let post = &post[1..];
         assert_eq!(post.len(), out.len() - 1, "{post:#?}");
         assert!(post
             .iter()

@@ -871,3 +871,53 @@ fn other_namespaces_on_the_link_are_closed_at_the_device() {
         Ok("peer=192.0.2.131".to_string())
     );
 }
+
+// ---------------------------------------------------------------- 13.3, at stop
+
+/// The original-direction flows of the client's connection tracking that
+/// go to `dst` (and `dport`, if given), as `conntrack -L` lines.
+fn tracked_flows_to(lab: &Lab, dst: &str, dport: Option<u16>) -> Vec<String> {
+    let out = lab
+        .exec(Ns::Client, &["conntrack", "-L"])
+        .expect("run conntrack -L (package conntrack)");
+    assert!(
+        out.status.success(),
+        "conntrack -L: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| {
+            let first = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key).map(str::to_string))
+            };
+            first("dst=").as_deref() == Some(dst)
+                && dport.is_none_or(|p| first("dport=") == Some(p.to_string()))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// After stop, connection tracking holds no flow of the session (the
+/// tunnel's UDP to the endpoint, a flow through the tunnel): a stale entry
+/// would let a later ruleset's `ct state established` admit what no
+/// allowlist admitted.
+#[test]
+fn stop_leaves_no_flow_of_the_session_in_connection_tracking() {
+    let lab = lab();
+    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[10000]));
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    let flow = client_udp(&lab, false, 0);
+    assert!(udp_exchange(&flow, sock(addr::HOST_V4, 10000), "tracked").is_ok());
+    assert!(!tracked_flows_to(&lab, addr::HOST_V4, Some(10000)).is_empty());
+    assert!(!tracked_flows_to(&lab, addr::GATEWAY_V4, Some(addr::WG_PORT)).is_empty());
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    let left: Vec<String> = [
+        tracked_flows_to(&lab, addr::HOST_V4, Some(10000)),
+        tracked_flows_to(&lab, addr::GATEWAY_V4, Some(addr::WG_PORT)),
+    ]
+    .concat();
+    assert_eq!(left, Vec::<String>::new(), "flows of the session outlive it");
+}
