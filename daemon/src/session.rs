@@ -844,7 +844,9 @@ fn allowlist_of(profile: &Profile, stub: Option<&StubResolver>) -> Allowlist {
                 Host::Name(_) => None,
             })
             .collect(),
-        names: (profile.allow.iter())
+        names: profile
+            .allow
+            .iter()
             .filter_map(|rule| match &rule.host {
                 Host::Name(name) => Some(firewall::NamedEntry {
                     name: name.clone(),
