@@ -19,6 +19,14 @@ use crate::util::{self, wait_until};
 /// How long `start_sessiond`/`restart` wait for the control socket.
 pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Extra sessiond arguments for every run, whitespace-separated (for
+/// scripts/mutants, which needs `--nft-binary`).
+pub const EXTRA_ARGS_ENV: &str = "LAB_SESSIOND_EXTRA_ARGS";
+
+/// The control group sessiond is given unless a test names another; the lab
+/// does not create it (so only root may use the socket).
+const DEFAULT_CONTROL_GROUP: &str = "sessiongate";
+
 /// The profile's interface name inside the client namespace.
 pub const DAEMON_TUN_IF: &str = "sgtun0";
 
@@ -128,6 +136,14 @@ impl Lab {
         self.start_sessiond_binaries(&sessiond, &sessionctl, extra)
     }
 
+    /// `start_sessiond` with `--control-group GROUP` instead of the default
+    /// `sessiongate` (which the lab does not create).
+    pub fn start_sessiond_for_group(&self, group: &str) -> Result<Daemon<'_>> {
+        let sessiond = util::find_binary("sessiond")?;
+        let sessionctl = util::find_binary("sessionctl")?;
+        self.start_daemon(&sessiond, &sessionctl, &[], group)
+    }
+
     /// `start_sessiond_with` using the given binaries instead of the
     /// workspace's (for testing the harness with a stand-in).
     pub fn start_sessiond_binaries(
@@ -135,6 +151,16 @@ impl Lab {
         sessiond: &Path,
         sessionctl: &Path,
         extra: &[&str],
+    ) -> Result<Daemon<'_>> {
+        self.start_daemon(sessiond, sessionctl, extra, DEFAULT_CONTROL_GROUP)
+    }
+
+    fn start_daemon(
+        &self,
+        sessiond: &Path,
+        sessionctl: &Path,
+        extra: &[&str],
+        control_group: &str,
     ) -> Result<Daemon<'_>> {
         let (sessiond, sessionctl) = (sessiond.to_path_buf(), sessionctl.to_path_buf());
         let profiles = self.profiles_dir()?;
@@ -148,6 +174,8 @@ impl Lab {
             state_dir,
             profiles,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            control_group: control_group.to_string(),
+            env: Vec::new(),
             runs: Vec::new(),
         };
         daemon.launch()?;
@@ -164,6 +192,8 @@ pub struct Daemon<'a> {
     state_dir: PathBuf,
     profiles: PathBuf,
     extra: Vec<String>,
+    control_group: String,
+    env: Vec<(String, String)>,
     runs: Vec<LabChild>,
 }
 
@@ -184,10 +214,18 @@ impl Daemon<'_> {
             "--resolv-conf",
             "/etc/resolv.conf",
             "--control-group",
-            "sessiongate",
+            &self.control_group,
         ];
         args.extend(self.extra.iter().map(String::as_str));
-        let child = self.lab.spawn_named(Ns::Client, "sessiond", &args)?;
+        // scripts/mutants runs every sessiond with `--nft-binary` this way.
+        let from_env = std::env::var(EXTRA_ARGS_ENV).unwrap_or_default();
+        for arg in from_env.split_whitespace() {
+            if !args.contains(&arg) {
+                args.push(arg);
+            }
+        }
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = self.lab.spawn_env(Ns::Client, "sessiond", &args, &env)?;
         self.runs.push(child.clone());
         let mut exited = false;
         wait_until(DAEMON_START_TIMEOUT, "sessiond's control socket", || {
@@ -210,6 +248,13 @@ impl Daemon<'_> {
 
     fn current(&self) -> Result<&LabChild> {
         self.runs.last().context("sessiond was never started")
+    }
+
+    /// Sets an environment variable for the next `restart` (and every one
+    /// after it), e.g. `NOTIFY_SOCKET`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// The control socket path.
@@ -253,6 +298,28 @@ impl Daemon<'_> {
         let ctl = self.sessionctl.to_string_lossy().into_owned();
         let socket = self.socket.to_string_lossy().into_owned();
         let mut full: Vec<&str> = vec![&ctl, "--socket", &socket];
+        full.extend_from_slice(args);
+        self.lab.exec(Ns::Client, &full)
+    }
+
+    /// Runs `sessionctl --socket SOCKET args...` in the client namespace as
+    /// another user (`setpriv`: that user's uid, primary group and
+    /// supplementary groups from /etc/group).
+    pub fn ctl_as(&self, user: &str, args: &[&str]) -> Result<Output> {
+        let ctl = self.sessionctl.to_string_lossy().into_owned();
+        let socket = self.socket.to_string_lossy().into_owned();
+        let mut full: Vec<&str> = vec![
+            "setpriv",
+            "--reuid",
+            user,
+            "--regid",
+            user,
+            "--init-groups",
+            "--reset-env",
+            &ctl,
+            "--socket",
+            &socket,
+        ];
         full.extend_from_slice(args);
         self.lab.exec(Ns::Client, &full)
     }

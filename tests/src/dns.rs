@@ -193,7 +193,21 @@ impl Lab {
 
     /// Like `set_pinned_answer` with several addresses (none = unknown name).
     pub fn set_pinned_answers(&self, name: &str, addrs: &[&str]) -> Result<()> {
-        self.resolver(Which::Pinned)?.set_answers(name, addrs)
+        self.resolver(Which::Pinned)?.set_answers(name, addrs)?;
+        self.tunnel_meter_answers_changed()
+    }
+
+    /// The pinned resolver's current answers for `name` (empty if unknown).
+    pub fn pinned_answers(&self, name: &str) -> Vec<String> {
+        self.resolver(Which::Pinned)
+            .map(|r| {
+                lock(&r.entries)
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, a)| a.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Same for the public resolver on the host.

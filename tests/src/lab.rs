@@ -218,6 +218,8 @@ pub struct Lab {
     /// Key pair of the sessiond profile, made on first use.
     pub(crate) client_key: Mutex<Option<(PathBuf, String)>>,
     pub(crate) plain_clients: Mutex<u32>,
+    /// What the inside-the-tunnel leak meter allows (see meter.rs).
+    pub(crate) tunnel_meter: Mutex<crate::meter::TunnelMeterState>,
     /// Setup step at which to fail on purpose (tests of the cleanup).
     fault: Option<&'static str>,
 }
@@ -271,6 +273,7 @@ impl Lab {
             host_server: None,
             client_key: Mutex::new(None),
             plain_clients: Mutex::new(0),
+            tunnel_meter: Mutex::new(Default::default()),
             fault,
         };
         lab.build()
@@ -328,8 +331,27 @@ impl Lab {
         // Start the slow-ish processes first; they need only their namespace.
         self.start_gateway_process()?;
         let labhost = self.labhost.to_string_lossy().into_owned();
-        // `--lab ID` only labels the process (ps shows whose it is).
-        let serve = [labhost.as_str(), "serve", "--lab", self.id.as_str()];
+        // `--lab ID` only labels the process (ps shows whose it is). 853
+        // listens too, so a DNS-over-TLS probe to an allowed address can
+        // only be stopped by the product's refusal, not by a closed port.
+        let serve = [
+            labhost.as_str(),
+            "serve",
+            "--lab",
+            self.id.as_str(),
+            "--tcp",
+            "443",
+            "--tcp",
+            "8443",
+            "--tcp",
+            "853",
+            "--udp",
+            "10000",
+            "--udp",
+            "853",
+            "--echo",
+            "9000",
+        ];
         self.host_server = Some(self.spawn_named(Ns::Host, "labhost-serve", &serve)?);
         self.checkpoint("processes")?;
 
@@ -343,6 +365,8 @@ impl Lab {
         self.pinned_dns = Some(crate::dns::Resolver::start(self, crate::dns::Which::Pinned)?);
         self.public_dns = Some(crate::dns::Resolver::start(self, crate::dns::Which::Public)?);
         self.write_client_resolv_conf()?;
+        // Needs the pinned resolver's answers for the profile's names.
+        self.set_tunnel_allowed_profile(&self.default_profile_toml())?;
         self.checkpoint("resolvers")?;
 
         let host = self.host_server.as_ref().context("labhost serve not started")?;
@@ -646,6 +670,28 @@ impl Lab {
         let port = port.to_string();
         let ms = timeout.as_millis().to_string();
         self.labhost_probe(ns, &["probe-udp", addr, &port, "--timeout-ms", &ms])
+    }
+
+    /// `probe_udp` from a chosen source port (0: any) and with SO_MARK
+    /// `mark` (what only root can set), e.g. to try the tunnel's fwmark.
+    pub fn probe_udp_crafted(
+        &self,
+        ns: Ns,
+        addr: &str,
+        port: u16,
+        sport: u16,
+        mark: Option<u32>,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let port = port.to_string();
+        let sport = sport.to_string();
+        let ms = timeout.as_millis().to_string();
+        let mark = mark.map(|m| format!("{m:#x}"));
+        let mut args = vec!["probe-udp", addr, &port, "--timeout-ms", &ms, "--sport", &sport];
+        if let Some(m) = &mark {
+            args.extend(["--mark", m.as_str()]);
+        }
+        self.labhost_probe(ns, &args)
     }
 
     /// One DNS query over UDP from inside `ns` straight to `server`

@@ -18,4 +18,5 @@ pub mod util;
 pub use daemon::{Daemon, ProfileFiles, DAEMON_TUN_IF};
 pub use gateway::PlainClient;
 pub use lab::{addr, DnsReply, Lab, LabChild, Ns};
+pub use meter::TunnelFlow;
 pub use util::{wait_for, wait_until};

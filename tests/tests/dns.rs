@@ -16,6 +16,7 @@ fn lab() -> Lab {
 fn session(lab: &Lab) -> Daemon<'_> {
     lab.sessiond_profile().expect("write profile");
     let daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_all_leaks().expect("reset");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     daemon
 }
@@ -40,7 +41,7 @@ fn allowed_names_come_from_the_pinned_resolver_and_others_fail() {
     lab.set_public_answers(addr::MEET_NAME, &[addr::OTHER_V4])
         .expect("public answer");
     let daemon = session(&lab);
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
 
     assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
     assert!(
@@ -77,14 +78,25 @@ fn allowed_names_come_from_the_pinned_resolver_and_others_fail() {
         !pinned.contains(addr::OTHER_NAME),
         "a non-allowed name reached the pinned resolver:\n{pinned}"
     );
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
 
 #[test]
 fn queries_aimed_at_another_resolver_never_leave_the_machine() {
     let lab = lab();
-    let _daemon = session(&lab);
-    lab.reset_leaks().expect("reset");
+    // meet.test also on TCP/UDP 853, where the host listens: DNS-over-TLS to
+    // it can then only be stopped by the 53/853 refusal rule.
+    let files = lab
+        .write_profile("lab", |t| {
+            t.replace("tcp = [443]", "tcp = [443, 853]")
+                .replace("udp = [10000]", "udp = [10000, 853]")
+        })
+        .expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_all_leaks().expect("reset");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
     let public_before = lab.public_resolver_log();
 
     for (proto, reply) in [
@@ -114,8 +126,23 @@ fn queries_aimed_at_another_resolver_never_leave_the_machine() {
         let r = reply.expect("answer for an allowed name");
         assert_eq!(r.answers, vec![addr::HOST_V4.to_string()], "{r:?}");
     }
-    // DNS-over-TLS is refused outright.
-    assert!(lab.probe_tcp(Ns::Client, addr::PUBLIC_DNS_V4, 853).is_err());
+    // DNS-over-TLS is refused outright: to the public resolver, and to the
+    // allowed host (its address is in the allow set now, on 853 too).
+    let status = daemon.status().expect("status");
+    assert!(
+        status["allowed"][0]["addresses"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == addr::HOST_V4)),
+        "meet.test not resolved yet: {status}"
+    );
+    for host in [addr::PUBLIC_DNS_V4, addr::HOST_V4] {
+        assert_eq!(
+            lab.probe_tcp(Ns::Client, host, 853),
+            Err(format!("connect {host}:853: Connection refused"))
+        );
+    }
+    let udp = lab.probe_udp(Ns::Client, addr::HOST_V4, 853);
+    assert!(udp.is_err(), "udp 853 to the allowed host: {udp:?}");
 
     let public_after = lab.public_resolver_log();
     assert_eq!(
@@ -123,7 +150,7 @@ fn queries_aimed_at_another_resolver_never_leave_the_machine() {
         "the public resolver was asked something during the session"
     );
     assert!(!lab.pinned_resolver_log().contains(addr::OTHER_NAME));
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
 
 #[test]
@@ -140,6 +167,8 @@ fn the_resolver_file_is_restored_byte_for_byte_and_lookups_go_back() {
     let during = std::fs::read_to_string(&path).expect("read resolv.conf");
     assert_ne!(during, original, "the resolver file was not pointed at the stub");
     assert!(during.contains("nameserver 127.0.0.1"), "{during}");
+    assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(
@@ -166,6 +195,7 @@ fn the_resolver_file_survives_a_crash_and_resume() {
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(std::fs::read(&path).expect("read resolv.conf"), original);
 }
@@ -175,7 +205,7 @@ fn an_allowed_host_whose_address_changes_stays_reachable() {
     let lab = lab();
     let _daemon = session(&lab);
     assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     assert!(
         lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443).is_err(),
         "the future address must be blocked before the DNS answer names it"
@@ -199,5 +229,5 @@ fn an_allowed_host_whose_address_changes_stays_reachable() {
     println!("new address in use {:?} after the change", changed.elapsed());
     // The other host's address is allowed only for meet.test's ports.
     assert!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 8443).is_err());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }

@@ -33,6 +33,18 @@ fn client_reaches_host_directly_and_the_meter_sees_it() {
     let udp6 = lab.probe_udp(Ns::Client, addr::HOST_V6, 10000);
     assert_eq!(udp6, Ok(format!("peer={} probe", addr::CLIENT_V6)));
 
+    // Not WireGuard, so it counts although it goes to the endpoint.
+    let to_endpoint = lab.probe_udp_timeout(
+        Ns::Client,
+        addr::GATEWAY_V4,
+        addr::WG_PORT,
+        Duration::from_millis(200),
+    );
+    assert!(
+        to_endpoint.is_err(),
+        "wireguard-go answered a probe: {to_endpoint:?}"
+    );
+
     let leaks = lab.leaks().expect("read leaks");
     assert!(leaks > 0, "the meter must count direct traffic");
     let dests = lab.leak_destinations().expect("leak destinations");
@@ -41,6 +53,7 @@ fn client_reaches_host_directly_and_the_meter_sees_it() {
         format!("{} udp/10000", addr::HOST_V4),
         format!("{} tcp/8443", addr::OTHER_V4),
         format!("{} tcp/443", addr::HOST_V6),
+        format!("{} udp/{}", addr::GATEWAY_V4, addr::WG_PORT),
     ] {
         assert!(dests.contains(&want), "{want} missing from {dests:?}");
     }
@@ -119,10 +132,145 @@ fn plain_wireguard_client_reaches_host_through_gateway_without_leaking() {
         "pinned resolver log:\n{log}"
     );
 
-    assert_eq!(lab.leaks().expect("read leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
     assert!(client.latest_handshake(&lab).expect("handshake") > 0);
     let peers = lab.gateway_wg_show(&["peers"]).expect("wg show peers");
     assert!(peers.contains(&client.public_key), "{peers}");
+}
+
+/// The inside meter counts what comes out of the tunnel to anything the
+/// lab profile does not allow: another host, an allowed host on another
+/// port, DNS to a resolver that is not pinned, DNS-over-TLS to the pinned one.
+/// The outside meter sees none of it (it is all inside the tunnel).
+#[test]
+fn the_tunnel_meter_counts_what_the_profile_does_not_allow() {
+    let lab = lab();
+    let _client = lab
+        .start_plain_wireguard_client()
+        .unwrap_or_else(|e| panic!("plain client: {e:#}"));
+    lab.reset_all_leaks().expect("reset leaks");
+    assert_eq!(
+        lab.tunnel_leaks().expect("read"),
+        0,
+        "{}",
+        lab.tunnel_leak_report()
+    );
+
+    // Each of these gets through the gateway (the lab forwards everything);
+    // only the meter knows they are not allowed.
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 8443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V6, 8443),
+        Ok(format!("peer={}", addr::GATEWAY_V6))
+    );
+    let reply = lab
+        .dns_query(Ns::Client, addr::PUBLIC_DNS_V4, addr::MEET_NAME, "A")
+        .expect("public resolver through the tunnel");
+    assert_eq!(reply.answers, vec![addr::HOST_V4.to_string()]);
+    // Nothing listens on 853 on the gateway: refused, but it was sent.
+    let _ = lab.probe_tcp(Ns::Client, addr::GATEWAY_TUN_V4, 853);
+
+    let dests = lab.tunnel_leak_destinations().expect("destinations");
+    for want in [
+        format!("{} tcp/443", addr::OTHER_V4),
+        format!("{} tcp/8443", addr::HOST_V4),
+        format!("{} tcp/8443", addr::HOST_V6),
+        format!("{} udp/53", addr::PUBLIC_DNS_V4),
+        format!("{} tcp/853", addr::GATEWAY_TUN_V4),
+    ] {
+        assert!(
+            dests.contains(&want),
+            "{want} missing: {}",
+            lab.tunnel_leak_report()
+        );
+    }
+    assert!(
+        lab.tunnel_leaks().expect("read") >= 5,
+        "{}",
+        lab.tunnel_leak_report()
+    );
+    assert_eq!(lab.leaks().expect("read"), 0, "{}", lab.leak_report());
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lab.assert_no_leaks()));
+    let message = panicked.expect_err("assert_no_leaks must fail");
+    let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(text.contains("inside the tunnel, to: ["), "{text}");
+
+    lab.reset_tunnel_leaks().expect("reset");
+    assert_eq!(lab.tunnel_leaks().expect("read"), 0);
+    assert!(lab.tunnel_leak_destinations().expect("dests").is_empty());
+}
+
+/// Allowed traffic through the tunnel is not counted; the allowed list
+/// follows a changed profile (narrowing too) and a changed pinned answer.
+#[test]
+fn the_tunnel_meter_lets_allowed_traffic_pass_and_follows_the_profile() {
+    let lab = lab();
+    let _client = lab
+        .start_plain_wireguard_client()
+        .unwrap_or_else(|e| panic!("plain client: {e:#}"));
+    lab.reset_all_leaks().expect("reset leaks");
+    let allowed_traffic = || {
+        for host in [addr::HOST_V4, addr::HOST_V6] {
+            assert!(lab.probe_tcp(Ns::Client, host, 443).is_ok(), "tcp {host}");
+            assert!(lab.probe_udp(Ns::Client, host, 10000).is_ok(), "udp {host}");
+        }
+        lab.dns_query(Ns::Client, addr::GATEWAY_TUN_V4, addr::MEET_NAME, "A")
+            .expect("pinned resolver over udp");
+        lab.dns_query_tcp(Ns::Client, addr::GATEWAY_TUN_V4, addr::MEET_NAME, "A")
+            .expect("pinned resolver over tcp");
+    };
+    allowed_traffic();
+    lab.assert_no_leaks();
+
+    // Narrowed: meet.test on tcp 443 only, and a literal address; udp now counts.
+    let narrowed = lab
+        .write_profile("narrow", |t| {
+            t.replace("udp = [10000]", "").replace(
+                "[options]",
+                "[[allow]]\nhost = \"203.0.113.20/32\"\nudp = [10000]\n\n[options]",
+            )
+        })
+        .expect("write profile");
+    lab.set_tunnel_allowed_profile(&narrowed.toml)
+        .expect("follow profile");
+    let allowed: Vec<String> = lab.tunnel_allowed().iter().map(ToString::to_string).collect();
+    assert!(
+        allowed.contains(&"203.0.113.20/32 udp/10000".to_string()),
+        "{allowed:?}"
+    );
+    assert!(
+        !allowed.contains(&"203.0.113.10/32 udp/10000".to_string()),
+        "{allowed:?}"
+    );
+    assert!(lab.probe_udp(Ns::Client, addr::OTHER_V4, 10000).is_ok());
+    assert!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443).is_ok());
+    lab.assert_no_leaks();
+    assert!(lab.probe_udp(Ns::Client, addr::HOST_V4, 10000).is_ok());
+    assert_eq!(
+        lab.tunnel_leak_destinations().expect("dests"),
+        vec![format!("{} udp/10000", addr::HOST_V4)]
+    );
+
+    // A new pinned answer for meet.test is allowed at once.
+    lab.reset_tunnel_leaks().expect("reset");
+    lab.set_pinned_answer(addr::MEET_NAME, "203.0.113.30")
+        .expect("answer");
+    let allowed: Vec<String> = lab.tunnel_allowed().iter().map(ToString::to_string).collect();
+    assert!(
+        allowed.contains(&"203.0.113.30/32 tcp/443".to_string()),
+        "{allowed:?}"
+    );
+    assert!(
+        allowed.contains(&"203.0.113.10/32 tcp/443".to_string()),
+        "{allowed:?}"
+    );
 }
 
 #[test]

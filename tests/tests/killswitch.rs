@@ -11,15 +11,28 @@ fn lab() -> Lab {
     Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
 }
 
-/// The lab profile with the video host allowed by address.
+/// The lab profile with the video host allowed by address, also on TCP and
+/// UDP 853 (where the host listens): DNS-over-TLS to it must then be stopped
+/// by the kill switch's 53/853 refusal, which comes before the allow list,
+/// and by nothing else. The tunnel leak meter follows it (it never allows
+/// 853).
 fn literal_profile(lab: &Lab, name: &str, edit: impl FnOnce(String) -> String) {
-    lab.write_profile(name, |t| {
-        edit(t.replace(
-            &format!("host = \"{}\"", addr::MEET_NAME),
-            &format!("host = \"{}\"", addr::HOST_V4),
-        ))
-    })
-    .expect("write profile");
+    let files = lab
+        .write_profile(name, |t| {
+            edit(
+                t.replace(
+                    &format!("host = \"{}\"", addr::MEET_NAME),
+                    &format!("host = \"{}\"", addr::HOST_V4),
+                )
+                .replace("tcp = [443]", "tcp = [443, 853]")
+                .replace("udp = [10000]", "udp = [10000, 853]")
+                .replace("[options]", CIDR_ALLOWS),
+            )
+        })
+        .expect("write profile");
+    // The tunnel leak meter allows what this profile allows.
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
 }
 
 fn state(daemon: &Daemon) -> String {
@@ -33,9 +46,18 @@ fn through_tunnel() -> Result<String, String> {
     Ok(format!("peer={}", addr::GATEWAY_V4))
 }
 
+/// Networks allowed by CIDR (where nothing lives): the literal sets then hold
+/// intervals, as a practice's profile may.
+const CIDR_ALLOWS: &str = "[[allow]]\nhost = \"203.0.113.96/27\"\ntcp = [443]\n\n\
+     [[allow]]\nhost = \"2001:db8:203::100/120\"\ntcp = [443]\n\n[options]";
+
+/// The tunnel's fwmark (`ip rule` shows it during a session): sessiond's
+/// own UDP to the endpoint carries it, and it means "bypass the tunnel".
+const TUNNEL_FWMARK: u32 = 0x5347;
+
 /// Probes that must all be refused during a session (other host, unlisted
-/// port, IPv6, the public resolver, DNS-over-TLS); returns the ones that got
-/// through.
+/// port, IPv6, the public resolver, DNS-over-TLS to the allowed host, which
+/// listens on 853 and lists it); returns the ones that got through.
 fn forbidden_probes_that_passed(lab: &Lab) -> Vec<String> {
     let short = Duration::from_millis(700);
     let mut passed = Vec::new();
@@ -44,13 +66,18 @@ fn forbidden_probes_that_passed(lab: &Lab) -> Vec<String> {
         (addr::HOST_V4, 8443),
         (addr::HOST_V6, 443),
         (addr::PUBLIC_DNS_V4, 853),
+        (addr::HOST_V4, 853),
     ];
     for (host, port) in tcp {
         if let Ok(reply) = lab.probe_tcp_timeout(Ns::Client, host, port, short) {
             passed.push(format!("tcp {host}:{port} -> {reply}"));
         }
     }
-    for (host, port) in [(addr::OTHER_V4, 10000), (addr::HOST_V6, 10000)] {
+    for (host, port) in [
+        (addr::OTHER_V4, 10000),
+        (addr::HOST_V6, 10000),
+        (addr::HOST_V4, 853),
+    ] {
         if let Ok(reply) = lab.probe_udp_timeout(Ns::Client, host, port, short) {
             passed.push(format!("udp {host}:{port} -> {reply}"));
         }
@@ -68,7 +95,7 @@ fn only_the_allowed_host_on_its_ports_passes_and_blocked_traffic_fails_fast() {
     let lab = lab();
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond().expect("start sessiond");
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
 
     assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
@@ -92,7 +119,7 @@ fn only_the_allowed_host_on_its_ports_passes_and_blocked_traffic_fails_fast() {
     );
 
     assert!(nft_tables(&lab).contains("table inet sessiongate"));
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(nft_tables(&lab).trim(), "", "our table is left after stop");
@@ -108,7 +135,7 @@ fn a_dead_gateway_leaks_nothing_and_the_session_comes_back() {
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
 
     lab.kill_gateway().expect("kill wireguard-go");
     // Probe everything, allowed or not, for several seconds with the
@@ -124,7 +151,7 @@ fn a_dead_gateway_leaks_nothing_and_the_session_comes_back() {
         assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
         rounds += 1;
     }
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     lab.restart_gateway().expect("restart wireguard-go");
     let back = Instant::now();
@@ -141,7 +168,7 @@ fn a_dead_gateway_leaks_nothing_and_the_session_comes_back() {
         "gateway dead: {rounds} probe rounds, 0 leaks; traffic flows again {:?} after the gateway returned",
         back.elapsed()
     );
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
 
 #[test]
@@ -150,7 +177,7 @@ fn a_killed_daemon_leaves_the_machine_locked_and_a_restart_resumes() {
     literal_profile(&lab, "lab", |t| t);
     let mut daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
 
     daemon.kill9().expect("kill -9 sessiond");
     wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("sessiond exits");
@@ -162,7 +189,7 @@ fn a_killed_daemon_leaves_the_machine_locked_and_a_restart_resumes() {
         "reached the host with the daemon dead: {direct:?}"
     );
     assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     let restarted = Instant::now();
     daemon.restart().expect("restart sessiond");
@@ -175,7 +202,7 @@ fn a_killed_daemon_leaves_the_machine_locked_and_a_restart_resumes() {
         restarted.elapsed()
     );
     assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), through_tunnel());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop after a restart");
     assert_eq!(nft_tables(&lab).trim(), "");
@@ -191,6 +218,7 @@ fn stop_works_after_a_restart_even_when_the_profile_was_deleted() {
     literal_profile(&lab, "lab", |t| t);
     let before = lab.exec_ok(Ns::Client, &["ip", "rule"]).expect("ip rule");
     let mut daemon = lab.start_sessiond().expect("start sessiond");
+    lab.reset_all_leaks().expect("reset");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     daemon.kill9().expect("kill -9 sessiond");
     wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("sessiond exits");
@@ -205,6 +233,7 @@ fn stop_works_after_a_restart_even_when_the_profile_was_deleted() {
     );
     let direct = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(700));
     assert!(direct.is_err(), "open while the profile is missing: {direct:?}");
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(state(&daemon), "idle");
@@ -218,7 +247,20 @@ fn stop_works_after_a_restart_even_when_the_profile_was_deleted() {
 
 #[test]
 fn a_flushed_ruleset_is_put_back_within_a_second() {
-    tamper_and_stop(&[], Nft::InProcess);
+    tamper_and_stop(&[], Nft::InProcess, Window::OutsideOnly);
+}
+
+/// While the table is gone (flush to restore, 40-90 ms here) forbidden
+/// traffic must not pass either, nor go on afterwards. Today it does both,
+/// through the tunnel: the policy routes still carry every packet into it
+/// and nothing filters (seen: ~500 datagrams of the spray to 203.0.113.20,
+/// 203.0.113.53:53 and 2001:db8:203::10 reached the gateway), and a UDP
+/// flow opened in the window then passes the restored table as
+/// `ct state established` (issue 13 item 3).
+#[test]
+#[ignore = "known leak found by this test (not yet an issue item): forbidden traffic goes through the tunnel while a flushed table is being put back"]
+fn nothing_forbidden_passes_while_a_flushed_table_is_put_back() {
+    tamper_and_stop(&[], Nft::InProcess, Window::BothMeters);
 }
 
 /// `--nft-binary`: every firewall change runs the nft binary instead of
@@ -226,7 +268,19 @@ fn a_flushed_ruleset_is_put_back_within_a_second() {
 /// The same tamper case and a clean stop prove it keeps the guarantees.
 #[test]
 fn the_nft_binary_fallback_keeps_the_same_guarantees() {
-    tamper_and_stop(&["--nft-binary"], Nft::Binary);
+    tamper_and_stop(&["--nft-binary"], Nft::Binary, Window::OutsideOnly);
+}
+
+/// What must hold while our table is gone, between a flush and its restore.
+#[derive(PartialEq, Debug)]
+enum Window {
+    /// Nothing leaves outside the tunnel (what reaches the gateway inside
+    /// the tunnel then is printed); the spray stops at the restore, and new
+    /// traffic afterwards must leave both meters at zero.
+    OutsideOnly,
+    /// Both meters at zero, the window included, and the spray keeps going
+    /// after the restore: its flows opened in the window must be closed too.
+    BothMeters,
 }
 
 /// How sessiond is expected to reach nftables.
@@ -238,13 +292,16 @@ enum Nft {
 
 /// A session; the ruleset flushed and our table deleted (each put back
 /// within 1 s, identical, with a warning, still closed, nothing leaked);
-/// then a stop that leaves no table and gives the network back.
-fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
+/// then a stop that leaves no table and gives the network back. A UDP spray
+/// to forbidden destinations (a datagram every 0.5 ms, v4 and v6, DNS to
+/// the public resolver) runs from before the flush until after the second
+/// restore, so traffic is attempted while the table is gone.
+fn tamper_and_stop(sessiond_args: &[&str], nft: Nft, window: Window) {
     let lab = lab();
     literal_profile(&lab, "lab", |t| t);
     let daemon = lab.start_sessiond_with(sessiond_args).expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset leaks");
+    lab.reset_all_leaks().expect("reset leaks");
     let pid = daemon.pid().expect("sessiond's pid");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("sessiond's memory map");
     let used = if maps.contains("libnftables") {
@@ -256,6 +313,21 @@ fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
     let shape = lab
         .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
         .expect("list our table");
+
+    let labhost = lab.labhost_path().to_string_lossy().into_owned();
+    let forbidden = [
+        format!("{}:10000", addr::OTHER_V4),
+        format!("{}:8443", addr::HOST_V4),
+        format!("{}:53", addr::PUBLIC_DNS_V4),
+        format!("[{}]:10000", addr::HOST_V6),
+    ];
+    let mut spray_args = vec![labhost.as_str(), "spray"];
+    spray_args.extend(forbidden.iter().map(String::as_str));
+    let spray = lab.spawn(Ns::Client, &spray_args).expect("start the spray");
+    wait_until(Duration::from_secs(5), "the spray running", || {
+        spray.log().contains("spraying")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", spray.log()));
 
     let flushed = Instant::now();
     lab.exec_ok(Ns::Client, &["nft", "flush", "ruleset"])
@@ -287,8 +359,24 @@ fn tamper_and_stop(sessiond_args: &[&str], nft: Nft) {
         nft_tables(&lab).contains("table inet sessiongate")
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
-
-    assert_eq!(lab.leaks().expect("leak meter"), 0, "{}", lab.leak_report());
+    assert!(spray.is_running(), "the spray stopped: {}", spray.log());
+    match window {
+        Window::BothMeters => {
+            lab.assert_no_leaks();
+            // With the table back, the spray's flows meet it again too.
+            lab.reset_all_leaks().expect("reset leaks");
+            assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+            spray.kill().expect("stop the spray");
+        }
+        Window::OutsideOnly => {
+            spray.kill().expect("stop the spray");
+            println!("while the table was gone: {}", lab.tunnel_leak_report());
+            assert_eq!(lab.leaks().expect("leak meter"), 0, "{}", lab.leak_report());
+            lab.reset_all_leaks().expect("reset leaks");
+            assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
+        }
+    }
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert!(!nft_tables(&lab).contains("sessiongate"), "{}", nft_tables(&lab));
@@ -309,7 +397,9 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
         t.replace(&gateway_key, &wrong)
             .replace("handshake_timeout_secs = 10", "handshake_timeout_secs = 2")
     });
-    literal_profile(&lab, "invalid", |t| t.replace("udp = [10000]", "udp = [70000]"));
+    // Written directly: the tunnel meter keeps following `wrongkey`.
+    lab.write_profile("invalid", |t| t.replace("udp = [10000]", "udp = [70000]"))
+        .expect("write profile");
     let daemon = lab.start_sessiond().expect("start sessiond");
     let ruleset_before = lab
         .exec_ok(Ns::Client, &["nft", "list", "ruleset"])
@@ -329,7 +419,7 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
     );
     assert!(!daemon.state_dir().join("session.json").exists());
 
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
     let out = daemon.ctl(&["start", "wrongkey"]).expect("run start");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
@@ -340,12 +430,144 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
     let direct = lab.probe_tcp_timeout(Ns::Client, addr::HOST_V4, 443, Duration::from_millis(700));
     assert!(direct.is_err(), "open after a failed start: {direct:?}");
     assert_eq!(forbidden_probes_that_passed(&lab), Vec::<String>::new());
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(
         lab.exec_ok(Ns::Client, &["nft", "list", "ruleset"])
             .expect("ruleset"),
         ruleset_before
+    );
+}
+
+/// What a process with root's powers could craft is refused too: an
+/// application's own UDP to the endpoint (not WireGuard: the outside meter
+/// counts it), datagrams carrying the tunnel's fwmark (they bypass the
+/// tunnel's route) to the allowed host, the pinned resolver, another host on
+/// the endpoint's port and the endpoint on another port, DHCP-like ports
+/// to the wrong place, and the pinned resolver through the tunnel on ports
+/// other than 53. A refused datagram fails at once (an ICMP error), not by
+/// timing out.
+#[test]
+fn crafted_packets_are_refused_too() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    let short = Duration::from_millis(500);
+    let mut passed = Vec::new();
+    let mut udp = |what: &str, addr: &str, port: u16, sport: u16, mark: Option<u32>| {
+        if let Ok(reply) = lab.probe_udp_crafted(Ns::Client, addr, port, sport, mark, short) {
+            passed.push(format!("{what}: {reply}"));
+        }
+    };
+    udp(
+        "plain udp to the endpoint",
+        addr::GATEWAY_V4,
+        addr::WG_PORT,
+        0,
+        None,
+    );
+    let mark = Some(TUNNEL_FWMARK);
+    udp("marked, allowed host", addr::HOST_V4, 10000, 0, mark);
+    udp("marked, pinned resolver", addr::GATEWAY_TUN_V4, 53, 0, mark);
+    udp(
+        "marked, other host on the endpoint's port",
+        addr::OTHER_V4,
+        addr::WG_PORT,
+        0,
+        mark,
+    );
+    udp(
+        "marked, endpoint on another port",
+        addr::GATEWAY_V4,
+        10000,
+        0,
+        mark,
+    );
+    udp("marked, allowed host over IPv6", addr::HOST_V6, 10000, 0, mark);
+    udp("to port 67 from a high port", addr::OTHER_V4, 67, 40000, None);
+    udp("from port 68 to a high port", addr::OTHER_V4, 10000, 68, None);
+    udp("to port 547 from a high port", addr::HOST_V6, 547, 40000, None);
+    udp("from port 546 to a high port", addr::HOST_V6, 10000, 546, None);
+    udp(
+        "pinned resolver on another port",
+        addr::GATEWAY_TUN_V4,
+        5353,
+        0,
+        None,
+    );
+    let dot = lab.probe_tcp_timeout(Ns::Client, addr::GATEWAY_TUN_V4, 853, short);
+    assert!(
+        dot.as_ref().is_err_and(|e| e.contains("refused")),
+        "DoT to the pinned resolver: {dot:?}"
+    );
+    assert_eq!(passed, Vec::<String>::new());
+    let refused = lab.probe_udp_timeout(Ns::Client, addr::OTHER_V4, 10000, Duration::from_secs(5));
+    assert!(
+        refused.as_ref().is_err_and(|e| !e.contains("no reply")),
+        "a refused datagram should fail at once: {refused:?}"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// Nothing unsolicited gets in during a session: datagrams and connections
+/// to the client from the internet host (also from DHCP's server ports),
+/// from the router over IPv6 (DHCPv6's), and from the gateway through the
+/// tunnel. A sink in the client records whatever arrives.
+#[test]
+fn nothing_unsolicited_gets_in_during_a_session() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    let labhost = lab.labhost_path().to_string_lossy().into_owned();
+    let sink = lab
+        .spawn(
+            Ns::Client,
+            &[
+                &labhost, "sink", "--udp", "68", "--udp", "546", "--udp", "40000", "--tcp", "40001",
+            ],
+        )
+        .expect("start the sink");
+    wait_until(Duration::from_secs(5), "the sink ready", || {
+        sink.log().contains("ready")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
+    let short = Duration::from_millis(300);
+    let tries: [(Ns, &str, u16, u16); 7] = [
+        (Ns::Host, addr::CLIENT_V4, 40000, 67),
+        (Ns::Host, addr::CLIENT_V4, 68, 40000),
+        (Ns::Host, addr::CLIENT_V4, 40000, 0),
+        (Ns::Router, addr::CLIENT_V6, 40000, 547),
+        (Ns::Router, addr::CLIENT_V6, 546, 40000),
+        (Ns::Gateway, addr::DAEMON_TUN_V4, 40000, 0),
+        (Ns::Gateway, addr::DAEMON_TUN_V6, 40000, 0),
+    ];
+    for (ns, to, port, sport) in tries {
+        let _ = lab.probe_udp_crafted(ns, to, port, sport, None, short);
+    }
+    for (ns, to) in [(Ns::Host, addr::CLIENT_V4), (Ns::Gateway, addr::DAEMON_TUN_V4)] {
+        let tcp = lab.probe_tcp_timeout(ns, to, 40001, short);
+        assert!(tcp.is_err(), "tcp to {to}:40001 from {ns:?} connected: {tcp:?}");
+    }
+    // The same datagrams reach the sink once the session is over: the
+    // tries above were real.
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    let during = sink.log();
+    let _ = lab.probe_udp_crafted(Ns::Host, addr::CLIENT_V4, 40000, 67, None, short);
+    wait_until(
+        Duration::from_secs(5),
+        "a datagram in the sink after stop",
+        || sink.log().lines().count() > during.lines().count(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
+    let got_in: Vec<&str> = during.lines().filter(|l| *l != "ready").collect();
+    assert_eq!(
+        got_in,
+        Vec::<&str>::new(),
+        "unsolicited packets got in during the session"
     );
 }

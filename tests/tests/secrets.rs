@@ -237,6 +237,9 @@ fn no_key_material_in_trace_logs_replies_or_state() {
     let (_, code) = t.ctl(&daemon, &["check", &file]);
     assert_eq!(code, Some(2));
 
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    lab.reset_all_leaks().expect("reset");
     t.ctl_ok(&daemon, &["start", "lab"]);
     let status = t.ctl_ok(&daemon, &["status", "--json"]);
     assert!(status.contains("\"state\":\"active\""), "{status}");
@@ -265,6 +268,7 @@ fn no_key_material_in_trace_logs_replies_or_state() {
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     t.ctl_ok(&daemon, &["status", "--json"]);
+    lab.assert_no_leaks();
     t.ctl_ok(&daemon, &["stop"]);
     t.ctl_ok(&daemon, &["status", "--json"]);
 

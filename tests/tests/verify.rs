@@ -80,7 +80,7 @@ fn a_good_session_passes_every_probe_with_evidence() {
     );
 
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset the leak meter");
+    lab.reset_all_leaks().expect("reset the leak meter");
     let counted_before = refused_counter(&lab);
 
     let human = daemon.ctl(&["verify"]).expect("run sessionctl verify");
@@ -139,7 +139,7 @@ fn a_good_session_passes_every_probe_with_evidence() {
         "{evidence}"
     );
 
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
     // The session is untouched.
     assert_eq!(daemon.status().expect("status")["state"], "active");
 
@@ -163,7 +163,7 @@ fn a_dead_gateway_fails_the_allowed_host_while_everything_stays_blocked() {
         })
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
-    lab.reset_leaks().expect("reset the leak meter");
+    lab.reset_all_leaks().expect("reset the leak meter");
 
     lab.kill_gateway().expect("kill wireguard-go");
     let (code, report) = verify_json(&daemon);
@@ -192,5 +192,5 @@ fn a_dead_gateway_fails_the_allowed_host_while_everything_stays_blocked() {
         "{stdout}"
     );
 
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 }
