@@ -108,8 +108,8 @@ fn sock(addr: &str, port: u16) -> SocketAddr {
 
 /// The lab profile with its `[[allow]]` entries replaced by `allow` and,
 /// unless `v6_tunnel`, an IPv4-only tunnel address (like both real-world
-/// templates).
-fn write_profile(lab: &Lab, name: &str, v6_tunnel: bool, allow: &str) {
+/// templates). Returns the text (for [`follow`]).
+fn write_profile(lab: &Lab, name: &str, v6_tunnel: bool, allow: &str) -> String {
     lab.write_profile(name, |t| {
         let start = t.find("[[allow]]").expect("the lab profile has [[allow]]");
         let end = t[start..].find("[options]").map_or(t.len(), |i| start + i);
@@ -127,7 +127,16 @@ fn write_profile(lab: &Lab, name: &str, v6_tunnel: bool, allow: &str) {
         }
         text
     })
-    .expect("write profile");
+    .expect("write profile")
+    .toml
+}
+
+/// Points the inside-tunnel meter at a profile's allowlist (the one in
+/// force) and zeroes both meters.
+fn follow(lab: &Lab, profile: &str) {
+    lab.set_tunnel_allowed_profile(profile)
+        .expect("the inside meter follows the profile");
+    lab.reset_all_leaks().expect("reset the meters");
 }
 
 fn allow(host: &str, tcp: &[u16], udp: &[u16]) -> String {
@@ -139,17 +148,20 @@ fn allow(host: &str, tcp: &[u16], udp: &[u16]) -> String {
     )
 }
 
-/// Runs `edit` (a change of the running profile) and waits until the
-/// daemon says the new allow list is in force (after the new table and the
-/// new names' answers).
-fn reload(daemon: &Daemon, edit: impl FnOnce()) {
+/// Runs `edit` (a change of the running profile, returning its text) and
+/// waits until the daemon says the new allow list is in force (after the
+/// new table and the new names' answers); then the inside meter follows
+/// the new profile (without zeroing: what leaked before still counts).
+fn reload(lab: &Lab, daemon: &Daemon, edit: impl FnOnce() -> String) {
     const IN_FORCE: &str = "the new allow list is in force";
     let before = daemon.log().matches(IN_FORCE).count();
-    edit();
+    let profile = edit();
     wait_until(Duration::from_secs(15), "the reload in force", || {
         daemon.log().matches(IN_FORCE).count() > before
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    lab.set_tunnel_allowed_profile(&profile)
+        .expect("the inside meter follows the profile");
 }
 
 /// Echo services on UDP `ports` in namespace `ns` (labhost serve).
@@ -200,12 +212,12 @@ fn ifindex(lab: &Lab, ns: Ns, ifname: &str) -> u32 {
 #[test]
 fn dhcp_ports_reach_only_on_link_servers() {
     let lab = lab();
-    write_profile(&lab, "lab", false, &allow(addr::HOST_V4, &[443], &[10000]));
+    let profile = write_profile(&lab, "lab", false, &allow(addr::HOST_V4, &[443], &[10000]));
     let _far = udp_echo(&lab, Ns::Host, &[67, 547]);
     let _near = udp_echo(&lab, Ns::Router, &[67, 547]);
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset");
+    follow(&lab, &profile);
 
     let v4 = client_udp(&lab, false, 68);
     let far_v4 = udp_exchange(&v4, sock(addr::OTHER_V4, 67), "dhcp4");
@@ -219,7 +231,7 @@ fn dhcp_ports_reach_only_on_link_servers() {
         far_v6.is_err(),
         "UDP 546->547 reached an internet host beside an IPv4-only tunnel: {far_v6:?}"
     );
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
 
     // A unicast renewal to the on-link server, v4 and v6 (link-local).
     assert_eq!(
@@ -246,10 +258,11 @@ fn dhcp_ports_reach_only_on_link_servers() {
 #[test]
 fn a_flow_does_not_outlive_the_session_that_admitted_it() {
     let lab = lab();
-    write_profile(&lab, "a", true, &allow(addr::HOST_V4, &[], &[10000]));
-    write_profile(&lab, "b", true, &allow(addr::OTHER_V4, &[443], &[]));
+    let a = write_profile(&lab, "a", true, &allow(addr::HOST_V4, &[], &[10000]));
+    let b = write_profile(&lab, "b", true, &allow(addr::OTHER_V4, &[443], &[]));
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "a"]).expect("start a");
+    follow(&lab, &a);
     let flow = client_udp(&lab, false, 0);
     let host = sock(addr::HOST_V4, 10000);
     assert_eq!(
@@ -258,6 +271,7 @@ fn a_flow_does_not_outlive_the_session_that_admitted_it() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop a");
     daemon.ctl_ok(&["start", "b"]).expect("start b");
+    follow(&lab, &b);
     let under_b = udp_exchange(&flow, host, "under-b");
     assert!(
         under_b.is_err(),
@@ -267,6 +281,7 @@ fn a_flow_does_not_outlive_the_session_that_admitted_it() {
         lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443),
         Ok(format!("peer={}", addr::GATEWAY_V4))
     );
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop b");
 }
 
@@ -280,9 +295,10 @@ fn a_reload_that_narrows_cuts_established_flows() {
         allow(addr::HOST_V4, &[9000], &[10000]),
         allow(addr::OTHER_V4, &[9000], &[10000])
     );
-    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[9000], &[10000]));
+    let first = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[9000], &[10000]));
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &first);
     let mut tcp = client_tcp(&lab, sock(addr::HOST_V4, 9000)).expect("connect to the echo");
     assert_eq!(tcp_greeting(&mut tcp), format!("peer={}", addr::GATEWAY_V4));
     let udp = client_udp(&lab, false, 0);
@@ -292,7 +308,7 @@ fn a_reload_that_narrows_cuts_established_flows() {
     assert!(other.is_err(), "other.test before it was allowed: {other:?}");
 
     // Widening: nothing is cut.
-    reload(&daemon, || write_profile(&lab, "lab", true, &both));
+    reload(&lab, &daemon, || write_profile(&lab, "lab", true, &both));
     assert_eq!(tcp_echo(&mut tcp, "wider"), Ok("wider".into()));
     assert!(udp_exchange(&udp, host_udp, "wider").is_ok());
     other = client_tcp(&lab, sock(addr::OTHER_V4, 9000));
@@ -305,30 +321,31 @@ fn a_reload_that_narrows_cuts_established_flows() {
         allow(addr::HOST_V4, &[9000], &[]),
         allow(addr::OTHER_V4, &[9000], &[10000])
     );
-    reload(&daemon, || write_profile(&lab, "lab", true, &narrower));
+    reload(&lab, &daemon, || write_profile(&lab, "lab", true, &narrower));
     let cut = udp_exchange(&udp, host_udp, "port-removed");
     assert!(cut.is_err(), "a removed port's flow went on: {cut:?}");
     assert_eq!(tcp_echo(&mut tcp, "still"), Ok("still".into()));
 
     // The host goes: its TCP flow is cut, the other host's goes on.
-    reload(&daemon, || {
+    reload(&lab, &daemon, || {
         write_profile(&lab, "lab", true, &allow(addr::OTHER_V4, &[9000], &[10000]))
     });
     let cut = tcp_echo(&mut tcp, "host-removed");
     assert!(cut.is_err(), "a removed host's TCP flow went on: {cut:?}");
     assert_eq!(tcp_echo(&mut other, "kept"), Ok("kept".into()));
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
 // ---------------------------------------------------------------- 13.4
 
 /// The lab profile's names, with ports.
-fn named_profile(lab: &Lab, meet: (&[u16], &[u16]), other: Option<(&[u16], &[u16])>) {
+fn named_profile(lab: &Lab, meet: (&[u16], &[u16]), other: Option<(&[u16], &[u16])>) -> String {
     let mut text = allow(addr::MEET_NAME, meet.0, meet.1);
     if let Some((tcp, udp)) = other {
         text.push_str(&allow(addr::OTHER_NAME, tcp, udp));
     }
-    write_profile(lab, "lab", true, &text);
+    write_profile(lab, "lab", true, &text)
 }
 
 /// Asks the stub (every DNS query is redirected to it) for `name`.
@@ -345,9 +362,10 @@ fn resolve(lab: &Lab, name: &str) -> Vec<String> {
 #[test]
 fn a_reload_closes_removed_names_and_ports_at_once() {
     let lab = lab();
-    named_profile(&lab, (&[443, 9000], &[10000]), Some((&[443], &[])));
+    let first = named_profile(&lab, (&[443, 9000], &[10000]), Some((&[443], &[])));
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &first);
     assert_eq!(resolve(&lab, addr::MEET_NAME), [addr::HOST_V4]);
     assert_eq!(resolve(&lab, addr::OTHER_NAME), [addr::OTHER_V4]);
     let tunnel = Ok(format!("peer={}", addr::GATEWAY_V4));
@@ -377,7 +395,7 @@ fn a_reload_closes_removed_names_and_ports_at_once() {
     assert_eq!(tcp_echo(&mut call, "after-ttl"), Ok("after-ttl".into()));
 
     // meet.test loses its UDP port.
-    reload(&daemon, || {
+    reload(&lab, &daemon, || {
         named_profile(&lab, (&[443, 9000], &[]), Some((&[443], &[])))
     });
     let removed = lab.probe_udp(Ns::Client, addr::HOST_V4, 10000);
@@ -385,13 +403,14 @@ fn a_reload_closes_removed_names_and_ports_at_once() {
     assert_eq!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 443), tunnel);
 
     // meet.test goes.
-    reload(&daemon, || {
+    reload(&lab, &daemon, || {
         write_profile(&lab, "lab", true, &allow(addr::OTHER_NAME, &[443], &[]))
     });
     let removed = lab.probe_tcp(Ns::Client, addr::HOST_V4, 443);
     assert!(removed.is_err(), "a removed host still answers: {removed:?}");
     assert!(tcp_echo(&mut call, "removed").is_err());
     assert_eq!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443), tunnel);
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -420,10 +439,11 @@ fn serve(lab: &Lab, ns: Ns, args: &[&str]) -> LabChild {
 #[test]
 fn another_tables_dnat_or_remark_does_not_slip_past_the_kill_switch() {
     let lab = lab();
-    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
     let _router = serve(&lab, Ns::Router, &["--tcp", "8443"]);
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
     let foreign = format!(
         "table ip lkforeign {{
             chain nat_out {{
@@ -445,7 +465,7 @@ fn another_tables_dnat_or_remark_does_not_slip_past_the_kill_switch() {
     );
     lab.exec_stdin(Ns::Client, &["nft", "-f", "-"], foreign.as_bytes())
         .expect("add the foreign table");
-    lab.reset_leaks().expect("reset");
+    lab.reset_all_leaks().expect("reset");
 
     let short = Duration::from_millis(800);
     let in_clear = lab.probe_tcp_timeout(Ns::Client, addr::CLIENT_V4, 8443, short);
@@ -463,7 +483,7 @@ fn another_tables_dnat_or_remark_does_not_slip_past_the_kill_switch() {
         remarked != Ok(format!("peer={}", addr::CLIENT_V4)),
         "a foreign re-mark sent the allowed host's traffic beside the tunnel: {remarked:?}"
     );
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -475,7 +495,7 @@ fn another_tables_dnat_or_remark_does_not_slip_past_the_kill_switch() {
 #[test]
 fn a_bulk_transfer_crosses_a_1280_byte_link() {
     let lab = lab();
-    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443, 9000], &[]));
+    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443, 9000], &[]));
     // Both ends of the router-gateway link (a veth drops what is larger
     // than its own MTU on receipt, a real link would not be asymmetric).
     for (ns, ifname) in [
@@ -487,6 +507,7 @@ fn a_bulk_transfer_crosses_a_1280_byte_link() {
     }
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
     assert_eq!(
         lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
         Ok(format!("peer={}", addr::GATEWAY_V4))
@@ -517,6 +538,7 @@ fn a_bulk_transfer_crosses_a_1280_byte_link() {
         "the bulk transfer through the tunnel did not complete over a 1280-byte link: {}",
         report.trim()
     );
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -528,7 +550,7 @@ fn a_bulk_transfer_crosses_a_1280_byte_link() {
 fn a_profile_that_others_can_write_is_refused_at_start_and_at_reload() {
     use std::os::unix::fs::PermissionsExt;
     let lab = lab();
-    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
     let path = lab.profiles_dir().expect("profiles dir").join("lab.toml");
     let daemon = lab.start_sessiond().expect("start sessiond");
     let chmod =
@@ -548,6 +570,7 @@ fn a_profile_that_others_can_write_is_refused_at_start_and_at_reload() {
 
     chmod(0o600);
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
     chmod(0o666);
     let widened = lab
         .default_profile_toml()
@@ -575,6 +598,7 @@ fn a_profile_that_others_can_write_is_refused_at_start_and_at_reload() {
         lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
         Ok(format!("peer={}", addr::GATEWAY_V4))
     );
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -585,9 +609,10 @@ fn a_profile_that_others_can_write_is_refused_at_start_and_at_reload() {
 #[test]
 fn elements_someone_else_adds_to_our_sets_are_taken_out() {
     let lab = lab();
-    write_profile(&lab, "lab", true, &allow(addr::MEET_NAME, &[443], &[]));
+    let profile = write_profile(&lab, "lab", true, &allow(addr::MEET_NAME, &[443], &[]));
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
     assert_eq!(resolve(&lab, addr::MEET_NAME), [addr::HOST_V4]);
     let foreign = [
         ("allow4", format!("{} . tcp . 443 timeout 1h", addr::OTHER_V4)),
@@ -623,6 +648,7 @@ fn elements_someone_else_adds_to_our_sets_are_taken_out() {
         lab.probe_tcp(Ns::Client, addr::HOST_V4, 443) == Ok(format!("peer={}", addr::GATEWAY_V4))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -631,9 +657,10 @@ fn elements_someone_else_adds_to_our_sets_are_taken_out() {
 #[test]
 fn one_local_user_cannot_hold_every_tcp_slot_of_the_dns_stub() {
     let lab = lab();
-    write_profile(&lab, "lab", true, &allow(addr::MEET_NAME, &[443], &[]));
+    let profile = write_profile(&lab, "lab", true, &allow(addr::MEET_NAME, &[443], &[]));
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
     // Every TCP connection to port 53 is redirected to the stub.
     let dns = sock(addr::PUBLIC_DNS_V4, 53);
     let held: Vec<TcpStream> = in_namespace(&lab, Ns::Client, move || {
@@ -669,6 +696,7 @@ fn one_local_user_cannot_hold_every_tcp_slot_of_the_dns_stub() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(held);
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
@@ -787,7 +815,7 @@ fn macvlan_child(lab: &Lab, parent: &str, ns: &ExtraNamespace, address: &str, ga
 #[test]
 fn other_namespaces_on_the_link_are_closed_at_the_device() {
     let lab = lab();
-    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
     let side = ExtraNamespace::new(&lab, "m");
     macvlan_child(&lab, addr::CLIENT_IF, &side, "192.0.2.3", addr::ROUTER_CLIENT_V4);
     let before = side.probe_tcp(&lab, addr::OTHER_V4, 443);
@@ -799,7 +827,7 @@ fn other_namespaces_on_the_link_are_closed_at_the_device() {
 
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_leaks().expect("reset");
+    follow(&lab, &profile);
     let during = side.probe_tcp(&lab, addr::OTHER_V4, 443);
     assert!(
         during.is_err(),
@@ -810,7 +838,7 @@ fn other_namespaces_on_the_link_are_closed_at_the_device() {
         allowed_host.is_err(),
         "a macvlan child got out in clear: {allowed_host:?}"
     );
-    assert_eq!(lab.leaks().expect("leaks"), 0, "{}", lab.leak_report());
+    lab.assert_no_leaks();
     // The session itself still works.
     assert_eq!(
         lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
@@ -854,6 +882,7 @@ fn other_namespaces_on_the_link_are_closed_at_the_device() {
         "a macvlan child of a new link got out: {on_new_link:?}"
     );
 
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
     assert_eq!(
         lab.exec_ok(Ns::Client, &["nft", "list", "tables"])
@@ -906,13 +935,15 @@ fn tracked_flows_to(lab: &Lab, dst: &str, dport: Option<u16>) -> Vec<String> {
 #[test]
 fn stop_leaves_no_flow_of_the_session_in_connection_tracking() {
     let lab = lab();
-    write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[10000]));
+    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[10000]));
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
     let flow = client_udp(&lab, false, 0);
     assert!(udp_exchange(&flow, sock(addr::HOST_V4, 10000), "tracked").is_ok());
     assert!(!tracked_flows_to(&lab, addr::HOST_V4, Some(10000)).is_empty());
     assert!(!tracked_flows_to(&lab, addr::GATEWAY_V4, Some(addr::WG_PORT)).is_empty());
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
     let left: Vec<String> = [
         tracked_flows_to(&lab, addr::HOST_V4, Some(10000)),
