@@ -294,7 +294,6 @@ fn profile_edits_are_picked_up_live_and_bad_ones_never_disturb_the_session() {
 /// (a short grace for the firewall write, no more), and what is still
 /// allowed stays open. Both leak meters stay at zero.
 #[test]
-#[ignore = "issue 13 item 4: a hot reload does not close removed hosts and ports (known leak, being fixed)"]
 fn a_narrowing_edit_closes_removed_hosts_and_ports_at_once() {
     let lab = lab();
     let files = lab
