@@ -952,3 +952,102 @@ fn stop_leaves_no_flow_of_the_session_in_connection_tracking() {
     .concat();
     assert_eq!(left, Vec::<String>::new(), "flows of the session outlive it");
 }
+
+/// The MAC address of `ifname` in `ns`.
+fn mac_of(lab: &Lab, ns: Ns, ifname: &str) -> [u8; 6] {
+    let text = lab
+        .exec_ok(ns, &["cat", &format!("/sys/class/net/{ifname}/address")])
+        .expect("read the MAC address");
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
+/// One IPv4/UDP datagram from the client's address to `dst`:`dport`,
+/// sent with a packet socket on the client's link (no IP stack, so no
+/// `inet` hook on the way). Returns the bytes sent.
+fn send_with_packet_socket(lab: &Lab, dst: std::net::Ipv4Addr, dport: u16) -> isize {
+    let ifindex = ifindex(lab, Ns::Client, addr::CLIENT_IF);
+    let router_mac = mac_of(lab, Ns::Router, addr::ROUTER_CLIENT_IF);
+    let src: std::net::Ipv4Addr = addr::CLIENT_V4.parse().expect("address");
+    let payload = b"packet socket";
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let mut packet = Vec::with_capacity(total);
+    packet.extend_from_slice(&[0x45, 0]);
+    packet.extend_from_slice(&(total as u16).to_be_bytes());
+    packet.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+    packet.extend_from_slice(&src.octets());
+    packet.extend_from_slice(&dst.octets());
+    let sum = packet
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+    packet.extend_from_slice(&40000u16.to_be_bytes());
+    packet.extend_from_slice(&dport.to_be_bytes());
+    packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    in_namespace(lab, Ns::Client, move || {
+        let ip = (libc::ETH_P_IP as u16).to_be();
+        // SAFETY: plain socket(2); the descriptor is closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(ip)) };
+        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = ip;
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&router_mac);
+        // SAFETY: valid buffer and address, with their lengths.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                std::ptr::from_ref(&to).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: our descriptor, closed once.
+        unsafe { libc::close(fd) };
+        sent
+    })
+}
+
+/// A program with a packet socket (CAP_NET_RAW) skips every `inet` hook;
+/// the link-level table still stops what it sends through the device.
+#[test]
+fn packet_socket_senders_are_closed_at_the_device() {
+    let lab = lab();
+    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let other: std::net::Ipv4Addr = addr::OTHER_V4.parse().expect("address");
+    // The sender works and the meter sees it, before a session.
+    lab.reset_leaks().expect("reset");
+    assert!(send_with_packet_socket(&lab, other, 10000) > 0);
+    wait_until(Duration::from_secs(5), "the meter sees the raw datagram", || {
+        lab.leaks().is_ok_and(|n| n > 0)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", lab.leak_report()));
+
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
+    let sent = send_with_packet_socket(&lab, other, 10000);
+    // Dropped at the device: the send may report it or not.
+    println!("packet socket send during the session returned {sent}");
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4))
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
