@@ -566,7 +566,7 @@ async fn the_guard_puts_back_the_shape_of_the_current_stage() {
     // Our own writes wake the guard too; a table in place is left alone.
     forget(&mut m);
     m.on_firewall_changed().await;
-    assert_eq!(calls(&m), ["firewall exists"]);
+    assert_eq!(calls(&m), ["firewall present"]);
 }
 
 #[tokio::test]
