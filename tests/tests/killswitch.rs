@@ -553,6 +553,12 @@ fn crafted_packets_are_refused_too() {
         "DoT to the pinned resolver: {dot:?}"
     );
     assert_eq!(passed, Vec::<String>::new());
+    // UDP-Lite has ports where UDP has them: to port 53 of the pinned
+    // resolver and of another one (it sends; nothing answers UDP-Lite).
+    for server in [addr::GATEWAY_TUN_V4, addr::PUBLIC_DNS_V4] {
+        let lite = lab.probe_udplite(Ns::Client, server, 53, short);
+        assert!(lite.is_err(), "UDP-Lite to {server}:53 answered: {lite:?}");
+    }
     // ICMPv6 with hop limit 255 that is not neighbour discovery.
     let ping = lab
         .exec(
