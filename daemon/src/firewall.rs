@@ -1833,16 +1833,24 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
     }
 
     // The pinned resolvers, through the tunnel only, before DNS is refused.
+    // With the stub, only its own (marked) packets: the redirect is NAT,
+    // decided once per conntrack entry, so a local program that binds the
+    // stub's last upstream source port meets the stub's unredirected entry
+    // and would otherwise reach the pinned resolver past the stub.
     if let Some(allow) = allow {
         let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
         for server in servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
-            output.push(vec![
-                eq(meta(MetaKey::Oifname), s(tun)),
+            let mut rule = vec![eq(meta(MetaKey::Oifname), s(tun))];
+            if let Some(redirect) = &allow.dns_redirect {
+                rule.push(eq(meta(MetaKey::Mark), num(redirect.stub_mark)));
+            }
+            rule.extend([
                 eq(payload(ip(server), "daddr"), s(server.to_string())),
                 tcp_or_udp(),
                 eq(payload("th", "dport"), num(53u32)),
                 accept(),
             ]);
+            output.push(rule);
         }
     }
 
