@@ -1434,6 +1434,14 @@ fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
     })
 }
 
+fn ne(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
 fn is_in(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
     Statement::Match(Match {
         left,
@@ -1951,11 +1959,16 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
             if nets.is_empty() {
                 continue;
             }
+            // Outside the tunnel only: a LAN range with no route in the
+            // main table (link-local, SSDP, or a socket bound to the
+            // tunnel) would otherwise go through the tunnel to the gateway.
             output.push(vec![
+                ne(meta(MetaKey::Oifname), s(tun)),
                 is_in(payload(family, "daddr"), set_of(nets.clone())),
                 accept(),
             ]);
             input.push(vec![
+                ne(meta(MetaKey::Iifname), s(tun)),
                 is_in(payload(family, "saddr"), set_of(nets.clone())),
                 is_in(payload(family, "daddr"), set_of(nets)),
                 accept(),

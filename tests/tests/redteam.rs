@@ -160,3 +160,45 @@ fn a_local_user_cannot_reuse_the_stubs_flow_to_the_pinned_resolver() {
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// With `allow_lan`, the LAN rule admitted its ranges by destination
+/// alone, whatever the output interface. But only the main table's
+/// connected routes keep LAN traffic off the tunnel: link-local
+/// 169.254.0.0/16 and SSDP's 239.255.255.250 (added as whole ranges) have
+/// no route there on most machines, so they took the tunnel's default
+/// route and went *through the tunnel* to the gateway, accepted as "LAN":
+/// any local program could reach the gateway's own link-local neighbours
+/// (a cloud gateway's metadata service at 169.254.169.254) and send
+/// multicast to the gateway. (A program may also bind its socket to the
+/// tunnel interface, unprivileged, to send any LAN address that way.) It
+/// failed like that before the fix (the gateway's tunnel meter counted
+/// 169.254.169.254:80 and 239.255.255.250:1900); the LAN is now the LAN
+/// only outside the tunnel.
+#[test]
+fn allow_lan_does_not_open_lan_ranges_through_the_tunnel() {
+    let lab = lab();
+    lab.write_profile("lan", |t| t.replace("[options]", "[options]\nallow_lan = true"))
+        .expect("profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lan"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+
+    // A local user, no privilege: a TCP connect and an SSDP datagram.
+    let short = Duration::from_millis(500);
+    let metadata = lab.probe_tcp_timeout(Ns::Client, "169.254.169.254", 80, short);
+    let ssdp = lab.probe_udp_timeout(Ns::Client, "239.255.255.250", 1900, short);
+    assert!(metadata.is_err(), "{metadata:?}");
+    assert!(ssdp.is_err(), "{ssdp:?}");
+    lab.assert_no_leaks();
+    // The LAN itself stays open, outside the tunnel: the router's meter on
+    // the client's link sees a connect to the router's address.
+    let _ = lab.probe_tcp_timeout(Ns::Client, addr::ROUTER_CLIENT_V4, 443, short);
+    assert!(lab.leaks().expect("meter") > 0, "the LAN was not reached");
+    assert_eq!(
+        lab.tunnel_leaks().expect("meter"),
+        0,
+        "{}",
+        lab.tunnel_leak_report()
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
