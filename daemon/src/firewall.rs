@@ -1738,16 +1738,24 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
     let mut refuse_chain = ChainSpec::new(REFUSE, None);
 
     // Loopback, by interface and by address (redirected packets keep the
-    // output interface routed before nat).
+    // output interface routed before nat). The address rules stay out of
+    // `postrouting`, where the real device is known: a socket bound to
+    // another interface (SO_BINDTODEVICE, unprivileged) sends a loopback
+    // destination out of that interface, e.g. through the tunnel.
+    let loopback_by_address = [
+        vec![
+            eq(
+                payload("ip", "daddr"),
+                net((Ipv4Addr::new(127, 0, 0, 0).into(), 8)),
+            ),
+            accept(),
+        ],
+        vec![eq(payload("ip6", "daddr"), s("::1")), accept()],
+    ];
     output.push(vec![eq(meta(MetaKey::Oifname), s("lo")), accept()]);
-    output.push(vec![
-        eq(
-            payload("ip", "daddr"),
-            net((Ipv4Addr::new(127, 0, 0, 0).into(), 8)),
-        ),
-        accept(),
-    ]);
-    output.push(vec![eq(payload("ip6", "daddr"), s("::1")), accept()]);
+    for rule in &loopback_by_address {
+        output.push(rule.clone());
+    }
     input.push(vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]);
 
     // The tunnel's own UDP: mark and address and port.
@@ -2009,7 +2017,7 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
         ]))),
     })]);
     for rule in &output.rules {
-        if rule.iter().any(|st| matches!(st, Statement::Counter(_))) {
+        if rule.iter().any(|st| matches!(st, Statement::Counter(_))) || loopback_by_address.contains(rule) {
             continue;
         }
         postrouting.push(
@@ -3022,7 +3030,11 @@ mod tests {
             "{post:#?}"
         );
         let post = &post[1..];
-        assert_eq!(post.len(), out.len() - 1, "{post:#?}");
+        // Neither the counter nor loopback by address (only `oifname lo`).
+        assert_eq!(post.len(), out.len() - 3, "{post:#?}");
+        assert!(post
+            .iter()
+            .all(|r| !r.contains("127.0.0.0") && !r.contains(r#""::1""#)));
         assert!(post
             .iter()
             .all(|r| !r.contains("refuse") && !r.contains(REFUSED_COUNTER)));

@@ -202,3 +202,67 @@ fn allow_lan_does_not_open_lan_ranges_through_the_tunnel() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// A UDP socket bound (SO_BINDTODEVICE, unprivileged since Linux 5.7) to
+/// `device`, or why not.
+fn udp_bound_to(device: &str, v6: bool) -> std::io::Result<UdpSocket> {
+    let sock = if v6 {
+        UdpSocket::bind("[::]:0")?
+    } else {
+        UdpSocket::bind("0.0.0.0:0")?
+    };
+    let name = device.as_bytes();
+    // SAFETY: a valid socket and a buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            libc::socklen_t::try_from(name.len()).expect("short name"),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+/// The output chain accepts loopback by address too (a redirected DNS
+/// packet still names the interface routed before nat), and `postrouting`
+/// repeated that. But a local user may bind a socket to the tunnel
+/// interface: a datagram to 127.0.0.2 then really went out through the
+/// tunnel, with any payload, to the gateway. It failed like that before
+/// the fix (the gateway's tunnel meter counted 127.0.0.2 udp/9999); now
+/// `postrouting`, where the real device is known, accepts loopback by
+/// interface only.
+#[test]
+fn a_loopback_destination_bound_to_the_tunnel_does_not_leave() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+
+    let sent: Vec<String> = as_nobody_in_client(&lab, || {
+        let mut sent = Vec::new();
+        for (to, v6) in [("127.0.0.2:9999", false), ("[::1]:9999", true)] {
+            let result = udp_bound_to(lab::DAEMON_TUN_IF, v6).and_then(|sock| sock.send_to(b"rt", to));
+            sent.push(format!("{to}: {result:?}"));
+        }
+        sent
+    });
+    // DNS, redirected to the stub on loopback, still works.
+    let asked = lab
+        .dns_query(Ns::Client, addr::PUBLIC_DNS_V4, addr::MEET_NAME, "A")
+        .expect("meet.test through the stub");
+    assert_eq!(asked.rcode, "NOERROR");
+    assert_eq!(
+        lab.tunnel_leaks().expect("meter"),
+        0,
+        "sent {sent:?}; {}",
+        lab.tunnel_leak_report()
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
