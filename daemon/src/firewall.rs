@@ -208,6 +208,9 @@ pub const VERIFY_MARK: u32 = 0x5349;
 /// stays.
 pub const SESSION_CT_BIT: u32 = 0x4000_0000;
 
+/// IPv6's fragment header (next header 44).
+const IPV6_FRAGMENT_HEADER: u32 = 44;
+
 /// How long one `nft` run may take before we give up on it.
 const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds of a DNS answer's timeout in the allow sets.
@@ -2134,6 +2137,27 @@ fn add_link_table(batch: &mut Batch<'static>, lockdown: &Lockdown, inputs: &Inpu
         eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
         eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
         eq(payload("udp", "dport"), num(endpoint.port())),
+        accept(),
+    ]);
+    // The rest of a tunnel datagram that this machine fragmented (its own
+    // link is smaller than the tunnel's MTU plus WireGuard's overhead, as
+    // on LTE or DS-Lite): fragments carry the mark but no UDP header, so
+    // the rule above misses them and the call froze on large packets.
+    let later_fragment = if endpoint.is_ipv4() {
+        ne(
+            Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
+                payload("ip", "frag-off"),
+                num(0x1fffu32),
+            ))),
+            num(0u32),
+        )
+    } else {
+        eq(payload("ip6", "nexthdr"), num(IPV6_FRAGMENT_HEADER))
+    };
+    rules.push(vec![
+        eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
+        eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
+        later_fragment,
         accept(),
     ]);
     // DHCP: the same rules as the inet table's, without the tunnel test

@@ -266,3 +266,70 @@ fn a_loopback_destination_bound_to_the_tunnel_does_not_leave() {
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// Not a leak but the kill switch failing a call: when the machine's own
+/// link is smaller than the tunnel's datagrams (LTE, DS-Lite: the tunnel's
+/// MTU is 1420, its IPv4 datagrams 1480 bytes), the kernel fragments them
+/// after the `inet` hooks, and the link-level table dropped every fragment
+/// but the first (no UDP header to match): a bulk transfer froze. It
+/// failed like that before the fix (the echo timed out after 0 bytes;
+/// fragments counted leaving the chain before ours, none arriving at the
+/// router); the later fragments of the tunnel's marked datagrams to the
+/// endpoint now pass too.
+#[test]
+fn a_bulk_transfer_crosses_a_small_link_of_the_machine_itself() {
+    let lab = lab();
+    let files = lab
+        .write_profile("lab", |t| t.replace("tcp = [443]", "tcp = [443, 9000]"))
+        .expect("profile");
+    for (ns, ifname) in [
+        (Ns::Client, addr::CLIENT_IF),
+        (Ns::Router, addr::ROUTER_CLIENT_IF),
+    ] {
+        lab.exec_ok(ns, &["ip", "link", "set", ifname, "mtu", "1280"])
+            .expect("a small MTU on the client's link");
+    }
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.set_tunnel_allowed_profile(&files.toml).expect("meter");
+    lab.reset_all_leaks().expect("reset");
+    let bin = lab.labhost_path().to_string_lossy().into_owned();
+    let out = lab
+        .exec(
+            Ns::Client,
+            &[
+                &bin,
+                "bulk",
+                addr::HOST_V4,
+                "9000",
+                "100000",
+                "--timeout-ms",
+                "40000",
+            ],
+        )
+        .expect("run labhost bulk");
+    assert!(
+        out.status.success(),
+        "the bulk transfer through the tunnel did not complete over the machine's 1280-byte link: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The router's meter cannot tell a later fragment (no UDP header; it
+    // reads payload bytes as ports) from other UDP: it must see nothing
+    // but datagrams to the endpoint's address.
+    let outside = lab.leak_destinations().expect("meter");
+    assert!(
+        outside
+            .iter()
+            .all(|d| d.starts_with(&format!("{} udp/", addr::GATEWAY_V4))),
+        "{}",
+        lab.leak_report()
+    );
+    assert_eq!(
+        lab.tunnel_leaks().expect("meter"),
+        0,
+        "{}",
+        lab.tunnel_leak_report()
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
