@@ -208,6 +208,9 @@ pub const VERIFY_MARK: u32 = 0x5349;
 /// stays.
 pub const SESSION_CT_BIT: u32 = 0x4000_0000;
 
+/// IPv6's fragment header (next header 44).
+const IPV6_FRAGMENT_HEADER: u32 = 44;
+
 /// How long one `nft` run may take before we give up on it.
 const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds of a DNS answer's timeout in the allow sets.
@@ -1434,6 +1437,14 @@ fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
     })
 }
 
+fn ne(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
 fn is_in(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
     Statement::Match(Match {
         left,
@@ -1730,16 +1741,24 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
     let mut refuse_chain = ChainSpec::new(REFUSE, None);
 
     // Loopback, by interface and by address (redirected packets keep the
-    // output interface routed before nat).
+    // output interface routed before nat). The address rules stay out of
+    // `postrouting`, where the real device is known: a socket bound to
+    // another interface (SO_BINDTODEVICE, unprivileged) sends a loopback
+    // destination out of that interface, e.g. through the tunnel.
+    let loopback_by_address = [
+        vec![
+            eq(
+                payload("ip", "daddr"),
+                net((Ipv4Addr::new(127, 0, 0, 0).into(), 8)),
+            ),
+            accept(),
+        ],
+        vec![eq(payload("ip6", "daddr"), s("::1")), accept()],
+    ];
     output.push(vec![eq(meta(MetaKey::Oifname), s("lo")), accept()]);
-    output.push(vec![
-        eq(
-            payload("ip", "daddr"),
-            net((Ipv4Addr::new(127, 0, 0, 0).into(), 8)),
-        ),
-        accept(),
-    ]);
-    output.push(vec![eq(payload("ip6", "daddr"), s("::1")), accept()]);
+    for rule in &loopback_by_address {
+        output.push(rule.clone());
+    }
     input.push(vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]);
 
     // The tunnel's own UDP: mark and address and port.
@@ -1833,16 +1852,24 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
     }
 
     // The pinned resolvers, through the tunnel only, before DNS is refused.
+    // With the stub, only its own (marked) packets: the redirect is NAT,
+    // decided once per conntrack entry, so a local program that binds the
+    // stub's last upstream source port meets the stub's unredirected entry
+    // and would otherwise reach the pinned resolver past the stub.
     if let Some(allow) = allow {
         let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
         for server in servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
-            output.push(vec![
-                eq(meta(MetaKey::Oifname), s(tun)),
+            let mut rule = vec![eq(meta(MetaKey::Oifname), s(tun))];
+            if let Some(redirect) = &allow.dns_redirect {
+                rule.push(eq(meta(MetaKey::Mark), num(redirect.stub_mark)));
+            }
+            rule.extend([
                 eq(payload(ip(server), "daddr"), s(server.to_string())),
                 tcp_or_udp(),
                 eq(payload("th", "dport"), num(53u32)),
                 accept(),
             ]);
+            output.push(rule);
         }
     }
 
@@ -1943,11 +1970,16 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
             if nets.is_empty() {
                 continue;
             }
+            // Outside the tunnel only: a LAN range with no route in the
+            // main table (link-local, SSDP, or a socket bound to the
+            // tunnel) would otherwise go through the tunnel to the gateway.
             output.push(vec![
+                ne(meta(MetaKey::Oifname), s(tun)),
                 is_in(payload(family, "daddr"), set_of(nets.clone())),
                 accept(),
             ]);
             input.push(vec![
+                ne(meta(MetaKey::Iifname), s(tun)),
                 is_in(payload(family, "saddr"), set_of(nets.clone())),
                 is_in(payload(family, "daddr"), set_of(nets)),
                 accept(),
@@ -1988,7 +2020,7 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
         ]))),
     })]);
     for rule in &output.rules {
-        if rule.iter().any(|st| matches!(st, Statement::Counter(_))) {
+        if rule.iter().any(|st| matches!(st, Statement::Counter(_))) || loopback_by_address.contains(rule) {
             continue;
         }
         postrouting.push(
@@ -2105,6 +2137,27 @@ fn add_link_table(batch: &mut Batch<'static>, lockdown: &Lockdown, inputs: &Inpu
         eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
         eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
         eq(payload("udp", "dport"), num(endpoint.port())),
+        accept(),
+    ]);
+    // The rest of a tunnel datagram that this machine fragmented (its own
+    // link is smaller than the tunnel's MTU plus WireGuard's overhead, as
+    // on LTE or DS-Lite): fragments carry the mark but no UDP header, so
+    // the rule above misses them and the call froze on large packets.
+    let later_fragment = if endpoint.is_ipv4() {
+        ne(
+            Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
+                payload("ip", "frag-off"),
+                num(0x1fffu32),
+            ))),
+            num(0u32),
+        )
+    } else {
+        eq(payload("ip6", "nexthdr"), num(IPV6_FRAGMENT_HEADER))
+    };
+    rules.push(vec![
+        eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
+        eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
+        later_fragment,
         accept(),
     ]);
     // DHCP: the same rules as the inet table's, without the tunnel test
@@ -3001,7 +3054,11 @@ mod tests {
             "{post:#?}"
         );
         let post = &post[1..];
-        assert_eq!(post.len(), out.len() - 1, "{post:#?}");
+        // Neither the counter nor loopback by address (only `oifname lo`).
+        assert_eq!(post.len(), out.len() - 3, "{post:#?}");
+        assert!(post
+            .iter()
+            .all(|r| !r.contains("127.0.0.0") && !r.contains(r#""::1""#)));
         assert!(post
             .iter()
             .all(|r| !r.contains("refuse") && !r.contains(REFUSED_COUNTER)));
