@@ -8,24 +8,16 @@
 //! `net.ipv4.conf.all.src_valid_mark` of the current network namespace.
 //!
 //! ```text
-//! 5190: from all lookup main suppress_prefixlength 0 proto 83   (allow_lan)
-//! 5190: from all ipproto udp sport 68 dport 67 lookup main suppress_prefixlength 0 proto 83
-//!       (IPv6: sport 546 dport 547; without allow_lan)
+//! 5190: from all lookup main suppress_prefixlength 0 proto 83
 //! 5191: not from all fwmark M lookup T proto 83
 //! table T: default dev IF proto 83 scope link    (and ::/0 dev IF proto 83 metric 1024)
 //! ```
 //!
 //! Unmarked traffic takes the tunnel; the tunnel's own UDP socket carries the
-//! fwmark `M` and so skips table `T` and uses the main table. With
-//! `allow_lan` the suppress rule keeps the main table's more specific routes
-//! (the LAN) ahead of `T`, as wg-quick does. Without it the LAN is routed
-//! into the tunnel too, like everything else, so that while the firewall's
-//! table is missing (flushed, until the tamper guard puts it back) nothing
-//! reaches the LAN in clear: the tunnel's own filter refuses it there. Only
-//! DHCP client-to-server packets (unicast renewals from a socket that is not
-//! bound to the interface) keep the LAN's connected routes: the firewall
-//! admits those on the link and never through the tunnel. The firewall, not
-//! this module, decides what may actually leave.
+//! fwmark `M` and so skips table `T` and uses the main table; the suppress rule
+//! keeps the main table's more specific routes (the LAN, the endpoint's own
+//! subnet) ahead of `T`, as wg-quick does. The firewall, not this module,
+//! decides what may actually leave.
 //!
 //! What it must never do: touch any rule, route, address or link setting that
 //! it did not add or change itself. [`apply`] records each change as it makes
@@ -51,8 +43,8 @@ use rtnetlink::packet_core::{
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
-use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange};
-use rtnetlink::packet_route::{AddressFamily, IpProtocol, RouteNetlinkMessage};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{AddressMessageBuilder, Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 
 /// Priority of the `lookup main suppress_prefixlength 0` rule. It must come
@@ -96,9 +88,6 @@ pub struct RouteConfig {
     pub fwmark: u32,
     /// Our routing table; not one of the kernel's (0, 252–255).
     pub table: u32,
-    /// Keep the LAN's connected routes out of the tunnel (the profile's
-    /// `allow_lan`); otherwise only DHCP keeps them.
-    pub allow_lan: bool,
 }
 
 /// A routing step that failed. Displays as one sentence, for example
@@ -423,7 +412,7 @@ async fn apply_steps(
         });
 
         for message in [
-            suppress_rule_message(family, cfg.allow_lan),
+            suppress_rule_message(family),
             mark_rule_message(family, cfg.fwmark, cfg.table),
         ] {
             let what = describe_rule_message(&message);
@@ -556,33 +545,11 @@ fn rule_base(family: Family, priority: u32, table: u32) -> RuleMessage {
     m
 }
 
-/// `SUPPRESS_RULE_PRIORITY: from all lookup main suppress_prefixlength 0`,
-/// for DHCP's client-to-server UDP only unless the LAN is allowed.
-fn suppress_rule_message(family: Family, allow_lan: bool) -> RuleMessage {
+/// `SUPPRESS_RULE_PRIORITY: from all lookup main suppress_prefixlength 0`
+fn suppress_rule_message(family: Family) -> RuleMessage {
     let mut m = rule_base(family, SUPPRESS_RULE_PRIORITY, RT_TABLE_MAIN);
     m.attributes.push(RuleAttribute::SuppressPrefixLen(0));
-    if !allow_lan {
-        let (client, server) = dhcp_ports(family);
-        m.attributes.push(RuleAttribute::IpProtocol(IpProtocol::Udp));
-        m.attributes.push(RuleAttribute::SourcePortRange(RulePortRange {
-            start: client,
-            end: client,
-        }));
-        m.attributes
-            .push(RuleAttribute::DestinationPortRange(RulePortRange {
-                start: server,
-                end: server,
-            }));
-    }
     m
-}
-
-/// DHCP's UDP client and server ports (DHCPv6 for IPv6).
-fn dhcp_ports(family: Family) -> (u16, u16) {
-    match family {
-        Family::V4 => (68, 67),
-        Family::V6 => (546, 547),
-    }
 }
 
 /// `MARK_RULE_PRIORITY: not from all fwmark M lookup T`
@@ -603,10 +570,6 @@ struct RuleShape {
     fwmask: Option<u32>,
     suppress_prefixlen: Option<u32>,
     protocol: Option<u8>,
-    /// `ipproto`, `sport` and `dport` selectors.
-    ip_protocol: Option<u8>,
-    sport: Option<(u16, u16)>,
-    dport: Option<(u16, u16)>,
     /// Any selector or option other than the ones above.
     other: bool,
 }
@@ -626,13 +589,6 @@ fn rule_shape(rule: &RuleMessage) -> RuleShape {
             RuleAttribute::FwMask(m) => shape.fwmask = Some(*m),
             RuleAttribute::SuppressPrefixLen(n) => shape.suppress_prefixlen = Some(*n),
             RuleAttribute::Protocol(p) => shape.protocol = Some(u8::from(*p)),
-            RuleAttribute::IpProtocol(p) => shape.ip_protocol = Some(u8::from(*p)),
-            RuleAttribute::SourcePortRange(r) => shape.sport = Some((r.start, r.end)),
-            RuleAttribute::DestinationPortRange(r) => shape.dport = Some((r.start, r.end)),
-            // Kernels since 6.15 report the port masks (FRA_SPORT_MASK,
-            // FRA_DPORT_MASK) of a port range too; all ones is an exact
-            // match, which is what a range without a mask means.
-            RuleAttribute::Other(nla) if is_full_port_mask(nla) => {}
             // The kernel reports "no suppression" as u32::MAX (-1) on some
             // versions; only a real value makes a rule different.
             RuleAttribute::SuppressIfGroup(g) if *g == u32::MAX => {}
@@ -640,18 +596,6 @@ fn rule_shape(rule: &RuleMessage) -> RuleShape {
         }
     }
     shape
-}
-
-fn is_full_port_mask(nla: &rtnetlink::packet_core::DefaultNla) -> bool {
-    use rtnetlink::packet_core::Nla;
-    const FRA_SPORT_MASK: u16 = 28;
-    const FRA_DPORT_MASK: u16 = 29;
-    if !matches!(nla.kind(), FRA_SPORT_MASK | FRA_DPORT_MASK) || nla.value_len() != 2 {
-        return false;
-    }
-    let mut value = [0u8; 2];
-    nla.emit_value(&mut value);
-    value == [0xff, 0xff]
 }
 
 /// Whether a dumped rule is exactly one that [`apply`] adds for this
@@ -665,16 +609,6 @@ fn is_our_rule(rule: &RuleMessage, fwmark: u32, table: u32) -> bool {
     if s.other || s.protocol != Some(ROUTE_PROTOCOL) {
         return false;
     }
-    let family = if rule.header.family == AddressFamily::Inet6 {
-        Family::V6
-    } else {
-        Family::V4
-    };
-    let (client, server) = dhcp_ports(family);
-    let everything = s.ip_protocol.is_none() && s.sport.is_none() && s.dport.is_none();
-    let dhcp_only = s.ip_protocol == Some(u8::from(IpProtocol::Udp))
-        && s.sport == Some((client, client))
-        && s.dport == Some((server, server));
     match s.priority {
         Some(SUPPRESS_RULE_PRIORITY) => {
             !inverted
@@ -682,11 +616,9 @@ fn is_our_rule(rule: &RuleMessage, fwmark: u32, table: u32) -> bool {
                 && s.suppress_prefixlen == Some(0)
                 && s.fwmark.unwrap_or(0) == 0
                 && s.fwmask.unwrap_or(0) == 0
-                && (everything || dhcp_only)
         }
         Some(MARK_RULE_PRIORITY) => {
             inverted
-                && everything
                 && s.table == table
                 && s.fwmark == Some(fwmark)
                 && s.fwmask.unwrap_or(u32::MAX) == u32::MAX
@@ -719,20 +651,6 @@ fn describe_rule_message(rule: &RuleMessage) -> String {
     }
     if s.fwmark.is_none() && !rule.header.flags.contains(RuleFlags::Invert) {
         text.push_str(" from all");
-    }
-    if let Some(p) = s.ip_protocol {
-        if p == u8::from(IpProtocol::Udp) {
-            text.push_str(" ipproto udp");
-        } else {
-            text.push_str(&format!(" ipproto {p}"));
-        }
-    }
-    for (word, range) in [("sport", s.sport), ("dport", s.dport)] {
-        match range {
-            Some((a, b)) if a == b => text.push_str(&format!(" {word} {a}")),
-            Some((a, b)) => text.push_str(&format!(" {word} {a}-{b}")),
-            None => {}
-        }
     }
     if s.table == RT_TABLE_MAIN {
         text.push_str(" lookup main");
@@ -938,7 +856,6 @@ mod tests {
             mtu: 1420,
             fwmark: 0x5347,
             table: 0x5347,
-            allow_lan: false,
         }
     }
 
@@ -993,9 +910,7 @@ mod tests {
     #[test]
     fn rules_carry_an_action_and_our_shape() {
         for family in [Family::V4, Family::V6] {
-            let s = suppress_rule_message(family, true);
-            let dhcp = suppress_rule_message(family, false);
-            assert!(is_our_rule(&dhcp, 0x5347, 0x5347));
+            let s = suppress_rule_message(family);
             let m = mark_rule_message(family, 0x5347, 0x5347);
             assert_eq!(s.header.action, RuleAction::ToTable);
             assert_eq!(m.header.action, RuleAction::ToTable);
@@ -1013,16 +928,8 @@ mod tests {
             "IPv4 rule pref 5191 not fwmark 0x5347 lookup 21319"
         );
         assert_eq!(
-            describe_rule_message(&suppress_rule_message(Family::V6, true)),
+            describe_rule_message(&suppress_rule_message(Family::V6)),
             "IPv6 rule pref 5190 from all lookup main suppress_prefixlength 0"
-        );
-        assert_eq!(
-            describe_rule_message(&suppress_rule_message(Family::V4, false)),
-            "IPv4 rule pref 5190 from all ipproto udp sport 68 dport 67 lookup main suppress_prefixlength 0"
-        );
-        assert_eq!(
-            describe_rule_message(&suppress_rule_message(Family::V6, false)),
-            "IPv6 rule pref 5190 from all ipproto udp sport 546 dport 547 lookup main suppress_prefixlength 0"
         );
         // Small tables go in the header too, large ones only in the attribute.
         assert_eq!(mark_rule_message(Family::V4, 1, 100).header.table, 100);
@@ -1037,34 +944,9 @@ mod tests {
         wg.attributes.push(RuleAttribute::Priority(32765));
         assert!(!is_our_rule(&wg, 51820, 51820));
         // Same priority, different shape.
-        let mut other = suppress_rule_message(Family::V4, true);
+        let mut other = suppress_rule_message(Family::V4);
         other.attributes.push(RuleAttribute::Iifname("eth0".into()));
         assert!(!is_our_rule(&other, 0x5347, 0x5347));
-        // A suppress rule for other ports, or DHCPv6's ports on IPv4.
-        let mut ports = suppress_rule_message(Family::V4, true);
-        ports.attributes.push(RuleAttribute::IpProtocol(IpProtocol::Udp));
-        ports
-            .attributes
-            .push(RuleAttribute::DestinationPortRange(RulePortRange {
-                start: 53,
-                end: 53,
-            }));
-        assert!(!is_our_rule(&ports, 0x5347, 0x5347));
-        let mut swapped = suppress_rule_message(Family::V6, false);
-        swapped.header.family = AddressFamily::Inet;
-        assert!(!is_our_rule(&swapped, 0x5347, 0x5347));
-        // As a 6.18 kernel dumps our DHCP rule: with full port masks (ours),
-        // and with a partial one (not ours).
-        let mask = |kind: u16, value: [u8; 2]| {
-            RuleAttribute::Other(rtnetlink::packet_core::DefaultNla::new(kind, value.to_vec()))
-        };
-        let mut dumped = suppress_rule_message(Family::V4, false);
-        dumped.attributes.push(mask(28, [0xff, 0xff]));
-        dumped.attributes.push(mask(29, [0xff, 0xff]));
-        assert!(is_our_rule(&dumped, 0x5347, 0x5347));
-        let mut partial = suppress_rule_message(Family::V4, false);
-        partial.attributes.push(mask(29, [0x00, 0xff]));
-        assert!(!is_our_rule(&partial, 0x5347, 0x5347));
         let mut from = mark_rule_message(Family::V4, 0x5347, 0x5347);
         from.header.src_len = 24;
         assert!(!is_our_rule(&from, 0x5347, 0x5347));

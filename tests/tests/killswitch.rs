@@ -320,10 +320,6 @@ fn tamper_and_stop(sessiond_args: &[&str], nft: Nft, window: Window) {
         format!("{}:8443", addr::HOST_V4),
         format!("{}:53", addr::PUBLIC_DNS_V4),
         format!("[{}]:10000", addr::HOST_V6),
-        // The LAN (the router's own addresses), which the main table's
-        // connected routes would reach in clear while the table is gone.
-        format!("{}:10000", addr::ROUTER_CLIENT_V4),
-        format!("[{}]:10000", addr::ROUTER_CLIENT_V6),
     ];
     let mut spray_args = vec![labhost.as_str(), "spray"];
     spray_args.extend(forbidden.iter().map(String::as_str));

@@ -258,7 +258,6 @@ impl Effects for SystemEffects {
             mtu: u32::from(t.mtu),
             fwmark: TUNNEL_FWMARK,
             table: ROUTE_TABLE,
-            allow_lan: profile.allow_lan,
         })
         .await
         .map_err(|e| e.to_string())
