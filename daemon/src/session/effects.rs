@@ -1,6 +1,7 @@
 //! The seam between the session machine and the machine it changes: every
-//! side effect (persisted session, firewall and its tamper guard, tunnel,
-//! routes, DNS stub, resolver file, verify's probes) is one call of
+//! side effect (persisted session, firewall and its tamper guard, tunnel
+//! and its allow filter, routes, DNS stub, resolver file, verify's probes)
+//! is one call of
 //! [`Effects`]. [`SystemEffects`] does them by delegating to the modules
 //! that own each; the unit tests use a recorder instead, so the order of
 //! every transition is tested without root.

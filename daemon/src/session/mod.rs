@@ -14,6 +14,10 @@
 //! - `stop.rs` — from any stage: resolver file → stub → tunnel → routes →
 //!   firewall removed → persisted session cleared → idle.
 //!
+//! The tunnel's own allow filter (what it may encrypt, independent of
+//! nftables) follows the firewall: every change of the session's shape goes
+//! through `Ctx::apply_shape`, which sets the tunnel's first.
+//!
 //! A failure after the lockdown went up leaves it up (blocked, with a
 //! [`Cause`]); only `stop` takes it down. Nothing waits inside the loop: the
 //! handshake, its timeout, name resolution and verify's probes run beside
