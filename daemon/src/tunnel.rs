@@ -14,6 +14,11 @@
 //! The WireGuard implementation stays behind [`Tunnel`]: start, wait for a
 //! handshake, read stats, stop. Swapping boringtun for something else changes
 //! this file only.
+//!
+//! Every packet from the TUN device meets the tunnel's own allow filter
+//! ([`filter`]) before it is encrypted: what the session machine last said
+//! is allowed, independent of nftables, so a flushed firewall table does not
+//! let forbidden traffic reach the gateway while it is being put back.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +34,11 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::keys::Key;
+
+pub mod filter;
+
+pub use filter::AllowFilter;
+use filter::Verdict;
 
 /// How often boringtun's timers run (it asks for about every 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -88,6 +98,11 @@ pub struct TunnelStats {
     /// Whether the peer answered recently enough and the session keys are
     /// still valid.
     pub peer_reachable: bool,
+    /// Packets from applications the tunnel refused to encrypt because the
+    /// allowlist in force does not admit them (normally the firewall
+    /// refuses them first, so this stays 0 unless the table was tampered
+    /// with).
+    pub refused_packets: u64,
 }
 
 /// Counters the packet task updates and `status` reads, without a lock.
@@ -123,6 +138,7 @@ pub struct TunnelMonitor {
     endpoint: SocketAddr,
     shared: Arc<Shared>,
     handshake: watch::Receiver<Option<Instant>>,
+    filter: AllowFilter,
 }
 
 impl Tunnel {
@@ -162,6 +178,8 @@ impl Tunnel {
         });
         let (handshake_tx, handshake_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = oneshot::channel();
+        // Lockdown until the session machine says otherwise.
+        let filter = AllowFilter::new();
         let driver = Driver {
             tunn,
             device,
@@ -173,6 +191,8 @@ impl Tunnel {
             last_rx: Instant::now(),
             last_initiation: None,
             initiation_unsent: false,
+            filter: filter.clone(),
+            refused_logged: 0,
         };
         let task = tokio::spawn(driver.run(stop_rx, config.mtu));
         Ok(Tunnel {
@@ -181,6 +201,7 @@ impl Tunnel {
                 endpoint: config.endpoint,
                 shared,
                 handshake: handshake_rx,
+                filter,
             },
             stop: Some(stop_tx),
             task: Some(task),
@@ -189,6 +210,11 @@ impl Tunnel {
 
     pub fn monitor(&self) -> TunnelMonitor {
         self.monitor.clone()
+    }
+
+    /// What this tunnel may encrypt; the session machine sets it.
+    pub fn allow_filter(&self) -> AllowFilter {
+        self.monitor.filter.clone()
     }
 
     /// Stops the packet task and waits for it, which closes the TUN device
@@ -229,6 +255,7 @@ impl TunnelMonitor {
             rx_bytes,
             tx_bytes,
             peer_reachable: keys_valid && heard_lately,
+            refused_packets: self.filter.refused(),
         }
     }
 
@@ -334,6 +361,10 @@ struct Driver {
     last_initiation: Option<Instant>,
     /// The last initiation never left (no route).
     initiation_unsent: bool,
+    /// What may be encrypted (see [`filter`]).
+    filter: AllowFilter,
+    /// The refused count the debug log last reported.
+    refused_logged: u64,
 }
 
 /// Buffers allocated once per tunnel and reused for every packet. Most of
@@ -498,11 +529,19 @@ impl Driver {
     async fn outbound(&mut self, first: std::io::Result<usize>, buf: &mut Buffers) -> std::io::Result<()> {
         let mut read = first;
         let mut result = Ok(());
+        // One look at the allowlist per turn: a change takes effect from
+        // the next batch on.
+        let admits = self.filter.current();
+        let mut refused = 0;
         for turn in 1..=TUN_READS_PER_TURN {
             match read {
                 Ok(ready) => {
                     for i in 0..ready {
                         let packet = &buf.from_tun[i][..buf.from_tun_sizes[i]];
+                        if filter::decide(packet, admits.as_deref()) == Verdict::Refuse {
+                            refused += 1;
+                            continue;
+                        }
                         self.encrypt(packet, &mut buf.outgoing).await;
                     }
                 }
@@ -524,6 +563,9 @@ impl Driver {
             );
         }
         self.flush(&mut buf.outgoing).await;
+        if refused > 0 {
+            self.filter.count_refused(refused);
+        }
         result
     }
 
@@ -703,6 +745,15 @@ impl Driver {
             self.send_initiation(dst).await;
         }
         self.publish_handshake();
+        // Counts only, never where the packets were going.
+        let refused = self.filter.refused();
+        if refused != self.refused_logged {
+            tracing::debug!(
+                "the tunnel refused {} packet(s) the allowlist does not admit ({refused} this session)",
+                refused - self.refused_logged
+            );
+            self.refused_logged = refused;
+        }
     }
 
     async fn send_initiation(&mut self, dst: &mut [u8]) {

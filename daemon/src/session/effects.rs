@@ -1,6 +1,7 @@
 //! The seam between the session machine and the machine it changes: every
-//! side effect (persisted session, firewall and its tamper guard, tunnel,
-//! routes, DNS stub, resolver file, verify's probes) is one call of
+//! side effect (persisted session, firewall and its tamper guard, tunnel
+//! and its allow filter, routes, DNS stub, resolver file, verify's probes)
+//! is one call of
 //! [`Effects`]. [`SystemEffects`] does them by delegating to the modules
 //! that own each; the unit tests use a recorder instead, so the order of
 //! every transition is tested without root.
@@ -25,7 +26,7 @@ use crate::profile::{Host, Profile};
 use crate::resolvconf::{Pinned, ResolverFile};
 use crate::routing::{self, RouteConfig, Routes};
 use crate::store::{PersistedSession, SessionStore};
-use crate::tunnel::{Tunnel, TunnelConfig, TunnelMonitor, TunnelStats};
+use crate::tunnel::{AllowFilter, Tunnel, TunnelConfig, TunnelMonitor, TunnelStats};
 use crate::verify;
 use crate::{DNS_STUB_MARK, ROUTE_TABLE, TUNNEL_FWMARK};
 
@@ -69,6 +70,13 @@ pub trait Effects {
     async fn start_tunnel(&mut self, profile: &Profile, endpoint: SocketAddr)
         -> Result<Self::Tunnel, String>;
     fn tunnel_view(&self, tunnel: &Self::Tunnel) -> Arc<dyn TunnelView>;
+    /// Tells the tunnel what it may encrypt, whatever the firewall says:
+    /// nothing but its own handshakes and keepalives (`None`, which is
+    /// also where a new tunnel starts) or what `allow` admits.
+    fn set_tunnel_allow(&mut self, tunnel: &Self::Tunnel, allow: Option<&Allowlist>);
+    /// The tunnel's allow filter, for the DNS answer sink to add answered
+    /// addresses to.
+    fn tunnel_filter(&self, tunnel: &Self::Tunnel) -> AllowFilter;
     async fn stop_tunnel(&mut self, tunnel: Self::Tunnel);
     async fn add_routes(&mut self, profile: &Profile) -> Result<Self::Routes, String>;
     async fn remove_routes(&mut self, routes: Self::Routes) -> Result<(), String>;
@@ -229,6 +237,14 @@ impl Effects for SystemEffects {
 
     fn tunnel_view(&self, tunnel: &Tunnel) -> Arc<dyn TunnelView> {
         Arc::new(tunnel.monitor())
+    }
+
+    fn set_tunnel_allow(&mut self, tunnel: &Tunnel, allow: Option<&Allowlist>) {
+        tunnel.allow_filter().set(allow);
+    }
+
+    fn tunnel_filter(&self, tunnel: &Tunnel) -> AllowFilter {
+        tunnel.allow_filter()
     }
 
     async fn stop_tunnel(&mut self, tunnel: Tunnel) {

@@ -14,6 +14,10 @@
 //! - `stop.rs` — from any stage: resolver file → stub → tunnel → routes →
 //!   firewall removed → persisted session cleared → idle.
 //!
+//! The tunnel's own allow filter (what it may encrypt, independent of
+//! nftables) follows the firewall: every change of the session's shape goes
+//! through `Ctx::apply_shape`, which sets the tunnel's first.
+//!
 //! A failure after the lockdown went up leaves it up (blocked, with a
 //! [`Cause`]); only `stop` takes it down. Nothing waits inside the loop: the
 //! handshake, its timeout, name resolution and verify's probes run beside
@@ -46,11 +50,11 @@ pub use cause::{Cause, Step};
 pub use effects::{Effects, SystemEffects, TunnelView};
 pub use status::{AllowedHost, Phase, Snapshot, StatusReport};
 
-use crate::firewall;
+use crate::firewall::{self, Allowlist};
 use crate::profile::Profile;
 use crate::store::SessionStore;
 use crate::verify;
-use stage::{Stage, Task};
+use stage::{Locked, Stage, Task};
 
 /// How often the health check looks at the tunnel.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -191,6 +195,24 @@ impl<E: Effects> Ctx<E> {
 
     pub fn report(&self) -> StatusReport {
         self.snapshot.borrow().report()
+    }
+
+    /// Puts the lockdown (`allow` = None) or the allowlist in force for a
+    /// session: the tunnel's own filter first, then the firewall, so a
+    /// narrowing holds in the tunnel before the table changes. If the
+    /// firewall refuses an allowlist the tunnel goes back to encrypting
+    /// nothing (the callers then lock the firewall down too).
+    pub async fn apply_shape(&mut self, locked: &Locked<E>, allow: Option<&Allowlist>) -> Result<(), String> {
+        if let Some(tunnel) = &locked.tunnel {
+            self.effects.set_tunnel_allow(tunnel, allow);
+        }
+        let applied = self.effects.apply_firewall(&locked.lockdown, allow).await;
+        if applied.is_err() && allow.is_some() {
+            if let Some(tunnel) = &locked.tunnel {
+                self.effects.set_tunnel_allow(tunnel, None);
+            }
+        }
+        applied
     }
 }
 

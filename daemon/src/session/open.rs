@@ -55,7 +55,7 @@ pub(crate) async fn open_allowlist<E: Effects>(
             "internal error: no profile",
         );
     };
-    let stub = match start_stub(ctx, &profile).await {
+    let stub = match start_stub(ctx, &locked, &profile).await {
         Ok(stub) => stub,
         Err(message) => {
             return fail(
@@ -68,11 +68,7 @@ pub(crate) async fn open_allowlist<E: Effects>(
         }
     };
     let allowlist = allowlist_of(&profile, Some(ctx.effects.stub_port(&stub)));
-    if let Err(e) = ctx
-        .effects
-        .apply_firewall(&locked.lockdown, Some(&allowlist))
-        .await
-    {
+    if let Err(e) = ctx.apply_shape(&locked, Some(&allowlist)).await {
         ctx.effects.stop_stub(Arc::new(stub)).await;
         let message = format!("could not open the allowlist: {e}");
         return fail(
@@ -96,8 +92,14 @@ pub(crate) async fn open_allowlist<E: Effects>(
     Stage::Open(open)
 }
 
-async fn start_stub<E: Effects>(ctx: &mut Ctx<E>, profile: &Profile) -> Result<E::Stub, String> {
-    let sink = Arc::new(AllowSink::new(profile, ctx.snapshot.clone()));
+async fn start_stub<E: Effects>(
+    ctx: &mut Ctx<E>,
+    locked: &Locked<E>,
+    profile: &Profile,
+) -> Result<E::Stub, String> {
+    // Answers go to the firewall and to the tunnel's own filter.
+    let tunnel = locked.tunnel.as_ref().map(|t| ctx.effects.tunnel_filter(t));
+    let sink = Arc::new(AllowSink::new(profile, ctx.snapshot.clone(), tunnel));
     ctx.effects
         .start_stub(profile, sink)
         .await
@@ -148,7 +150,7 @@ async fn close<E: Effects>(ctx: &mut Ctx<E>, open: Open<E>) -> Locked<E> {
     if let Some(task) = resolving {
         task.finish().await;
     }
-    if let Err(e) = ctx.effects.apply_firewall(&locked.lockdown, None).await {
+    if let Err(e) = ctx.apply_shape(&locked, None).await {
         tracing::error!("could not close the allowlist again: {e}");
     }
     ctx.effects.stop_stub(stub).await;
@@ -261,23 +263,19 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
             problem,
         })
     };
-    let new_stub = match start_stub(ctx, &updated).await {
+    let new_stub = match start_stub(ctx, &locked, &updated).await {
         Ok(stub) => stub,
         Err(message) => {
-            if let Err(e) = ctx.effects.apply_firewall(&locked.lockdown, None).await {
+            if let Err(e) = ctx.apply_shape(&locked, None).await {
                 tracing::error!("could not close the allowlist again: {e}");
             }
             return failed(locked, opening, message);
         }
     };
     let allowlist = allowlist_of(&updated, Some(ctx.effects.stub_port(&new_stub)));
-    if let Err(e) = ctx
-        .effects
-        .apply_firewall(&locked.lockdown, Some(&allowlist))
-        .await
-    {
+    if let Err(e) = ctx.apply_shape(&locked, Some(&allowlist)).await {
         ctx.effects.stop_stub(Arc::new(new_stub)).await;
-        if let Err(e) = ctx.effects.apply_firewall(&locked.lockdown, None).await {
+        if let Err(e) = ctx.apply_shape(&locked, None).await {
             tracing::error!("could not close the allowlist again: {e}");
         }
         return failed(locked, opening, format!("could not open the allowlist: {e}"));

@@ -17,7 +17,7 @@ use super::effects::TunnelView;
 use crate::dns::{Addresses, AnswerSink};
 use crate::firewall::{self, LearnedAddress};
 use crate::profile::{Host, Profile};
-use crate::tunnel::TunnelStats;
+use crate::tunnel::{AllowFilter, TunnelStats};
 
 /// An answered address stays allowed at least this long, whatever its TTL,
 /// plus a grace period so a connection opened just before expiry works.
@@ -122,10 +122,16 @@ pub(crate) fn allowed_hosts(profile: &Profile) -> Vec<AllowedHost> {
 pub(crate) struct AllowSink {
     ports: HashMap<String, (Vec<u16>, Vec<u16>)>,
     snapshot: Arc<watch::Sender<Snapshot>>,
+    /// The tunnel's own filter, which learns the same answers.
+    tunnel: Option<AllowFilter>,
 }
 
 impl AllowSink {
-    pub(crate) fn new(profile: &Profile, snapshot: Arc<watch::Sender<Snapshot>>) -> AllowSink {
+    pub(crate) fn new(
+        profile: &Profile,
+        snapshot: Arc<watch::Sender<Snapshot>>,
+        tunnel: Option<AllowFilter>,
+    ) -> AllowSink {
         let mut ports: HashMap<String, (Vec<u16>, Vec<u16>)> = HashMap::new();
         for rule in &profile.allow {
             if let Host::Name(name) = &rule.host {
@@ -134,7 +140,11 @@ impl AllowSink {
                 entry.1.extend(&rule.udp);
             }
         }
-        AllowSink { ports, snapshot }
+        AllowSink {
+            ports,
+            snapshot,
+            tunnel,
+        }
     }
 }
 
@@ -159,6 +169,10 @@ impl AnswerSink for AllowSink {
             if let Err(e) = firewall::add_addresses(name, &learned).await {
                 tracing::warn!("could not add answered addresses to the allowlist: {e}");
                 return;
+            }
+            if let Some(tunnel) = &self.tunnel {
+                let keys: Vec<_> = learned.iter().map(|l| (l.addr, l.proto, l.port)).collect();
+                tunnel.learn(name, &keys);
             }
             self.snapshot.send_modify(|s| {
                 for host in s.allowed.iter_mut().filter(|h| h.host == name) {

@@ -149,7 +149,7 @@ async fn failed<E: Effects>(
     message: String,
 ) -> Stage<E> {
     let problem = format!("{message}; the machine stays locked down, try `sessionctl stop` again");
-    if let Err(e) = ctx.effects.apply_firewall(&locked.lockdown, None).await {
+    if let Err(e) = ctx.apply_shape(&locked, None).await {
         tracing::error!("could not put the bare lockdown in place: {e}");
     }
     let stage = Stage::Blocked(Blocked {

@@ -18,7 +18,8 @@ use super::*;
 use crate::dns::AnswerSink;
 use crate::firewall::{Allowlist, Lockdown};
 use crate::store::PersistedSession;
-use crate::tunnel::TunnelStats;
+use crate::tunnel::filter::{decide, Verdict};
+use crate::tunnel::{AllowFilter, TunnelStats};
 
 /// What our table looks like, as far as the recorder knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,7 @@ impl TunnelView for FakeView {
             rx_bytes: 0,
             tx_bytes: 0,
             peer_reachable: self.reachable.load(Ordering::SeqCst),
+            refused_packets: 0,
         }
     }
 
@@ -68,6 +70,11 @@ struct Recorder {
     persisted: Option<PersistedSession>,
     /// Verify's probes never finish unless told.
     verify_done: bool,
+    /// The filter of the tunnel last started (a real one: the tests ask it
+    /// about packets).
+    tunnel: Option<AllowFilter>,
+    /// The DNS answer sink of the stub last started.
+    sink: Option<Arc<dyn AnswerSink>>,
 }
 
 impl Recorder {
@@ -84,6 +91,8 @@ impl Recorder {
             on_disk: Some(profile()),
             persisted: None,
             verify_done: true,
+            tunnel: None,
+            sink: None,
         }
     }
 
@@ -98,7 +107,7 @@ impl Recorder {
 }
 
 impl Effects for Recorder {
-    type Tunnel = ();
+    type Tunnel = AllowFilter;
     type Routes = ();
     type Stub = ();
 
@@ -166,17 +175,38 @@ impl Effects for Recorder {
     async fn firewall_changed(&mut self) {
         std::future::pending().await
     }
-    async fn start_tunnel(&mut self, _profile: &Profile, _endpoint: SocketAddr) -> Result<(), String> {
-        self.call("tunnel up")
+    async fn start_tunnel(
+        &mut self,
+        _profile: &Profile,
+        _endpoint: SocketAddr,
+    ) -> Result<AllowFilter, String> {
+        self.call("tunnel up")?;
+        let filter = AllowFilter::new();
+        self.tunnel = Some(filter.clone());
+        Ok(filter)
     }
-    fn tunnel_view(&self, _tunnel: &()) -> Arc<dyn TunnelView> {
+    fn tunnel_view(&self, _tunnel: &AllowFilter) -> Arc<dyn TunnelView> {
         Arc::new(FakeView {
             handshake: self.handshake.clone(),
             reachable: self.reachable.clone(),
         })
     }
-    async fn stop_tunnel(&mut self, _tunnel: ()) {
+    fn set_tunnel_allow(&mut self, tunnel: &AllowFilter, allow: Option<&Allowlist>) {
+        self.calls.push(
+            match allow {
+                None => "tunnel lockdown",
+                Some(_) => "tunnel allowlist",
+            }
+            .into(),
+        );
+        tunnel.set(allow);
+    }
+    fn tunnel_filter(&self, tunnel: &AllowFilter) -> AllowFilter {
+        tunnel.clone()
+    }
+    async fn stop_tunnel(&mut self, _tunnel: AllowFilter) {
         self.calls.push("tunnel down".into());
+        self.tunnel = None;
     }
     async fn add_routes(&mut self, _profile: &Profile) -> Result<(), String> {
         self.call("routes up")
@@ -187,8 +217,10 @@ impl Effects for Recorder {
     async fn remove_stale_routes(&mut self) -> Result<(), String> {
         self.call("stale routes")
     }
-    async fn start_stub(&mut self, _profile: &Profile, _sink: Arc<dyn AnswerSink>) -> Result<(), String> {
-        self.call("stub start")
+    async fn start_stub(&mut self, _profile: &Profile, sink: Arc<dyn AnswerSink>) -> Result<(), String> {
+        self.call("stub start")?;
+        self.sink = Some(sink);
+        Ok(())
     }
     fn stub_port(&self, _stub: &()) -> u16 {
         5353
@@ -344,7 +376,15 @@ async fn start_locks_down_before_the_tunnel_and_opens_after_the_handshake() {
     forget(&mut m);
     handshake(&m);
     settle(&mut m).await;
-    assert_eq!(calls(&m), ["stub start", "firewall allowlist", "pin resolver"]);
+    assert_eq!(
+        calls(&m),
+        [
+            "stub start",
+            "tunnel allowlist",
+            "firewall allowlist",
+            "pin resolver"
+        ]
+    );
     match answered(&mut rx) {
         Outcome::Started(status) => assert_eq!(status.phase, Phase::Active),
         other => panic!("start did not succeed: {other:?}"),
@@ -597,7 +637,15 @@ async fn no_handshake_in_time_stays_locked_down_until_a_late_one() {
     assert!(calls(&m).is_empty(), "opened before the health check looked");
     m.on_health().await;
     settle(&mut m).await;
-    assert_eq!(calls(&m), ["stub start", "firewall allowlist", "pin resolver"]);
+    assert_eq!(
+        calls(&m),
+        [
+            "stub start",
+            "tunnel allowlist",
+            "firewall allowlist",
+            "pin resolver"
+        ]
+    );
     assert_eq!(phase(&handle), (Phase::Active, None));
 }
 
@@ -644,7 +692,15 @@ async fn resume_locks_down_first_and_opens_after_the_handshake() {
     forget(&mut m);
     handshake(&m);
     settle(&mut m).await;
-    assert_eq!(calls(&m), ["stub start", "firewall allowlist", "pin resolver"]);
+    assert_eq!(
+        calls(&m),
+        [
+            "stub start",
+            "tunnel allowlist",
+            "firewall allowlist",
+            "pin resolver"
+        ]
+    );
     assert_eq!(phase(&handle), (Phase::Active, None));
 }
 
@@ -675,7 +731,13 @@ async fn a_reload_replaces_the_stub_then_the_table() {
     settle(&mut m).await;
     assert_eq!(
         calls(&m),
-        ["load profile", "stub stop", "stub start", "firewall allowlist"]
+        [
+            "load profile",
+            "stub stop",
+            "stub start",
+            "tunnel allowlist",
+            "firewall allowlist"
+        ]
     );
     assert_eq!(phase(&handle), (Phase::Active, None));
     assert_eq!(handle.status().allowed[0].host, "other.test");
@@ -851,4 +913,204 @@ async fn stop_with_no_session_removes_a_leftover_lockdown_and_only_then() {
     assert_eq!(calls(&m), ["firewall exists", "firewall remove"]);
     assert_eq!(table(&m), Table::Absent);
     assert_eq!(phase(&handle), (Phase::Idle, None));
+}
+
+// ---------------------------------------------------------------------------
+// The tunnel's own filter follows the firewall (a flushed table must not let
+// forbidden packets into the tunnel while the guard puts it back).
+
+const TCP: u8 = crate::firewall::TCP;
+const UDP: u8 = crate::firewall::UDP;
+/// The test profile's pinned DNS server.
+const PINNED_DNS: &str = "192.0.2.65";
+/// Where the stub's answer for meet.test points.
+const ANSWERED: &str = "198.51.100.77";
+
+/// An IPv4 packet to `dst`, `proto`, `port`, as the TUN device hands it over.
+fn packet(dst: &str, proto: u8, port: u16) -> Vec<u8> {
+    let dst: std::net::Ipv4Addr = dst.parse().expect("address");
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&[192, 0, 2, 66]);
+    p[16..20].copy_from_slice(&dst.octets());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p
+}
+
+/// Whether the running tunnel would encrypt that packet now.
+fn tunnel_admits(m: &Machine, dst: &str, proto: u8, port: u16) -> bool {
+    let Some(filter) = &m.ctx.effects.tunnel else {
+        return false;
+    };
+    decide(&packet(dst, proto, port), filter.current().as_deref()) == Verdict::Admit
+}
+
+/// The stub answers `name` with `addr`, through the sink the machine gave it.
+async fn answer(m: &Machine, name: &str, addr: &str) {
+    let sink = m.ctx.effects.sink.clone().expect("a stub was started");
+    sink.on_answer(name, vec![(addr.parse().expect("address"), 300)])
+        .await;
+}
+
+#[tokio::test]
+async fn the_tunnel_encrypts_nothing_until_the_allowlist_opens_and_then_only_it() {
+    let (mut m, handle) = machine();
+    let _rx = start(&mut m).await;
+    // Starting: the tunnel is up behind the lockdown and admits nothing.
+    assert!(m.ctx.effects.tunnel.is_some());
+    assert!(!tunnel_admits(&m, PINNED_DNS, UDP, 53));
+
+    forget(&mut m);
+    handshake(&m);
+    settle(&mut m).await;
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    // The tunnel's allowlist goes in before the firewall's.
+    assert_eq!(
+        calls(&m),
+        [
+            "stub start",
+            "tunnel allowlist",
+            "firewall allowlist",
+            "pin resolver"
+        ]
+    );
+    assert!(tunnel_admits(&m, PINNED_DNS, UDP, 53));
+    assert!(tunnel_admits(&m, PINNED_DNS, TCP, 53));
+    assert!(!tunnel_admits(&m, "203.0.113.53", UDP, 53));
+    assert!(!tunnel_admits(&m, ANSWERED, TCP, 443));
+
+    // The stub's answers reach the tunnel, on the name's ports only.
+    answer(&m, "meet.test", ANSWERED).await;
+    assert!(tunnel_admits(&m, ANSWERED, TCP, 443));
+    assert!(!tunnel_admits(&m, ANSWERED, TCP, 8443));
+    assert!(!tunnel_admits(&m, ANSWERED, UDP, 443));
+    answer(&m, "other.test", "198.51.100.78").await;
+    assert!(!tunnel_admits(&m, "198.51.100.78", TCP, 443));
+
+    // The tamper guard's restore leaves the tunnel as it is.
+    forget(&mut m);
+    m.ctx.effects.present = false;
+    m.on_firewall_changed().await;
+    settle(&mut m).await;
+    assert!(
+        !calls(&m).iter().any(|c| c.starts_with("tunnel")),
+        "{:?}",
+        calls(&m)
+    );
+    assert!(tunnel_admits(&m, ANSWERED, TCP, 443));
+
+    // Degraded while the peer is lost: the allowlist stays, as the firewall's.
+    m.ctx.effects.reachable.store(false, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle).1, Some(Cause::PeerLost));
+    assert!(tunnel_admits(&m, ANSWERED, TCP, 443));
+}
+
+#[tokio::test]
+async fn a_reload_narrows_the_tunnel_before_the_firewall() {
+    let (mut m, _handle) = active().await;
+    answer(&m, "meet.test", ANSWERED).await;
+    assert!(tunnel_admits(&m, ANSWERED, TCP, 443));
+
+    // meet.test leaves the profile: its answered address closes at once.
+    m.ctx.effects.on_disk = Some(profile_with("other.test"));
+    m.on_command(Command::ProfilesChanged).await;
+    settle(&mut m).await;
+    let order = calls(&m);
+    let tunnel = order.iter().position(|c| *c == "tunnel allowlist");
+    let firewall = order.iter().position(|c| *c == "firewall allowlist");
+    assert!(tunnel.is_some() && tunnel < firewall, "{order:?}");
+    assert!(!tunnel_admits(&m, ANSWERED, TCP, 443));
+    assert!(tunnel_admits(&m, PINNED_DNS, UDP, 53));
+    // A late answer for the removed name does not reopen it.
+    answer(&m, "meet.test", ANSWERED).await;
+    assert!(!tunnel_admits(&m, ANSWERED, TCP, 443));
+
+    // A literal host in its place: admitted on its port only.
+    m.ctx.effects.on_disk = Some(profile_with("203.0.113.10"));
+    m.on_command(Command::ProfilesChanged).await;
+    settle(&mut m).await;
+    assert!(tunnel_admits(&m, "203.0.113.10", TCP, 443));
+    assert!(!tunnel_admits(&m, "203.0.113.10", UDP, 10000));
+}
+
+#[tokio::test]
+async fn every_failure_that_locks_the_firewall_down_locks_the_tunnel_too() {
+    // Opening the allowlist fails; the resolver file cannot be pinned.
+    for step in ["firewall allowlist", "pin resolver"] {
+        let (mut m, _handle) = machine();
+        m.ctx.effects.fail.insert(step);
+        let _rx = start(&mut m).await;
+        handshake(&m);
+        settle(&mut m).await;
+        assert_eq!(table(&m), Table::Lockdown, "{step}");
+        assert!(calls(&m).contains(&"tunnel lockdown"), "{step}: {:?}", calls(&m));
+        assert!(
+            !tunnel_admits(&m, PINNED_DNS, UDP, 53),
+            "{step}: the tunnel stayed open"
+        );
+    }
+    // A reload fails part-way.
+    for step in ["stub start", "firewall allowlist"] {
+        let (mut m, _handle) = active().await;
+        answer(&m, "meet.test", ANSWERED).await;
+        m.ctx.effects.on_disk = Some(profile_with("other.test"));
+        m.ctx.effects.fail.insert(step);
+        m.on_command(Command::ProfilesChanged).await;
+        assert_eq!(table(&m), Table::Lockdown, "{step}");
+        assert!(
+            !tunnel_admits(&m, PINNED_DNS, UDP, 53),
+            "{step}: the tunnel stayed open"
+        );
+        assert!(
+            !tunnel_admits(&m, ANSWERED, TCP, 443),
+            "{step}: the tunnel stayed open"
+        );
+        // Nor does a health tick reopen it.
+        m.ctx.effects.fail.clear();
+        m.on_health().await;
+        settle(&mut m).await;
+        assert!(!tunnel_admits(&m, PINNED_DNS, UDP, 53), "{step}: reopened");
+    }
+    // A stop that fails before the tunnel is down leaves it locked.
+    let (mut m, _handle) = active().await;
+    m.ctx.effects.fail.insert("restore resolver");
+    let outcome = stop(&mut m).await;
+    assert!(matches!(outcome, Outcome::Failed { .. }), "{outcome:?}");
+    assert!(m.ctx.effects.tunnel.is_some());
+    assert!(!tunnel_admits(&m, PINNED_DNS, UDP, 53), "the tunnel stayed open");
+}
+
+#[tokio::test]
+async fn a_late_handshake_and_a_resume_open_the_tunnel_with_the_firewall() {
+    let (mut m, _handle) = machine();
+    let _rx = start(&mut m).await;
+    let Stage::Connecting(c) = &m.stage else {
+        panic!("not connecting")
+    };
+    let id = c.id;
+    m.on_event(Event::HandshakeTimeout(id)).await;
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(
+        !tunnel_admits(&m, PINNED_DNS, UDP, 53),
+        "open before the health check"
+    );
+    m.on_health().await;
+    settle(&mut m).await;
+    assert!(tunnel_admits(&m, PINNED_DNS, UDP, 53));
+
+    let (mut m, _handle) = machine();
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: "198.51.100.2:51820".parse().expect("address"),
+        interface: "sg0".into(),
+        allow_lan: false,
+    });
+    m.resume().await.expect("resume");
+    assert!(!tunnel_admits(&m, PINNED_DNS, UDP, 53));
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(tunnel_admits(&m, PINNED_DNS, UDP, 53));
 }
