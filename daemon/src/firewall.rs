@@ -885,6 +885,15 @@ pub struct FirewallWatch {
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// When the monitor is gone: how often to retry it (and wake the caller).
 const RETRY: Duration = Duration::from_millis(500);
+/// A table that lives only inside one transaction (added and deleted at
+/// once). `nft monitor` subscribes some milliseconds after it was spawned,
+/// and a flush in between would never be reported; seeing this table go by
+/// proves the monitor listens, and the check it triggers catches anything
+/// that happened before.
+const SYNC_TABLE: &str = "sessiongate_guard_sync";
+/// How often that transaction is repeated until the monitor reports it.
+const SYNC_RETRY: Duration = Duration::from_millis(20);
+const SYNC_TRIES: u32 = 250;
 
 impl FirewallWatch {
     /// Resolves when something changed our table, or every 500 ms while the
@@ -969,7 +978,19 @@ fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), Firewal
     let link_tx = tx.downgrade();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
+        let mut sync = Some(tokio::spawn(prove_monitor_listens()));
         while let Ok(Some(line)) = lines.next_line().await {
+            if sync.is_some() && line.contains(SYNC_TABLE) {
+                if let Some(task) = sync.take() {
+                    task.abort();
+                }
+                // The monitor listens from here on; whatever happened before
+                // it did is found by the check this wake-up asks for.
+                if tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+                continue;
+            }
             // A full channel already holds a wake-up: dropping this is fine.
             let wake = touches_our_table(&line) || adds_elements_to_our_table(&line);
             if wake && tx.try_send(()).is_err() && tx.is_closed() {
@@ -986,6 +1007,27 @@ fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), Firewal
         }
     };
     Ok((child, links, rx))
+}
+
+/// Adds and deletes [`SYNC_TABLE`] in one transaction until the monitor
+/// reports it (the caller aborts this task then). Not under the write lock:
+/// it never touches our tables.
+async fn prove_monitor_listens() {
+    let sync = Table {
+        family: NfFamily::INet,
+        name: SYNC_TABLE.into(),
+        handle: None,
+    };
+    for _ in 0..SYNC_TRIES {
+        let mut batch = Batch::new();
+        batch.add(NfListObject::Table(sync.clone()));
+        batch.delete(NfListObject::Table(sync.clone()));
+        if let Err(e) = run_nft(batch, "the tamper guard's start-up check").await {
+            tracing::warn!("{e}");
+        }
+        tokio::time::sleep(SYNC_RETRY).await;
+    }
+    tracing::warn!("the firewall tamper guard's nft monitor did not report its start-up check; it relies on its events alone");
 }
 
 fn spawn_link_monitor(tx: mpsc::WeakSender<()>) -> Result<Child, FirewallError> {
