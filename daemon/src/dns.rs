@@ -16,6 +16,9 @@
 //! (that mark means "bypass the tunnel"), panic or grow without bound on what
 //! it receives (queries and TCP connections are limited, upstream exchanges
 //! time out), or log the names asked (SPEC §9): only counts, at debug level.
+//! TCP connections are also limited per local user: the stub finds the uid
+//! of each client socket in `/proc/net/tcp{,6}` (the owner of the other end
+//! of the loopback connection).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -46,6 +49,9 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_QUERIES: usize = 256;
 /// Client TCP connections at once (more are closed at accept).
 const MAX_TCP_CONNECTIONS: usize = 64;
+/// Client TCP connections at once from one local user (by uid), so that
+/// one user cannot take every slot from the others.
+const MAX_TCP_PER_USER: usize = 8;
 /// A client TCP connection idle this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries served on one client TCP connection before it is closed.
@@ -152,6 +158,7 @@ impl StubResolver {
             names: Mutex::new(names),
             queries: Arc::new(Semaphore::new(MAX_QUERIES)),
             tcp_connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+            tcp_per_user: Arc::new(Mutex::new(HashMap::new())),
             counters: Counters::default(),
         });
         let (shutdown, watcher) = watch::channel(false);
@@ -437,7 +444,112 @@ struct Inner {
     names: Mutex<Names>,
     queries: Arc<Semaphore>,
     tcp_connections: Arc<Semaphore>,
+    /// Open client TCP connections per local uid.
+    tcp_per_user: Arc<Mutex<HashMap<u32, usize>>>,
     counters: Counters,
+}
+
+/// One client TCP connection counted against its user; uncounts on drop.
+struct UserSlot {
+    uid: u32,
+    counts: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+impl UserSlot {
+    /// A slot for `uid`, unless that user holds [`MAX_TCP_PER_USER`].
+    fn take(counts: &Arc<Mutex<HashMap<u32, usize>>>, uid: u32) -> Option<UserSlot> {
+        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let held = map.entry(uid).or_insert(0);
+        if *held >= MAX_TCP_PER_USER {
+            return None;
+        }
+        *held += 1;
+        Some(UserSlot {
+            uid,
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = map.get_mut(&self.uid) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The uid that owns the client end of a loopback TCP connection: the
+/// socket whose local address is `client` in `/proc/net/tcp` or
+/// `/proc/net/tcp6` (its remote address is the stub's, or, when the
+/// firewall redirected the connection, the server it was meant for). None
+/// when it is not found (the caller counts all those as one user).
+fn client_uid(client: SocketAddr, stub: SocketAddr) -> Option<u32> {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        uid_in_proc_net_tcp(&text, client, stub)
+    })
+}
+
+fn uid_in_proc_net_tcp(text: &str, client: SocketAddr, stub: SocketAddr) -> Option<u32> {
+    let same =
+        |a: SocketAddr, b: SocketAddr| a.port() == b.port() && canonical_ip(a.ip()) == canonical_ip(b.ip());
+    let mut fallback = None;
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(remote), Some(uid)) = (fields.get(1), fields.get(2), fields.get(7)) else {
+            continue;
+        };
+        let (Some(local), Some(remote), Ok(uid)) = (
+            proc_socket_addr(local),
+            proc_socket_addr(remote),
+            uid.parse::<u32>(),
+        ) else {
+            continue;
+        };
+        if !same(local, client) {
+            continue;
+        }
+        if same(remote, stub) {
+            return Some(uid);
+        }
+        fallback.get_or_insert(uid);
+    }
+    fallback
+}
+
+/// `0100007F:0035` or 32 hex digits and a port: each 32-bit word of the
+/// address as the kernel holds it (network order read as a native word).
+fn proc_socket_addr(text: &str) -> Option<SocketAddr> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let hex = addr.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+    };
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -920,8 +1032,8 @@ async fn serve_tcp(inner: Arc<Inner>, listener: TcpListener, mut shutdown: watch
             accepted = listener.accept() => accepted,
         };
         while connections.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, client) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!("dns stub: could not accept a TCP connection: {}", plain(&e));
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -932,9 +1044,19 @@ async fn serve_tcp(inner: Arc<Inner>, listener: TcpListener, mut shutdown: watch
             Counters::bump(&inner.counters.dropped);
             continue;
         };
+        let uid = stream
+            .local_addr()
+            .ok()
+            .and_then(|stub| client_uid(client, stub))
+            .unwrap_or(u32::MAX);
+        let Some(slot) = UserSlot::take(&inner.tcp_per_user, uid) else {
+            Counters::bump(&inner.counters.dropped);
+            continue;
+        };
         let inner = inner.clone();
         connections.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             serve_tcp_connection(&inner, stream).await;
         });
     }
@@ -1958,5 +2080,44 @@ mod tests {
         eprintln!("stub stats: {stats:?}");
         assert_eq!((stats.answered, stats.refused, stats.failed), (6, 8, 0));
         stub.stop().await;
+    }
+
+    #[test]
+    fn tcp_clients_are_counted_per_user_from_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:9C41 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:9C41 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:D431 0100007F:9C41 01 00000000:00000000 00:00000000 00000000  1000        0 3 1 0000000000000000 20 4 30 10 -1
+   3: 420200C0:D432 350071CB:0035 01 00000000:00000000 00:00000000 00000000 65534        0 4 1 0000000000000000 20 4 30 10 -1
+";
+        let stub: SocketAddr = "127.0.0.1:40001".parse().expect("addr");
+        let client: SocketAddr = "127.0.0.1:54321".parse().expect("addr");
+        assert_eq!(uid_in_proc_net_tcp(table, client, stub), Some(1000));
+        // Redirected: the client's socket still names the server it meant.
+        let redirected: SocketAddr = "192.0.2.66:54322".parse().expect("addr");
+        assert_eq!(uid_in_proc_net_tcp(table, redirected, stub), Some(65534));
+        assert_eq!(
+            uid_in_proc_net_tcp(table, "127.0.0.1:1".parse().expect("addr"), stub),
+            None
+        );
+        assert_eq!(
+            proc_socket_addr("00000000000000000000000001000000:0035"),
+            Some("[::1]:53".parse().expect("addr"))
+        );
+
+        let counts = Arc::new(Mutex::new(HashMap::new()));
+        let held: Vec<UserSlot> = (0..MAX_TCP_PER_USER)
+            .map(|_| UserSlot::take(&counts, 0).expect("a slot"))
+            .collect();
+        assert!(
+            UserSlot::take(&counts, 0).is_none(),
+            "one user took more than its share"
+        );
+        assert!(
+            UserSlot::take(&counts, 1000).is_some(),
+            "another user was shut out"
+        );
+        drop(held);
+        assert!(UserSlot::take(&counts, 0).is_some());
     }
 }

@@ -1,10 +1,12 @@
-//! The kill switch: one nftables table, `inet sessiongate`, replaced as a
-//! whole in one atomic transaction each time its shape changes (SPEC §5).
+//! The kill switch: two nftables tables, `inet sessiongate` and `netdev
+//! sessiongate`, replaced as a whole in one atomic transaction each time
+//! their shape changes.
 //!
 //! # What this module owns, and what it must never do
 //!
-//! It owns the table `inet sessiongate` and nothing else. It never touches
-//! another table (it only ever names its own, in writes and in reads), and it
+//! It owns the tables `inet sessiongate` and `netdev sessiongate` and
+//! nothing else. It never touches another table (it only ever names its
+//! own, in writes and in reads), and it
 //! never removes its table from a `Drop` or a panic path: the table is kernel
 //! state that outlives a crashed daemon, which is what keeps the machine
 //! closed until `sessionctl stop` ([`remove`] is the only way out). Every
@@ -15,7 +17,10 @@
 //!
 //! Both shapes have `output`, `input` and `forward` base chains (filter,
 //! priority 0, policy drop; `forward` stays empty: a session machine forwards
-//! nothing) and a regular chain `refuse` that rejects: TCP with a reset,
+//! nothing), a `postrouting` base chain (filter, priority 0, policy drop)
+//! that repeats `output`'s rules where the real output device is known
+//! (after any other table's nat or re-mark; refusals drop there), and a
+//! regular chain `refuse` that rejects: TCP with a reset,
 //! everything else with ICMP(v6) admin-prohibited, so local applications fail
 //! at once instead of hanging. Outgoing packets that no rule accepts end in
 //! `refuse`; incoming ones are dropped by the policy.
@@ -31,21 +36,23 @@
 //!   after a nat `redirect` the output interface is still the one routed
 //!   before nat ran, so `oifname lo` alone would miss redirected DNS); the
 //!   tunnel's own UDP to the endpoint, which must carry the tunnel's fwmark
-//!   *and* go to the endpoint's address *and* port; DHCP (68→67) and DHCPv6
-//!   (546→547); IPv6 neighbour discovery (see below); then TCP/UDP to ports
+//!   *and* go to the endpoint's address *and* port; DHCP (68→67) to the
+//!   limited broadcast or a directly connected subnet and DHCPv6 (546→547)
+//!   to ff02::1:2 or link-local, never through the tunnel interface;
+//!   IPv6 neighbour discovery (see below); then TCP/UDP to ports
 //!   53 and 853 are refused, before the LAN can accept them; then the LAN
 //!   when `allow_lan`; then `refuse`.
 //! - input: `iifname lo` (no anti-spoofing rule here: redirected DNS replies
 //!   come back on `lo` with a foreign source); the endpoint's UDP replies
 //!   (source address and port, conntrack `established`, so an unsolicited
-//!   packet claiming to be the peer cannot reach other local ports); DHCP and
-//!   DHCPv6 replies; neighbour discovery; the LAN when `allow_lan`.
+//!   packet claiming to be the peer cannot reach other local ports); DHCP
+//!   replies from a directly connected subnet or answering a renewal, DHCPv6
+//!   replies from link-local addresses, neither through the tunnel;
+//!   neighbour discovery; the LAN when `allow_lan`.
 //!
 //! *Session* ([`apply`] with `Some`): lockdown plus, through `oifname` of the
 //! tunnel only (a name, so the table can go up before the interface exists):
 //! - the pinned DNS servers on TCP/UDP 53 (before the 53/853 refusal);
-//! - `ct state established,related` both ways on the tunnel (replies, and
-//!   connections that outlive a DNS answer's timeout);
 //! - `daddr . l4proto . dport` in four named sets: `allow4_nets`/`allow6_nets`
 //!   (flags interval: the profile's literal addresses and CIDRs, fixed at
 //!   apply time) and `allow4`/`allow6` (flags timeout: addresses from DNS
@@ -53,10 +60,31 @@
 //!   because the kernel refuses an element that overlaps an interval already
 //!   in the set (`File exists`), which would fail a whole DNS update whenever
 //!   an answer falls inside a literal CIDR;
+//! - established flows both ways on the tunnel, but only while the far
+//!   end's `address . protocol . port` is in `allow*_nets` or in
+//!   `known4`/`known6` (every answer of this session whose name and port
+//!   the allowlist still holds, without timeout): no flow outlives the
+//!   allowlist that admitted it (a new session starts with empty `known`
+//!   sets; an apply that removes a name, host or port cuts its flows at
+//!   once), yet an answer's TTL running out cuts nothing; related ICMP
+//!   errors in; the pinned resolvers' replies;
 //! - IPv6: the `allow6*` and IPv6 DNS rules exist only when the tunnel has
 //!   an IPv6 address; otherwise every IPv6 packet except loopback, neighbour
 //!   discovery, DHCPv6, an IPv6 endpoint and (with `allow_lan`) the LAN is
 //!   refused.
+//!
+//! *Link level* (`netdev sessiongate`, same transaction, both shapes): an
+//! egress chain (policy drop) on every interface of the namespace but `lo`
+//! and the tunnel, read from `/proc/net/dev` at every apply; the tamper
+//! guard also watches `ip monitor link`, so an interface that appears
+//! during a session gets its chain at once. It admits ARP, the tunnel's
+//! marked UDP to the endpoint, DHCP/DHCPv6 as above, neighbour discovery
+//! and MLD reports, and the LAN under `allow_lan`. It exists for senders
+//! that never meet this namespace's `inet` hooks: a macvlan/ipvlan child in
+//! another namespace, a bridge port's frames (VMs, containers), ordinary
+//! AF_PACKET sockets. It cannot see what bypasses the egress hook
+//! (PACKET_QDISC_BYPASS, AF_XDP, XDP redirects) nor an interface in another
+//! namespace that has its own physical device.
 //!
 //! *Neighbour discovery* is allowed in both shapes, in both directions, only
 //! with hop limit 255 (so only on-link: routers never forward it; RFC 4861):
@@ -88,9 +116,12 @@
 //! # DNS answers and re-applies
 //!
 //! [`add_addresses`] remembers what it added (in this process) with the
-//! expiry, and every session-shape [`apply`] puts the unexpired ones back
-//! with their remaining time, so replacing the table (tamper guard, shape
-//! change) does not close a host the stub already answered for. A lockdown
+//! expiry and the name it answered, and every session-shape [`apply`] puts
+//! the unexpired ones back with their remaining time, so replacing the
+//! table (tamper guard, shape change) does not close a host the stub
+//! already answered for; but only those whose name and port the new
+//! [`Allowlist::names`] still holds: a reload that narrows closes at once,
+//! for new and established flows alike. A lockdown
 //! [`apply`] and [`remove`] forget them: a new session never inherits the
 //! last one's answers. All writes go through one lock, so an update cannot
 //! land in a table that a concurrent apply is about to replace.
@@ -98,10 +129,12 @@
 //! # Tamper guard
 //!
 //! [`watch`] runs `nft -j monitor` as a child and wakes on any event about
-//! our table except set elements; [`is_present`] then says whether the
-//! table still has the chains, rules and sets we last applied (a listing
-//! taken right after each apply, without handles and set elements, is the
-//! reference).
+//! our table except deleted set elements; [`is_present`] then says whether
+//! the table still has the chains, rules and sets we last applied (a
+//! listing taken right after each apply, without handles and without the
+//! elements of the answer sets, is the reference), and whether every
+//! element of the answer sets is one of this session's answers (so a host
+//! or port someone else adds is taken out by the caller's re-apply).
 //!
 //! The `nftables` crate builds the batches; they go to the kernel through
 //! libnftables in process ([`crate::nft`]; a change is then about 1 ms
@@ -142,6 +175,13 @@ pub const ALLOW6: &str = "allow6";
 pub const ALLOW4_NETS: &str = "allow4_nets";
 /// The profile's literal IPv6 addresses and CIDRs (interval).
 pub const ALLOW6_NETS: &str = "allow6_nets";
+/// Every DNS answer of this session whose name and port the allowlist still
+/// holds, without a timeout (IPv4, same type as `allow4`): established flows
+/// are checked against it, so a flow outlives its answer's TTL but not the
+/// allowlist entry that admitted it.
+pub const KNOWN4: &str = "known4";
+/// The same for IPv6.
+pub const KNOWN6: &str = "known6";
 
 /// IP protocol numbers for [`LearnedAddress::proto`].
 pub const TCP: u8 = 6;
@@ -150,6 +190,7 @@ pub const UDP: u8 = 17;
 const OUTPUT: &str = "output";
 const INPUT: &str = "input";
 const FORWARD: &str = "forward";
+const POSTROUTING: &str = "postrouting";
 const REFUSE: &str = "refuse";
 const DNS_REDIRECT: &str = "dns_redirect";
 /// The named counter of refused verify probes (see [`refused_packets`]).
@@ -159,6 +200,13 @@ pub const REFUSED_COUNTER: &str = "refused";
 /// filtered like any application's packets; only the `refused` counter
 /// looks at it.
 pub const VERIFY_MARK: u32 = 0x5349;
+
+/// The conntrack mark bit our `postrouting` chain sets on every flow that
+/// leaves during a session (tunnel, endpoint, loopback alike), so that
+/// [`remove`] and a fresh lockdown can delete exactly the session's flows.
+/// One bit, OR-ed in: whatever else another program keeps in the ct mark
+/// stays.
+pub const SESSION_CT_BIT: u32 = 0x4000_0000;
 
 /// How long one `nft` run may take before we give up on it.
 const NFT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -209,10 +257,32 @@ pub struct DnsRedirect {
     pub stub_mark: u32,
 }
 
+/// One allowed host name and its ports: the DNS stub's answers for it are
+/// let through on these ports only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedEntry {
+    pub name: String,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+impl NamedEntry {
+    fn allows(&self, proto: u8, port: u16) -> bool {
+        match proto {
+            TCP => self.tcp.contains(&port),
+            UDP => self.udp.contains(&port),
+            _ => false,
+        }
+    }
+}
+
 /// The session part, opened once the tunnel has its handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowlist {
     pub rules: Vec<AllowEntry>,
+    /// Allowed names and their ports. An apply forgets the answers (and
+    /// cuts the flows) of names and ports that are no longer here.
+    pub names: Vec<NamedEntry>,
     /// Pinned resolvers, reachable on 53 (TCP and UDP) through the tunnel.
     pub dns_servers: Vec<IpAddr>,
     /// Without an IPv6 tunnel address all IPv6 but loopback is refused.
@@ -254,15 +324,34 @@ pub enum FirewallError {
 /// it), so a DNS update cannot interleave with a replace.
 static WRITE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// (address, protocol, port) of a learned address.
+type LearnedKey = (IpAddr, u8, u16);
+
 struct Applied {
     /// DNS answers in the allow sets: (address, proto, port) → expiry.
-    learned: BTreeMap<(IpAddr, u8, u16), Instant>,
+    learned: BTreeMap<LearnedKey, Instant>,
+    /// Every answer of this session (expired or not) and the names it was
+    /// an answer for: what the `known` sets hold.
+    sources: BTreeMap<LearnedKey, BTreeSet<String>>,
+    /// The allowed names of the session shape in force (empty in lockdown).
+    names: Vec<NamedEntry>,
+    /// The tunnel interface of the table in force (the link-level table
+    /// is on every other interface but `lo`).
+    tunnel: Option<String>,
+    /// The interfaces the link-level table's egress chains were put on
+    /// (nft 1.0.6 leaves a netdev chain's device out of its JSON listing,
+    /// so this is the reference).
+    devices: Vec<String>,
     /// The table as listed right after the last apply (see [`fingerprint`]).
     fingerprint: Option<String>,
 }
 
 static APPLIED: Mutex<Applied> = Mutex::new(Applied {
     learned: BTreeMap::new(),
+    sources: BTreeMap::new(),
+    names: Vec::new(),
+    tunnel: None,
+    devices: Vec::new(),
     fingerprint: None,
 });
 
@@ -284,33 +373,85 @@ pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(),
     } else {
         Vec::new()
     };
+    let on_link = connected_routes(&lockdown.tunnel_interface);
     let _write = WRITE_LOCK.lock().await;
-    let learned = match allow {
-        Some(_) => unexpired_learned(Instant::now()),
-        None => {
-            applied().learned.clear();
-            Vec::new()
+    // A lockdown that starts a session (nothing applied by this process
+    // since the last removal, or a daemon that resumes after a crash): no
+    // flow of an earlier session may go on into this one.
+    let fresh_start = allow.is_none() && applied().tunnel.is_none();
+    // Narrowing takes effect here, at once: answers for names or ports the
+    // new allowlist no longer holds are forgotten, so neither new nor
+    // established flows to them pass the new table.
+    let (learned, known) = {
+        let mut state = applied();
+        match allow {
+            Some(allow) => {
+                state.names = allow.names.clone();
+                let Applied {
+                    learned,
+                    sources,
+                    names,
+                    ..
+                } = &mut *state;
+                narrow(learned, sources, names);
+            }
+            None => {
+                state.learned.clear();
+                state.sources.clear();
+                state.names.clear();
+            }
         }
+        drop(state);
+        (unexpired_learned(Instant::now()), known_keys())
     };
-    let batch = build(lockdown, allow, &lan, &learned);
-    // Until the new reference is taken, is_present checks the structure only.
-    applied().fingerprint = None;
-    run_nft(batch, "firewall table").await?;
+    let inputs = Inputs {
+        lan,
+        on_link,
+        learned,
+        known,
+    };
+    // An interface that goes away between reading the list and the
+    // transaction fails the whole transaction (nothing changes): read the
+    // list again and retry then.
+    let mut attempts = 0;
+    loop {
+        let devices = link_devices(&lockdown.tunnel_interface);
+        let mut batch = build_table(lockdown, allow, &inputs);
+        // The link-level table, in the same transaction.
+        add_link_table(&mut batch, lockdown, &inputs, &devices);
+        // Until the new reference is taken, is_present checks the structure only.
+        {
+            let mut state = applied();
+            state.fingerprint = None;
+            state.tunnel = Some(lockdown.tunnel_interface.clone());
+            state.devices = devices.clone();
+        }
+        match run_nft(batch, "firewall table").await {
+            Ok(()) => break,
+            Err(e) if attempts < 2 && link_devices(&lockdown.tunnel_interface) != devices => {
+                tracing::debug!("the interfaces changed during a firewall change ({e}); trying again");
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let fingerprint = match list_table().await {
         Ok(Some(listing)) => Some(fingerprint(&listing)),
         Ok(None) | Err(_) => None,
     };
     applied().fingerprint = fingerprint;
+    if fresh_start {
+        forget_session_flows().await;
+    }
     Ok(())
 }
 
-/// Adds learned addresses to the allow sets, each with its timeout, in one
-/// transaction. An address already there gets the later of its current and
-/// its new expiry.
-pub async fn add_addresses(entries: &[LearnedAddress]) -> Result<(), FirewallError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
+/// Adds learned addresses (answers for the allowed name `name`) to the
+/// allow sets, each with its timeout, in one transaction. An address already
+/// there gets the later of its current and its new expiry. Entries whose
+/// name and port the allowlist in force does not hold are left out (an
+/// answer that arrives after a narrowing must not widen it again).
+pub async fn add_addresses(name: &str, entries: &[LearnedAddress]) -> Result<(), FirewallError> {
     for entry in entries {
         if entry.proto != TCP && entry.proto != UDP {
             return Err(FirewallError::Invalid(format!(
@@ -323,15 +464,31 @@ pub async fn add_addresses(entries: &[LearnedAddress]) -> Result<(), FirewallErr
     let now = Instant::now();
     let merged = {
         let state = applied();
-        merge_learned(&state.learned, entries, now)
+        let allowed: Vec<LearnedAddress> = entries
+            .iter()
+            .filter(|e| {
+                state
+                    .names
+                    .iter()
+                    .any(|n| n.name == name && n.allows(e.proto, e.port))
+            })
+            .copied()
+            .collect();
+        merge_learned(&state.learned, &allowed, now)
     };
-    run_nft(element_batch(&merged), "allowlist update").await?;
+    if merged.is_empty() {
+        return Ok(());
+    }
+    let mut batch = element_batch(&merged);
+    let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.port)).collect();
+    add_known(&mut batch, &keys);
+    run_nft(batch, "allowlist update").await?;
     let mut state = applied();
     state.learned.retain(|_, expiry| *expiry > now);
     for entry in &merged {
-        state
-            .learned
-            .insert((entry.addr, entry.proto, entry.port), now + entry.timeout);
+        let key = (entry.addr, entry.proto, entry.port);
+        state.learned.insert(key, now + entry.timeout);
+        state.sources.entry(key).or_default().insert(name.to_string());
     }
     Ok(())
 }
@@ -342,30 +499,155 @@ pub async fn remove() -> Result<(), FirewallError> {
     // Adding the (empty) table first makes the delete succeed whether or
     // not it exists, in one transaction.
     let mut batch = Batch::new();
-    batch.add(NfListObject::Table(table()));
-    batch.delete(NfListObject::Table(table()));
+    for table in [table(), link_table()] {
+        batch.add(NfListObject::Table(table.clone()));
+        batch.delete(NfListObject::Table(table));
+    }
     run_nft(batch, "removal of the firewall table").await?;
-    let mut state = applied();
-    state.learned.clear();
-    state.fingerprint = None;
+    {
+        let mut state = applied();
+        state.learned.clear();
+        state.sources.clear();
+        state.names.clear();
+        state.tunnel = None;
+        state.devices.clear();
+        state.fingerprint = None;
+    }
+    // Then no flow of the session outlives it in connection tracking.
+    forget_session_flows().await;
     Ok(())
+}
+
+/// Deletes every tracked flow that carries [`SESSION_CT_BIT`], IPv4 and
+/// IPv6, with the `conntrack` tool (package conntrack). Best effort: while
+/// a table of ours is in place its rules already refuse flows the
+/// allowlist does not hold; this only keeps a later ruleset (ours or
+/// anyone's, with `ct state established`) from meeting them.
+async fn forget_session_flows() {
+    let mark = format!("{SESSION_CT_BIT:#x}/{SESSION_CT_BIT:#x}");
+    for family in ["ipv4", "ipv6"] {
+        let run = Command::new("conntrack")
+            .args(["-D", "-m", &mark, "-f", family])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(NFT_TIMEOUT, run).await {
+            // 1: nothing to delete.
+            Ok(Ok(out)) if matches!(out.status.code(), Some(0 | 1)) => {}
+            Ok(Ok(out)) => tracing::warn!(
+                "could not delete the session's tracked connections: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(
+                    "the conntrack tool is not installed: the session's tracked connections are left to time out"
+                );
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!("could not run conntrack: {e}"),
+            Err(_) => tracing::warn!("conntrack did not finish within 10 seconds"),
+        }
+    }
 }
 
 /// Whether our table is in the kernel with the chains, rules and sets we
 /// last applied (or, if this process has not applied it, with its three
 /// base chains at policy drop).
+///
+/// With a reference, also every element of the sets that DNS answers fill
+/// must be one of this session's answers: an element someone else added (a
+/// host, a port) makes the table "damaged", and the caller's re-apply
+/// takes it out. The elements of the literal sets are part of the
+/// reference itself.
 pub async fn is_present() -> Result<bool, FirewallError> {
+    // No write in flight: our own element adds are in the books before we
+    // compare against them.
+    let _write = WRITE_LOCK.lock().await;
     let Some(listing) = list_table().await? else {
         return Ok(false);
     };
     if !has_base_chains(&listing) {
         return Ok(false);
     }
-    let expected = applied().fingerprint.clone();
-    Ok(match expected {
-        Some(expected) => fingerprint(&listing) == expected,
-        None => true,
-    })
+    let (expected, foreign, tunnel, devices) = {
+        let state = applied();
+        (
+            state.fingerprint.clone(),
+            foreign_elements(&listing, &state.sources),
+            state.tunnel.clone(),
+            state.devices.clone(),
+        )
+    };
+    let Some(expected) = expected else {
+        return Ok(true);
+    };
+    if fingerprint(&listing) != expected {
+        return Ok(false);
+    }
+    if !foreign.is_empty() {
+        tracing::warn!(
+            "someone else added elements to the sessiongate firewall's sets: {}",
+            foreign.join(", ")
+        );
+        return Ok(false);
+    }
+    if let Some(tunnel) = tunnel {
+        let links = link_devices(&tunnel);
+        if devices != links {
+            tracing::info!(
+                "the network interfaces changed: the link-level table is put on {}",
+                links.join(", ")
+            );
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The sets whose elements come and go with DNS answers and timeouts.
+const ANSWER_SETS: [&str; 4] = [ALLOW4, ALLOW6, KNOWN4, KNOWN6];
+
+/// The elements of the answer sets in `listing` that are not answers of
+/// this session (`sources`), as text; an element we cannot read counts.
+fn foreign_elements(listing: &Value, sources: &BTreeMap<LearnedKey, BTreeSet<String>>) -> Vec<String> {
+    let mut foreign = Vec::new();
+    for item in listing["nftables"].as_array().into_iter().flatten() {
+        let Some(set) = item.get("set") else { continue };
+        if set["family"] != "inet"
+            || set["table"] != TABLE
+            || !ANSWER_SETS.iter().any(|name| set["name"] == *name)
+        {
+            continue;
+        }
+        for elem in set["elem"].as_array().into_iter().flatten() {
+            // {"concat": [...]}, or {"elem": {"val": {"concat": [...]}, "timeout": ..}}
+            let parts = elem.get("concat").or_else(|| {
+                elem.get("elem")
+                    .and_then(|e| e.get("val"))
+                    .and_then(|v| v.get("concat"))
+            });
+            let key = parts.and_then(|p| learned_key_of(p.as_array()?));
+            if !key.is_some_and(|k| sources.contains_key(&k)) {
+                foreign.push(format!("{}: {elem}", set["name"].as_str().unwrap_or("?")));
+            }
+        }
+    }
+    foreign
+}
+
+/// (address, protocol, port) from a listed `addr . proto . port` element.
+fn learned_key_of(parts: &[Value]) -> Option<LearnedKey> {
+    let [addr, proto, port] = parts else { return None };
+    let addr: IpAddr = addr.as_str()?.parse().ok()?;
+    let proto = match proto {
+        Value::String(name) if name == "tcp" => TCP,
+        Value::String(name) if name == "udp" => UDP,
+        other => u8::try_from(other.as_u64()?).ok()?,
+    };
+    let port = u16::try_from(port.as_u64()?).ok()?;
+    Some((canonical(addr), proto, port))
 }
 
 /// How many packets carrying [`VERIFY_MARK`] our table has refused at the
@@ -404,10 +686,25 @@ async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallErr
         })
 }
 
-/// `nft -j list table inet sessiongate`; `None` when the table is missing.
+/// `nft -j list table inet sessiongate` with the objects of `netdev
+/// sessiongate` appended; `None` when either table is missing.
 async fn list_table() -> Result<Option<Value>, FirewallError> {
+    let Some(mut listing) = list_one("inet").await? else {
+        return Ok(None);
+    };
+    let Some(link) = list_one("netdev").await? else {
+        return Ok(None);
+    };
+    if let (Some(all), Some(more)) = (listing["nftables"].as_array_mut(), link["nftables"].as_array()) {
+        all.extend(more.iter().filter(|o| o.get("metainfo").is_none()).cloned());
+    }
+    Ok(Some(listing))
+}
+
+/// `nft -j list table FAMILY sessiongate`; `None` when it is missing.
+async fn list_one(family: &str) -> Result<Option<Value>, FirewallError> {
     const WHAT: &str = "listing of the firewall table";
-    match nft(NftCommand::Line(&format!("list table inet {TABLE}")), WHAT).await? {
+    match nft(NftCommand::Line(&format!("list table {family} {TABLE}")), WHAT).await? {
         Ok(out) => serde_json::from_str(&out)
             .map(Some)
             .map_err(|e| FirewallError::Listing(e.to_string())),
@@ -513,9 +810,13 @@ fn fingerprint(listing: &Value) -> String {
                 continue;
             }
             let mut body = body.clone();
+            let answers = ANSWER_SETS.iter().any(|name| body["name"] == *name);
             if let Some(fields) = body.as_object_mut() {
                 fields.remove("handle");
-                if kind == "set" || kind == "map" {
+                // The literal sets' elements are fixed at apply: part of
+                // the reference. The answer sets' are checked one by one
+                // (see `foreign_elements`).
+                if kind == "map" || (kind == "set" && answers) {
                     fields.remove("elem");
                 }
                 if kind == "counter" {
@@ -529,7 +830,8 @@ fn fingerprint(listing: &Value) -> String {
     parts.join("\n")
 }
 
-/// Our three base chains, with their hooks and policy drop.
+/// Our three filtering base chains, with their hooks and policy drop (the
+/// fingerprint covers `postrouting` and the rest once we applied).
 fn has_base_chains(listing: &Value) -> bool {
     let chains: Vec<&Value> = listing["nftables"]
         .as_array()
@@ -559,6 +861,9 @@ fn has_base_chains(listing: &Value) -> bool {
 pub struct FirewallWatch {
     events: mpsc::Receiver<()>,
     monitor: Option<Child>,
+    /// `ip -o monitor link`: an interface that appears needs its egress
+    /// chain (see [`is_present`]).
+    links: Option<Child>,
     /// An event was taken off the channel but not reported yet (keeps
     /// `changed` cancel-safe).
     pending: bool,
@@ -593,13 +898,15 @@ impl FirewallWatch {
     /// a change, since events may have been missed meanwhile).
     async fn restart(&mut self) {
         self.monitor = None;
+        self.links = None;
         tokio::time::sleep(RETRY).await;
         match spawn_monitor() {
-            Ok((child, events)) => {
+            Ok((child, links, events)) => {
                 if self.warned {
                     tracing::info!("the firewall tamper guard's nft monitor runs again");
                 }
                 self.monitor = Some(child);
+                self.links = links;
                 self.events = events;
                 self.warned = false;
             }
@@ -620,16 +927,20 @@ pub fn watch() -> Result<FirewallWatch, FirewallError> {
             "the tamper guard needs a tokio runtime".into(),
         ));
     }
-    let (child, events) = spawn_monitor()?;
+    let (child, links, events) = spawn_monitor()?;
     Ok(FirewallWatch {
         events,
         monitor: Some(child),
+        links,
         pending: false,
         warned: false,
     })
 }
 
-fn spawn_monitor() -> Result<(Child, mpsc::Receiver<()>), FirewallError> {
+/// `nft -j monitor` (required) and `ip -o monitor link` (best effort: without
+/// it a new interface waits for the next check), both waking one channel.
+#[allow(clippy::type_complexity)]
+fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), FirewallError> {
     let mut child = Command::new("nft")
         .args(["-j", "monitor"])
         .stdin(Stdio::null())
@@ -643,23 +954,73 @@ fn spawn_monitor() -> Result<(Child, mpsc::Receiver<()>), FirewallError> {
         .take()
         .ok_or_else(|| FirewallError::Spawn("nft monitor has no output".into()))?;
     let (tx, rx) = mpsc::channel(64);
+    // Weak: when nft monitor ends the channel must close (the watch then
+    // restarts both), whatever the link monitor does.
+    let link_tx = tx.downgrade();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             // A full channel already holds a wake-up: dropping this is fine.
-            if touches_our_table(&line) && tx.try_send(()).is_err() && tx.is_closed() {
+            let wake = touches_our_table(&line) || adds_elements_to_our_table(&line);
+            if wake && tx.try_send(()).is_err() && tx.is_closed() {
                 return;
             }
         }
         // Dropping tx tells FirewallWatch::changed that the monitor ended.
     });
-    Ok((child, rx))
+    let links = match spawn_link_monitor(link_tx) {
+        Ok(links) => Some(links),
+        Err(e) => {
+            tracing::warn!("the firewall tamper guard cannot watch network interfaces ({e}); a new interface gets its link-level chain at the next check");
+            None
+        }
+    };
+    Ok((child, links, rx))
+}
+
+fn spawn_link_monitor(tx: mpsc::WeakSender<()>) -> Result<Child, FirewallError> {
+    let mut child = Command::new("ip")
+        .args(["-o", "monitor", "link"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| FirewallError::Spawn("ip monitor has no output".into()))?;
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(_)) = lines.next_line().await {
+            let Some(tx) = tx.upgrade() else { return };
+            // A full channel already holds a wake-up.
+            let _ = tx.try_send(());
+        }
+    });
+    Ok(child)
+}
+
+/// Whether one line of `nft -j monitor` adds set elements to our table:
+/// ours (DNS answers) or someone else's, which [`is_present`] tells apart.
+/// Deleted elements (timeouts, someone else's deletes) only close.
+fn adds_elements_to_our_table(line: &str) -> bool {
+    let Ok(Value::Object(event)) = serde_json::from_str::<Value>(line.trim()) else {
+        return false;
+    };
+    event.get("add").is_some_and(|added| {
+        added
+            .get("element")
+            .is_some_and(|e| e["family"] == "inet" && e["table"] == TABLE)
+    })
 }
 
 /// Whether one line of `nft -j monitor` is about our table (set elements
 /// excepted). A line we cannot read counts as a change: checking costs one
 /// listing, missing a change costs the lockdown.
 fn touches_our_table(line: &str) -> bool {
+    let ours = |family: &Value| family == "inet" || family == "netdev";
     let line = line.trim();
     if line.is_empty() {
         return false;
@@ -673,14 +1034,32 @@ fn touches_our_table(line: &str) -> bool {
         };
         objects.iter().any(|(kind, obj)| match kind.as_str() {
             "element" | "metainfo" => false,
-            "table" => obj["family"] == "inet" && obj["name"] == TABLE,
-            _ => obj["family"] == "inet" && obj["table"] == TABLE,
+            "table" => ours(&obj["family"]) && obj["name"] == TABLE,
+            _ => ours(&obj["family"]) && obj["table"] == TABLE,
         })
     })
 }
 
 // ---------------------------------------------------------------------------
 // Learned addresses.
+
+/// Forgets the answers whose names (or ports) `names` no longer holds.
+fn narrow(
+    learned: &mut BTreeMap<LearnedKey, Instant>,
+    sources: &mut BTreeMap<LearnedKey, BTreeSet<String>>,
+    names: &[NamedEntry],
+) {
+    sources.retain(|&(_, proto, port), asked_by| {
+        asked_by.retain(|name| names.iter().any(|n| &n.name == name && n.allows(proto, port)));
+        !asked_by.is_empty()
+    });
+    learned.retain(|key, _| sources.contains_key(key));
+}
+
+/// Every answer the `known` sets hold.
+fn known_keys() -> Vec<LearnedKey> {
+    applied().sources.keys().copied().collect()
+}
 
 fn unexpired_learned(now: Instant) -> Vec<LearnedAddress> {
     let mut state = applied();
@@ -779,8 +1158,41 @@ fn element_batch(entries: &[LearnedAddress]) -> Batch<'static> {
     batch
 }
 
+/// Adds answers to the `known` sets (no timeout: they stay while their
+/// name and port are allowed; adding one that is there already is fine).
+fn add_known(batch: &mut Batch<'static>, keys: &[LearnedKey]) {
+    for (set, v6) in [(KNOWN4, false), (KNOWN6, true)] {
+        let elems: Vec<Expression<'static>> = keys
+            .iter()
+            .filter(|(addr, _, _)| addr.is_ipv6() == v6)
+            .map(|&(addr, proto, port)| concat(vec![s(addr.to_string()), num(proto), num(port)]))
+            .collect();
+        if !elems.is_empty() {
+            batch.add(NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: set.into(),
+                elem: Cow::Owned(elems),
+            }));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The LAN, from the routing table.
+
+/// The directly connected subnets of this namespace (IPv4 and IPv6),
+/// without the tunnel and loopback: where a DHCP server can be on-link.
+fn connected_routes(tunnel: &str) -> Vec<(IpAddr, u8)> {
+    let mut nets: Vec<(IpAddr, u8)> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/net/route") {
+        nets.extend(parse_route_v4(&text, tunnel));
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        nets.extend(parse_route_v6(&text, tunnel));
+    }
+    normalize_nets(nets)
+}
 
 /// The directly connected subnets of this network namespace, without the
 /// tunnel and loopback, plus the link-local ranges `allow_lan` opens.
@@ -968,6 +1380,14 @@ fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: "mark".into(),
+        family: None,
+        dir: None,
+    }))
+}
+
 fn ct_state() -> Expression<'static> {
     Expression::Named(NamedExpression::CT(CT {
         key: "state".into(),
@@ -1037,6 +1457,32 @@ fn tcp_or_udp() -> Statement<'static> {
     is_in(meta(MetaKey::L4proto), set_of(vec![s("tcp"), s("udp")]))
 }
 
+/// ICMP and ICMPv6 error messages (what path MTU discovery and
+/// unreachable reports are made of).
+fn icmp_errors() -> [Statement<'static>; 2] {
+    let types = |protocol: &'static str, names: &[&'static str]| {
+        is_in(
+            payload(protocol, "type"),
+            set_of(names.iter().map(|t| s(*t)).collect()),
+        )
+    };
+    [
+        types(
+            "icmp",
+            &["destination-unreachable", "time-exceeded", "parameter-problem"],
+        ),
+        types(
+            "icmpv6",
+            &[
+                "destination-unreachable",
+                "packet-too-big",
+                "time-exceeded",
+                "parameter-problem",
+            ],
+        ),
+    ]
+}
+
 fn established() -> Statement<'static> {
     is_in(ct_state(), set_of(vec![s("established"), s("related")]))
 }
@@ -1050,6 +1496,94 @@ fn icmpv6_types(types: &[&str]) -> Statement<'static> {
         payload("icmpv6", "type"),
         set_of(types.iter().map(|t| s(*t)).collect()),
     )
+}
+
+/// DHCP (68→67) and DHCPv6 (546→547) out, and their replies in, never
+/// through the tunnel. DHCPv4 goes to the limited broadcast or to a server
+/// on a directly connected subnet (unicast renewals to the lease's server);
+/// replies come from such a server, or answer a renewal (conntrack). DHCPv6
+/// goes to All_DHCP_Relay_Agents_and_Servers (ff02::1:2) or a link-local
+/// address; replies come from a link-local address (RFC 8415 servers and
+/// relays on the link answer from theirs). So a process that binds a DHCP
+/// client port gets no channel to any host beyond the link.
+fn dhcp_rules(
+    tun: &str,
+    on_link: &[(IpAddr, u8)],
+) -> (Vec<Vec<Statement<'static>>>, Vec<Vec<Statement<'static>>>) {
+    let not_out_tunnel = || {
+        Statement::Match(Match {
+            left: meta(MetaKey::Oifname),
+            right: s(tun),
+            op: Operator::NEQ,
+        })
+    };
+    let not_in_tunnel = || {
+        Statement::Match(Match {
+            left: meta(MetaKey::Iifname),
+            right: s(tun),
+            op: Operator::NEQ,
+        })
+    };
+    let ports = |sport: u16, dport: u16| {
+        vec![
+            eq(payload("udp", "sport"), num(sport)),
+            eq(payload("udp", "dport"), num(dport)),
+        ]
+    };
+    let rule =
+        |first: Statement<'static>, mut parts: Vec<Statement<'static>>, last: Vec<Statement<'static>>| {
+            let mut rule = vec![first];
+            rule.append(&mut parts);
+            rule.extend(last);
+            rule
+        };
+    let links_v4: Vec<Expression<'static>> = on_link
+        .iter()
+        .filter(|(a, _)| a.is_ipv4())
+        .map(|&n| net(n))
+        .collect();
+    let mut out = Vec::new();
+    let mut inp = Vec::new();
+    out.push(rule(
+        not_out_tunnel(),
+        ports(68, 67),
+        vec![eq(payload("ip", "daddr"), s("255.255.255.255")), accept()],
+    ));
+    inp.push(rule(
+        not_in_tunnel(),
+        ports(67, 68),
+        vec![is_in(ct_state(), set_of(vec![s("established")])), accept()],
+    ));
+    if !links_v4.is_empty() {
+        out.push(rule(
+            not_out_tunnel(),
+            ports(68, 67),
+            vec![is_in(payload("ip", "daddr"), set_of(links_v4.clone())), accept()],
+        ));
+        inp.push(rule(
+            not_in_tunnel(),
+            ports(67, 68),
+            vec![is_in(payload("ip", "saddr"), set_of(links_v4)), accept()],
+        ));
+    }
+    let link_local_v6 = || net((IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10));
+    out.push(rule(
+        not_out_tunnel(),
+        ports(546, 547),
+        vec![
+            is_in(
+                payload("ip6", "daddr"),
+                set_of(vec![s("ff02::1:2"), link_local_v6()]),
+            ),
+            accept(),
+        ],
+    ));
+    inp.push(rule(
+        not_in_tunnel(),
+        ports(547, 546),
+        vec![eq(payload("ip6", "saddr"), link_local_v6()), accept()],
+    ));
+    (out, inp)
 }
 
 struct ChainSpec {
@@ -1073,14 +1607,41 @@ impl ChainSpec {
     }
 }
 
-/// The whole table as one batch: add, delete and add the table (replaces
-/// it whether or not it exists), then its sets, chains and rules.
+/// What an apply reads from the machine and from this process's memory.
+#[derive(Debug, Default)]
+struct Inputs {
+    /// `allow_lan`'s networks (empty without it).
+    lan: Vec<(IpAddr, u8)>,
+    /// The directly connected subnets (see [`connected_routes`]).
+    on_link: Vec<(IpAddr, u8)>,
+    /// Unexpired answers to put back, with their remaining time.
+    learned: Vec<LearnedAddress>,
+    /// Every answer whose name and port are still allowed.
+    known: Vec<LearnedKey>,
+}
+
+/// [`build_table`] with only the LAN and learned addresses (unit tests).
+#[cfg(test)]
 fn build(
     lockdown: &Lockdown,
     allow: Option<&Allowlist>,
     lan: &[(IpAddr, u8)],
     learned: &[LearnedAddress],
 ) -> Batch<'static> {
+    let inputs = Inputs {
+        lan: lan.to_vec(),
+        learned: learned.to_vec(),
+        ..Inputs::default()
+    };
+    build_table(lockdown, allow, &inputs)
+}
+
+/// The whole table as one batch: add, delete and add the table (replaces
+/// it whether or not it exists), then its sets, chains and rules.
+fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) -> Batch<'static> {
+    let lan = inputs.lan.as_slice();
+    let connected = inputs.on_link.as_slice();
+    let learned = inputs.learned.as_slice();
     let tun = lockdown.tunnel_interface.as_str();
     let endpoint = SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port());
     let v6_tunnel = allow.is_some_and(|a| a.tunnel_has_ipv6);
@@ -1099,18 +1660,20 @@ fn build(
     }));
 
     for (name, ty, flag, elems) in [
-        (ALLOW4, SetType::Ipv4Addr, SetFlag::Timeout, None),
-        (ALLOW6, SetType::Ipv6Addr, SetFlag::Timeout, None),
+        (ALLOW4, SetType::Ipv4Addr, Some(SetFlag::Timeout), None),
+        (ALLOW6, SetType::Ipv6Addr, Some(SetFlag::Timeout), None),
+        (KNOWN4, SetType::Ipv4Addr, None, None),
+        (KNOWN6, SetType::Ipv6Addr, None, None),
         (
             ALLOW4_NETS,
             SetType::Ipv4Addr,
-            SetFlag::Interval,
+            Some(SetFlag::Interval),
             allow.map(|a| static_elements(a, false)),
         ),
         (
             ALLOW6_NETS,
             SetType::Ipv6Addr,
-            SetFlag::Interval,
+            Some(SetFlag::Interval),
             allow.map(|a| static_elements(a, true)),
         ),
     ] {
@@ -1125,7 +1688,7 @@ fn build(
                 SetType::InetService,
             ])),
             policy: None,
-            flags: Some(HashSet::from([flag])),
+            flags: flag.map(|flag| HashSet::from([flag])),
             elem: elems.filter(|e| !e.is_empty()).map(Cow::Owned),
             timeout: None,
             gc_interval: None,
@@ -1150,6 +1713,7 @@ fn build(
                 }));
             }
         }
+        add_known(&mut batch, &inputs.known);
     }
 
     let filter = |hook| Some((hook, NfChainType::Filter, 0));
@@ -1184,20 +1748,46 @@ fn build(
         is_in(ct_state(), set_of(vec![s("established")])),
         accept(),
     ]);
+    // Path MTU errors about the tunnel's own UDP (from any router on the
+    // path, which conntrack relates to that flow only): without them a link
+    // smaller than ours is a black hole for full-sized datagrams. See
+    // tunnel.rs for the outer don't-fragment policy that goes with it.
+    let too_big = if endpoint.is_ipv4() {
+        vec![
+            eq(payload("icmp", "type"), s("destination-unreachable")),
+            eq(payload("icmp", "code"), s("frag-needed")),
+        ]
+    } else {
+        vec![eq(payload("icmpv6", "type"), s("packet-too-big"))]
+    };
+    input.push(
+        too_big
+            .into_iter()
+            .chain([
+                is_in(ct_state(), set_of(vec![s("related")])),
+                eq(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: "daddr".into(),
+                        family: Some(if endpoint.is_ipv4() {
+                            nftables::expr::CTFamily::IP
+                        } else {
+                            nftables::expr::CTFamily::IP6
+                        }),
+                        dir: Some(nftables::expr::CTDir::Original),
+                    })),
+                    s(endpoint.ip().to_string()),
+                ),
+                accept(),
+            ])
+            .collect(),
+    );
 
-    // DHCP and DHCPv6 keep the lease.
-    for (client, server) in [(68u16, 67u16), (546, 547)] {
-        output.push(vec![
-            eq(payload("udp", "sport"), num(client)),
-            eq(payload("udp", "dport"), num(server)),
-            accept(),
-        ]);
-        input.push(vec![
-            eq(payload("udp", "sport"), num(server)),
-            eq(payload("udp", "dport"), num(client)),
-            accept(),
-        ]);
-    }
+    // DHCP and DHCPv6 keep the lease: only to the link (broadcast, on-link
+    // servers, the DHCPv6 multicast group, link-local), never through the
+    // tunnel, and only replies from there (see [`dhcp_rules`]).
+    let (dhcp_out, dhcp_in) = dhcp_rules(tun, connected);
+    output.rules.extend(dhcp_out);
+    input.rules.extend(dhcp_in);
 
     // IPv6 neighbour discovery, on-link only.
     output.push(vec![
@@ -1215,6 +1805,25 @@ fn build(
         on_link(),
         accept(),
     ]);
+
+    // TCP through the tunnel announces no larger segments than the route
+    // there carries (the tunnel's MTU), for both ends of the connection.
+    if allow.is_some() {
+        output.push(vec![
+            eq(meta(MetaKey::Oifname), s(tun)),
+            is_in(payload("tcp", "flags"), s("syn")),
+            Statement::Mangle(nftables::stmt::Mangle {
+                key: Expression::Named(NamedExpression::TcpOption(nftables::expr::TcpOption {
+                    name: "maxseg".into(),
+                    field: Some("size".into()),
+                })),
+                value: Expression::Named(NamedExpression::RT(nftables::expr::RT {
+                    key: nftables::expr::RTKey::MTU,
+                    family: None,
+                })),
+            }),
+        ]);
+    }
 
     // The pinned resolvers, through the tunnel only, before DNS is refused.
     if let Some(allow) = allow {
@@ -1239,13 +1848,11 @@ fn build(
     ]);
 
     if let Some(allow) = allow {
-        output.push(vec![eq(meta(MetaKey::Oifname), s(tun)), established(), accept()]);
-        input.push(vec![eq(meta(MetaKey::Iifname), s(tun)), established(), accept()]);
-        let mut families = vec![("ip", ALLOW4, ALLOW4_NETS)];
+        let mut families = vec![("ip", ALLOW4, ALLOW4_NETS, KNOWN4)];
         if allow.tunnel_has_ipv6 {
-            families.push(("ip6", ALLOW6, ALLOW6_NETS));
+            families.push(("ip6", ALLOW6, ALLOW6_NETS, KNOWN6));
         }
-        for (family, dynamic, literal) in families {
+        for &(family, dynamic, literal, _) in &families {
             for set in [dynamic, literal] {
                 output.push(vec![
                     eq(meta(MetaKey::Oifname), s(tun)),
@@ -1260,6 +1867,62 @@ fn build(
                     accept(),
                 ]);
             }
+        }
+        // Established flows pass only while the allowlist in force still
+        // holds what admitted them: the far end's address, protocol and
+        // port must be in a literal set or among the still-allowed answers
+        // (`known*`, which outlive a TTL but not a narrowing). Only flows
+        // we opened get this far (input drops new connections), so on the
+        // way out the far end is the destination, on the way in the source.
+        // (nft cannot put `ct original proto-dst` in a concatenation.)
+        for &(family, _, literal, known) in &families {
+            for set in [known, literal] {
+                let far_end = |addr: &'static str, port: &'static str| {
+                    is_in(
+                        concat(vec![
+                            payload(family, addr),
+                            meta(MetaKey::L4proto),
+                            payload("th", port),
+                        ]),
+                        s(format!("@{set}")),
+                    )
+                };
+                output.push(vec![
+                    eq(meta(MetaKey::Oifname), s(tun)),
+                    is_in(ct_state(), set_of(vec![s("established")])),
+                    far_end("daddr", "dport"),
+                    accept(),
+                ]);
+                input.push(vec![
+                    eq(meta(MetaKey::Iifname), s(tun)),
+                    is_in(ct_state(), set_of(vec![s("established")])),
+                    far_end("saddr", "sport"),
+                    accept(),
+                ]);
+            }
+        }
+        // ICMP errors about those flows (path MTU, unreachable) come back
+        // through the tunnel; conntrack marks them related only when they
+        // quote a flow it tracks.
+        for errors in icmp_errors() {
+            input.push(vec![
+                eq(meta(MetaKey::Iifname), s(tun)),
+                is_in(ct_state(), set_of(vec![s("related")])),
+                errors,
+                accept(),
+            ]);
+        }
+        // The pinned resolvers' answers.
+        let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
+        for server in servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
+            input.push(vec![
+                eq(meta(MetaKey::Iifname), s(tun)),
+                eq(payload(ip(server), "saddr"), s(server.to_string())),
+                tcp_or_udp(),
+                eq(payload("th", "sport"), num(53u32)),
+                established(),
+                accept(),
+            ]);
         }
     }
 
@@ -1301,6 +1964,36 @@ fn build(
         Some(RejectCode::AdminProhibited),
     )))]);
 
+    // The same rules once more where the real output device is known:
+    // another table's nat (a `dnat` after our filter, as Docker and
+    // kube-proxy do) or route chain (a new mark) can send a packet that
+    // `output` saw going to `lo` or the tunnel somewhere else. `reject` is
+    // not allowed in postrouting, so refusals drop here; verify's counter
+    // stays in `output` alone.
+    let mut postrouting = ChainSpec::new(POSTROUTING, filter(NfHook::Postrouting));
+    // Tag every flow of the session (see SESSION_CT_BIT); a packet dropped
+    // below leaves no tracked flow behind anyway.
+    postrouting.push(vec![Statement::Mangle(nftables::stmt::Mangle {
+        key: ct_mark(),
+        value: Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::OR(vec![
+            ct_mark(),
+            num(SESSION_CT_BIT),
+        ]))),
+    })]);
+    for rule in &output.rules {
+        if rule.iter().any(|st| matches!(st, Statement::Counter(_))) {
+            continue;
+        }
+        postrouting.push(
+            rule.iter()
+                .map(|st| match st {
+                    Statement::Jump(jump) if jump.target == REFUSE => Statement::Drop(None),
+                    other => other.clone(),
+                })
+                .collect(),
+        );
+    }
+
     // Room for the stub: every DNS packet but the stub's own to the stub.
     let mut chains = vec![refuse_chain];
     if let Some(redirect) = allow.and_then(|a| a.dns_redirect) {
@@ -1321,7 +2014,7 @@ fn build(
         ]);
         chains.push(nat);
     }
-    chains.extend([output, input, forward]);
+    chains.extend([output, input, forward, postrouting]);
 
     for chain in &chains {
         batch.add(NfListObject::Chain(Chain {
@@ -1350,6 +2043,120 @@ fn build(
         }
     }
     batch
+}
+
+// ---------------------------------------------------------------------------
+// The link-level table.
+
+/// Our second table (family netdev): an egress chain on every interface of
+/// this namespace but `lo` and the tunnel. It sees what leaves through the
+/// device whoever sent it: this namespace's packets, and those of a
+/// macvlan/ipvlan child in another namespace or of a bridge port (VMs,
+/// containers), which never meet the `inet` hooks here.
+fn link_table() -> Table<'static> {
+    Table {
+        family: NfFamily::NetDev,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+/// The interfaces of this namespace that get an egress chain, sorted:
+/// every one but `lo` and the tunnel (from `/proc/net/dev`, which lists
+/// the reading process's namespace).
+fn link_devices(tunnel: &str) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    parse_proc_net_dev(&text, tunnel)
+}
+
+fn parse_proc_net_dev(text: &str, tunnel: &str) -> Vec<String> {
+    let mut devices: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.split_once(':').map(|(name, _)| name.trim()))
+        .filter(|name| !name.is_empty() && !name.contains('|') && *name != "lo" && *name != tunnel)
+        .map(str::to_string)
+        .collect();
+    devices.sort();
+    devices.dedup();
+    devices
+}
+
+/// Adds `netdev sessiongate` (replaced as a whole, like ours in `inet`) to
+/// `batch`. Each egress chain (policy drop) lets out only: ARP; the
+/// tunnel's UDP to the endpoint (mark, address and port); DHCP and DHCPv6
+/// as in the `inet` table; IPv6 neighbour discovery (hop limit 255) and
+/// MLD reports (hop limit 1); the LAN under `allow_lan`.
+fn add_link_table(batch: &mut Batch<'static>, lockdown: &Lockdown, inputs: &Inputs, devices: &[String]) {
+    let endpoint = SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port());
+    batch.add(NfListObject::Table(link_table()));
+    batch.delete(NfListObject::Table(link_table()));
+    batch.add(NfListObject::Table(link_table()));
+
+    let mut rules: Vec<Vec<Statement<'static>>> = Vec::new();
+    rules.push(vec![eq(meta(MetaKey::Protocol), s("arp")), accept()]);
+    rules.push(vec![
+        eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
+        eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
+        eq(payload("udp", "dport"), num(endpoint.port())),
+        accept(),
+    ]);
+    // DHCP: the same rules as the inet table's, without the tunnel test
+    // (the tunnel has no chain here).
+    let (dhcp_out, _) = dhcp_rules(&lockdown.tunnel_interface, &inputs.on_link);
+    for rule in dhcp_out {
+        rules.push(
+            rule.into_iter()
+                .filter(|st| !matches!(st, Statement::Match(m) if m.op == Operator::NEQ))
+                .collect(),
+        );
+    }
+    rules.push(vec![
+        icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
+        on_link(),
+        accept(),
+    ]);
+    rules.push(vec![
+        icmpv6_types(&["mld-listener-report", "mld-listener-done", "mld2-listener-report"]),
+        eq(payload("ip6", "hoplimit"), num(1u32)),
+        accept(),
+    ]);
+    if lockdown.allow_lan {
+        for (family, v6) in [("ip", false), ("ip6", true)] {
+            let nets: Vec<Expression<'static>> = inputs
+                .lan
+                .iter()
+                .filter(|(a, _)| a.is_ipv6() == v6)
+                .map(|&n| net(n))
+                .collect();
+            if !nets.is_empty() {
+                rules.push(vec![is_in(payload(family, "daddr"), set_of(nets)), accept()]);
+            }
+        }
+    }
+
+    for (index, device) in devices.iter().enumerate() {
+        let name = format!("egress{index}");
+        batch.add(NfListObject::Chain(Chain {
+            family: NfFamily::NetDev,
+            table: TABLE.into(),
+            name: name.clone().into(),
+            _type: Some(NfChainType::Filter),
+            hook: Some(NfHook::Egress),
+            prio: Some(0),
+            dev: Some(device.clone().into()),
+            policy: Some(NfChainPolicy::Drop),
+            ..Default::default()
+        }));
+        for rule in &rules {
+            batch.add(NfListObject::Rule(Rule {
+                family: NfFamily::NetDev,
+                table: TABLE.into(),
+                chain: name.clone().into(),
+                expr: Cow::Owned(rule.clone()),
+                ..Default::default()
+            }));
+        }
+    }
 }
 
 /// The profile's literal networks as interval-set elements, without
@@ -1403,6 +2210,7 @@ mod tests {
                     udp: vec![],
                 },
             ],
+            names: vec![],
             dns_servers: vec![
                 v4(192, 0, 2, 65),
                 IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x53)),
@@ -1486,7 +2294,7 @@ mod tests {
         assert!(endpoint.contains("51820"), "{endpoint}");
         let text = serde_json::to_string(&objs).expect("text");
         assert!(
-            !text.contains("sg0"),
+            !text.contains(r#""op":"==","right":"sg0""#),
             "lockdown must not open the tunnel interface"
         );
         assert!(
@@ -1518,8 +2326,19 @@ mod tests {
                 || (packet.mark == fwmark
                     && packet.proto == "udp"
                     && SocketAddr::new(packet.daddr, packet.dport) == endpoint)
-                || (packet.proto == "udp" && packet.sport == 68 && packet.dport == 67)
-                || (packet.proto == "udp" && packet.sport == 546 && packet.dport == 547)
+                // DHCP only to the link (the unit test has no connected
+                // subnets: the limited broadcast), never through the tunnel.
+                || (packet.proto == "udp"
+                    && packet.oif != "sg0"
+                    && packet.sport == 68
+                    && packet.dport == 67
+                    && packet.daddr == IpAddr::V4(Ipv4Addr::BROADCAST))
+                || (packet.proto == "udp"
+                    && packet.oif != "sg0"
+                    && packet.sport == 546
+                    && packet.dport == 547
+                    && (packet.daddr == "ff02::1:2".parse::<IpAddr>().expect("address")
+                        || mask(packet.daddr, 10) == mask("fe80::".parse().expect("address"), 10)))
                 || (packet.proto == "ipv6-icmp"
                     && packet.hoplimit == 255
                     && ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
@@ -1572,6 +2391,8 @@ mod tests {
             "255.255.255.255",
             "2001:db8::1",
             "::1",
+            "ff02::1:2",
+            "fe80::1",
         ];
         let ports = [
             (40000u16, 51820u16),
@@ -2016,7 +2837,7 @@ mod tests {
         fn send<T: Send>(_: T) {}
         let allow = session();
         send(apply(&lockdown(), Some(&allow)));
-        send(add_addresses(&[]));
+        send(add_addresses("meet.test", &[]));
         send(remove());
         send(is_present());
     }
@@ -2098,5 +2919,188 @@ mod tests {
             assert!(validate(&l, None).is_err(), "{bad:?}");
         }
         assert!(validate(&lockdown(), None).is_ok());
+    }
+
+    #[test]
+    fn narrowing_forgets_answers_of_removed_names_and_ports_but_not_expired_ones() {
+        let meet = |tcp: Vec<u16>| NamedEntry {
+            name: "meet.test".into(),
+            tcp,
+            udp: vec![],
+        };
+        let now = Instant::now();
+        let host = v4(203, 0, 113, 10);
+        let mut learned = BTreeMap::from([((host, TCP, 443), now + Duration::from_secs(60))]);
+        let mut sources = BTreeMap::from([
+            ((host, TCP, 443), BTreeSet::from(["meet.test".to_string()])),
+            // Expired from `learned`, still known: its flows go on.
+            ((host, TCP, 9000), BTreeSet::from(["meet.test".to_string()])),
+        ]);
+        narrow(&mut learned, &mut sources, &[meet(vec![443, 9000])]);
+        assert_eq!(sources.len(), 2);
+        assert_eq!(learned.len(), 1);
+        narrow(&mut learned, &mut sources, &[meet(vec![9000])]);
+        assert_eq!(sources.keys().collect::<Vec<_>>(), [&(host, TCP, 9000)]);
+        assert!(learned.is_empty());
+        narrow(&mut learned, &mut sources, &[]);
+        assert!(sources.is_empty());
+    }
+
+    #[test]
+    fn dhcp_only_to_the_link_and_never_through_the_tunnel() {
+        let inputs = Inputs {
+            on_link: vec![(v4(192, 0, 2, 0), 26)],
+            ..Inputs::default()
+        };
+        let batch = build_table(&lockdown(), None, &inputs);
+        let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+        let objs = value["nftables"].as_array().expect("array").clone();
+        for (chain, port) in [(OUTPUT, "68"), (INPUT, "67")] {
+            let dhcp: Vec<String> = rules(&objs, chain)
+                .into_iter()
+                .filter(|r| {
+                    r.contains(&format!(r#""right":{port}"#))
+                        || r.contains(r#""right":546"#)
+                        || r.contains(r#""right":547"#)
+                })
+                .collect();
+            assert_eq!(dhcp.len(), 3, "{chain}: {dhcp:#?}");
+            for rule in &dhcp {
+                assert!(rule.contains(r#""op":"!=""#) && rule.contains("sg0"), "{rule}");
+                assert!(
+                    [
+                        "255.255.255.255",
+                        "192.0.2.0",
+                        "ff02::1:2",
+                        "fe80::",
+                        "established"
+                    ]
+                    .iter()
+                    .any(|only| rule.contains(only)),
+                    "a DHCP rule open to any address: {rule}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn postrouting_repeats_output_with_drops_and_without_the_verify_counter() {
+        let objs = objects(&lockdown(), Some(&session()), &[]);
+        let out = rules(&objs, OUTPUT);
+        let post = rules(&objs, POSTROUTING);
+        // The session's ct mark first, then output's rules but the counter.
+        assert!(
+            post[0].contains("mangle") && post[0].contains(&SESSION_CT_BIT.to_string()),
+            "{post:#?}"
+        );
+        let post = &post[1..];
+        assert_eq!(post.len(), out.len() - 1, "{post:#?}");
+        assert!(post
+            .iter()
+            .all(|r| !r.contains("refuse") && !r.contains(REFUSED_COUNTER)));
+        assert_eq!(post.last().expect("rules"), r#"[{"drop":null}]"#);
+        let chain = objs
+            .iter()
+            .filter_map(|o| o["add"].get("chain"))
+            .find(|c| c["name"] == POSTROUTING)
+            .expect("postrouting chain");
+        assert_eq!(chain["hook"], "postrouting");
+        assert_eq!(chain["policy"], "drop");
+    }
+
+    #[test]
+    fn path_mtu_errors_for_the_tunnels_own_flow_and_mss_clamped_in_the_tunnel() {
+        let objs = objects(&lockdown(), Some(&session()), &[]);
+        let input = rules(&objs, INPUT);
+        let too_big = &input[position(&input, "frag-needed")];
+        assert!(
+            too_big.contains("related") && too_big.contains("198.51.100.2") && too_big.contains("original"),
+            "{too_big}"
+        );
+        let out = rules(&objs, OUTPUT);
+        let clamp = &out[position(&out, "maxseg")];
+        assert!(clamp.contains("sg0") && clamp.contains("mtu"), "{clamp}");
+        let locked = rules(&objects(&lockdown(), None, &[]), OUTPUT);
+        assert!(!locked.iter().any(|r| r.contains("maxseg")));
+    }
+
+    #[test]
+    fn elements_that_are_not_our_answers_are_foreign() {
+        let listing: Value = serde_json::from_str(
+            r#"{"nftables": [
+                {"set": {"family": "inet", "table": "sessiongate", "name": "allow4", "elem": [
+                    {"elem": {"val": {"concat": ["203.0.113.10", "tcp", 443]}, "timeout": 90, "expires": 89}},
+                    {"elem": {"val": {"concat": ["203.0.113.20", "tcp", 443]}, "timeout": 90}}]}},
+                {"set": {"family": "inet", "table": "sessiongate", "name": "known6", "elem": [
+                    {"concat": ["2001:db8::10", "udp", 10000]}]}},
+                {"set": {"family": "inet", "table": "sessiongate", "name": "allow4_nets", "elem": [
+                    {"concat": [{"prefix": {"addr": "203.0.113.0", "len": 24}}, "tcp", 443]}]}}]}"#,
+        )
+        .expect("json");
+        let ours = |keys: &[LearnedKey]| -> BTreeMap<LearnedKey, BTreeSet<String>> {
+            keys.iter()
+                .map(|k| (*k, BTreeSet::from(["meet.test".to_string()])))
+                .collect()
+        };
+        let meet = (v4(203, 0, 113, 10), TCP, 443);
+        let meet6 = ("2001:db8::10".parse().expect("v6"), UDP, 10000);
+        let foreign = foreign_elements(&listing, &ours(&[meet, meet6]));
+        assert_eq!(foreign.len(), 1, "{foreign:?}");
+        assert!(foreign[0].contains("203.0.113.20"), "{foreign:?}");
+        assert_eq!(foreign_elements(&listing, &ours(&[meet])).len(), 2);
+
+        assert!(adds_elements_to_our_table(
+            r#"{"add": {"element": {"family": "inet", "table": "sessiongate", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
+        assert!(!adds_elements_to_our_table(
+            r#"{"delete": {"element": {"family": "inet", "table": "sessiongate", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
+        assert!(!adds_elements_to_our_table(
+            r#"{"add": {"element": {"family": "inet", "table": "other", "name": "allow4", "elem": {"set": []}}}}"#
+        ));
+    }
+
+    #[test]
+    fn link_table_closes_every_interface_but_lo_and_the_tunnel() {
+        let dev = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+  sg0:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+ wlan0:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+  eth0:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+";
+        assert_eq!(parse_proc_net_dev(dev, "sg0"), ["eth0", "wlan0"]);
+
+        let mut batch = Batch::new();
+        let inputs = Inputs {
+            on_link: vec![(v4(192, 0, 2, 0), 26)],
+            ..Inputs::default()
+        };
+        add_link_table(&mut batch, &lockdown(), &inputs, &["eth0".into(), "wlan0".into()]);
+        let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+        let objs = value["nftables"].as_array().expect("array").clone();
+        let chains: Vec<&Value> = objs.iter().filter_map(|o| o["add"].get("chain")).collect();
+        assert_eq!(chains.len(), 2);
+        for chain in &chains {
+            assert_eq!(chain["family"], "netdev");
+            assert_eq!(chain["hook"], "egress");
+            assert_eq!(chain["policy"], "drop");
+        }
+        let egress = rules(&objs, "egress0");
+        let endpoint = &egress[position(&egress, "198.51.100.2")];
+        assert!(
+            endpoint.contains("21319") && endpoint.contains("51820"),
+            "{endpoint}"
+        );
+        assert!(egress.iter().all(|r| !r.contains("sg0")), "{egress:#?}");
+        assert!(!egress
+            .iter()
+            .any(|r| r.contains("192.0.2.0") && !r.contains("67")));
+        for rule in &egress {
+            assert!(rule.ends_with(r#"{"accept":null}]"#), "{rule}");
+        }
+        assert!(touches_our_table(
+            r#"{"delete": {"chain": {"family": "netdev", "table": "sessiongate", "name": "egress0"}}}"#
+        ));
     }
 }

@@ -48,6 +48,13 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // Before any key is read: this process will hold the tunnel's private
+    // key, so it must never leave a core file (the watchdog's abort would
+    // write one) and its memory must stay closed to other processes of
+    // its uid.
+    if let Err(e) = forbid_core_dumps() {
+        tracing::warn!("could not turn core dumps off: {e}");
+    }
     if args.nft_binary {
         sessiond::nft::use_binary_only();
     }
@@ -66,7 +73,7 @@ fn main() -> std::process::ExitCode {
         tracing::error!("{e}");
         match runtime.block_on(sessiond::session::lock_down_persisted(&args.state_dir)) {
             Ok(Some(profile)) => tracing::error!(
-                "the session of profile {profile} stays locked down: fix the above and start sessiond again, then `sessionctl stop` ends it (or `nft delete table inet sessiongate` by hand)"
+                "the session of profile {profile} stays locked down: fix the above and start sessiond again, then `sessionctl stop` ends it (or `nft delete table inet sessiongate` and `nft delete table netdev sessiongate` by hand)"
             ),
             Ok(None) => {}
             Err(e) => tracing::error!("{e:#}"),
@@ -80,6 +87,26 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// PR_SET_DUMPABLE 0 (no core file unless the administrator set
+/// fs.suid_dumpable=2, and no ptrace or /proc/PID/mem without
+/// CAP_SYS_PTRACE) and a core size limit of 0 (which also covers
+/// fs.suid_dumpable=2; children such as nft inherit it).
+fn forbid_core_dumps() -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit that outlives the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -122,4 +149,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = server_task.await;
     let _ = machine_task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn core_dumps_are_forbidden() {
+        super::forbid_core_dumps().expect("prctl and setrlimit");
+        // SAFETY: PR_GET_DUMPABLE takes no pointer.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
+        let mut limit = libc::rlimit {
+            rlim_cur: 1,
+            rlim_max: 1,
+        };
+        // SAFETY: a valid rlimit to fill.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut limit) }, 0);
+        assert_eq!((limit.rlim_cur, limit.rlim_max), (0, 0));
+    }
 }

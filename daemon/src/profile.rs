@@ -3,7 +3,9 @@
 //!
 //! This module owns every rule about what a valid profile is, and the wording
 //! of the error a person sees when one is not. It reads files (the profile and
-//! its key files) and never changes anything on the system.
+//! its key files) and never changes anything on the system. Buffers that
+//! held key material (the profile text, which may hold an inline key, key
+//! files, decoded bytes) are wiped when dropped (`zeroize`).
 
 use std::fmt;
 use std::fs;
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::keys::Key;
 
@@ -24,6 +27,11 @@ pub const DEFAULT_INTERFACE: &str = "sg0";
 pub const DEFAULT_MTU: u16 = 1420;
 /// Default time `start` waits for the first handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+/// Room reserved up front for a profile's text (a bigger one still loads;
+/// its buffer may then grow).
+const MAX_PROFILE_BYTES: usize = 64 * 1024;
+/// A key file holds 44 base64 characters and some white space.
+const KEY_FILE_MAX_BYTES: usize = 256;
 
 /// A profile that failed to load or validate. Displays as one sentence:
 /// `profile NAME: FIELD: what is wrong`.
@@ -241,19 +249,27 @@ impl Profile {
     /// Reads and validates the profile file at `path`. The profile's name is
     /// the file stem; relative key paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+        use std::io::Read;
         let name = profile_name_of(path);
-        let text = fs::read_to_string(path).map_err(|e| {
+        let unreadable = |e: std::io::Error| {
             ProfileError::whole(
                 &name,
                 format!("cannot read {}: {}", path.display(), io_reason(&e)),
             )
-        })?;
-        let meta = fs::metadata(path).map_err(|e| {
-            ProfileError::whole(
-                &name,
-                format!("cannot read {}: {}", path.display(), io_reason(&e)),
-            )
-        })?;
+        };
+        // Mode, owner and text from one open file, so the file checked is
+        // the file read. Whoever can write a profile decides where traffic
+        // goes: one that others may write is refused, at every start and
+        // every reload.
+        let mut file = fs::File::open(path).map_err(unreadable)?;
+        let meta = file.metadata().map_err(unreadable)?;
+        crate::trust::check_profile_file(path, &meta).map_err(|e| ProfileError::whole(&name, e.0))?;
+        // The text may hold an inline private key: wiped when dropped, and
+        // read into room reserved up front so that no grown-out copy is
+        // left behind in freed memory.
+        let room = usize::try_from(meta.len()).unwrap_or(0).saturating_add(1);
+        let mut text = Zeroizing::new(String::with_capacity(room.min(MAX_PROFILE_BYTES)));
+        file.read_to_string(&mut text).map_err(unreadable)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut profile = parse(&name, &text, base, meta.mode())?;
         profile.path = path.to_path_buf();
@@ -366,8 +382,10 @@ impl Validator<'_> {
         })
     }
 
-    fn tunnel(&self, t: TunnelSection) -> Result<Tunnel, ProfileError> {
-        let private_key = match (&t.private_key_file, &t.private_key) {
+    fn tunnel(&self, mut t: TunnelSection) -> Result<Tunnel, ProfileError> {
+        // Wiped on every way out of here.
+        let inline_key = t.private_key.take().map(Zeroizing::new);
+        let private_key = match (&t.private_key_file, inline_key.as_deref()) {
             (Some(_), Some(_)) => {
                 return Err(self.err("tunnel", "give either private_key_file or private_key, not both"));
             }
@@ -519,21 +537,43 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let text = fs::read_to_string(&path).map_err(|e| {
+        let unreadable = |e: std::io::Error| {
             self.err(
                 field,
                 format!("cannot read key file {}: {}", path.display(), io_reason(&e)),
             )
-        })?;
+        };
+        // Into a buffer that is wiped when dropped, with room for the whole
+        // file reserved first (a grown buffer would leave copies behind).
+        let mut text = Zeroizing::new(Vec::with_capacity(KEY_FILE_MAX_BYTES + 1));
+        fs::File::open(&path)
+            .and_then(|f| {
+                use std::io::Read;
+                f.take(KEY_FILE_MAX_BYTES as u64 + 1).read_to_end(&mut text)
+            })
+            .map_err(unreadable)?;
+        if text.len() > KEY_FILE_MAX_BYTES {
+            return Err(self.err(
+                field,
+                format!(
+                    "key file {} is longer than a WireGuard key file can be",
+                    path.display()
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(&text)
+            .map_err(|_| self.err(field, format!("key file {}: is not text", path.display())))?;
         decode_key(text.trim()).map_err(|m| self.err(field, format!("key file {}: {m}", path.display())))
     }
 }
 
 /// Decodes a base64 WireGuard key (32 bytes).
 pub fn decode_key(text: &str) -> Result<Key, String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map_err(|_| "is not valid base64 (expected a 44-character WireGuard key)".to_string())?;
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| "is not valid base64 (expected a 44-character WireGuard key)".to_string())?,
+    );
     let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
         format!(
             "decodes to {} bytes, but a WireGuard key is 32 bytes",
@@ -887,5 +927,46 @@ tcp = [5349]
         for bad in ["../../etc/passwd", "/etc/passwd", "a/b", "", ".hidden", "x\0y"] {
             assert!(check_profile_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_profile_file_others_can_write_is_refused_on_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.toml");
+        fs::write(&path, good()).expect("write profile");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(Profile::load(&path).is_ok());
+        for mode in [0o620, 0o602, 0o666] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let e = Profile::load(&path)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("writable by group or others") && e.contains("chmod go-w"),
+                "mode {mode:o}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_file_longer_than_a_key_file_can_be_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("client.key");
+        fs::write(&key, format!("{PRIV}\n{}", " ".repeat(KEY_FILE_MAX_BYTES))).expect("write key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let text = good().replace(
+            &format!("private_key = \"{PRIV}\""),
+            "private_key_file = \"client.key\"",
+        );
+        let e = parse("p", &text, dir.path(), 0o644)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("longer than a WireGuard key file can be"), "{e}");
+        fs::write(&key, format!("{PRIV}\n")).expect("write key");
+        assert!(parse("p", &text, dir.path(), 0o644).is_ok());
     }
 }

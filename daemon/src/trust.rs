@@ -14,8 +14,9 @@
 //!   by root or the daemon's user (it is created with mode 0700 when it is
 //!   missing).
 //!
-//! A profile file that others may write is only warned about: the issue
-//! that added this check covers directories and key files.
+//! A profile file that others may write is warned about here (the other
+//! profiles stay usable) and refused by [`check_profile_file`] whenever it
+//! is loaded: at `sessionctl start`, at a hot reload, at a resume.
 //!
 //! It only reads metadata (and the profiles, to find the key files they
 //! name); it never changes a mode or an owner, except for creating a missing
@@ -67,6 +68,14 @@ fn only_root_writes(what: &str, path: &Path, meta: &fs::Metadata, euid: u32) -> 
         )));
     }
     Ok(())
+}
+
+/// Refuses a profile file (its metadata from the open file) that anyone
+/// but root or the daemon's user can write: such a user could widen a
+/// running session's allowlist by a reload.
+pub fn check_profile_file(path: &Path, meta: &fs::Metadata) -> Result<(), TrustError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    only_root_writes("its file", path, meta, euid)
 }
 
 fn unreadable(what: &str, path: &Path, e: &io::Error) -> TrustError {

@@ -144,6 +144,10 @@ impl Tunnel {
             .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
         let udp_state = quinn_udp::UdpSocketState::new((&udp).into())
             .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+        // After quinn-udp, which sets IP_PMTUDISC_PROBE (DF, path MTU
+        // ignored): see `survive_small_path_mtu`.
+        survive_small_path_mtu(&udp, config.endpoint)
+            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
 
         let secret = StaticSecret::from(*config.private_key.as_bytes());
         let peer = PublicKey::from(*config.peer_public_key.as_bytes());
@@ -274,6 +278,46 @@ fn bind_marked_socket(endpoint: SocketAddr, fwmark: u32) -> std::io::Result<UdpS
     }
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)
+}
+
+/// The outer datagrams' don't-fragment policy. With quinn-udp's
+/// IP_PMTUDISC_PROBE every datagram carries DF and the kernel ignores what
+/// it learns about the path: behind a link smaller than the interface (a
+/// 1280-byte LTE, DS-Lite or PPPoE hop) full-sized datagrams are dropped
+/// and a bulk transfer stalls while small packets pass (a frozen picture
+/// in a call). IPv4: IP_PMTUDISC_DONT, no DF, so a router on the path
+/// fragments what does not fit (kernel WireGuard does the same). IPv6,
+/// where routers never fragment: IPV6_PMTUDISC_WANT, so the kernel takes
+/// the path MTU from ICMPv6 "packet too big" (the firewall lets those in
+/// for this flow only) and fragments at the source. UDP GSO trains larger
+/// than a learned path MTU are refused by the kernel; the send path then
+/// falls back to single datagrams (see `Driver::send_batch`).
+fn survive_small_path_mtu(socket: &UdpSocket, endpoint: SocketAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name, value) = match endpoint.ip() {
+        IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_WANT,
+        ),
+    };
+    // SAFETY: a valid socket descriptor we own, and a c_int option value
+    // whose size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The packet task's state. It owns `Tunn`, so no lock sits on the data path.

@@ -19,6 +19,10 @@ use crate::util::{self, wait_until};
 /// How long `start_sessiond`/`restart` wait for the control socket.
 pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Extra sessiond arguments for every run, whitespace-separated (for
+/// scripts/mutants, which needs `--nft-binary`).
+pub const EXTRA_ARGS_ENV: &str = "LAB_SESSIOND_EXTRA_ARGS";
+
 /// The control group sessiond is given unless a test names another; the lab
 /// does not create it (so only root may use the socket).
 const DEFAULT_CONTROL_GROUP: &str = "sessiongate";
@@ -213,6 +217,13 @@ impl Daemon<'_> {
             &self.control_group,
         ];
         args.extend(self.extra.iter().map(String::as_str));
+        // scripts/mutants runs every sessiond with `--nft-binary` this way.
+        let from_env = std::env::var(EXTRA_ARGS_ENV).unwrap_or_default();
+        for arg in from_env.split_whitespace() {
+            if !args.contains(&arg) {
+                args.push(arg);
+            }
+        }
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let child = self.lab.spawn_env(Ns::Client, "sessiond", &args, &env)?;
         self.runs.push(child.clone());

@@ -672,6 +672,28 @@ impl Lab {
         self.labhost_probe(ns, &["probe-udp", addr, &port, "--timeout-ms", &ms])
     }
 
+    /// `probe_udp` from a chosen source port (0: any) and with SO_MARK
+    /// `mark` (what only root can set), e.g. to try the tunnel's fwmark.
+    pub fn probe_udp_crafted(
+        &self,
+        ns: Ns,
+        addr: &str,
+        port: u16,
+        sport: u16,
+        mark: Option<u32>,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let port = port.to_string();
+        let sport = sport.to_string();
+        let ms = timeout.as_millis().to_string();
+        let mark = mark.map(|m| format!("{m:#x}"));
+        let mut args = vec!["probe-udp", addr, &port, "--timeout-ms", &ms, "--sport", &sport];
+        if let Some(m) = &mark {
+            args.extend(["--mark", m.as_str()]);
+        }
+        self.labhost_probe(ns, &args)
+    }
+
     /// One DNS query over UDP from inside `ns` straight to `server`
     /// (`qtype`: "A", "AAAA", ...). Ok(parsed reply) whenever a reply came.
     pub fn dns_query(&self, ns: Ns, server: &str, name: &str, qtype: &str) -> Result<DnsReply, String> {

@@ -4,7 +4,10 @@
 //!
 //! *Outside the tunnel* (`leaks`): in the router namespace, every packet that
 //! arrives from the client's veth (forwarded or for the router itself) except
-//! the tunnel's UDP to 198.51.100.2:51820. IPv6 neighbour discovery / router
+//! the tunnel's UDP to 198.51.100.2:51820: a datagram to that address and port
+//! counts too unless it starts like a WireGuard message (type 1-4 and three
+//! zero bytes), so an application's own UDP to the endpoint is a leak like
+//! any other. IPv6 neighbour discovery / router
 //! solicitation / MLD are not counted: they are link control (what ARP is for
 //! IPv4, which an inet table does not see) and carry nothing of the user's.
 //!
@@ -91,7 +94,7 @@ fn outside_ruleset() -> String {
     format!(
         r#"table inet {TABLE} {{{sets}{tally}
 	chain check {{
-		ip daddr {gw} udp dport {port} return
+		ip daddr {gw} udp dport {port} @th,64,32 {{ 0x01000000, 0x02000000, 0x03000000, 0x04000000 }} return
 		icmpv6 type {{ {LINK_CONTROL_V6} }} return
 		jump tally
 	}}

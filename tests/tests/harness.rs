@@ -33,6 +33,18 @@ fn client_reaches_host_directly_and_the_meter_sees_it() {
     let udp6 = lab.probe_udp(Ns::Client, addr::HOST_V6, 10000);
     assert_eq!(udp6, Ok(format!("peer={} probe", addr::CLIENT_V6)));
 
+    // Not WireGuard, so it counts although it goes to the endpoint.
+    let to_endpoint = lab.probe_udp_timeout(
+        Ns::Client,
+        addr::GATEWAY_V4,
+        addr::WG_PORT,
+        Duration::from_millis(200),
+    );
+    assert!(
+        to_endpoint.is_err(),
+        "wireguard-go answered a probe: {to_endpoint:?}"
+    );
+
     let leaks = lab.leaks().expect("read leaks");
     assert!(leaks > 0, "the meter must count direct traffic");
     let dests = lab.leak_destinations().expect("leak destinations");
@@ -41,6 +53,7 @@ fn client_reaches_host_directly_and_the_meter_sees_it() {
         format!("{} udp/10000", addr::HOST_V4),
         format!("{} tcp/8443", addr::OTHER_V4),
         format!("{} tcp/443", addr::HOST_V6),
+        format!("{} udp/{}", addr::GATEWAY_V4, addr::WG_PORT),
     ] {
         assert!(dests.contains(&want), "{want} missing from {dests:?}");
     }

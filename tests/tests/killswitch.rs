@@ -25,7 +25,8 @@ fn literal_profile(lab: &Lab, name: &str, edit: impl FnOnce(String) -> String) {
                     &format!("host = \"{}\"", addr::HOST_V4),
                 )
                 .replace("tcp = [443]", "tcp = [443, 853]")
-                .replace("udp = [10000]", "udp = [10000, 853]"),
+                .replace("udp = [10000]", "udp = [10000, 853]")
+                .replace("[options]", CIDR_ALLOWS),
             )
         })
         .expect("write profile");
@@ -44,6 +45,15 @@ fn state(daemon: &Daemon) -> String {
 fn through_tunnel() -> Result<String, String> {
     Ok(format!("peer={}", addr::GATEWAY_V4))
 }
+
+/// Networks allowed by CIDR (where nothing lives): the literal sets then hold
+/// intervals, as a practice's profile may.
+const CIDR_ALLOWS: &str = "[[allow]]\nhost = \"203.0.113.96/27\"\ntcp = [443]\n\n\
+     [[allow]]\nhost = \"2001:db8:203::100/120\"\ntcp = [443]\n\n[options]";
+
+/// The tunnel's fwmark (`ip rule` shows it during a session): sessiond's
+/// own UDP to the endpoint carries it, and it means "bypass the tunnel".
+const TUNNEL_FWMARK: u32 = 0x5347;
 
 /// Probes that must all be refused during a session (other host, unlisted
 /// port, IPv6, the public resolver, DNS-over-TLS to the allowed host, which
@@ -427,5 +437,137 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
         lab.exec_ok(Ns::Client, &["nft", "list", "ruleset"])
             .expect("ruleset"),
         ruleset_before
+    );
+}
+
+/// What a process with root's powers could craft is refused too: an
+/// application's own UDP to the endpoint (not WireGuard: the outside meter
+/// counts it), datagrams carrying the tunnel's fwmark (they bypass the
+/// tunnel's route) to the allowed host, the pinned resolver, another host on
+/// the endpoint's port and the endpoint on another port, DHCP-like ports
+/// to the wrong place, and the pinned resolver through the tunnel on ports
+/// other than 53. A refused datagram fails at once (an ICMP error), not by
+/// timing out.
+#[test]
+fn crafted_packets_are_refused_too() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    let short = Duration::from_millis(500);
+    let mut passed = Vec::new();
+    let mut udp = |what: &str, addr: &str, port: u16, sport: u16, mark: Option<u32>| {
+        if let Ok(reply) = lab.probe_udp_crafted(Ns::Client, addr, port, sport, mark, short) {
+            passed.push(format!("{what}: {reply}"));
+        }
+    };
+    udp(
+        "plain udp to the endpoint",
+        addr::GATEWAY_V4,
+        addr::WG_PORT,
+        0,
+        None,
+    );
+    let mark = Some(TUNNEL_FWMARK);
+    udp("marked, allowed host", addr::HOST_V4, 10000, 0, mark);
+    udp("marked, pinned resolver", addr::GATEWAY_TUN_V4, 53, 0, mark);
+    udp(
+        "marked, other host on the endpoint's port",
+        addr::OTHER_V4,
+        addr::WG_PORT,
+        0,
+        mark,
+    );
+    udp(
+        "marked, endpoint on another port",
+        addr::GATEWAY_V4,
+        10000,
+        0,
+        mark,
+    );
+    udp("marked, allowed host over IPv6", addr::HOST_V6, 10000, 0, mark);
+    udp("to port 67 from a high port", addr::OTHER_V4, 67, 40000, None);
+    udp("from port 68 to a high port", addr::OTHER_V4, 10000, 68, None);
+    udp("to port 547 from a high port", addr::HOST_V6, 547, 40000, None);
+    udp("from port 546 to a high port", addr::HOST_V6, 10000, 546, None);
+    udp(
+        "pinned resolver on another port",
+        addr::GATEWAY_TUN_V4,
+        5353,
+        0,
+        None,
+    );
+    let dot = lab.probe_tcp_timeout(Ns::Client, addr::GATEWAY_TUN_V4, 853, short);
+    assert!(
+        dot.as_ref().is_err_and(|e| e.contains("refused")),
+        "DoT to the pinned resolver: {dot:?}"
+    );
+    assert_eq!(passed, Vec::<String>::new());
+    let refused = lab.probe_udp_timeout(Ns::Client, addr::OTHER_V4, 10000, Duration::from_secs(5));
+    assert!(
+        refused.as_ref().is_err_and(|e| !e.contains("no reply")),
+        "a refused datagram should fail at once: {refused:?}"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// Nothing unsolicited gets in during a session: datagrams and connections
+/// to the client from the internet host (also from DHCP's server ports),
+/// from the router over IPv6 (DHCPv6's), and from the gateway through the
+/// tunnel. A sink in the client records whatever arrives.
+#[test]
+fn nothing_unsolicited_gets_in_during_a_session() {
+    let lab = lab();
+    literal_profile(&lab, "lab", |t| t);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    let labhost = lab.labhost_path().to_string_lossy().into_owned();
+    let sink = lab
+        .spawn(
+            Ns::Client,
+            &[
+                &labhost, "sink", "--udp", "68", "--udp", "546", "--udp", "40000", "--tcp", "40001",
+            ],
+        )
+        .expect("start the sink");
+    wait_until(Duration::from_secs(5), "the sink ready", || {
+        sink.log().contains("ready")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
+    let short = Duration::from_millis(300);
+    let tries: [(Ns, &str, u16, u16); 7] = [
+        (Ns::Host, addr::CLIENT_V4, 40000, 67),
+        (Ns::Host, addr::CLIENT_V4, 68, 40000),
+        (Ns::Host, addr::CLIENT_V4, 40000, 0),
+        (Ns::Router, addr::CLIENT_V6, 40000, 547),
+        (Ns::Router, addr::CLIENT_V6, 546, 40000),
+        (Ns::Gateway, addr::DAEMON_TUN_V4, 40000, 0),
+        (Ns::Gateway, addr::DAEMON_TUN_V6, 40000, 0),
+    ];
+    for (ns, to, port, sport) in tries {
+        let _ = lab.probe_udp_crafted(ns, to, port, sport, None, short);
+    }
+    for (ns, to) in [(Ns::Host, addr::CLIENT_V4), (Ns::Gateway, addr::DAEMON_TUN_V4)] {
+        let tcp = lab.probe_tcp_timeout(ns, to, 40001, short);
+        assert!(tcp.is_err(), "tcp to {to}:40001 from {ns:?} connected: {tcp:?}");
+    }
+    // The same datagrams reach the sink once the session is over: the
+    // tries above were real.
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    let during = sink.log();
+    let _ = lab.probe_udp_crafted(Ns::Host, addr::CLIENT_V4, 40000, 67, None, short);
+    wait_until(
+        Duration::from_secs(5),
+        "a datagram in the sink after stop",
+        || sink.log().lines().count() > during.lines().count(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
+    let got_in: Vec<&str> = during.lines().filter(|l| *l != "ready").collect();
+    assert_eq!(
+        got_in,
+        Vec::<&str>::new(),
+        "unsolicited packets got in during the session"
     );
 }

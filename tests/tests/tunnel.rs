@@ -269,7 +269,6 @@ fn stop_leaves_rules_routes_and_links_exactly_as_before() {
 /// tunnel): a stale entry would let a later ruleset's `ct state
 /// established` admit what no allowlist admitted.
 #[test]
-#[ignore = "issue 13 item 3: flows outlive the session (the tunnel's UDP flow to the endpoint stays in conntrack after stop)"]
 fn stop_leaves_no_connection_tracking_entries_behind() {
     let lab = lab();
     literal_profile(&lab, "lab", |t| t);

@@ -25,7 +25,7 @@ use super::cause::Cause;
 use super::effects::{Effects, TunnelView};
 use super::status::Phase;
 use super::{Ctx, Event, Responder};
-use crate::firewall::{AllowEntry, Allowlist, DnsRedirect, Lockdown};
+use crate::firewall::{AllowEntry, Allowlist, DnsRedirect, Lockdown, NamedEntry};
 use crate::profile::{Host, Profile};
 use crate::{DNS_STUB_MARK, TUNNEL_FWMARK};
 
@@ -241,6 +241,18 @@ pub(crate) fn allowlist_of(profile: &Profile, stub_port: Option<u16>) -> Allowli
                     udp: rule.udp.clone(),
                 }),
                 Host::Name(_) => None,
+            })
+            .collect(),
+        names: profile
+            .allow
+            .iter()
+            .filter_map(|rule| match &rule.host {
+                Host::Name(name) => Some(NamedEntry {
+                    name: name.clone(),
+                    tcp: rule.tcp.clone(),
+                    udp: rule.udp.clone(),
+                }),
+                Host::Net(_) => None,
             })
             .collect(),
         dns_servers: profile.dns_servers.clone(),

@@ -156,7 +156,7 @@ impl AnswerSink for AllowSink {
                     }));
                 }
             }
-            if let Err(e) = firewall::add_addresses(&learned).await {
+            if let Err(e) = firewall::add_addresses(name, &learned).await {
                 tracing::warn!("could not add answered addresses to the allowlist: {e}");
                 return;
             }

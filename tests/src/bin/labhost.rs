@@ -13,8 +13,9 @@
 //! - `labhost probe-tcp ADDR PORT [--timeout-ms N]` — connects, prints what the
 //!   server sent, exit 0; else prints one line (`connect 203.0.113.20:443:
 //!   Connection refused`) and exits 1. ADDR may be a name (system resolver).
-//! - `labhost probe-udp ADDR PORT [--timeout-ms N] [--payload TEXT]` — sends one
-//!   datagram, prints the reply, exit 0; else one line and exit 1.
+//! - `labhost probe-udp ADDR PORT [--timeout-ms N] [--payload TEXT] [--sport N]
+//!   [--mark N]` — sends one datagram (from source port N; with SO_MARK N,
+//!   decimal or 0x hex), prints the reply, exit 0; else one line and exit 1.
 //! - `labhost bulk ADDR PORT BYTES [--timeout-ms N]` — through an echo
 //!   listener, sends BYTES of a fixed pseudo-random stream while reading the
 //!   echo back, and checks every byte; prints `peer=<ip> bytes=BYTES`, exit 0;
@@ -25,6 +26,10 @@
 //!   killed: an
 //!   application that never stops trying (the boot test). Prints `spraying`
 //!   once started.
+//! - `labhost sink [--udp PORT]... [--tcp PORT]...` — listens (IPv4 and IPv6)
+//!   and answers nothing; prints `ready` once bound, then one line per
+//!   datagram or connection that arrives (`udp 203.0.113.10:67 -> 40000`,
+//!   `tcp ...`): proof that a packet got in.
 //! - `labhost listen-unix PATH [--reply TEXT]` — a unix socket server that
 //!   writes TEXT (default `ok`) and a newline to each client (replaces a stale
 //!   socket file); the harness uses it as a stand-in daemon.
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
         Some("dns-query") => dns_query(&args[1..]),
         Some("listen-unix") => listen_unix(&args[1..]),
         Some("spray") => spray(&args[1..]),
+        Some("sink") => sink(&args[1..]),
         _ => Err(
             "usage: labhost serve|probe-tcp ADDR PORT|probe-udp ADDR PORT|dns-query SERVER NAME".to_string(),
         ),
@@ -544,9 +550,33 @@ fn unspecified_for(target: &SocketAddr) -> SocketAddr {
 }
 
 /// Sends `payload` to `target` on a connected UDP socket and waits for one reply.
+/// How a UDP probe's socket is set up besides its target.
+#[derive(Default, Clone, Copy)]
+struct UdpOptions {
+    /// Source port (0: any).
+    sport: u16,
+    /// SO_MARK (what only root can set; e.g. the tunnel's fwmark).
+    mark: Option<u32>,
+}
+
 fn udp_exchange(target: SocketAddr, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+    udp_exchange_with(target, payload, timeout, UdpOptions::default())
+}
+
+fn udp_exchange_with(
+    target: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+    options: UdpOptions,
+) -> Result<Vec<u8>, String> {
     let what = |e: &io::Error| format!("udp {target}: {}", err_text(e));
-    let sock = UdpSocket::bind(unspecified_for(&target)).map_err(|e| what(&e))?;
+    let mut local = unspecified_for(&target);
+    local.set_port(options.sport);
+    let sock = UdpSocket::bind(local).map_err(|e| what(&e))?;
+    if let Some(mark) = options.mark {
+        setsockopt(&sock, sockopt::Mark, &mark)
+            .map_err(|e| format!("udp {target}: SO_MARK: {}", e.desc()))?;
+    }
     sock.connect(target).map_err(|e| what(&e))?;
     sock.send(payload).map_err(|e| what(&e))?;
     let deadline = Instant::now() + timeout;
@@ -578,10 +608,17 @@ fn probe_udp(args: &[String]) -> Result<(), String> {
     let (addr, port) = args.target("probe-udp")?;
     let timeout = args.timeout()?;
     let payload = args.one("payload").unwrap_or("probe").to_string();
+    let options = UdpOptions {
+        sport: args.num("sport", 0u16)?,
+        mark: args
+            .one("mark")
+            .map(|m| parse_mark(m).ok_or_else(|| format!("usage: --mark {m}: not a number")))
+            .transpose()?,
+    };
     let targets = resolve(&addr, port)?;
     let mut errors = Vec::new();
     for target in targets {
-        match udp_exchange(target, payload.as_bytes(), timeout) {
+        match udp_exchange_with(target, payload.as_bytes(), timeout, options) {
             Ok(reply) => {
                 println!("{}", String::from_utf8_lossy(&reply));
                 return Ok(());
@@ -590,6 +627,53 @@ fn probe_udp(args: &[String]) -> Result<(), String> {
         }
     }
     Err(errors.join("; "))
+}
+
+/// A mark in decimal or 0x hex.
+fn parse_mark(text: &str) -> Option<u32> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+// ---------------------------------------------------------------- sink
+
+fn sink(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let mut threads = Vec::new();
+    for p in args.all("udp") {
+        let port: u16 = p.parse().map_err(|_| format!("usage: --udp {p}"))?;
+        for v6 in [false, true] {
+            let sock = udp_socket(v6, port).map_err(|e| format!("bind udp port {port}: {e}"))?;
+            let sock = UdpSocket::from(sock);
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    println!("udp {from} -> {port}");
+                    let _ = io::stdout().flush();
+                }
+            }));
+        }
+    }
+    for p in args.all("tcp") {
+        let port: u16 = p.parse().map_err(|_| format!("usage: --tcp {p}"))?;
+        for v6 in [false, true] {
+            let listener = tcp_listener(v6, port).map_err(|e| format!("listen tcp port {port}: {e}"))?;
+            threads.push(std::thread::spawn(move || {
+                while let Ok((_, from)) = listener.accept() {
+                    println!("tcp {from} -> {port}");
+                    let _ = io::stdout().flush();
+                }
+            }));
+        }
+    }
+    println!("ready");
+    let _ = io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- spray
