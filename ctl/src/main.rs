@@ -73,9 +73,19 @@ enum Command {
     /// Print sessionctl's man page (roff), e.g. `sessionctl man | man -l -`.
     Man,
     /// Make a WireGuard private key file (mode 0600) and print its public key.
+    ///
+    /// Standard output gets only the public key, the one to give to whoever
+    /// runs the gateway. The private key goes to FILE, which must not exist.
     Keygen {
-        #[arg(long, value_name = "FILE")]
+        /// Where to write the new private key (mode 0600; an existing file
+        /// is never overwritten). `-` is refused: see --private-to-stdout.
+        #[arg(long, value_name = "FILE", required_unless_present = "private_to_stdout")]
         out: Option<PathBuf>,
+        /// Print the PRIVATE key to standard output instead of writing a
+        /// file (the public key then goes to standard error). Only for
+        /// piping into something that keeps secrets.
+        #[arg(long, conflicts_with = "out")]
+        private_to_stdout: bool,
     },
 }
 
@@ -150,7 +160,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             allow,
             dir,
         } => import(&wg_conf, &name, &allow, &dir),
-        Command::Keygen { out } => keygen(out.as_deref()),
+        Command::Keygen {
+            out,
+            private_to_stdout,
+        } => keygen(out.as_deref(), private_to_stdout),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sessionctl", &mut std::io::stdout());
             Ok(())
@@ -278,10 +291,30 @@ fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn keygen(out: Option<&Path>) -> Result<(), Failure> {
+/// `keygen`: the private key goes to a new 0600 file and only the public key
+/// to standard output, so `sessionctl keygen --out k | mail admin` sends
+/// nothing secret. The private key reaches standard output only when asked
+/// for by name (`--private-to-stdout`); `--out -` is refused rather than
+/// taken as standard output, because `-` reads like "the usual place" and
+/// the usual place for this command's output is a mail or a chat.
+fn keygen(out: Option<&Path>, private_to_stdout: bool) -> Result<(), Failure> {
+    let path = match (out, private_to_stdout) {
+        (Some(path), _) if path.as_os_str() == "-" => return Err(Failure::new(
+            exit::USAGE,
+            "--out - would print the private key; give a file name, or --private-to-stdout if you mean it",
+        )),
+        (Some(path), _) => Some(path),
+        (None, true) => None,
+        (None, false) => {
+            return Err(Failure::new(
+                exit::USAGE,
+                "keygen needs --out FILE for the private key (it prints only the public key)",
+            ))
+        }
+    };
     let private = Key::generate_private();
     let public = private.public_key().to_base64();
-    match out {
+    match path {
         Some(path) => {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
