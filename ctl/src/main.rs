@@ -46,9 +46,18 @@ enum Command {
         json: bool,
     },
     /// Validate a profile file (or a profile by name) without touching the system.
+    ///
+    /// Reads the profile and its key files itself, exactly as sessiond
+    /// would; needs no running daemon. The format of every field is in
+    /// docs/profiles.md (installed as /usr/share/doc/sessiongate/profiles.md).
     Check {
-        #[arg(value_name = "FILE_OR_PROFILE")]
-        target: String,
+        /// A profile file (anything with a `/` or ending in `.toml`), or a
+        /// profile's name, looked up in --profiles.
+        #[arg(value_name = "FILE_OR_PROFILE", required = true)]
+        targets: Vec<String>,
+        /// The profiles directory names are looked up in.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PROFILES_DIR)]
+        profiles: PathBuf,
     },
     /// Prove the boundary holds with active probes (during a session).
     Verify {
@@ -65,7 +74,7 @@ enum Command {
         #[arg(long = "allow", value_name = "HOST:PORT/PROTO", required = true)]
         allow: Vec<String>,
         /// Where to write NAME.toml and keys/NAME.key.
-        #[arg(long, default_value = "/etc/sessiongate/profiles")]
+        #[arg(long, default_value = DEFAULT_PROFILES_DIR)]
         dir: PathBuf,
     },
     /// Print shell completions for sessionctl (bash, zsh, fish, elvish, powershell).
@@ -88,6 +97,12 @@ enum Command {
         private_to_stdout: bool,
     },
 }
+
+/// sessiond's profiles directory unless `sessiond --profiles` says otherwise.
+const DEFAULT_PROFILES_DIR: &str = "/etc/sessiongate/profiles";
+
+/// Where a user reads what every profile field means.
+const FORMAT_REFERENCE: &str = "/usr/share/doc/sessiongate/profiles.md (docs/profiles.md in the source)";
 
 /// A failure with the exit code it deserves.
 struct Failure {
@@ -143,7 +158,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             print_json_or(json, &result, describe_profiles);
             Ok(())
         }
-        Command::Check { target } => check(socket, &target),
+        Command::Check { targets, profiles } => check(&targets, &profiles),
         Command::Verify { json } => {
             // Four probes of at most 3 s each, plus the daemon's own checks.
             let result = ask(socket, &Request::Verify, Duration::from_secs(60))?;
@@ -190,31 +205,47 @@ fn print_json_or(json: bool, value: &Value, human: fn(&Value) -> String) {
     }
 }
 
-/// A file is checked here; a bare name is checked by the daemon, which
-/// knows its profiles directory.
-fn check(socket: &Path, target: &str) -> Result<(), Failure> {
-    let path = Path::new(target);
-    if target.contains('/') || target.ends_with(".toml") || path.is_file() {
-        return match Profile::load(path) {
-            Ok(p) => {
-                println!("profile {} is valid", p.name);
-                Ok(())
+/// Checks each profile the way sessiond loads it (`Profile::load`: name,
+/// file type and size, owner and mode, every field, the key files), here,
+/// without asking the daemon: `check` must work before sessiond runs. A
+/// name is looked up in the profiles directory, as `start NAME` would.
+fn check(targets: &[String], profiles_dir: &Path) -> Result<(), Failure> {
+    let mut failed = 0;
+    for target in targets {
+        let path = if target.contains('/') || target.ends_with(".toml") {
+            PathBuf::from(target)
+        } else {
+            if let Err(m) = sessiond::profile::check_profile_name(target) {
+                eprintln!("sessionctl: {m}");
+                failed += 1;
+                continue;
             }
-            Err(e) => Err(Failure::new(exit::USAGE, e.to_string())),
+            let path = profiles_dir.join(format!("{target}.toml"));
+            if !path.exists() {
+                eprintln!(
+                    "sessionctl: there is no profile {target} in {} (give its file, or the directory with --profiles DIR)",
+                    profiles_dir.display()
+                );
+                failed += 1;
+                continue;
+            }
+            path
         };
+        match Profile::load(&path) {
+            Ok(p) => println!("profile {} is valid", p.name),
+            Err(e) => {
+                eprintln!("sessionctl: {e}");
+                failed += 1;
+            }
+        }
     }
-    let result = ask(
-        socket,
-        &Request::Check {
-            profile: target.to_string(),
-        },
-        Duration::from_secs(10),
-    )?;
-    println!(
-        "profile {} is valid",
-        result["profile"].as_str().unwrap_or(target)
-    );
-    Ok(())
+    if failed == 0 {
+        return Ok(());
+    }
+    Err(Failure::new(
+        exit::USAGE,
+        format!("every field is described in {FORMAT_REFERENCE}"),
+    ))
 }
 
 fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<(), Failure> {
@@ -224,17 +255,21 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
         .map(|a| a.parse::<AllowArg>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|m| Failure::new(exit::USAGE, m))?;
-    let text = std::fs::read_to_string(wg_conf).map_err(|e| {
-        let reason = sessiond::profile::io_reason(&e);
-        Failure::new(
-            exit::USAGE,
-            format!("cannot read {}: {reason}", wg_conf.display()),
-        )
-    })?;
+    // Bounded like a profile: a FIFO, a device or a huge file is refused at
+    // once instead of hanging or filling memory. The text holds a private
+    // key, so it stays in the wiped buffer.
+    let (bytes, _) = sessiond::profile::read_bounded(
+        wg_conf,
+        sessiond::profile::MAX_PROFILE_FILE_BYTES,
+        "a wg-quick config",
+    )
+    .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Failure::new(exit::USAGE, format!("{} is not UTF-8 text", wg_conf.display())))?;
     let key_rel = format!("keys/{name}.key");
     let psk_rel = format!("keys/{name}.psk");
     let source = wg_conf.display().to_string();
-    let imported = sessiond::import::import(&source, &text, &key_rel, &psk_rel, &allow)
+    let imported = sessiond::import::import(&source, text, &key_rel, &psk_rel, &allow)
         .map_err(|m| Failure::new(exit::USAGE, m))?;
     let profile_path = dir.join(format!("{name}.toml"));
     let key_path = dir.join(&key_rel);

@@ -305,7 +305,9 @@ impl Context {
     async fn load_profile(&self, name: &str) -> Result<Profile, Reply> {
         profile::check_profile_name(name).map_err(|m| Reply::error(ErrorKind::BadRequest, m))?;
         let path = self.profiles_dir.join(format!("{name}.toml"));
-        if !path.is_file() {
+        // Anything else there (a FIFO, a directory, a huge file) gets
+        // Profile::load's own reason, at once.
+        if !path.exists() {
             return Err(Reply::error(
                 ErrorKind::InvalidProfile,
                 format!("profile {name}: there is no {}", path.display()),

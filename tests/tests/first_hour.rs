@@ -95,3 +95,174 @@ fn keygen_without_out_refuses_and_names_out() {
         text(&private.stderr)
     );
 }
+
+const GATEWAY_PUBLIC: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+const CLIENT_PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+
+/// A profiles directory with one valid profile, `practice`, and its key.
+fn profiles_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("keys")).expect("keys dir");
+    let key = dir.path().join("keys/practice.key");
+    std::fs::write(&key, format!("{CLIENT_PRIVATE}\n")).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(dir.path().join("practice.toml"), practice_profile()).expect("profile");
+    dir
+}
+
+fn practice_profile() -> String {
+    format!(
+        r#"[tunnel]
+private_key_file = "keys/practice.key"
+address = ["192.0.2.66/32"]
+[tunnel.peer]
+public_key = "{GATEWAY_PUBLIC}"
+endpoint = "198.51.100.2:51820"
+[dns]
+servers = ["192.0.2.65"]
+[[allow]]
+host = "meet.test"
+tcp = [443]
+udp = [10000]
+"#
+    )
+}
+
+/// `check` fails with exit 2, saying `expected`, and points to the format.
+fn assert_check_refuses(dir: &Path, args: &[&str], expected: &str) {
+    let mut all = vec!["check"];
+    all.extend_from_slice(args);
+    let out = run_in(dir, &all);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "check {args:?} passed: {}{stderr}",
+        text(&out.stdout)
+    );
+    assert!(
+        stderr.contains(expected),
+        "check {args:?} does not say {expected:?}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("profiles.md"),
+        "check {args:?} does not point to the format:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_reads_profiles_by_name_without_the_daemon() {
+    let dir = profiles_dir();
+    let profiles = dir.path().to_str().expect("utf8");
+    let out = run_in(dir.path(), &["check", "--profiles", profiles, "practice"]);
+    assert!(
+        out.status.success(),
+        "check NAME needs the daemon: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), "profile practice is valid");
+    assert_check_refuses(
+        dir.path(),
+        &["--profiles", profiles, "absent"],
+        "there is no profile absent in",
+    );
+}
+
+#[test]
+fn check_says_what_to_do_about_the_shipped_examples_missing_keys() {
+    let examples = util::workspace_root().join("profiles");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["client", "jitsi-practice"] {
+        let file = examples.join(format!("{name}.toml"));
+        let path = file.to_str().expect("utf8");
+        assert_check_refuses(dir.path(), &[path], "make it with `sessionctl keygen --out ");
+    }
+}
+
+#[test]
+fn check_refuses_names_the_daemon_would_refuse() {
+    let dir = profiles_dir();
+    for bad in ["we ird name.toml", ".toml"] {
+        std::fs::write(dir.path().join(bad), practice_profile()).expect("profile");
+        assert_check_refuses(
+            dir.path(),
+            &[&format!("./{bad}")],
+            "is not a profile name: use letters",
+        );
+    }
+}
+
+#[test]
+fn check_refuses_a_low_order_gateway_key_and_names_the_field_of_a_type_error() {
+    let dir = profiles_dir();
+    let path = dir.path().join("practice.toml");
+    let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    std::fs::write(&path, practice_profile().replace(GATEWAY_PUBLIC, zero)).expect("profile");
+    assert_check_refuses(
+        dir.path(),
+        &["./practice.toml"],
+        "tunnel.peer.public_key: is not a usable public key",
+    );
+    std::fs::write(
+        &path,
+        practice_profile().replace("tcp = [443]", "tcp = [\"443\"]"),
+    )
+    .expect("profile");
+    assert_check_refuses(dir.path(), &["./practice.toml"], "allow[0].tcp[0] (line 11)");
+}
+
+#[test]
+fn check_and_import_refuse_fifos_devices_directories_and_huge_files_at_once() {
+    let dir = profiles_dir();
+    let fifo = dir.path().join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    std::fs::create_dir(dir.path().join("dir.toml")).expect("mkdir");
+    let big = std::fs::File::create(dir.path().join("big.toml")).expect("big");
+    // Sparse: 600 MB that take no disk, and that a reader would have to read.
+    big.set_len(600 * 1024 * 1024).expect("grow");
+    for (file, expected) in [
+        ("./fifo.toml", "is a FIFO (named pipe), not a regular file"),
+        ("/dev/zero", "is a device, not a regular file"),
+        ("./dir.toml", "is a directory, not a regular file"),
+        ("./big.toml", "is larger than 1 MiB"),
+    ] {
+        // A FIFO without a writer would hang a plain read: the test's
+        // timeout is `timeout`, which kills the command.
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(sessionctl())
+            .args(["check", file])
+            .current_dir(dir.path())
+            .output()
+            .expect("run sessionctl");
+        assert_eq!(out.status.code(), Some(2), "check {file}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expected),
+            "check {file}: {}",
+            text(&out.stderr)
+        );
+
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(sessionctl())
+            .args([
+                "import",
+                file,
+                "--name",
+                "imported",
+                "--allow",
+                "meet.test:443/tcp",
+                "--dir",
+            ])
+            .arg(dir.path().join("out"))
+            .current_dir(dir.path())
+            .output()
+            .expect("run sessionctl");
+        assert_eq!(out.status.code(), Some(2), "import {file}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expected),
+            "import {file}: {}",
+            text(&out.stderr)
+        );
+    }
+}
