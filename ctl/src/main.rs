@@ -312,6 +312,10 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
         return Err(Failure::new(exit::USAGE, e.to_string()));
     }
     println!("wrote {} and {}", profile_path.display(), key_path.display());
+    // What the profile does differently from the wg-quick file.
+    for note in &imported.notes {
+        println!("{note}");
+    }
     Ok(())
 }
 

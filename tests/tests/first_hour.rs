@@ -266,3 +266,58 @@ fn check_and_import_refuse_fifos_devices_directories_and_huge_files_at_once() {
         );
     }
 }
+
+#[test]
+fn import_says_what_it_changed_and_dropped_and_accepts_a_byte_order_mark() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = format!(
+        "\u{feff}[Interface]\r
+PrivateKey = {CLIENT_PRIVATE}\r
+Address = 10.66.0.2/32\r
+DNS = 10.66.0.1, practice.test\r
+Table = off\r
+ListenPort = 51820\r
+FwMark = 0x1234\r
+SaveConfig = true\r
+PostUp = iptables -A OUTPUT -j ACCEPT\r
+\r
+[Peer]\r
+PublicKey = {GATEWAY_PUBLIC}\r
+Endpoint = 198.51.100.2:51820\r
+AllowedIPs = 10.66.0.0/24\r
+"
+    );
+    std::fs::write(dir.path().join("practice.conf"), conf).expect("conf");
+    let out = run_in(
+        dir.path(),
+        &[
+            "import",
+            "practice.conf",
+            "--name",
+            "practice",
+            "--allow",
+            "meet.practice.test:443/tcp",
+            "--dir",
+            "profiles",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "import failed: {}", text(&out.stderr));
+    for said in [
+        "changed AllowedIPs = 10.66.0.0/24 (a split tunnel) into a full tunnel",
+        "dropped the DNS search domain practice.test",
+        "dropped Table",
+        "dropped ListenPort",
+        "dropped FwMark",
+        "dropped SaveConfig",
+        "dropped PostUp",
+    ] {
+        assert!(stdout.contains(said), "import does not say {said:?}:\n{stdout}");
+    }
+    let checked = run_in(dir.path(), &["check", "profiles/practice.toml"]);
+    assert!(
+        checked.status.success(),
+        "the imported profile: {}",
+        text(&checked.stderr)
+    );
+}
