@@ -32,16 +32,21 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Activate a profile; returns once the session is active or has failed.
-    Start { profile: String },
+    Start {
+        /// The profile's name: NAME for /etc/sessiongate/profiles/NAME.toml.
+        profile: String,
+    },
     /// End the session; returns once normal networking is back.
     Stop,
     /// Show the session's state, tunnel and allowed hosts.
     Status {
+        /// Print sessiond's answer as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// List every profile the daemon sees, valid or not.
     Profiles {
+        /// Print sessiond's answer as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -61,11 +66,13 @@ enum Command {
     },
     /// Prove the boundary holds with active probes (during a session).
     Verify {
+        /// Print the probes' report as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Turn a wg-quick config into a profile and a 0600 key file.
     Import {
+        /// The wg-quick configuration file (e.g. the practice's wg0.conf).
         wg_conf: PathBuf,
         /// The new profile's name.
         #[arg(long)]
@@ -78,7 +85,10 @@ enum Command {
         dir: PathBuf,
     },
     /// Print shell completions for sessionctl (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to print completions for.
+        shell: clap_complete::Shell,
+    },
     /// Print sessionctl's man page (roff), e.g. `sessionctl man | man -l -`.
     Man,
     /// Make a WireGuard private key file (mode 0600) and print its public key.
@@ -183,10 +193,153 @@ fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(shell, &mut Cli::command(), "sessionctl", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
+        Command::Man => man_page(&mut std::io::stdout())
             .map_err(|e| Failure::new(exit::FAILED, format!("cannot write the man page: {e}"))),
     }
+}
+
+/// The man page: clap_mangen's title, synopsis, description and options;
+/// then every command with its arguments on this one page (clap_mangen's
+/// own command list points to sessionctl-start(1) and such, which do not
+/// exist); then EXIT STATUS, FILES and SEE ALSO.
+fn man_page(w: &mut dyn Write) -> std::io::Result<()> {
+    let cli = Cli::command();
+    let man = clap_mangen::Man::new(cli.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    writeln!(w, ".SH COMMANDS")?;
+    for sub in cli.get_subcommands().filter(|c| c.get_name() != "help") {
+        let mut usage = format!("sessionctl {}", sub.get_name());
+        for arg in sub.get_arguments().filter(|a| !a.is_global_set()) {
+            let id = arg.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            let value = arg
+                .get_value_names()
+                .and_then(|v| v.first())
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| id.to_ascii_uppercase());
+            usage.push(' ');
+            let many = if matches!(arg.get_action(), clap::ArgAction::Append) {
+                "..."
+            } else {
+                ""
+            };
+            let shown = match arg.get_long() {
+                Some(long) if arg.get_action().takes_values() => format!("--{long} {value}{many}"),
+                Some(long) => format!("--{long}"),
+                None => format!("{value}{many}"),
+            };
+            usage.push_str(&if arg.is_required_set() || arg.get_long().is_none() {
+                shown
+            } else {
+                format!("[{shown}]")
+            });
+        }
+        writeln!(w, ".TP\n\\fB{}\\fR", roff(&usage))?;
+        let about = sub
+            .get_long_about()
+            .or(sub.get_about())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        for (i, paragraph) in about.split("\n\n").enumerate() {
+            if i > 0 {
+                writeln!(w, ".IP")?;
+            }
+            writeln!(w, "{}", roff(paragraph))?;
+        }
+        for arg in sub.get_arguments().filter(|a| !a.is_global_set()) {
+            let id = arg.get_id().as_str();
+            let Some(help) = arg.get_long_help().or(arg.get_help()) else {
+                continue;
+            };
+            if id == "help" {
+                continue;
+            }
+            let name = match arg.get_long() {
+                Some(long) => format!("--{long}"),
+                None => arg
+                    .get_value_names()
+                    .and_then(|v| v.first())
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| id.to_ascii_uppercase()),
+            };
+            writeln!(
+                w,
+                ".RS\n.TP\n\\fI{}\\fR\n{}\n.RE",
+                roff(&name),
+                roff(&help.to_string())
+            )?;
+        }
+    }
+    writeln!(w, ".SH EXIT STATUS")?;
+    for (code, meaning) in [
+        (exit::OK, "The command did what it says (for verify: every probe passed)."),
+        (
+            exit::FAILED,
+            "The operation was tried and failed, or verify found the boundary not holding; the message says what to do.",
+        ),
+        (
+            exit::USAGE,
+            "The command line, a profile or a file given is invalid (check, import, keygen without --out).",
+        ),
+        (exit::UNREACHABLE, "sessiond is not running or its control socket cannot be reached."),
+        (
+            exit::PERMISSION,
+            "The caller may not use sessiond: only root and members of its control group may.",
+        ),
+    ] {
+        writeln!(w, ".TP\n\\fB{code}\\fR\n{}", roff(meaning))?;
+    }
+    writeln!(w, ".SH FILES")?;
+    for (path, meaning) in [
+        (
+            control::DEFAULT_SOCKET,
+            "sessiond's control socket (mode 0660, group sessiongate).",
+        ),
+        (
+            "/etc/sessiongate/profiles/NAME.toml",
+            "The profile NAME, as `sessionctl start NAME` uses it.",
+        ),
+        (
+            "/etc/sessiongate/profiles/keys/",
+            "Private and preshared key files, mode 0600, owned by root.",
+        ),
+        (
+            "/usr/share/doc/sessiongate/profiles.md",
+            "The profile format: every field, its type and default.",
+        ),
+        (
+            "/usr/share/doc/sessiongate/README.md",
+            "What sessiongate does, how to install it and start a first session.",
+        ),
+        ("/usr/share/doc/sessiongate/examples/", "Example profiles."),
+    ] {
+        writeln!(w, ".TP\n\\fI{}\\fR\n{}", roff(path), roff(meaning))?;
+    }
+    writeln!(w, ".SH SEE ALSO")?;
+    writeln!(w, "\\fBsystemctl\\fR(1), \\fBwg\\fR(8), \\fBnft\\fR(8)")?;
+    man.render_version_section(w)
+}
+
+/// Text for a roff line: backslashes and hyphens escaped, and a leading
+/// `.` or `'` kept from being read as a request.
+fn roff(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let escaped = line.replace('\\', "\\e").replace('-', "\\-");
+            if escaped.starts_with('.') || escaped.starts_with('\'') {
+                format!("\\&{escaped}")
+            } else {
+                escaped
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, Failure> {
@@ -660,6 +813,25 @@ mod tests {
         let mut starting = active();
         starting["state"] = "starting".into();
         assert!(describe_status(&starting).starts_with("Not protected yet: starting lab"));
+    }
+
+    #[test]
+    fn every_argument_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        for arg in cli.get_arguments() {
+            if arg.get_help().is_none() {
+                missing.push(arg.get_id().to_string());
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
     }
 
     #[test]

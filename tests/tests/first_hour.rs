@@ -321,3 +321,43 @@ AllowedIPs = 10.66.0.0/24\r
         text(&checked.stderr)
     );
 }
+
+#[test]
+fn the_man_page_has_exit_status_and_files_and_points_only_to_pages_that_exist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_in(dir.path(), &["man"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    for section in [".SH COMMANDS", ".SH EXIT STATUS", ".SH FILES", ".SH SEE ALSO"] {
+        assert!(page.contains(section), "the man page has no {section}");
+    }
+    assert!(
+        !page.contains("sessionctl\\-start(1)") && !page.contains("sessionctl\\-check(1)"),
+        "the man page points to per-command pages that do not exist"
+    );
+    assert!(
+        page.contains("profiles.md"),
+        "the man page does not point to the format"
+    );
+    // Every exit code `sessionctl` documents is in it.
+    for code in ["0", "1", "2", "3", "4"] {
+        assert!(
+            page.contains(&format!(".TP\n\\fB{code}\\fR\n")),
+            "exit status {code} missing"
+        );
+    }
+}
+
+#[test]
+fn the_units_documentation_points_to_installed_pages() {
+    for unit in ["sessiond.service", "sessiongate-early-lockdown.service"] {
+        let path = util::workspace_root().join("systemd").join(unit);
+        let text = std::fs::read_to_string(&path).expect("unit");
+        let docs: Vec<&str> = text.lines().filter(|l| l.starts_with("Documentation=")).collect();
+        assert_eq!(
+            docs,
+            ["Documentation=man:sessionctl(1) file:/usr/share/doc/sessiongate/README.md"],
+            "{unit}"
+        );
+    }
+}
