@@ -43,6 +43,11 @@ enum Command {
         /// Print sessiond's answer as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
+        /// Keep following: print the status again each time it changes
+        /// (sessiond sends it; nothing polls), until interrupted or sessiond
+        /// goes away (exit 3).
+        #[arg(long)]
+        watch: bool,
     },
     /// List every profile the daemon sees, valid or not.
     Profiles {
@@ -158,7 +163,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", result["message"].as_str().unwrap_or("stopped"));
             Ok(())
         }
-        Command::Status { json } => {
+        Command::Status { json, watch: true } => watch_status(socket, json),
+        Command::Status { json, watch: false } => {
             let result = ask(socket, &Request::Status, Duration::from_secs(10))?;
             print_json_or(json, &result, describe_status);
             Ok(())
@@ -348,6 +354,29 @@ fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, Fai
         Ok(Reply::Error { kind, message }) => Err(Failure::new(kind.exit_code(), message)),
         Err(e) => Err(Failure::new(e.exit_code(), e.to_string())),
     }
+}
+
+/// `status --watch`: each status sessiond streams, as text (a blank line
+/// between two) or one JSON line each; a status that reads the same as the
+/// last one printed is skipped.
+fn watch_status(socket: &Path, json: bool) -> Result<(), Failure> {
+    let mut last = String::new();
+    let followed = control::watch(socket, |status| {
+        let shown = if json {
+            status.to_string()
+        } else {
+            describe_status(&status)
+        };
+        if shown != last {
+            if !json && !last.is_empty() {
+                println!();
+            }
+            println!("{shown}");
+            last = shown;
+        }
+        true
+    });
+    followed.map_err(|e| Failure::new(e.exit_code(), e.to_string()))
 }
 
 fn print_json_or(json: bool, value: &Value, human: fn(&Value) -> String) {

@@ -448,3 +448,38 @@ fn the_daemon_refuses_fifos_devices_and_huge_profiles_at_once() {
     assert!(reply.contains("\"ok\""), "{reply}");
     assert_eq!(d.status_state(), "idle");
 }
+
+#[test]
+fn watch_streams_the_status_and_ends_when_the_client_hangs_up() {
+    let d = Daemon::start();
+    let mut s = UnixStream::connect(d.socket()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    s.write_all(b"{\"cmd\":\"watch\"}\n").expect("send");
+    let mut reader = BufReader::new(s);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first status");
+    let v: serde_json::Value = serde_json::from_str(&first).expect("JSON");
+    assert_eq!(v["ok"]["state"], "idle", "{first}");
+    // A watcher that goes away leaves the daemon serving everyone else.
+    drop(reader);
+    assert_eq!(d.status_state(), "idle");
+    // `sessionctl status --watch` prints that status and keeps following
+    // until sessiond goes away, then exits 3.
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_sessionctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["status", "--watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sessionctl status --watch");
+    let mut line = String::new();
+    BufReader::new(watcher.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("a status line");
+    assert!(line.contains("\"state\":\"idle\""), "{line}");
+    drop(d);
+    let out = watcher.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+}

@@ -361,3 +361,196 @@ fn the_units_documentation_points_to_installed_pages() {
         );
     }
 }
+
+/// A stand-in for the desktop's notification service: owns
+/// org.freedesktop.Notifications on the bus it is given and records every
+/// notification it is asked to show.
+mod notification_service {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// (summary, body) of each Notify call, in order.
+    pub type Shown = Arc<Mutex<Vec<(String, String)>>>;
+
+    pub struct Recorder {
+        pub shown: Shown,
+    }
+
+    #[zbus::interface(name = "org.freedesktop.Notifications")]
+    impl Recorder {
+        #[allow(clippy::too_many_arguments)]
+        fn notify(
+            &self,
+            _app_name: String,
+            replaces_id: u32,
+            _app_icon: String,
+            summary: String,
+            body: String,
+            _actions: Vec<String>,
+            _hints: HashMap<String, zbus::OwnedVariant>,
+            _expire_timeout: i32,
+        ) -> u32 {
+            let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+            shown.push((summary, body));
+            if replaces_id == 0 {
+                shown.len() as u32
+            } else {
+                replaces_id
+            }
+        }
+
+        fn get_capabilities(&self) -> Vec<String> {
+            vec!["body".to_string()]
+        }
+
+        fn get_server_information(&self) -> (String, String, String, String) {
+            (
+                "sessiongate-lab-recorder".into(),
+                "sessiongate".into(),
+                "1".into(),
+                "1.2".into(),
+            )
+        }
+
+        fn close_notification(&self, _id: u32) {}
+    }
+
+    /// Serves the recorder on `address` until the returned runtime and
+    /// connection are dropped.
+    pub fn serve(address: &str) -> anyhow::Result<(tokio::runtime::Runtime, zbus::Connection, Shown)> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let shown = Shown::default();
+        let recorder = Recorder { shown: shown.clone() };
+        let connection = runtime.block_on(async {
+            zbus::connection::Builder::address(address)
+                .name("org.freedesktop.Notifications")
+                .serve_at("/org/freedesktop/Notifications", recorder)
+                .build()
+                .await
+        })?;
+        Ok((runtime, connection, shown))
+    }
+}
+
+#[test]
+fn a_degraded_recovered_and_ended_session_each_show_a_desktop_notification() {
+    use lab::{wait_until, Lab, Ns};
+    use std::time::Duration;
+
+    let lab = Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"));
+    lab.sessiond_profile().expect("write the lab profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+
+    // A real session bus, only for this test, with the recorder on it.
+    let bus_dir = tempfile::tempdir().expect("tempdir");
+    let bus = bus_dir.path().join("bus");
+    let address = format!("unix:path={}", bus.display());
+    let _dbus = lab
+        .spawn_named(
+            Ns::Client,
+            "dbus-daemon",
+            &[
+                "dbus-daemon",
+                "--session",
+                "--nofork",
+                &format!("--address={address}"),
+            ],
+        )
+        .expect("dbus-daemon (Debian package dbus-daemon)");
+    wait_until(Duration::from_secs(10), "the session bus socket", || bus.exists())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (_runtime, _connection, shown) =
+        notification_service::serve(&address).unwrap_or_else(|e| panic!("notification service: {e:#}"));
+
+    let notifier_bin = util::find_binary("sessionctl-notify").expect("sessionctl-notify");
+    let socket = daemon.socket().to_string_lossy().into_owned();
+    let notifier = lab
+        .spawn_env(
+            Ns::Client,
+            "sessionctl-notify",
+            &[notifier_bin.to_str().expect("utf8"), "--socket", &socket],
+            &[("DBUS_SESSION_BUS_ADDRESS", &address)],
+        )
+        .expect("start sessionctl-notify");
+    let sessionctl_bin = sessionctl();
+    let watcher = lab
+        .spawn_named(
+            Ns::Client,
+            "status-watch",
+            &[
+                sessionctl_bin.to_str().expect("utf8"),
+                "--socket",
+                &socket,
+                "status",
+                "--watch",
+                "--json",
+            ],
+        )
+        .expect("start sessionctl status --watch");
+    // Both follow the session before anything happens to it.
+    wait_until(
+        Duration::from_secs(10),
+        "status --watch prints the active session",
+        || watcher.log().contains("\"state\":\"active\""),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", watcher.log()));
+
+    let shown_summaries = || -> Vec<String> {
+        shown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(summary, _)| summary.clone())
+            .collect()
+    };
+    let wait_for_notice = |summary: &str| {
+        wait_until(
+            Duration::from_secs(120),
+            &format!("a notification {summary:?}"),
+            || shown_summaries().iter().any(|s| s == summary),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}\nshown: {:?}\nnotifier log:\n{}\nsessiond log:\n{}",
+                shown_summaries(),
+                notifier.log(),
+                daemon.log()
+            )
+        });
+    };
+
+    lab.kill_gateway().expect("kill the gateway");
+    wait_for_notice("Call at risk: not connected");
+    let body = shown
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(summary, _)| summary == "Call at risk: not connected")
+        .map(|(_, body)| body.clone())
+        .unwrap_or_default();
+    assert!(body.starts_with("lab: "), "{body}");
+    assert!(body.contains("Everything stays blocked"), "{body}");
+
+    lab.restart_gateway().expect("restart the gateway");
+    wait_for_notice("Protected again");
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    wait_for_notice("Session ended");
+    assert_eq!(
+        shown_summaries(),
+        ["Call at risk: not connected", "Protected again", "Session ended"],
+        "one notification per change, nothing else"
+    );
+    // status --watch followed the same changes, as sessiond sent them.
+    let watched = watcher.log();
+    for state in ["active", "degraded", "idle"] {
+        assert!(
+            watched.contains(&format!("\"state\":\"{state}\"")),
+            "{state}:\n{watched}"
+        );
+    }
+}
