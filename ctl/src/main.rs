@@ -1,7 +1,8 @@
 //! `sessionctl`: the command-line client for sessiond.
 //!
 //! It turns a command into one request on the control socket and the reply
-//! into text for a person (or JSON with `--json`) and an exit code (SPEC §2).
+//! into text for a person (or JSON with `--json`) and an exit code (see the
+//! man page's EXIT STATUS).
 //! It changes nothing on the machine itself, except `keygen`'s key file.
 
 use std::io::Write;

@@ -33,7 +33,7 @@ pub enum Request {
     Check {
         profile: String,
     },
-    /// Active probes of the boundary during a session (SPEC §7).
+    /// Active probes of the boundary during a session (see verify.rs).
     Verify,
     /// Follow the session: the current status, then each new one, one
     /// `{"ok": STATUS}` line each, for as long as the client listens.
@@ -64,7 +64,7 @@ impl ErrorKind {
     }
 }
 
-/// `sessionctl` exit codes (SPEC §2).
+/// `sessionctl` exit codes (README "Exit codes", the man page's EXIT STATUS).
 pub mod exit {
     pub const OK: i32 = 0;
     pub const FAILED: i32 = 1;

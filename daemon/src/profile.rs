@@ -1,9 +1,12 @@
-//! Call profiles: the TOML format of SPEC §3, parsed strictly and validated
+//! Call profiles: the TOML format of docs/profiles.md, parsed strictly and validated
 //! into a [`Profile`] that the rest of the daemon can trust.
 //!
 //! This module owns every rule about what a valid profile is, and the wording
 //! of the error a person sees when one is not. It reads files (the profile and
-//! its key files) and never changes anything on the system. Buffers that
+//! its key files) and never changes anything on the system; it never reads
+//! anything but a regular file, nor more than a size limit of one
+//! (`read_bounded`: a FIFO, a device or a huge file is refused before it is
+//! read). Buffers that
 //! held key material (the profile text, which may hold an inline key, key
 //! files, decoded bytes) are wiped when dropped (`zeroize`).
 
@@ -233,7 +236,7 @@ pub struct Tunnel {
     pub peer: Peer,
 }
 
-/// A validated profile. Holding one means every rule of SPEC §3 was checked.
+/// A validated profile. Holding one means every rule of docs/profiles.md was checked.
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
