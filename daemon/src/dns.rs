@@ -1428,6 +1428,79 @@ mod tests {
         assert_eq!(names.origin_of("meet.test", now), None);
     }
 
+    // The next three pin down what cargo-mutants found unchecked in the
+    // learned-name bookkeeping (scripts/mutants, docs/mutants.md).
+
+    #[test]
+    fn a_learned_name_expires_at_its_deadline_and_never_from_a_stranger() {
+        let now = Instant::now();
+        let mut names = Names::default();
+        names.set_allowed(&["alias.test".to_string()]);
+        names.learn("meet.test".into(), "alias.test", 0, now);
+        let deadline = now + Duration::from_secs(u64::from(LEARNED_TTL_MIN));
+        assert_eq!(
+            names.origin_of("meet.test", deadline),
+            None,
+            "still valid at its deadline"
+        );
+        // Learned from a name that was not allowed then: allowing that name
+        // later does not bring it back.
+        names.learn("x.test".into(), "other.test", 60, now);
+        names.set_allowed(&["alias.test".to_string(), "other.test".to_string()]);
+        assert_eq!(names.origin_of("x.test", now), None);
+    }
+
+    #[test]
+    fn a_learned_name_keeps_its_origin_until_that_expires() {
+        let now = Instant::now();
+        let mut names = Names::default();
+        names.set_allowed(&["a.test".to_string(), "b.test".to_string()]);
+        names.learn("cdn.test".into(), "a.test", 60, now);
+        // Another allowed name cannot take it over while it is valid...
+        names.learn("cdn.test".into(), "b.test", 600, now);
+        assert_eq!(names.origin_of("cdn.test", now).as_deref(), Some("a.test"));
+        let after_a = now + Duration::from_secs(61);
+        assert_eq!(
+            names.origin_of("cdn.test", after_a),
+            None,
+            "b.test extended a.test's entry"
+        );
+        // ...its own origin extends it...
+        names.learn("cdn.test".into(), "a.test", 60, now + Duration::from_secs(50));
+        assert_eq!(
+            names
+                .origin_of("cdn.test", now + Duration::from_secs(100))
+                .as_deref(),
+            Some("a.test")
+        );
+        // ...and once it expired, the other name may.
+        let later = now + Duration::from_secs(200);
+        names.learn("cdn.test".into(), "b.test", 60, later);
+        assert_eq!(names.origin_of("cdn.test", later).as_deref(), Some("b.test"));
+    }
+
+    #[test]
+    fn learned_names_are_bounded_and_expired_ones_make_room() {
+        let now = Instant::now();
+        let mut names = Names::default();
+        names.set_allowed(&["a.test".to_string()]);
+        for i in 0..MAX_LEARNED {
+            names.learn(format!("n{i}.test"), "a.test", 0, now);
+        }
+        assert_eq!(names.origin_of("n0.test", now).as_deref(), Some("a.test"));
+        names.learn("one-too-many.test".into(), "a.test", 60, now);
+        assert_eq!(
+            names.origin_of("one-too-many.test", now),
+            None,
+            "learned beyond the bound"
+        );
+        // At the deadline every earlier entry has expired: room again.
+        let deadline = now + Duration::from_secs(u64::from(LEARNED_TTL_MIN));
+        names.learn("fresh.test".into(), "a.test", 60, deadline);
+        assert_eq!(names.origin_of("fresh.test", deadline).as_deref(), Some("a.test"));
+        assert!(names.learned.len() <= MAX_LEARNED);
+    }
+
     #[test]
     fn digest_keeps_to_the_chain_and_survives_loops() {
         let question = Name::from_ascii("alias.test.").expect("name");

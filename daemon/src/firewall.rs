@@ -701,6 +701,13 @@ async fn list_table() -> Result<Option<Value>, FirewallError> {
     Ok(Some(listing))
 }
 
+/// Whether any table of ours is in the kernel, whatever its shape (the
+/// early-boot unit's lockdown has only the `inet` one).
+pub async fn any_table_exists() -> Result<bool, FirewallError> {
+    let _write = WRITE_LOCK.lock().await;
+    Ok(list_one("inet").await?.is_some() || list_one("netdev").await?.is_some())
+}
+
 /// `nft -j list table FAMILY sessiongate`; `None` when it is missing.
 async fn list_one(family: &str) -> Result<Option<Value>, FirewallError> {
     const WHAT: &str = "listing of the firewall table";

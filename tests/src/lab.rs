@@ -694,6 +694,25 @@ impl Lab {
         self.labhost_probe(ns, &args)
     }
 
+    /// One UDP-Lite datagram (IP protocol 136: ports where UDP has them,
+    /// but not UDP) from inside `ns`; Ok(reply) or Err(one line).
+    pub fn probe_udplite(&self, ns: Ns, addr: &str, port: u16, timeout: Duration) -> Result<String, String> {
+        let port = port.to_string();
+        let ms = timeout.as_millis().to_string();
+        self.labhost_probe(
+            ns,
+            &[
+                "probe-udp",
+                addr,
+                &port,
+                "--timeout-ms",
+                &ms,
+                "--proto",
+                "udplite",
+            ],
+        )
+    }
+
     /// One DNS query over UDP from inside `ns` straight to `server`
     /// (`qtype`: "A", "AAAA", ...). Ok(parsed reply) whenever a reply came.
     pub fn dns_query(&self, ns: Ns, server: &str, name: &str, qtype: &str) -> Result<DnsReply, String> {

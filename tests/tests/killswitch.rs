@@ -48,12 +48,18 @@ fn through_tunnel() -> Result<String, String> {
 
 /// Networks allowed by CIDR (where nothing lives): the literal sets then hold
 /// intervals, as a practice's profile may.
+/// The IPv6 one covers the host's address on ports the other probes leave
+/// alone (so a session reaches 2001:db8:203::10 on tcp 8443 through it).
 const CIDR_ALLOWS: &str = "[[allow]]\nhost = \"203.0.113.96/27\"\ntcp = [443]\n\n\
-     [[allow]]\nhost = \"2001:db8:203::100/120\"\ntcp = [443]\n\n[options]";
+     [[allow]]\nhost = \"2001:db8:203::/123\"\ntcp = [8443]\nudp = [10001]\n\n[options]";
 
 /// The tunnel's fwmark (`ip rule` shows it during a session): sessiond's
 /// own UDP to the endpoint carries it, and it means "bypass the tunnel".
 const TUNNEL_FWMARK: u32 = 0x5347;
+
+/// The DNS stub's mark: its upstream queries carry it, so the DNS redirect
+/// lets them pass.
+const DNS_STUB_MARK: u32 = 0x5348;
 
 /// Probes that must all be refused during a session (other host, unlisted
 /// port, IPv6, the public resolver, DNS-over-TLS to the allowed host, which
@@ -451,11 +457,39 @@ fn a_failed_start_stays_locked_down_and_an_invalid_profile_changes_nothing() {
 #[test]
 fn crafted_packets_are_refused_too() {
     let lab = lab();
-    literal_profile(&lab, "lab", |t| t);
+    // meet.test by name as well, so the sets filled from DNS answers are in
+    // play too.
+    literal_profile(&lab, "lab", |t| {
+        format!("{t}\n[[allow]]\nhost = \"{}\"\nudp = [10000]\n", addr::MEET_NAME)
+    });
     let daemon = lab.start_sessiond().expect("start sessiond");
+    let short = Duration::from_millis(500);
+    // A flow from before the session (the tunnel's mark, answered by the
+    // host): conntrack knows it as established when the session starts. A
+    // namespace tracks connections only once some rule uses conntrack, as
+    // on a machine with any other firewall: this table of the lab's does.
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        b"table inet labconntrack {\n chain watch {\n  type filter hook output priority 10; policy accept;\n  ct state established counter\n }\n}\n",
+    )
+    .expect("conntrack on from the start");
+    let before = lab.probe_udp_crafted(
+        Ns::Client,
+        addr::OTHER_V4,
+        10000,
+        41000,
+        Some(TUNNEL_FWMARK),
+        short,
+    );
+    assert!(before.is_ok(), "the flow before the session: {before:?}");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     lab.reset_all_leaks().expect("reset");
-    let short = Duration::from_millis(500);
+    // The allowed network works (through the tunnel).
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V6, 8443),
+        Ok(format!("peer={}", addr::GATEWAY_V6))
+    );
     let mut passed = Vec::new();
     let mut udp = |what: &str, addr: &str, port: u16, sport: u16, mark: Option<u32>| {
         if let Ok(reply) = lab.probe_udp_crafted(Ns::Client, addr, port, sport, mark, short) {
@@ -487,10 +521,25 @@ fn crafted_packets_are_refused_too() {
         mark,
     );
     udp("marked, allowed host over IPv6", addr::HOST_V6, 10000, 0, mark);
+    udp("marked, allowed IPv6 network", addr::HOST_V6, 10001, 0, mark);
+    udp(
+        "marked, the flow from before the session",
+        addr::OTHER_V4,
+        10000,
+        41000,
+        mark,
+    );
+    udp(
+        "stub's mark, DNS to another resolver",
+        addr::PUBLIC_DNS_V4,
+        53,
+        0,
+        Some(DNS_STUB_MARK),
+    );
     udp("to port 67 from a high port", addr::OTHER_V4, 67, 40000, None);
     udp("from port 68 to a high port", addr::OTHER_V4, 10000, 68, None);
     udp("to port 547 from a high port", addr::HOST_V6, 547, 40000, None);
-    udp("from port 546 to a high port", addr::HOST_V6, 10000, 546, None);
+    udp("from port 546 to a high port", addr::HOST_V6, 9, 546, None);
     udp(
         "pinned resolver on another port",
         addr::GATEWAY_TUN_V4,
@@ -504,6 +553,23 @@ fn crafted_packets_are_refused_too() {
         "DoT to the pinned resolver: {dot:?}"
     );
     assert_eq!(passed, Vec::<String>::new());
+    // UDP-Lite has ports where UDP has them: to port 53 of the pinned
+    // resolver and of another one (it sends; nothing answers UDP-Lite).
+    for server in [addr::GATEWAY_TUN_V4, addr::PUBLIC_DNS_V4] {
+        let lite = lab.probe_udplite(Ns::Client, server, 53, short);
+        assert!(lite.is_err(), "UDP-Lite to {server}:53 answered: {lite:?}");
+    }
+    // ICMPv6 with hop limit 255 that is not neighbour discovery.
+    let ping = lab
+        .exec(
+            Ns::Client,
+            &["ping", "-6", "-c", "1", "-W", "1", "-t", "255", addr::HOST_V6],
+        )
+        .expect("run ping");
+    assert!(
+        !ping.status.success(),
+        "an echo request with hop limit 255 got out: {ping:?}"
+    );
     let refused = lab.probe_udp_timeout(Ns::Client, addr::OTHER_V4, 10000, Duration::from_secs(5));
     assert!(
         refused.as_ref().is_err_and(|e| !e.contains("no reply")),
@@ -553,6 +619,13 @@ fn nothing_unsolicited_gets_in_during_a_session() {
         let tcp = lab.probe_tcp_timeout(ns, to, 40001, short);
         assert!(tcp.is_err(), "tcp to {to}:40001 from {ns:?} connected: {tcp:?}");
     }
+    // From the endpoint's own address and port, unsolicited: only possible
+    // while wireguard-go does not hold the port, so with the gateway down
+    // (the session's lockdown stays).
+    lab.kill_gateway().expect("kill the gateway");
+    let from_endpoint =
+        lab.probe_udp_crafted(Ns::Gateway, addr::CLIENT_V4, 40000, addr::WG_PORT, None, short);
+    assert!(from_endpoint.is_err(), "{from_endpoint:?}");
     // The same datagrams reach the sink once the session is over: the
     // tries above were real.
     daemon.ctl_ok(&["stop"]).expect("stop");

@@ -58,6 +58,8 @@ pub trait Effects {
     async fn remove_firewall(&mut self) -> Result<(), String>;
     /// Whether our table is in place as we last applied it.
     async fn firewall_present(&mut self) -> Result<bool, String>;
+    /// Whether any table of ours exists at all, in any shape.
+    async fn firewall_exists(&mut self) -> Result<bool, String>;
     fn start_guard(&mut self);
     fn stop_guard(&mut self);
     /// Resolves when the guard saw a change of the ruleset; never without a
@@ -182,6 +184,10 @@ impl Effects for SystemEffects {
 
     async fn firewall_present(&mut self) -> Result<bool, String> {
         firewall::is_present().await.map_err(|e| e.to_string())
+    }
+
+    async fn firewall_exists(&mut self) -> Result<bool, String> {
+        firewall::any_table_exists().await.map_err(|e| e.to_string())
     }
 
     fn start_guard(&mut self) {

@@ -109,7 +109,7 @@ pub(crate) async fn stop<E: Effects>(ctx: &mut Ctx<E>, stage: Stage<E>, reply: R
 /// could not be read), or one whose state file was removed by hand. Only an
 /// explicit stop opens the machine, so this is where it goes.
 async fn leftover<E: Effects>(ctx: &mut Ctx<E>, reply: Responder) {
-    match ctx.effects.firewall_present().await {
+    match ctx.effects.firewall_exists().await {
         Ok(false) => answer(reply, Outcome::Stopped("no session is running".into())),
         Ok(true) => match ctx.effects.remove_firewall().await {
             Ok(()) => {

@@ -14,8 +14,9 @@
 //!   server sent, exit 0; else prints one line (`connect 203.0.113.20:443:
 //!   Connection refused`) and exits 1. ADDR may be a name (system resolver).
 //! - `labhost probe-udp ADDR PORT [--timeout-ms N] [--payload TEXT] [--sport N]
-//!   [--mark N]` — sends one datagram (from source port N; with SO_MARK N,
-//!   decimal or 0x hex), prints the reply, exit 0; else one line and exit 1.
+//!   [--mark N] [--proto udplite]` — sends one datagram (from source port N;
+//!   with SO_MARK N, decimal or 0x hex; as UDP-Lite), prints the reply, exit
+//!   0; else one line and exit 1.
 //! - `labhost bulk ADDR PORT BYTES [--timeout-ms N]` — through an echo
 //!   listener, sends BYTES of a fixed pseudo-random stream while reading the
 //!   echo back, and checks every byte; prints `peer=<ip> bytes=BYTES`, exit 0;
@@ -557,6 +558,39 @@ struct UdpOptions {
     sport: u16,
     /// SO_MARK (what only root can set; e.g. the tunnel's fwmark).
     mark: Option<u32>,
+    /// UDP-Lite (IP protocol 136) instead of UDP: ports at the same place,
+    /// another protocol number.
+    udplite: bool,
+}
+
+/// A datagram socket bound to `local`, UDP or UDP-Lite.
+fn datagram_socket(local: SocketAddr, udplite: bool) -> io::Result<UdpSocket> {
+    if !udplite {
+        return UdpSocket::bind(local);
+    }
+    let family = if local.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: socket(2) with constant arguments; the result is checked and
+    // owned at once.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_UDPLITE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sock = UdpSocket::from(owned);
+    let addr: SockaddrStorage = local.into();
+    bind(sock.as_raw_fd(), &addr).map_err(io::Error::from)?;
+    Ok(sock)
 }
 
 fn udp_exchange(target: SocketAddr, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
@@ -572,7 +606,7 @@ fn udp_exchange_with(
     let what = |e: &io::Error| format!("udp {target}: {}", err_text(e));
     let mut local = unspecified_for(&target);
     local.set_port(options.sport);
-    let sock = UdpSocket::bind(local).map_err(|e| what(&e))?;
+    let sock = datagram_socket(local, options.udplite).map_err(|e| what(&e))?;
     if let Some(mark) = options.mark {
         setsockopt(&sock, sockopt::Mark, &mark)
             .map_err(|e| format!("udp {target}: SO_MARK: {}", e.desc()))?;
@@ -614,6 +648,7 @@ fn probe_udp(args: &[String]) -> Result<(), String> {
             .one("mark")
             .map(|m| parse_mark(m).ok_or_else(|| format!("usage: --mark {m}: not a number")))
             .transpose()?,
+        udplite: args.one("proto") == Some("udplite"),
     };
     let targets = resolve(&addr, port)?;
     let mut errors = Vec::new();
