@@ -58,17 +58,21 @@ enum Command {
     },
     /// Validate a profile file (or a profile by name) without touching the system.
     ///
-    /// Reads the profile and its key files itself, exactly as sessiond
-    /// would; needs no running daemon. The format of every field is in
-    /// docs/profiles.md (installed as /usr/share/doc/sessiongate/profiles.md).
+    /// A file is read here, with its key files, exactly as sessiond would
+    /// read it. A name is checked by sessiond if it runs, and read here
+    /// from the profiles directory if not: no running daemon is needed, and
+    /// nothing is changed. The format of every field is in docs/profiles.md
+    /// (installed as /usr/share/doc/sessiongate/profiles.md).
     Check {
         /// A profile file (anything with a `/` or ending in `.toml`), or a
         /// profile's name, looked up in --profiles.
         #[arg(value_name = "FILE_OR_PROFILE", required = true)]
         targets: Vec<String>,
-        /// The profiles directory names are looked up in.
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_PROFILES_DIR)]
-        profiles: PathBuf,
+        /// Look names up in DIR, here, instead of asking sessiond (which
+        /// is asked when it runs; otherwise /etc/sessiongate/profiles is
+        /// read here).
+        #[arg(long, value_name = "DIR")]
+        profiles: Option<PathBuf>,
     },
     /// Prove the boundary holds with active probes (during a session).
     Verify {
@@ -175,7 +179,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             print_json_or(json, &result, describe_profiles);
             Ok(())
         }
-        Command::Check { targets, profiles } => check(&targets, &profiles),
+        Command::Check { targets, profiles } => check(socket, &targets, profiles.as_deref()),
         Command::Verify { json } => {
             // Four probes of at most 3 s each, plus the daemon's own checks.
             let result = ask(socket, &Request::Verify, Duration::from_secs(60))?;
@@ -389,35 +393,25 @@ fn print_json_or(json: bool, value: &Value, human: fn(&Value) -> String) {
 }
 
 /// Checks each profile the way sessiond loads it (`Profile::load`: name,
-/// file type and size, owner and mode, every field, the key files), here,
-/// without asking the daemon: `check` must work before sessiond runs. A
-/// name is looked up in the profiles directory, as `start NAME` would.
-fn check(targets: &[String], profiles_dir: &Path) -> Result<(), Failure> {
+/// file type and size, owner and mode, every field, the key files). A file
+/// is checked here. A name is checked by sessiond when it answers (it knows
+/// its own profiles directory and may read the root-only key files, which a
+/// member of the control group may not); when it does not run, or with
+/// `--profiles DIR`, the name is looked up and checked here too, so `check`
+/// works before sessiond ever ran. Nothing is changed either way.
+fn check(socket: &Path, targets: &[String], profiles_dir: Option<&Path>) -> Result<(), Failure> {
     let mut failed = 0;
     for target in targets {
-        let path = if target.contains('/') || target.ends_with(".toml") {
-            PathBuf::from(target)
+        let is_file = target.contains('/') || target.ends_with(".toml");
+        let checked = if is_file {
+            check_file(Path::new(target))
         } else {
-            if let Err(m) = sessiond::profile::check_profile_name(target) {
-                eprintln!("sessionctl: {m}");
-                failed += 1;
-                continue;
-            }
-            let path = profiles_dir.join(format!("{target}.toml"));
-            if !path.exists() {
-                eprintln!(
-                    "sessionctl: there is no profile {target} in {} (give its file, or the directory with --profiles DIR)",
-                    profiles_dir.display()
-                );
-                failed += 1;
-                continue;
-            }
-            path
+            check_name(socket, target, profiles_dir)
         };
-        match Profile::load(&path) {
-            Ok(p) => println!("profile {} is valid", p.name),
-            Err(e) => {
-                eprintln!("sessionctl: {e}");
+        match checked {
+            Ok(name) => println!("profile {name} is valid"),
+            Err(message) => {
+                eprintln!("sessionctl: {message}");
                 failed += 1;
             }
         }
@@ -429,6 +423,34 @@ fn check(targets: &[String], profiles_dir: &Path) -> Result<(), Failure> {
         exit::USAGE,
         format!("every field is described in {FORMAT_REFERENCE}"),
     ))
+}
+
+fn check_file(path: &Path) -> Result<String, String> {
+    Profile::load(path).map(|p| p.name).map_err(|e| e.to_string())
+}
+
+fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<String, String> {
+    sessiond::profile::check_profile_name(name)?;
+    if profiles_dir.is_none() {
+        let request = Request::Check {
+            profile: name.to_string(),
+        };
+        match control::call(socket, &request, Duration::from_secs(10)) {
+            Ok(Reply::Ok(result)) => return Ok(result["profile"].as_str().unwrap_or(name).to_string()),
+            Ok(Reply::Error { message, .. }) => return Err(message),
+            // Not running (or not ours to ask): read the directory here.
+            Err(_) => {}
+        }
+    }
+    let dir = profiles_dir.unwrap_or(Path::new(DEFAULT_PROFILES_DIR));
+    let path = dir.join(format!("{name}.toml"));
+    if !path.exists() {
+        return Err(format!(
+            "there is no profile {name} in {} (give its file, or the directory with --profiles DIR)",
+            dir.display()
+        ));
+    }
+    check_file(&path)
 }
 
 fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<(), Failure> {

@@ -643,6 +643,13 @@ impl Validator<'_> {
                     path.display()
                 ),
             ),
+            ReadError::Io { reason, .. } if reason == "Permission denied" => self.err(
+                field,
+                format!(
+                    "cannot read key file {}: {reason}; key files are readable by root only, so check this profile with sudo",
+                    path.display()
+                ),
+            ),
             e => self.err(field, e.to_string()),
         })?;
         let euid = nix::unistd::geteuid().as_raw();
