@@ -166,6 +166,12 @@ fn check_reads_profiles_by_name_without_the_daemon() {
         &["--profiles", profiles, "absent"],
         "there is no profile absent in",
     );
+    // Without --profiles and without a daemon: sessiond's default directory.
+    assert_check_refuses(
+        dir.path(),
+        &["surely-absent"],
+        "there is no profile surely-absent in /etc/sessiongate/profiles",
+    );
 }
 
 #[test]
