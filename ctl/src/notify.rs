@@ -44,6 +44,10 @@ enum Event {
     Lost(String),
 }
 
+/// The last state after sessiond went away mid-session (not a state sessiond
+/// reports).
+const LOST: &str = "lost contact";
+
 /// A notification to show.
 #[derive(Debug, PartialEq)]
 struct Notice {
@@ -72,7 +76,7 @@ fn main() -> ExitCode {
             let notice = notice_for(last_state.as_deref(), &event);
             last_state = match &event {
                 Event::Status(status) => status["state"].as_str().map(str::to_string),
-                Event::Lost(_) => None,
+                Event::Lost(_) => Some(LOST.to_string()),
             };
             if let Some(notice) = notice {
                 shown_id = show(&notice, shown_id).await;
@@ -122,7 +126,8 @@ fn follow(socket: &Path, events: &tokio::sync::mpsc::UnboundedSender<Event>) -> 
 }
 
 /// The notification, if any, for what just happened after `last_state`
-/// (None: not known, at the start or after sessiond went away).
+/// (None: not known yet, at the start; [`LOST`]: sessiond went away
+/// mid-session).
 fn notice_for(last_state: Option<&str>, event: &Event) -> Option<Notice> {
     let status = match event {
         Event::Lost(reason) => {
@@ -155,12 +160,12 @@ fn notice_for(last_state: Option<&str>, event: &Event) -> Option<Notice> {
                 critical: true,
             })
         }
-        (Some("degraded"), "active") => Some(Notice {
+        (Some("degraded" | LOST), "active") => Some(Notice {
             summary: "Protected again".to_string(),
             body: format!("{profile}: the tunnel is back; the call can go on."),
             critical: false,
         }),
-        (Some("active" | "degraded" | "starting" | "stopping"), "idle") => Some(Notice {
+        (Some("active" | "degraded" | "starting" | "stopping" | LOST), "idle") => Some(Notice {
             summary: "Session ended".to_string(),
             body: format!("{profile} ended: this machine's network is no longer restricted."),
             critical: false,
@@ -240,5 +245,11 @@ mod tests {
             &Event::Lost("sessiond closed the connection".into()),
         );
         assert!(lost.is_some_and(|n| n.critical));
+        // sessiond back (a restart resumes the session): said too.
+        assert_eq!(
+            notice_for(Some(LOST), &status("active")).map(|n| n.summary),
+            Some("Protected again".to_string())
+        );
+        assert_eq!(notice_for(Some(LOST), &Event::Lost("again".into())), None);
     }
 }
