@@ -1,7 +1,8 @@
 //! `sessionctl`: the command-line client for sessiond.
 //!
 //! It turns a command into one request on the control socket and the reply
-//! into text for a person (or JSON with `--json`) and an exit code (SPEC §2).
+//! into text for a person (or JSON with `--json`) and an exit code (see the
+//! man page's EXIT STATUS).
 //! It changes nothing on the machine itself, except `keygen`'s key file.
 
 use std::io::Write;
@@ -32,31 +33,56 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Activate a profile; returns once the session is active or has failed.
-    Start { profile: String },
+    Start {
+        /// The profile's name: NAME for /etc/sessiongate/profiles/NAME.toml.
+        profile: String,
+    },
     /// End the session; returns once normal networking is back.
     Stop,
     /// Show the session's state, tunnel and allowed hosts.
     Status {
+        /// Print sessiond's answer as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
+        /// Keep following: print the status again each time it changes
+        /// (sessiond sends it; nothing polls), until interrupted or sessiond
+        /// goes away (exit 3).
+        #[arg(long)]
+        watch: bool,
     },
     /// List every profile the daemon sees, valid or not.
     Profiles {
+        /// Print sessiond's answer as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Validate a profile file (or a profile by name) without touching the system.
+    ///
+    /// A file is read here, with its key files, exactly as sessiond would
+    /// read it. A name is checked by sessiond if it runs, and read here
+    /// from the profiles directory if not: no running daemon is needed, and
+    /// nothing is changed. The format of every field is in docs/profiles.md
+    /// (installed as /usr/share/doc/sessiongate/profiles.md).
     Check {
-        #[arg(value_name = "FILE_OR_PROFILE")]
-        target: String,
+        /// A profile file (anything with a `/` or ending in `.toml`), or a
+        /// profile's name, looked up in --profiles.
+        #[arg(value_name = "FILE_OR_PROFILE", required = true)]
+        targets: Vec<String>,
+        /// Look names up in DIR, here, instead of asking sessiond (which
+        /// is asked when it runs; otherwise /etc/sessiongate/profiles is
+        /// read here).
+        #[arg(long, value_name = "DIR")]
+        profiles: Option<PathBuf>,
     },
     /// Prove the boundary holds with active probes (during a session).
     Verify {
+        /// Print the probes' report as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Turn a wg-quick config into a profile and a 0600 key file.
     Import {
+        /// The wg-quick configuration file (e.g. the practice's wg0.conf).
         wg_conf: PathBuf,
         /// The new profile's name.
         #[arg(long)]
@@ -65,19 +91,38 @@ enum Command {
         #[arg(long = "allow", value_name = "HOST:PORT/PROTO", required = true)]
         allow: Vec<String>,
         /// Where to write NAME.toml and keys/NAME.key.
-        #[arg(long, default_value = "/etc/sessiongate/profiles")]
+        #[arg(long, default_value = DEFAULT_PROFILES_DIR)]
         dir: PathBuf,
     },
     /// Print shell completions for sessionctl (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to print completions for.
+        shell: clap_complete::Shell,
+    },
     /// Print sessionctl's man page (roff), e.g. `sessionctl man | man -l -`.
     Man,
     /// Make a WireGuard private key file (mode 0600) and print its public key.
+    ///
+    /// Standard output gets only the public key, the one to give to whoever
+    /// runs the gateway. The private key goes to FILE, which must not exist.
     Keygen {
-        #[arg(long, value_name = "FILE")]
+        /// Where to write the new private key (mode 0600; an existing file
+        /// is never overwritten). `-` is refused: see --private-to-stdout.
+        #[arg(long, value_name = "FILE", required_unless_present = "private_to_stdout")]
         out: Option<PathBuf>,
+        /// Print the PRIVATE key to standard output instead of writing a
+        /// file (the public key then goes to standard error). Only for
+        /// piping into something that keeps secrets.
+        #[arg(long, conflicts_with = "out")]
+        private_to_stdout: bool,
     },
 }
+
+/// sessiond's profiles directory unless `sessiond --profiles` says otherwise.
+const DEFAULT_PROFILES_DIR: &str = "/etc/sessiongate/profiles";
+
+/// Where a user reads what every profile field means.
+const FORMAT_REFERENCE: &str = "/usr/share/doc/sessiongate/profiles.md (docs/profiles.md in the source)";
 
 /// A failure with the exit code it deserves.
 struct Failure {
@@ -123,7 +168,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", result["message"].as_str().unwrap_or("stopped"));
             Ok(())
         }
-        Command::Status { json } => {
+        Command::Status { json, watch: true } => watch_status(socket, json),
+        Command::Status { json, watch: false } => {
             let result = ask(socket, &Request::Status, Duration::from_secs(10))?;
             print_json_or(json, &result, describe_status);
             Ok(())
@@ -133,7 +179,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             print_json_or(json, &result, describe_profiles);
             Ok(())
         }
-        Command::Check { target } => check(socket, &target),
+        Command::Check { targets, profiles } => check(socket, &targets, profiles.as_deref()),
         Command::Verify { json } => {
             // Four probes of at most 3 s each, plus the daemon's own checks.
             let result = ask(socket, &Request::Verify, Duration::from_secs(60))?;
@@ -150,15 +196,161 @@ fn run(cli: Cli) -> Result<(), Failure> {
             allow,
             dir,
         } => import(&wg_conf, &name, &allow, &dir),
-        Command::Keygen { out } => keygen(out.as_deref()),
+        Command::Keygen {
+            out,
+            private_to_stdout,
+        } => keygen(out.as_deref(), private_to_stdout),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sessionctl", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
+        Command::Man => man_page(&mut std::io::stdout())
             .map_err(|e| Failure::new(exit::FAILED, format!("cannot write the man page: {e}"))),
     }
+}
+
+/// The man page: clap_mangen's title, synopsis, description and options;
+/// then every command with its arguments on this one page (clap_mangen's
+/// own command list points to sessionctl-start(1) and such, which do not
+/// exist); then EXIT STATUS, FILES and SEE ALSO.
+fn man_page(w: &mut dyn Write) -> std::io::Result<()> {
+    let cli = Cli::command();
+    let man = clap_mangen::Man::new(cli.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    writeln!(w, ".SH COMMANDS")?;
+    for sub in cli.get_subcommands().filter(|c| c.get_name() != "help") {
+        let mut usage = format!("sessionctl {}", sub.get_name());
+        for arg in sub.get_arguments().filter(|a| !a.is_global_set()) {
+            let id = arg.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            let value = arg
+                .get_value_names()
+                .and_then(|v| v.first())
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| id.to_ascii_uppercase());
+            usage.push(' ');
+            let many = if matches!(arg.get_action(), clap::ArgAction::Append) {
+                "..."
+            } else {
+                ""
+            };
+            let shown = match arg.get_long() {
+                Some(long) if arg.get_action().takes_values() => format!("--{long} {value}{many}"),
+                Some(long) => format!("--{long}"),
+                None => format!("{value}{many}"),
+            };
+            usage.push_str(&if arg.is_required_set() || arg.get_long().is_none() {
+                shown
+            } else {
+                format!("[{shown}]")
+            });
+        }
+        writeln!(w, ".TP\n\\fB{}\\fR", roff(&usage))?;
+        let about = sub
+            .get_long_about()
+            .or(sub.get_about())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        for (i, paragraph) in about.split("\n\n").enumerate() {
+            if i > 0 {
+                writeln!(w, ".IP")?;
+            }
+            writeln!(w, "{}", roff(paragraph))?;
+        }
+        for arg in sub.get_arguments().filter(|a| !a.is_global_set()) {
+            let id = arg.get_id().as_str();
+            let Some(help) = arg.get_long_help().or(arg.get_help()) else {
+                continue;
+            };
+            if id == "help" {
+                continue;
+            }
+            let name = match arg.get_long() {
+                Some(long) => format!("--{long}"),
+                None => arg
+                    .get_value_names()
+                    .and_then(|v| v.first())
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| id.to_ascii_uppercase()),
+            };
+            writeln!(
+                w,
+                ".RS\n.TP\n\\fI{}\\fR\n{}\n.RE",
+                roff(&name),
+                roff(&help.to_string())
+            )?;
+        }
+    }
+    writeln!(w, ".SH EXIT STATUS")?;
+    for (code, meaning) in [
+        (exit::OK, "The command did what it says (for verify: every probe passed)."),
+        (
+            exit::FAILED,
+            "The operation was tried and failed, or verify found the boundary not holding; the message says what to do.",
+        ),
+        (
+            exit::USAGE,
+            "The command line, a profile or a file given is invalid (check, import, keygen without --out).",
+        ),
+        (exit::UNREACHABLE, "sessiond is not running or its control socket cannot be reached."),
+        (
+            exit::PERMISSION,
+            "The caller may not use sessiond: only root and members of its control group may.",
+        ),
+    ] {
+        writeln!(w, ".TP\n\\fB{code}\\fR\n{}", roff(meaning))?;
+    }
+    writeln!(w, ".SH FILES")?;
+    for (path, meaning) in [
+        (
+            control::DEFAULT_SOCKET,
+            "sessiond's control socket (mode 0660, group sessiongate).",
+        ),
+        (
+            "/etc/sessiongate/profiles/NAME.toml",
+            "The profile NAME, as `sessionctl start NAME` uses it.",
+        ),
+        (
+            "/etc/sessiongate/profiles/keys/",
+            "Private and preshared key files, mode 0600, owned by root.",
+        ),
+        (
+            "/usr/share/doc/sessiongate/profiles.md",
+            "The profile format: every field, its type and default.",
+        ),
+        (
+            "/usr/share/doc/sessiongate/README.md",
+            "What sessiongate does, how to install it and start a first session.",
+        ),
+        ("/usr/share/doc/sessiongate/examples/", "Example profiles."),
+    ] {
+        writeln!(w, ".TP\n\\fI{}\\fR\n{}", roff(path), roff(meaning))?;
+    }
+    writeln!(w, ".SH SEE ALSO")?;
+    writeln!(w, "\\fBsystemctl\\fR(1), \\fBwg\\fR(8), \\fBnft\\fR(8)")?;
+    man.render_version_section(w)
+}
+
+/// Text for a roff line: backslashes and hyphens escaped, and a leading
+/// `.` or `'` kept from being read as a request.
+fn roff(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let escaped = line.replace('\\', "\\e").replace('-', "\\-");
+            if escaped.starts_with('.') || escaped.starts_with('\'') {
+                format!("\\&{escaped}")
+            } else {
+                escaped
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, Failure> {
@@ -169,6 +361,29 @@ fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, Fai
     }
 }
 
+/// `status --watch`: each status sessiond streams, as text (a blank line
+/// between two) or one JSON line each; a status that reads the same as the
+/// last one printed is skipped.
+fn watch_status(socket: &Path, json: bool) -> Result<(), Failure> {
+    let mut last = String::new();
+    let followed = control::watch(socket, |status| {
+        let shown = if json {
+            status.to_string()
+        } else {
+            describe_status(&status)
+        };
+        if shown != last {
+            if !json && !last.is_empty() {
+                println!();
+            }
+            println!("{shown}");
+            last = shown;
+        }
+        true
+    });
+    followed.map_err(|e| Failure::new(e.exit_code(), e.to_string()))
+}
+
 fn print_json_or(json: bool, value: &Value, human: fn(&Value) -> String) {
     if json {
         println!("{value}");
@@ -177,31 +392,65 @@ fn print_json_or(json: bool, value: &Value, human: fn(&Value) -> String) {
     }
 }
 
-/// A file is checked here; a bare name is checked by the daemon, which
-/// knows its profiles directory.
-fn check(socket: &Path, target: &str) -> Result<(), Failure> {
-    let path = Path::new(target);
-    if target.contains('/') || target.ends_with(".toml") || path.is_file() {
-        return match Profile::load(path) {
-            Ok(p) => {
-                println!("profile {} is valid", p.name);
-                Ok(())
-            }
-            Err(e) => Err(Failure::new(exit::USAGE, e.to_string())),
+/// Checks each profile the way sessiond loads it (`Profile::load`: name,
+/// file type and size, owner and mode, every field, the key files). A file
+/// is checked here. A name is checked by sessiond when it answers (it knows
+/// its own profiles directory and may read the root-only key files, which a
+/// member of the control group may not); when it does not run, or with
+/// `--profiles DIR`, the name is looked up and checked here too, so `check`
+/// works before sessiond ever ran. Nothing is changed either way.
+fn check(socket: &Path, targets: &[String], profiles_dir: Option<&Path>) -> Result<(), Failure> {
+    let mut failed = 0;
+    for target in targets {
+        let is_file = target.contains('/') || target.ends_with(".toml");
+        let checked = if is_file {
+            check_file(Path::new(target))
+        } else {
+            check_name(socket, target, profiles_dir)
         };
+        match checked {
+            Ok(name) => println!("profile {name} is valid"),
+            Err(message) => {
+                eprintln!("sessionctl: {message}");
+                failed += 1;
+            }
+        }
     }
-    let result = ask(
-        socket,
-        &Request::Check {
-            profile: target.to_string(),
-        },
-        Duration::from_secs(10),
-    )?;
-    println!(
-        "profile {} is valid",
-        result["profile"].as_str().unwrap_or(target)
-    );
-    Ok(())
+    if failed == 0 {
+        return Ok(());
+    }
+    Err(Failure::new(
+        exit::USAGE,
+        format!("every field is described in {FORMAT_REFERENCE}"),
+    ))
+}
+
+fn check_file(path: &Path) -> Result<String, String> {
+    Profile::load(path).map(|p| p.name).map_err(|e| e.to_string())
+}
+
+fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<String, String> {
+    sessiond::profile::check_profile_name(name)?;
+    if profiles_dir.is_none() {
+        let request = Request::Check {
+            profile: name.to_string(),
+        };
+        match control::call(socket, &request, Duration::from_secs(10)) {
+            Ok(Reply::Ok(result)) => return Ok(result["profile"].as_str().unwrap_or(name).to_string()),
+            Ok(Reply::Error { message, .. }) => return Err(message),
+            // Not running (or not ours to ask): read the directory here.
+            Err(_) => {}
+        }
+    }
+    let dir = profiles_dir.unwrap_or(Path::new(DEFAULT_PROFILES_DIR));
+    let path = dir.join(format!("{name}.toml"));
+    if !path.exists() {
+        return Err(format!(
+            "there is no profile {name} in {} (give its file, or the directory with --profiles DIR)",
+            dir.display()
+        ));
+    }
+    check_file(&path)
 }
 
 fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<(), Failure> {
@@ -211,17 +460,21 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
         .map(|a| a.parse::<AllowArg>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|m| Failure::new(exit::USAGE, m))?;
-    let text = std::fs::read_to_string(wg_conf).map_err(|e| {
-        let reason = sessiond::profile::io_reason(&e);
-        Failure::new(
-            exit::USAGE,
-            format!("cannot read {}: {reason}", wg_conf.display()),
-        )
-    })?;
+    // Bounded like a profile: a FIFO, a device or a huge file is refused at
+    // once instead of hanging or filling memory. The text holds a private
+    // key, so it stays in the wiped buffer.
+    let (bytes, _) = sessiond::profile::read_bounded(
+        wg_conf,
+        sessiond::profile::MAX_PROFILE_FILE_BYTES,
+        "a wg-quick config",
+    )
+    .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Failure::new(exit::USAGE, format!("{} is not UTF-8 text", wg_conf.display())))?;
     let key_rel = format!("keys/{name}.key");
     let psk_rel = format!("keys/{name}.psk");
     let source = wg_conf.display().to_string();
-    let imported = sessiond::import::import(&source, &text, &key_rel, &psk_rel, &allow)
+    let imported = sessiond::import::import(&source, text, &key_rel, &psk_rel, &allow)
         .map_err(|m| Failure::new(exit::USAGE, m))?;
     let profile_path = dir.join(format!("{name}.toml"));
     let key_path = dir.join(&key_rel);
@@ -264,6 +517,10 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
         return Err(Failure::new(exit::USAGE, e.to_string()));
     }
     println!("wrote {} and {}", profile_path.display(), key_path.display());
+    // What the profile does differently from the wg-quick file.
+    for note in &imported.notes {
+        println!("{note}");
+    }
     Ok(())
 }
 
@@ -278,10 +535,30 @@ fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn keygen(out: Option<&Path>) -> Result<(), Failure> {
+/// `keygen`: the private key goes to a new 0600 file and only the public key
+/// to standard output, so `sessionctl keygen --out k | mail admin` sends
+/// nothing secret. The private key reaches standard output only when asked
+/// for by name (`--private-to-stdout`); `--out -` is refused rather than
+/// taken as standard output, because `-` reads like "the usual place" and
+/// the usual place for this command's output is a mail or a chat.
+fn keygen(out: Option<&Path>, private_to_stdout: bool) -> Result<(), Failure> {
+    let path = match (out, private_to_stdout) {
+        (Some(path), _) if path.as_os_str() == "-" => return Err(Failure::new(
+            exit::USAGE,
+            "--out - would print the private key; give a file name, or --private-to-stdout if you mean it",
+        )),
+        (Some(path), _) => Some(path),
+        (None, true) => None,
+        (None, false) => {
+            return Err(Failure::new(
+                exit::USAGE,
+                "keygen needs --out FILE for the private key (it prints only the public key)",
+            ))
+        }
+    };
     let private = Key::generate_private();
     let public = private.public_key().to_base64();
-    match out {
+    match path {
         Some(path) => {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
@@ -588,6 +865,25 @@ mod tests {
         let mut starting = active();
         starting["state"] = "starting".into();
         assert!(describe_status(&starting).starts_with("Not protected yet: starting lab"));
+    }
+
+    #[test]
+    fn every_argument_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        for arg in cli.get_arguments() {
+            if arg.get_help().is_none() {
+                missing.push(arg.get_id().to_string());
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
     }
 
     #[test]

@@ -358,7 +358,7 @@ udp = [10000]
     let out = sessionctl(&nowhere, &["check", path.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
+        String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or(""),
         "sessionctl: profile practice: allow[0].udp: port 70000 is out of range 1-65535"
     );
 
@@ -416,4 +416,70 @@ fn completions_and_the_man_page_come_from_the_command_definitions() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(".TH sessionctl"), "not a man page:\n{text}");
     assert!(text.contains("verify"), "the man page lacks verify");
+}
+
+#[test]
+fn the_daemon_refuses_fifos_devices_and_huge_profiles_at_once() {
+    let d = Daemon::start();
+    let profiles = d.dir.path().join("profiles");
+    nix::unistd::mkfifo(
+        &profiles.join("fifo.toml"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .expect("mkfifo");
+    std::fs::create_dir(profiles.join("dir.toml")).expect("mkdir");
+    std::os::unix::fs::symlink("/dev/zero", profiles.join("zero.toml")).expect("symlink");
+    let big = std::fs::File::create(profiles.join("big.toml")).expect("big");
+    big.set_len(2 * 1024 * 1024).expect("grow");
+    for (name, expected) in [
+        ("fifo", "is a FIFO (named pipe), not a regular file"),
+        ("dir", "is a directory, not a regular file"),
+        ("zero", "is a device, not a regular file"),
+        ("big", "is larger than 1 MiB"),
+    ] {
+        for cmd in ["check", "start"] {
+            let reply = d.raw(format!("{{\"cmd\":\"{cmd}\",\"profile\":\"{name}\"}}\n").as_bytes());
+            assert_eq!(error_kind(&reply), "invalid_profile", "{cmd} {name}: {reply}");
+            assert!(error_message(&reply).contains(expected), "{cmd} {name}: {reply}");
+        }
+    }
+    // Listing them does not hang either, and the daemon still serves.
+    let reply = d.raw(b"{\"cmd\":\"profiles\"}\n");
+    assert!(reply.contains("\"ok\""), "{reply}");
+    assert_eq!(d.status_state(), "idle");
+}
+
+#[test]
+fn watch_streams_the_status_and_ends_when_the_client_hangs_up() {
+    let d = Daemon::start();
+    let mut s = UnixStream::connect(d.socket()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    s.write_all(b"{\"cmd\":\"watch\"}\n").expect("send");
+    let mut reader = BufReader::new(s);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first status");
+    let v: serde_json::Value = serde_json::from_str(&first).expect("JSON");
+    assert_eq!(v["ok"]["state"], "idle", "{first}");
+    // A watcher that goes away leaves the daemon serving everyone else.
+    drop(reader);
+    assert_eq!(d.status_state(), "idle");
+    // `sessionctl status --watch` prints that status and keeps following
+    // until sessiond goes away, then exits 3.
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_sessionctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["status", "--watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sessionctl status --watch");
+    let mut line = String::new();
+    BufReader::new(watcher.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("a status line");
+    assert!(line.contains("\"state\":\"idle\""), "{line}");
+    drop(d);
+    let out = watcher.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
 }

@@ -1,5 +1,7 @@
 //! The control protocol between `sessionctl` and `sessiond`: one JSON request
-//! per line, one JSON reply per line, over a Unix socket.
+//! per line, one JSON reply per line, over a Unix socket. The one exception,
+//! `watch`, is answered with a stream: a status line now and one more each
+//! time the session's state changes, until the client hangs up.
 //!
 //! This module owns the wire format, its size limit and the mapping from
 //! error kinds to `sessionctl` exit codes. It never touches the session: the
@@ -31,8 +33,11 @@ pub enum Request {
     Check {
         profile: String,
     },
-    /// Active probes of the boundary during a session (SPEC §7).
+    /// Active probes of the boundary during a session (see verify.rs).
     Verify,
+    /// Follow the session: the current status, then each new one, one
+    /// `{"ok": STATUS}` line each, for as long as the client listens.
+    Watch,
 }
 
 /// Why a request failed; decides `sessionctl`'s exit code.
@@ -59,7 +64,7 @@ impl ErrorKind {
     }
 }
 
-/// `sessionctl` exit codes (SPEC §2).
+/// `sessionctl` exit codes (README "Exit codes", the man page's EXIT STATUS).
 pub mod exit {
     pub const OK: i32 = 0;
     pub const FAILED: i32 = 1;
@@ -129,7 +134,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     Ok(request)
 }
 
-const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check", "verify"];
+const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check", "verify", "watch"];
 
 /// Why a client could not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +145,10 @@ pub enum ClientError {
     PermissionDenied { path: String },
     #[error("sessiond closed the connection without answering")]
     NoReply,
+    #[error("sessiond closed the connection (stopped or restarted)")]
+    Closed,
+    #[error("{message}")]
+    Refused { kind: ErrorKind, message: String },
     #[error("sessiond sent a reply this sessionctl does not understand: {0}")]
     BadReply(String),
     #[error("lost the connection to sessiond: {0}")]
@@ -150,7 +159,8 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::PermissionDenied { .. } => exit::PERMISSION,
-            ClientError::Unreachable { .. } => exit::UNREACHABLE,
+            ClientError::Refused { kind, .. } => kind.exit_code(),
+            ClientError::Unreachable { .. } | ClientError::Closed => exit::UNREACHABLE,
             _ => exit::FAILED,
         }
     }
@@ -199,6 +209,58 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply
     serde_json::from_str(reply.trim()).map_err(|e| ClientError::BadReply(e.to_string()))
 }
 
+/// Follows the session (`watch`): calls `on_status` with each status
+/// sessiond sends, the current one first, until `on_status` returns false
+/// (then `Ok`) or sessiond goes away ([`ClientError::Closed`]). Blocks; no
+/// timeout, since a quiet session sends nothing. Each line is bounded like
+/// any reply.
+pub fn watch(socket: &Path, mut on_status: impl FnMut(serde_json::Value) -> bool) -> Result<(), ClientError> {
+    let path = socket.display().to_string();
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path: path.clone() },
+        _ => ClientError::Unreachable {
+            path: path.clone(),
+            reason: crate::profile::io_reason(&e),
+        },
+    })?;
+    let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    let written = stream.write_all(b"{\"cmd\":\"watch\"}\n");
+    let mut reader = BufReader::new(stream);
+    let mut first = true;
+    loop {
+        let mut line = String::new();
+        let n = (&mut reader)
+            .take(MAX_REPLY_BYTES as u64)
+            .read_line(&mut line)
+            .map_err(io)?;
+        if n == 0 {
+            return match (&written, first) {
+                (Err(e), true) => Err(ClientError::Io(crate::profile::io_reason(e))),
+                (_, true) => Err(ClientError::NoReply),
+                _ => Err(ClientError::Closed),
+            };
+        }
+        first = false;
+        let reply: Reply =
+            serde_json::from_str(line.trim()).map_err(|e| ClientError::BadReply(e.to_string()))?;
+        match reply {
+            Reply::Ok(status) => {
+                if !on_status(status) {
+                    return Ok(());
+                }
+            }
+            // A refusal (permission, an older sessiond without `watch`)
+            // comes as the one and only line.
+            Reply::Error { kind, message } => {
+                return Err(ClientError::Refused { kind, message });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +272,7 @@ mod tests {
             Request::Stop,
             Request::Profiles,
             Request::Verify,
+            Request::Watch,
             Request::Start {
                 profile: "lab".into(),
             },

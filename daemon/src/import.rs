@@ -52,6 +52,10 @@ pub struct Imported {
     /// The peer's preshared key, for `psk_file`, when the file has one.
     pub preshared_key: Option<Key>,
     pub profile: String,
+    /// What the profile does differently from the wg-quick file, one
+    /// sentence each, for the user to read (also written into the profile
+    /// as comments).
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +69,8 @@ struct WgQuick {
     endpoint: Option<(usize, String)>,
     keepalive: Option<(usize, String)>,
     allowed_ips: Vec<(usize, String)>,
+    /// wg-quick settings a session has no use for, by their wg-quick name.
+    dropped: Vec<&'static str>,
     peers: usize,
 }
 
@@ -105,13 +111,17 @@ pub fn import(
         a.parse::<IpCidr>()
             .map_err(|m| format!("{}: Address {m}", at(*line)))?;
     }
+    let mut notes = Vec::new();
     let mut servers = Vec::new();
+    let mut search_domains = Vec::new();
     for (line, d) in &wg.dns {
         // wg-quick mixes resolvers and search domains in DNS; only the
         // addresses matter here.
         if d.parse::<std::net::IpAddr>().is_ok() {
             servers.push(d.clone());
-        } else if profile::check_hostname(d).is_err() {
+        } else if profile::check_hostname(d).is_ok() {
+            search_domains.push(d.as_str());
+        } else {
             return Err(format!(
                 "{}: DNS {d:?} is neither an address nor a search domain",
                 at(*line)
@@ -125,6 +135,24 @@ pub fn import(
     }
     if allow.is_empty() {
         return Err("name at least one host to allow: --allow HOST:PORT/PROTO".to_string());
+    }
+    if !search_domains.is_empty() {
+        notes.push(format!(
+            "dropped the DNS search domain{} {}: during a session only the allowed hosts' full names resolve, so give full names to --allow",
+            if search_domains.len() == 1 { "" } else { "s" },
+            search_domains.join(", ")
+        ));
+    }
+    for key in &wg.dropped {
+        notes.push(match *key {
+            "Table" => "dropped Table: a session installs its own full-tunnel routes".to_string(),
+            "ListenPort" => "dropped ListenPort: sessiond picks the tunnel's local port".to_string(),
+            "FwMark" => "dropped FwMark: sessiond marks the tunnel's own packets itself".to_string(),
+            "SaveConfig" => "dropped SaveConfig: sessiond never writes a profile back".to_string(),
+            hook => format!(
+                "dropped {hook}: sessiongate runs no shell commands from a configuration; the kill switch, routes and DNS are its own"
+            ),
+        });
     }
     let preshared_key = match &wg.preshared_key {
         Some((line, psk)) => Some(decode_key(psk).map_err(|m| format!("{}: PresharedKey {m}", at(*line)))?),
@@ -166,11 +194,18 @@ pub fn import(
     }
     let routed: Vec<&str> = wg.allowed_ips.iter().map(|(_, a)| a.as_str()).collect();
     if !routed.is_empty() && !routed.iter().all(|a| *a == "0.0.0.0/0" || *a == "::/0") {
-        let _ = writeln!(
-            out,
-            "# AllowedIPs was {}: a session always sends everything through the tunnel.",
-            routed.join(", ")
+        // sessiongate is a full tunnel by design: everything the session
+        // may reach goes through the gateway, and nothing else goes out.
+        notes.insert(
+            0,
+            format!(
+                "changed AllowedIPs = {} (a split tunnel) into a full tunnel: during a session everything goes through the gateway, and only the --allow hosts are reachable",
+                routed.join(", ")
+            ),
         );
+    }
+    for note in &notes {
+        let _ = writeln!(out, "# sessionctl import {note}.");
     }
     let _ = writeln!(out, "\n[dns]\nservers = [{}]", list(&servers));
     let mut hosts: BTreeMap<&str, (Vec<u16>, Vec<u16>)> = BTreeMap::new();
@@ -195,6 +230,7 @@ pub fn import(
         private_key,
         preshared_key,
         profile: out,
+        notes,
     })
 }
 
@@ -207,6 +243,8 @@ fn parse_wg_quick(source: &str, text: &str) -> Result<WgQuick, String> {
     }
     let mut wg = WgQuick::default();
     let mut section = Section::None;
+    // Windows editors start files with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let line_no = i + 1;
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -240,12 +278,27 @@ fn parse_wg_quick(source: &str, text: &str) -> Result<WgQuick, String> {
             (Section::Interface, "address") => wg.addresses.extend(many(&value)),
             (Section::Interface, "dns") => wg.dns.extend(many(&value)),
             (Section::Interface, "mtu") => wg.mtu = Some((line_no, value)),
-            // wg-quick's own knobs have no meaning for a session.
-            (Section::Interface, "listenport" | "fwmark" | "table" | "saveconfig") => {}
-            (Section::Interface, "preup" | "postup" | "predown" | "postdown") => {
-                return Err(format!(
-                    "{source} line {line_no}: {key} runs shell commands, which sessiongate does not import; remove it"
-                ))
+            // wg-quick's own knobs and hooks have no meaning for a session:
+            // dropped, and the user is told (by wg-quick's name, never the
+            // value, which goes unchecked into no profile or message).
+            (
+                Section::Interface,
+                dropped @ ("listenport" | "fwmark" | "table" | "saveconfig" | "preup" | "postup" | "predown"
+                | "postdown"),
+            ) => {
+                let name = match dropped {
+                    "listenport" => "ListenPort",
+                    "fwmark" => "FwMark",
+                    "table" => "Table",
+                    "saveconfig" => "SaveConfig",
+                    "preup" => "PreUp",
+                    "postup" => "PostUp",
+                    "predown" => "PreDown",
+                    _ => "PostDown",
+                };
+                if !wg.dropped.contains(&name) {
+                    wg.dropped.push(name);
+                }
             }
             (Section::Peer, "publickey") => wg.public_key = Some((line_no, value)),
             (Section::Peer, "presharedkey") => wg.preshared_key = Some((line_no, value)),
@@ -253,7 +306,9 @@ fn parse_wg_quick(source: &str, text: &str) -> Result<WgQuick, String> {
             (Section::Peer, "persistentkeepalive") => wg.keepalive = Some((line_no, value)),
             (Section::Peer, "allowedips") => wg.allowed_ips.extend(many(&value)),
             (Section::None, _) => {
-                return Err(format!("{source} line {line_no}: {key} comes before any [Interface] or [Peer]"))
+                return Err(format!(
+                    "{source} line {line_no}: {key} comes before any [Interface] or [Peer]"
+                ))
             }
             _ => return Err(format!("{source} line {line_no}: unknown key {key:?}")),
         }
@@ -339,14 +394,6 @@ PersistentKeepalive = 25
             .err()
             .unwrap_or_default();
         assert!(e.starts_with("wg0.conf line 6: expected KEY = VALUE"), "{e}");
-        let bad = CONF.replace("MTU = 1380", "PostUp = iptables -F");
-        let e = import("wg0.conf", &bad, "k", "p", &allow())
-            .err()
-            .unwrap_or_default();
-        assert!(
-            e.starts_with("wg0.conf line 6: postup runs shell commands"),
-            "{e}"
-        );
         let bad = CONF.replace("DNS = 10.66.0.1, practice.example\n", "");
         let e = import("wg0.conf", &bad, "k", "p", &allow())
             .err()
@@ -393,10 +440,48 @@ PersistentKeepalive = 25
         let split = CONF.replace("AllowedIPs = 0.0.0.0/0, ::/0", "AllowedIPs = 10.0.0.0/8");
         let imported = import("wg0.conf", &split, "k", "p", &allow()).expect("import");
         assert!(
-            imported.profile.contains("# AllowedIPs was 10.0.0.0/8"),
+            imported
+                .profile
+                .contains("changed AllowedIPs = 10.0.0.0/8 (a split tunnel) into a full tunnel"),
             "{}",
             imported.profile
         );
+        assert!(imported.notes[0].starts_with("changed AllowedIPs = 10.0.0.0/8"));
+    }
+
+    #[test]
+    fn what_the_profile_drops_is_said() {
+        let full = import("wg0.conf", CONF, "k", "p", &allow()).expect("import");
+        assert_eq!(
+            full.notes,
+            vec!["dropped the DNS search domain practice.example: during a session only the allowed hosts' full names resolve, so give full names to --allow"]
+        );
+        let knobs = CONF.replace(
+            "MTU = 1380",
+            "MTU = 1380\nTable = off\nListenPort = 51820\nFwMark = 0x1\nSaveConfig = true\nPostUp = iptables -F\nPreDown = x",
+        );
+        let imported = import("wg0.conf", &knobs, "k", "p", &allow()).expect("import");
+        for key in ["Table", "ListenPort", "FwMark", "SaveConfig", "PostUp", "PreDown"] {
+            assert!(
+                imported
+                    .notes
+                    .iter()
+                    .any(|n| n.starts_with(&format!("dropped {key}: "))),
+                "{key}: {:?}",
+                imported.notes
+            );
+            assert!(imported
+                .profile
+                .contains(&format!("# sessionctl import dropped {key}: ")));
+        }
+        // The values never reach the profile.
+        assert!(!imported.profile.contains("iptables"), "{}", imported.profile);
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_accepted() {
+        let with_bom = format!("\u{feff}{CONF}");
+        assert!(import("wg0.conf", &with_bom, "k", "p", &allow()).is_ok());
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! Call profiles: the TOML format of SPEC §3, parsed strictly and validated
+//! Call profiles: the TOML format of docs/profiles.md, parsed strictly and validated
 //! into a [`Profile`] that the rest of the daemon can trust.
 //!
 //! This module owns every rule about what a valid profile is, and the wording
 //! of the error a person sees when one is not. It reads files (the profile and
-//! its key files) and never changes anything on the system. Buffers that
+//! its key files) and never changes anything on the system; it never reads
+//! anything but a regular file, nor more than a size limit of one
+//! (`read_bounded`: a FIFO, a device or a huge file is refused before it is
+//! read). Buffers that
 //! held key material (the profile text, which may hold an inline key, key
 //! files, decoded bytes) are wiped when dropped (`zeroize`).
 
@@ -27,9 +30,10 @@ pub const DEFAULT_INTERFACE: &str = "sg0";
 pub const DEFAULT_MTU: u16 = 1420;
 /// Default time `start` waits for the first handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
-/// Room reserved up front for a profile's text (a bigger one still loads;
-/// its buffer may then grow).
-const MAX_PROFILE_BYTES: usize = 64 * 1024;
+/// The largest profile file sessiond, `check` and `import` read: real
+/// profiles are a few hundred bytes; anything near this is the wrong file
+/// (a log, a disk image, /dev/zero), refused before it is read.
+pub const MAX_PROFILE_FILE_BYTES: u64 = 1024 * 1024;
 /// A key file holds 44 base64 characters and some white space.
 const KEY_FILE_MAX_BYTES: usize = 256;
 
@@ -232,7 +236,7 @@ pub struct Tunnel {
     pub peer: Peer,
 }
 
-/// A validated profile. Holding one means every rule of SPEC §3 was checked.
+/// A validated profile. Holding one means every rule of docs/profiles.md was checked.
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
@@ -249,32 +253,129 @@ impl Profile {
     /// Reads and validates the profile file at `path`. The profile's name is
     /// the file stem; relative key paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
-        use std::io::Read;
         let name = profile_name_of(path);
-        let unreadable = |e: std::io::Error| {
+        // The daemon finds profiles by name; a file whose name it would
+        // refuse could be checked but never started.
+        check_profile_name(&name).map_err(|m| {
             ProfileError::whole(
                 &name,
-                format!("cannot read {}: {}", path.display(), io_reason(&e)),
+                format!(
+                    "the file name {} does not make a profile name: {m}; rename the file",
+                    path.display()
+                ),
             )
-        };
-        // Mode, owner and text from one open file, so the file checked is
-        // the file read. Whoever can write a profile decides where traffic
-        // goes: one that others may write is refused, at every start and
-        // every reload.
-        let mut file = fs::File::open(path).map_err(unreadable)?;
-        let meta = file.metadata().map_err(unreadable)?;
+        })?;
+        // Type, size, mode, owner and text from one open file, so the file
+        // checked is the file read. Whoever can write a profile decides
+        // where traffic goes: one that others may write is refused, at
+        // every start and every reload. The text may hold an inline private
+        // key: `read_bounded` wipes it when dropped.
+        let (bytes, meta) = read_bounded(path, MAX_PROFILE_FILE_BYTES, "a profile")
+            .map_err(|e| ProfileError::whole(&name, e.to_string()))?;
         crate::trust::check_profile_file(path, &meta).map_err(|e| ProfileError::whole(&name, e.0))?;
-        // The text may hold an inline private key: wiped when dropped, and
-        // read into room reserved up front so that no grown-out copy is
-        // left behind in freed memory.
-        let room = usize::try_from(meta.len()).unwrap_or(0).saturating_add(1);
-        let mut text = Zeroizing::new(String::with_capacity(room.min(MAX_PROFILE_BYTES)));
-        file.read_to_string(&mut text).map_err(unreadable)?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| ProfileError::whole(&name, format!("{} is not UTF-8 text", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut profile = parse(&name, &text, base, meta.mode())?;
+        let mut profile = parse(&name, text, base, meta.mode())?;
         profile.path = path.to_path_buf();
         Ok(profile)
     }
+}
+
+/// Why a file could not be read as a profile, key or wg-quick file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("{path} is {kind}, not a regular file; give the path of {what} file")]
+    NotRegular {
+        path: String,
+        kind: &'static str,
+        what: &'static str,
+    },
+    #[error("{path} is larger than {limit}, far more than {what} can be; is it the right file?")]
+    TooLarge {
+        path: String,
+        limit: String,
+        what: &'static str,
+    },
+}
+
+/// Opens `path` for reading and checks, on the open file, that it is a
+/// regular file. Opened non-blocking, so a FIFO is refused instead of
+/// waiting forever for a writer (reads of a regular file never block).
+pub fn open_regular(path: &Path, what: &'static str) -> Result<(fs::File, fs::Metadata), ReadError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let io = |e: std::io::Error| ReadError::Io {
+        path: path.display().to_string(),
+        reason: io_reason(&e),
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let kind = meta.file_type();
+    let not_regular = |kind: &'static str| ReadError::NotRegular {
+        path: path.display().to_string(),
+        kind,
+        what,
+    };
+    if kind.is_dir() {
+        return Err(not_regular("a directory"));
+    }
+    if kind.is_fifo() {
+        return Err(not_regular("a FIFO (named pipe)"));
+    }
+    if kind.is_char_device() || kind.is_block_device() {
+        return Err(not_regular("a device"));
+    }
+    if kind.is_socket() {
+        return Err(not_regular("a socket"));
+    }
+    if !kind.is_file() {
+        return Err(not_regular("not a plain file"));
+    }
+    Ok((file, meta))
+}
+
+/// Reads a regular file of at most `limit` bytes (see [`open_regular`]),
+/// refusing a bigger one before reading it and never reading more than
+/// `limit + 1` bytes of one that grows meanwhile. The bytes are wiped when
+/// dropped (profiles and key files hold keys); room for them is reserved up
+/// front so no grown-out copy is left in freed memory.
+pub fn read_bounded(
+    path: &Path,
+    limit: u64,
+    what: &'static str,
+) -> Result<(Zeroizing<Vec<u8>>, fs::Metadata), ReadError> {
+    use std::io::Read;
+    let (file, meta) = open_regular(path, what)?;
+    let too_large = || ReadError::TooLarge {
+        path: path.display().to_string(),
+        limit: if limit >= 1024 * 1024 {
+            format!("{} MiB", limit / (1024 * 1024))
+        } else {
+            format!("{limit} bytes")
+        },
+        what,
+    };
+    if meta.len() > limit {
+        return Err(too_large());
+    }
+    let room = usize::try_from(meta.len().min(limit) + 1).unwrap_or(0);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(room));
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadError::Io {
+            path: path.display().to_string(),
+            reason: io_reason(&e),
+        })?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok((bytes, meta))
 }
 
 /// The name of the profile stored at `path`: its file stem.
@@ -302,7 +403,13 @@ pub fn check_profile_name(name: &str) -> Result<(), String> {
 /// key paths are taken from; `file_mode` is the profile file's mode, which
 /// decides whether an inline private key is acceptable.
 pub fn parse(name: &str, text: &str, base: &Path, file_mode: u32) -> Result<Profile, ProfileError> {
-    let file: ProfileFile = toml::from_str(text).map_err(|e| toml_error(name, text, &e))?;
+    // The path of the field a type error is in (`allow[0].tcp[0]`), not
+    // only its line: serde_path_to_error follows the deserializer.
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| toml_error(name, text, &e, ""))?;
+    let file: ProfileFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        toml_error(name, text, e.inner(), if path == "." { "" } else { &path })
+    })?;
     Validator {
         name,
         base,
@@ -311,14 +418,23 @@ pub fn parse(name: &str, text: &str, base: &Path, file_mode: u32) -> Result<Prof
     .profile(file)
 }
 
-fn toml_error(name: &str, text: &str, e: &toml::de::Error) -> ProfileError {
-    let message = e.message().trim().to_string();
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            ProfileError::new(name, format!("line {line}"), message)
-        }
-        None => ProfileError::whole(name, message),
+/// A TOML or type error as `FIELD, line N: message`, in words people use
+/// for the types (`a whole number`, not `i64`).
+fn toml_error(name: &str, text: &str, e: &toml::de::Error, field: &str) -> ProfileError {
+    let message = e
+        .message()
+        .trim()
+        .replace("expected i64", "expected a whole number")
+        .replace("expected u64", "expected a whole number")
+        .replace("a sequence", "a list ([...])");
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    match (field, line) {
+        ("", Some(line)) => ProfileError::new(name, format!("line {line}"), message),
+        ("", None) => ProfileError::whole(name, message),
+        (field, Some(line)) => ProfileError::new(name, format!("{field} (line {line})"), message),
+        (field, None) => ProfileError::new(name, field, message),
     }
 }
 
@@ -444,7 +560,18 @@ impl Validator<'_> {
     }
 
     fn peer(&self, p: PeerSection) -> Result<Peer, ProfileError> {
-        let public_key = decode_key(&p.public_key).map_err(|m| self.err("tunnel.peer.public_key", m))?;
+        let public_key = decode_key(&p.public_key).map_err(|m| {
+            self.err(
+                "tunnel.peer.public_key",
+                format!("{m}; put the gateway's public key here, as whoever runs the gateway gives it"),
+            )
+        })?;
+        if is_low_order(&public_key) {
+            return Err(self.err(
+                "tunnel.peer.public_key",
+                "is not a usable public key (all zeros or another low-order point, which would make the tunnel's keys predictable); put the gateway's real public key here",
+            ));
+        }
         let endpoint = parse_endpoint(&p.endpoint).map_err(|m| self.err("tunnel.peer.endpoint", m))?;
         let preshared_key = match &p.preshared_key_file {
             Some(file) => Some(self.key_file("tunnel.peer.preshared_key_file", file)?),
@@ -507,15 +634,24 @@ impl Validator<'_> {
         } else {
             self.base.join(file)
         };
-        let meta = fs::metadata(&path).map_err(|e| {
-            self.err(
+        let (file, meta) = open_regular(&path, "a key").map_err(|e| match e {
+            ReadError::Io { reason, .. } if !path.exists() => self.err(
                 field,
-                format!("cannot read key file {}: {}", path.display(), io_reason(&e)),
-            )
+                format!(
+                    "key file {} does not exist ({reason}); make it with `sessionctl keygen --out {}` and give the public key it prints to whoever runs the gateway",
+                    path.display(),
+                    path.display()
+                ),
+            ),
+            ReadError::Io { reason, .. } if reason == "Permission denied" => self.err(
+                field,
+                format!(
+                    "cannot read key file {}: {reason}; key files are readable by root only, so check this profile with sudo",
+                    path.display()
+                ),
+            ),
+            e => self.err(field, e.to_string()),
         })?;
-        if !meta.is_file() {
-            return Err(self.err(field, format!("{} is not a regular file", path.display())));
-        }
         let euid = nix::unistd::geteuid().as_raw();
         if meta.uid() != 0 && meta.uid() != euid {
             return Err(self.err(
@@ -546,12 +682,12 @@ impl Validator<'_> {
         // Into a buffer that is wiped when dropped, with room for the whole
         // file reserved first (a grown buffer would leave copies behind).
         let mut text = Zeroizing::new(Vec::with_capacity(KEY_FILE_MAX_BYTES + 1));
-        fs::File::open(&path)
-            .and_then(|f| {
-                use std::io::Read;
-                f.take(KEY_FILE_MAX_BYTES as u64 + 1).read_to_end(&mut text)
-            })
-            .map_err(unreadable)?;
+        {
+            use std::io::Read;
+            file.take(KEY_FILE_MAX_BYTES as u64 + 1)
+                .read_to_end(&mut text)
+                .map_err(unreadable)?;
+        }
         if text.len() > KEY_FILE_MAX_BYTES {
             return Err(self.err(
                 field,
@@ -581,6 +717,17 @@ pub fn decode_key(text: &str) -> Result<Key, String> {
         )
     })?;
     Ok(Key::from_bytes(array))
+}
+
+/// Whether a peer public key is one of Curve25519's low-order points (the
+/// all-zero key among them): a Diffie-Hellman with it gives the all-zero
+/// secret whatever our private key is, so it is no key at all.
+pub fn is_low_order(public_key: &Key) -> bool {
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    let ours = StaticSecret::random_from_rng(rand_core::OsRng);
+    !ours
+        .diffie_hellman(&PublicKey::from(*public_key.as_bytes()))
+        .was_contributory()
 }
 
 /// Parses `host:port` or `[v6]:port`.
@@ -735,7 +882,7 @@ tcp = [5349]
     fn unknown_fields_are_errors_with_a_line() {
         let e = err(&good().replace("[dns]", "[dns]\nservrs = [\"x\"]"));
         assert!(e.contains("unknown field `servrs`"), "{e}");
-        assert!(e.starts_with("profile p: line "), "{e}");
+        assert!(e.starts_with("profile p: dns.servrs (line "), "{e}");
     }
 
     #[test]
@@ -762,7 +909,31 @@ tcp = [5349]
         let e = err(&good().replace(PEER, "AAAA"));
         assert_eq!(
             e,
-            "profile p: tunnel.peer.public_key: decodes to 3 bytes, but a WireGuard key is 32 bytes"
+            "profile p: tunnel.peer.public_key: decodes to 3 bytes, but a WireGuard key is 32 bytes; \
+             put the gateway's public key here, as whoever runs the gateway gives it"
+        );
+        // The all-zero key, and a low-order point (order 8), are no keys.
+        for low in [
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
+        ] {
+            let e = err(&good().replace(PEER, low));
+            assert!(
+                e.starts_with("profile p: tunnel.peer.public_key: is not a usable public key"),
+                "{low}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_field_path() {
+        let e = err(&good().replace("tcp = [443]", "tcp = [\"443\"]"));
+        assert!(e.starts_with("profile p: allow[0].tcp[0] (line "), "{e}");
+        assert!(e.contains("expected a whole number"), "{e}");
+        let e = err(&good().replace("persistent_keepalive = 25", "persistent_keepalive = \"25\""));
+        assert!(
+            e.starts_with("profile p: tunnel.peer.persistent_keepalive (line "),
+            "{e}"
         );
     }
 
@@ -892,7 +1063,12 @@ tcp = [5349]
             "private_key_file = \"missing.key\"",
         );
         let e = check(&text).err().unwrap_or_default();
-        assert_eq!(e, "profile p: tunnel.private_key_file: cannot read key file /nonexistent/missing.key: No such file or directory");
+        assert_eq!(
+            e,
+            "profile p: tunnel.private_key_file: key file /nonexistent/missing.key does not exist \
+             (No such file or directory); make it with `sessionctl keygen --out /nonexistent/missing.key` \
+             and give the public key it prints to whoever runs the gateway"
+        );
     }
 
     #[test]

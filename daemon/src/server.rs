@@ -229,7 +229,11 @@ impl Context {
                     .await
                     .unwrap_or(false);
                 if allowed {
-                    self.read_and_dispatch(&mut stream).await
+                    match self.read_request(&mut stream).await {
+                        Ok(Request::Watch) => return self.stream_status(stream).await,
+                        Ok(request) => self.dispatch(request).await,
+                        Err(reply) => reply,
+                    }
                 } else {
                     tracing::warn!(
                         "refused a control connection from uid {uid}: not in the control group {}",
@@ -251,34 +255,64 @@ impl Context {
         let _ = stream.shutdown().await;
     }
 
-    async fn read_and_dispatch(&self, stream: &mut UnixStream) -> Reply {
+    /// `watch`: the status now, then a new one each time the session
+    /// publishes a change, one line each, until the client hangs up (or
+    /// sends anything more), stops reading for REPLY_TIMEOUT, or the
+    /// session machine is gone. The watch channel keeps only the latest
+    /// snapshot, so a slow client skips states rather than piling them up
+    /// here.
+    async fn stream_status(&self, mut stream: UnixStream) {
+        let mut snapshots = self.session.subscribe();
+        let (mut from_client, mut to_client) = stream.split();
+        loop {
+            let report = snapshots.borrow_and_update().report();
+            let line = Reply::ok(report).to_line();
+            match tokio::time::timeout(REPLY_TIMEOUT, to_client.write_all(line.as_bytes())).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+            let mut byte = [0u8; 1];
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                // Read is cancel-safe; the client has nothing more to say,
+                // so whatever ends it (EOF, an error, a byte) ends the watch.
+                _ = from_client.read(&mut byte) => return,
+            }
+        }
+    }
+
+    async fn read_request(&self, stream: &mut UnixStream) -> Result<Request, Reply> {
         let (read_half, _) = stream.split();
         let mut reader = BufReader::new(read_half.take(MAX_REQUEST_BYTES as u64 + 1));
         let mut line = Vec::new();
         match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
             Err(_) => {
-                return Reply::error(
+                return Err(Reply::error(
                     ErrorKind::BadRequest,
                     format!("no complete request within {} s", REQUEST_TIMEOUT.as_secs()),
-                )
+                ))
             }
             Ok(Err(e)) => {
-                return Reply::error(ErrorKind::BadRequest, format!("could not read the request: {e}"))
+                return Err(Reply::error(
+                    ErrorKind::BadRequest,
+                    format!("could not read the request: {e}"),
+                ))
             }
             Ok(Ok(_)) => {}
         }
         if line.last() == Some(&b'\n') {
             line.pop();
         } else if line.len() > MAX_REQUEST_BYTES {
-            return Reply::error(
+            return Err(Reply::error(
                 ErrorKind::BadRequest,
                 format!("the request is larger than {} KiB", MAX_REQUEST_BYTES / 1024),
-            );
+            ));
         }
-        match parse_request(&line) {
-            Ok(request) => self.dispatch(request).await,
-            Err(message) => Reply::error(ErrorKind::BadRequest, message),
-        }
+        parse_request(&line).map_err(|message| Reply::error(ErrorKind::BadRequest, message))
     }
 
     async fn dispatch(&self, request: Request) -> Reply {
@@ -297,6 +331,8 @@ impl Context {
             // cancels a start that waits and a verify that probes.
             Request::Stop => reply_to(self.session.stop().await),
             Request::Verify => reply_to(self.session.verify().await),
+            // Answered by `stream_status` before it gets here.
+            Request::Watch => Reply::ok(self.session.status()),
         }
     }
 
@@ -305,7 +341,9 @@ impl Context {
     async fn load_profile(&self, name: &str) -> Result<Profile, Reply> {
         profile::check_profile_name(name).map_err(|m| Reply::error(ErrorKind::BadRequest, m))?;
         let path = self.profiles_dir.join(format!("{name}.toml"));
-        if !path.is_file() {
+        // Anything else there (a FIFO, a directory, a huge file) gets
+        // Profile::load's own reason, at once.
+        if !path.exists() {
             return Err(Reply::error(
                 ErrorKind::InvalidProfile,
                 format!("profile {name}: there is no {}", path.display()),

@@ -113,6 +113,12 @@ impl SessionHandle {
         self.snapshot.borrow().report()
     }
 
+    /// The published snapshots, for a client that follows the session
+    /// (`watch`): each change of stage, problem or allowed addresses.
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
     pub async fn start(&self, profile: Profile) -> Outcome {
         self.ask(|reply| Command::Start {
             profile: Box::new(profile),

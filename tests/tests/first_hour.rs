@@ -1,0 +1,562 @@
+//! A new user's first hour (issue 15): `sessionctl keygen`, `check` and
+//! `import` as someone with the README alone would run them, and the word a
+//! therapist gets when a call is at risk. Every test here runs the real
+//! `sessionctl` binary; the last ones run a lab session. Run after
+//! `cargo build --workspace`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lab::util;
+
+fn sessionctl() -> PathBuf {
+    util::find_binary("sessionctl").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `sessionctl ARGS` in `dir` against a socket nobody listens on, so a
+/// command that needs the daemon shows it.
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(sessionctl())
+        .args(["--socket", "/nonexistent/sessiond.sock"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sessionctl: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn is_wireguard_key(line: &str) -> bool {
+    line.len() == 44 && line.ends_with('=') && !line.contains(char::is_whitespace)
+}
+
+#[test]
+fn keygen_writes_the_private_key_to_a_new_0600_file_and_prints_only_the_public_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_in(dir.path(), &["keygen", "--out", "therapist.key"]);
+    assert!(out.status.success(), "keygen --out failed: {}", text(&out.stderr));
+    let key_path = dir.path().join("therapist.key");
+    let private = std::fs::read_to_string(&key_path).expect("the key file");
+    let mode = std::fs::metadata(&key_path).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key file is mode {mode:o}");
+    let stdout = text(&out.stdout);
+    assert!(
+        is_wireguard_key(stdout.trim()),
+        "stdout is not one public key: {stdout:?}"
+    );
+    assert!(
+        !stdout.contains(private.trim()) && !text(&out.stderr).contains(private.trim()),
+        "keygen --out printed the private key"
+    );
+
+    // Never over an existing file: the key already handed out stays.
+    let again = run_in(dir.path(), &["keygen", "--out", "therapist.key"]);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read_to_string(&key_path).expect("key"), private);
+}
+
+#[test]
+fn keygen_without_out_refuses_and_names_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_in(dir.path(), &["keygen"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(out.stdout.is_empty(), "keygen printed {:?}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("--out"), "{}", text(&out.stderr));
+
+    // `--out -` is refused too, and creates no file called `-`.
+    let dash = run_in(dir.path(), &["keygen", "--out", "-"]);
+    assert_eq!(dash.status.code(), Some(2));
+    assert!(
+        dash.stdout.is_empty(),
+        "keygen --out - printed {:?}",
+        text(&dash.stdout)
+    );
+    assert!(
+        text(&dash.stderr).contains("--private-to-stdout"),
+        "{}",
+        text(&dash.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("ls").count(),
+        0,
+        "a file was created"
+    );
+
+    // Only the flag named for it prints the private key.
+    let private = run_in(dir.path(), &["keygen", "--private-to-stdout"]);
+    assert!(private.status.success(), "{}", text(&private.stderr));
+    assert!(is_wireguard_key(text(&private.stdout).trim()));
+    assert!(
+        text(&private.stderr).starts_with("public key: "),
+        "{}",
+        text(&private.stderr)
+    );
+}
+
+const GATEWAY_PUBLIC: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+const CLIENT_PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+
+/// A profiles directory with one valid profile, `practice`, and its key.
+fn profiles_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("keys")).expect("keys dir");
+    let key = dir.path().join("keys/practice.key");
+    std::fs::write(&key, format!("{CLIENT_PRIVATE}\n")).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(dir.path().join("practice.toml"), practice_profile()).expect("profile");
+    dir
+}
+
+fn practice_profile() -> String {
+    format!(
+        r#"[tunnel]
+private_key_file = "keys/practice.key"
+address = ["192.0.2.66/32"]
+[tunnel.peer]
+public_key = "{GATEWAY_PUBLIC}"
+endpoint = "198.51.100.2:51820"
+[dns]
+servers = ["192.0.2.65"]
+[[allow]]
+host = "meet.test"
+tcp = [443]
+udp = [10000]
+"#
+    )
+}
+
+/// `check` fails with exit 2, saying `expected`, and points to the format.
+fn assert_check_refuses(dir: &Path, args: &[&str], expected: &str) {
+    let mut all = vec!["check"];
+    all.extend_from_slice(args);
+    let out = run_in(dir, &all);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "check {args:?} passed: {}{stderr}",
+        text(&out.stdout)
+    );
+    assert!(
+        stderr.contains(expected),
+        "check {args:?} does not say {expected:?}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("profiles.md"),
+        "check {args:?} does not point to the format:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_reads_profiles_by_name_without_the_daemon() {
+    let dir = profiles_dir();
+    let profiles = dir.path().to_str().expect("utf8");
+    let out = run_in(dir.path(), &["check", "--profiles", profiles, "practice"]);
+    assert!(
+        out.status.success(),
+        "check NAME needs the daemon: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), "profile practice is valid");
+    assert_check_refuses(
+        dir.path(),
+        &["--profiles", profiles, "absent"],
+        "there is no profile absent in",
+    );
+    // Without --profiles and without a daemon: sessiond's default directory.
+    assert_check_refuses(
+        dir.path(),
+        &["surely-absent"],
+        "there is no profile surely-absent in /etc/sessiongate/profiles",
+    );
+}
+
+#[test]
+fn check_says_what_to_do_about_the_shipped_examples_missing_keys() {
+    let examples = util::workspace_root().join("profiles");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["client", "jitsi-practice"] {
+        let file = examples.join(format!("{name}.toml"));
+        let path = file.to_str().expect("utf8");
+        assert_check_refuses(dir.path(), &[path], "make it with `sessionctl keygen --out ");
+    }
+}
+
+#[test]
+fn check_refuses_names_the_daemon_would_refuse() {
+    let dir = profiles_dir();
+    for bad in ["we ird name.toml", ".toml"] {
+        std::fs::write(dir.path().join(bad), practice_profile()).expect("profile");
+        assert_check_refuses(
+            dir.path(),
+            &[&format!("./{bad}")],
+            "is not a profile name: use letters",
+        );
+    }
+}
+
+#[test]
+fn check_refuses_a_low_order_gateway_key_and_names_the_field_of_a_type_error() {
+    let dir = profiles_dir();
+    let path = dir.path().join("practice.toml");
+    let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    std::fs::write(&path, practice_profile().replace(GATEWAY_PUBLIC, zero)).expect("profile");
+    assert_check_refuses(
+        dir.path(),
+        &["./practice.toml"],
+        "tunnel.peer.public_key: is not a usable public key",
+    );
+    std::fs::write(
+        &path,
+        practice_profile().replace("tcp = [443]", "tcp = [\"443\"]"),
+    )
+    .expect("profile");
+    assert_check_refuses(dir.path(), &["./practice.toml"], "allow[0].tcp[0] (line 11)");
+}
+
+#[test]
+fn check_and_import_refuse_fifos_devices_directories_and_huge_files_at_once() {
+    let dir = profiles_dir();
+    let fifo = dir.path().join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    std::fs::create_dir(dir.path().join("dir.toml")).expect("mkdir");
+    let big = std::fs::File::create(dir.path().join("big.toml")).expect("big");
+    // Sparse: 600 MB that take no disk, and that a reader would have to read.
+    big.set_len(600 * 1024 * 1024).expect("grow");
+    for (file, expected) in [
+        ("./fifo.toml", "is a FIFO (named pipe), not a regular file"),
+        ("/dev/zero", "is a device, not a regular file"),
+        ("./dir.toml", "is a directory, not a regular file"),
+        ("./big.toml", "is larger than 1 MiB"),
+    ] {
+        // A FIFO without a writer would hang a plain read: the test's
+        // timeout is `timeout`, which kills the command.
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(sessionctl())
+            .args(["check", file])
+            .current_dir(dir.path())
+            .output()
+            .expect("run sessionctl");
+        assert_eq!(out.status.code(), Some(2), "check {file}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expected),
+            "check {file}: {}",
+            text(&out.stderr)
+        );
+
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(sessionctl())
+            .args([
+                "import",
+                file,
+                "--name",
+                "imported",
+                "--allow",
+                "meet.test:443/tcp",
+                "--dir",
+            ])
+            .arg(dir.path().join("out"))
+            .current_dir(dir.path())
+            .output()
+            .expect("run sessionctl");
+        assert_eq!(out.status.code(), Some(2), "import {file}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expected),
+            "import {file}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn import_says_what_it_changed_and_dropped_and_accepts_a_byte_order_mark() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = format!(
+        "\u{feff}[Interface]\r
+PrivateKey = {CLIENT_PRIVATE}\r
+Address = 10.66.0.2/32\r
+DNS = 10.66.0.1, practice.test\r
+Table = off\r
+ListenPort = 51820\r
+FwMark = 0x1234\r
+SaveConfig = true\r
+PostUp = iptables -A OUTPUT -j ACCEPT\r
+\r
+[Peer]\r
+PublicKey = {GATEWAY_PUBLIC}\r
+Endpoint = 198.51.100.2:51820\r
+AllowedIPs = 10.66.0.0/24\r
+"
+    );
+    std::fs::write(dir.path().join("practice.conf"), conf).expect("conf");
+    let out = run_in(
+        dir.path(),
+        &[
+            "import",
+            "practice.conf",
+            "--name",
+            "practice",
+            "--allow",
+            "meet.practice.test:443/tcp",
+            "--dir",
+            "profiles",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "import failed: {}", text(&out.stderr));
+    for said in [
+        "changed AllowedIPs = 10.66.0.0/24 (a split tunnel) into a full tunnel",
+        "dropped the DNS search domain practice.test",
+        "dropped Table",
+        "dropped ListenPort",
+        "dropped FwMark",
+        "dropped SaveConfig",
+        "dropped PostUp",
+    ] {
+        assert!(stdout.contains(said), "import does not say {said:?}:\n{stdout}");
+    }
+    let checked = run_in(dir.path(), &["check", "profiles/practice.toml"]);
+    assert!(
+        checked.status.success(),
+        "the imported profile: {}",
+        text(&checked.stderr)
+    );
+}
+
+#[test]
+fn the_man_page_has_exit_status_and_files_and_points_only_to_pages_that_exist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_in(dir.path(), &["man"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    for section in [".SH COMMANDS", ".SH EXIT STATUS", ".SH FILES", ".SH SEE ALSO"] {
+        assert!(page.contains(section), "the man page has no {section}");
+    }
+    assert!(
+        !page.contains("sessionctl\\-start(1)") && !page.contains("sessionctl\\-check(1)"),
+        "the man page points to per-command pages that do not exist"
+    );
+    assert!(
+        page.contains("profiles.md"),
+        "the man page does not point to the format"
+    );
+    // Every exit code `sessionctl` documents is in it.
+    for code in ["0", "1", "2", "3", "4"] {
+        assert!(
+            page.contains(&format!(".TP\n\\fB{code}\\fR\n")),
+            "exit status {code} missing"
+        );
+    }
+}
+
+#[test]
+fn the_units_documentation_points_to_installed_pages() {
+    for unit in ["sessiond.service", "sessiongate-early-lockdown.service"] {
+        let path = util::workspace_root().join("systemd").join(unit);
+        let text = std::fs::read_to_string(&path).expect("unit");
+        let docs: Vec<&str> = text.lines().filter(|l| l.starts_with("Documentation=")).collect();
+        assert_eq!(
+            docs,
+            ["Documentation=man:sessionctl(1) file:/usr/share/doc/sessiongate/README.md"],
+            "{unit}"
+        );
+    }
+}
+
+/// A stand-in for the desktop's notification service: owns
+/// org.freedesktop.Notifications on the bus it is given and records every
+/// notification it is asked to show.
+mod notification_service {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// (summary, body) of each Notify call, in order.
+    pub type Shown = Arc<Mutex<Vec<(String, String)>>>;
+
+    pub struct Recorder {
+        pub shown: Shown,
+    }
+
+    #[zbus::interface(name = "org.freedesktop.Notifications")]
+    impl Recorder {
+        #[allow(clippy::too_many_arguments)]
+        fn notify(
+            &self,
+            _app_name: String,
+            replaces_id: u32,
+            _app_icon: String,
+            summary: String,
+            body: String,
+            _actions: Vec<String>,
+            _hints: HashMap<String, zbus::OwnedVariant>,
+            _expire_timeout: i32,
+        ) -> u32 {
+            let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+            shown.push((summary, body));
+            if replaces_id == 0 {
+                shown.len() as u32
+            } else {
+                replaces_id
+            }
+        }
+
+        fn get_capabilities(&self) -> Vec<String> {
+            vec!["body".to_string()]
+        }
+
+        fn get_server_information(&self) -> (String, String, String, String) {
+            (
+                "sessiongate-lab-recorder".into(),
+                "sessiongate".into(),
+                "1".into(),
+                "1.2".into(),
+            )
+        }
+
+        fn close_notification(&self, _id: u32) {}
+    }
+
+    /// Serves the recorder on `address` until the returned runtime and
+    /// connection are dropped.
+    pub fn serve(address: &str) -> anyhow::Result<(tokio::runtime::Runtime, zbus::Connection, Shown)> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let shown = Shown::default();
+        let recorder = Recorder { shown: shown.clone() };
+        let connection = runtime.block_on(async {
+            zbus::connection::Builder::address(address)
+                .name("org.freedesktop.Notifications")
+                .serve_at("/org/freedesktop/Notifications", recorder)
+                .build()
+                .await
+        })?;
+        Ok((runtime, connection, shown))
+    }
+}
+
+#[test]
+fn a_degraded_recovered_and_ended_session_each_show_a_desktop_notification() {
+    use lab::{wait_until, Lab, Ns};
+    use std::time::Duration;
+
+    let lab = Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"));
+    lab.sessiond_profile().expect("write the lab profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+
+    // A real session bus, only for this test, with the recorder on it.
+    let bus_dir = tempfile::tempdir().expect("tempdir");
+    let bus = bus_dir.path().join("bus");
+    let address = format!("unix:path={}", bus.display());
+    let _dbus = lab
+        .spawn_named(
+            Ns::Client,
+            "dbus-daemon",
+            &[
+                "dbus-daemon",
+                "--session",
+                "--nofork",
+                &format!("--address={address}"),
+            ],
+        )
+        .expect("dbus-daemon (Debian package dbus-daemon)");
+    wait_until(Duration::from_secs(10), "the session bus socket", || bus.exists())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (_runtime, _connection, shown) =
+        notification_service::serve(&address).unwrap_or_else(|e| panic!("notification service: {e:#}"));
+
+    let notifier_bin = util::find_binary("sessionctl-notify").expect("sessionctl-notify");
+    let socket = daemon.socket().to_string_lossy().into_owned();
+    let notifier = lab
+        .spawn_env(
+            Ns::Client,
+            "sessionctl-notify",
+            &[notifier_bin.to_str().expect("utf8"), "--socket", &socket],
+            &[("DBUS_SESSION_BUS_ADDRESS", &address)],
+        )
+        .expect("start sessionctl-notify");
+    let sessionctl_bin = sessionctl();
+    let watcher = lab
+        .spawn_named(
+            Ns::Client,
+            "status-watch",
+            &[
+                sessionctl_bin.to_str().expect("utf8"),
+                "--socket",
+                &socket,
+                "status",
+                "--watch",
+                "--json",
+            ],
+        )
+        .expect("start sessionctl status --watch");
+    // Both follow the session before anything happens to it.
+    wait_until(
+        Duration::from_secs(10),
+        "status --watch prints the active session",
+        || watcher.log().contains("\"state\":\"active\""),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", watcher.log()));
+
+    let shown_summaries = || -> Vec<String> {
+        shown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(summary, _)| summary.clone())
+            .collect()
+    };
+    let wait_for_notice = |summary: &str| {
+        wait_until(
+            Duration::from_secs(120),
+            &format!("a notification {summary:?}"),
+            || shown_summaries().iter().any(|s| s == summary),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}\nshown: {:?}\nnotifier log:\n{}\nsessiond log:\n{}",
+                shown_summaries(),
+                notifier.log(),
+                daemon.log()
+            )
+        });
+    };
+
+    lab.kill_gateway().expect("kill the gateway");
+    wait_for_notice("Call at risk: not connected");
+    let body = shown
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(summary, _)| summary == "Call at risk: not connected")
+        .map(|(_, body)| body.clone())
+        .unwrap_or_default();
+    assert!(body.starts_with("lab: "), "{body}");
+    assert!(body.contains("Everything stays blocked"), "{body}");
+
+    lab.restart_gateway().expect("restart the gateway");
+    wait_for_notice("Protected again");
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    wait_for_notice("Session ended");
+    assert_eq!(
+        shown_summaries(),
+        ["Call at risk: not connected", "Protected again", "Session ended"],
+        "one notification per change, nothing else"
+    );
+    // status --watch followed the same changes, as sessiond sent them.
+    let watched = watcher.log();
+    for state in ["active", "degraded", "idle"] {
+        assert!(
+            watched.contains(&format!("\"state\":\"{state}\"")),
+            "{state}:\n{watched}"
+        );
+    }
+}
