@@ -140,6 +140,17 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`sessionctl
+    // status | head -1`) would panic; a command-line tool should just end,
+    // as cat and grep do.
+    // SAFETY: no other thread runs yet and no handler is replaced but the
+    // default's.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -483,3 +483,20 @@ fn watch_streams_the_status_and_ends_when_the_client_hangs_up() {
     let out = watcher.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(3), "{out:?}");
 }
+
+/// Output into a pipe whose reader is gone (`sessionctl completions bash |
+/// head -0`)
+/// ends sessionctl quietly, without a panic message.
+#[test]
+fn a_closed_pipe_ends_sessionctl_quietly() {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_sessionctl"))
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run sessionctl");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "sessionctl panicked: {stderr}");
+}
