@@ -1,4 +1,4 @@
-//! The DNS stub (SPEC §6): during a session every DNS packet the machine
+//! The DNS stub: during a session every DNS packet the machine
 //! sends is redirected by the firewall to this resolver on loopback.
 //!
 //! This module owns the stub's listening sockets (127.0.0.1 and ::1, UDP and
@@ -15,7 +15,7 @@
 //! It must never: forward a name that is not allowed, use the tunnel's fwmark
 //! (that mark means "bypass the tunnel"), panic or grow without bound on what
 //! it receives (queries and TCP connections are limited, upstream exchanges
-//! time out), or log the names asked (SPEC §9): only counts, at debug level.
+//! time out), or log the names asked: only counts, at debug level.
 //! TCP connections are also limited per local user: the stub finds the uid
 //! of each client socket in `/proc/net/tcp{,6}` (the owner of the other end
 //! of the loopback connection).

@@ -1,5 +1,5 @@
 //! The resolver file (`--resolv-conf`): pointed at the local stub during a
-//! session and given back byte for byte afterwards (SPEC §6).
+//! session and given back byte for byte afterwards.
 //!
 //! This module owns the file's content during a session and its backup in
 //! the state directory. The backup is written (and synced) before the file

@@ -1,5 +1,5 @@
 //! The persisted-session store: what the daemon must know after a crash or
-//! a reboot to put the lockdown back at once and resume (SPEC §8).
+//! a reboot to put the lockdown back at once and resume.
 //!
 //! This module owns the file `session.json` in the state directory and its
 //! atomic replacement (write, fsync, rename, fsync the directory). It holds

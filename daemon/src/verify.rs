@@ -1,4 +1,4 @@
-//! `sessionctl verify` (SPEC §7): active probes, sent by the daemon itself
+//! `sessionctl verify`: active probes, sent by the daemon itself
 //! (so from the daemon's network namespace, through the same routes and the
 //! same firewall as any application), that show the session's boundary
 //! holds right now:
@@ -24,7 +24,7 @@
 //! it before a `stop` takes the firewall away, and the targets are
 //! documentation addresses or an allowed host); change the
 //! firewall, the routes or the session; take longer than [`PROBE_TIMEOUT`]
-//! per probe; or log a destination (SPEC §9: the log gets counts only).
+//! per probe; or log a destination (the log gets counts only).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -1,4 +1,4 @@
-//! sessiond in the lab: writes profiles (SPEC §3) into the lab's profiles
+//! sessiond in the lab: writes profiles into the lab's profiles
 //! dir with a client key registered at the gateway, runs `sessiond` in the
 //! client namespace and `sessionctl` against its socket. Owns the profiles
 //! dir, the daemon's socket/state paths and its processes.

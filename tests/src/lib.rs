@@ -1,4 +1,4 @@
-//! The sessiongate lab: end-to-end tests in network namespaces (SPEC §10).
+//! The sessiongate lab: end-to-end tests in network namespaces.
 //!
 //! This crate owns the test harness: [`Lab`] builds client, router, gateway
 //! and host namespaces linked by veth pairs (never to the host's own

@@ -1,4 +1,4 @@
-//! Secrets (SPEC §9: "no key material is ever logged or sent over the
+//! Secrets ("no key material is ever logged or sent over the
 //! socket"). A full session with sessiond at its most verbose
 //! (SESSIOND_LOG=trace, every crate's events included), a preshared key on
 //! top of the private key, a crash and a resume, profiles whose mistakes
@@ -316,7 +316,7 @@ fn no_key_material_in_trace_logs_replies_or_state() {
         }
     }
     assert!(leaks.is_empty(), "key material found:\n{}", leaks.join("\n"));
-    // Nor the names applications asked for (SPEC §9: no list of
+    // Nor the names applications asked for (no list of
     // destinations): other.test was asked and refused during the session.
     for (what, bytes) in t.replies.iter().filter(|(w, _)| w.starts_with("log ")) {
         assert!(

@@ -1,4 +1,4 @@
-//! `sessionctl verify` (SPEC §7) in the lab: the daemon's own probes must
+//! `sessionctl verify` in the lab: the daemon's own probes must
 //! pass in a good session and must tell the truth when the tunnel is dead,
 //! and running them must never leak anything (the router's leak meter).
 //! Run as root after `cargo build --workspace --bins`.

@@ -1,7 +1,7 @@
 //! The session state machine: the one place that decides the order in which
 //! the machine is locked down, tunnelled and given back.
 //!
-//! `idle → starting → active ⇄ degraded → stopping → idle` (SPEC §4), held
+//! `idle → starting → active ⇄ degraded → stopping → idle`, held
 //! as typed stages (`stage.rs`), one file per stage for its transitions:
 //!
 //! - `idle.rs` — start: persist the session → lockdown firewall → tunnel →

@@ -24,7 +24,7 @@ use crate::tunnel::{AllowFilter, TunnelStats};
 const MIN_ALLOW_SECS: u32 = 60;
 const ALLOW_GRACE_SECS: u32 = 30;
 
-/// The word `status` shows for the session (SPEC §4): `idle → starting →
+/// The word `status` shows for the session: `idle → starting →
 /// active ⇄ degraded → stopping → idle`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,7 +45,7 @@ pub struct AllowedHost {
     pub udp: Vec<u16>,
 }
 
-/// What `status` reports (SPEC §2). The phase goes on the wire as `state`.
+/// What `status` reports. The phase goes on the wire as `state`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StatusReport {
     #[serde(rename = "state")]
