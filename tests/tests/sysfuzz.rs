@@ -211,6 +211,9 @@ struct Fuzz<'a> {
     /// any resolver would. Only after this step, so that a product that
     /// loses a first packet anywhere else still fails.
     resend_lost_datagram: bool,
+    /// The client's `src_valid_mark` before any session (sessiond sets it
+    /// during one and must put it back).
+    src_valid_mark: String,
 }
 
 impl Fuzz<'_> {
@@ -673,6 +676,27 @@ impl Fuzz<'_> {
                     ));
                 }
             }
+            for family in ["-4", "-6"] {
+                let routes = lab
+                    .exec_ok(
+                        Ns::Client,
+                        &["ip", family, "route", "show", "table", "all", "proto", "83"],
+                    )
+                    .unwrap_or_default();
+                if !routes.trim().is_empty() {
+                    problems.push(format!("a route of the session is left ({family}): {routes}"));
+                }
+            }
+            let mark = lab
+                .exec_ok(Ns::Client, &["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"])
+                .unwrap_or_default();
+            if mark.trim() != self.src_valid_mark {
+                problems.push(format!(
+                    "net.ipv4.conf.all.src_valid_mark is {} after the session, was {}",
+                    mark.trim(),
+                    self.src_valid_mark
+                ));
+            }
             let link = lab.exec(Ns::Client, &["ip", "link", "show", lab::DAEMON_TUN_IF]);
             if link.is_ok_and(|o| o.status.success()) {
                 problems.push(format!("{} is left after the session", lab::DAEMON_TUN_IF));
@@ -840,6 +864,11 @@ fn the_model_and_the_real_system_agree_through_random_sequences() {
         })
         .expect("write a profile");
     }
+    let src_valid_mark = lab
+        .exec_ok(Ns::Client, &["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"])
+        .expect("read src_valid_mark")
+        .trim()
+        .to_string();
     let daemon = lab.start_sessiond().expect("start sessiond");
     let mut fuzz = Fuzz {
         lab: &lab,
@@ -853,6 +882,7 @@ fn the_model_and_the_real_system_agree_through_random_sequences() {
         broken_since: None,
         handshake_due_since: None,
         resend_lost_datagram: false,
+        src_valid_mark,
     };
     let mut rng = Rng::new(seed);
     let started = Instant::now();
