@@ -14,6 +14,7 @@ pub mod dns;
 pub mod gateway;
 pub mod lab;
 pub mod meter;
+pub mod sysfuzz;
 pub mod util;
 
 pub use daemon::{Daemon, ProfileFiles, DAEMON_TUN_IF};
