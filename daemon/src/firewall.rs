@@ -960,18 +960,7 @@ pub fn watch() -> Result<FirewallWatch, FirewallError> {
 /// it a new interface waits for the next check), both waking one channel.
 #[allow(clippy::type_complexity)]
 fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), FirewallError> {
-    let mut child = Command::new("nft")
-        .args(["-j", "monitor"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| FirewallError::Spawn("nft monitor has no output".into()))?;
+    let (child, stdout) = spawn_monitor_process("nft", &["-j", "monitor"])?;
     let (tx, rx) = mpsc::channel(64);
     // Weak: when nft monitor ends the channel must close (the watch then
     // restarts both), whatever the link monitor does.
@@ -1030,19 +1019,29 @@ async fn prove_monitor_listens() {
     tracing::warn!("the firewall tamper guard's nft monitor did not report its start-up check; it relies on its events alone");
 }
 
-fn spawn_link_monitor(tx: mpsc::WeakSender<()>) -> Result<Child, FirewallError> {
-    let mut child = Command::new("ip")
-        .args(["-o", "monitor", "link"])
+/// A long-running `program args…` whose output is read line by line; it is
+/// killed when its handle is dropped.
+fn spawn_monitor_process(
+    program: &str,
+    args: &[&str],
+) -> Result<(Child, tokio::process::ChildStdout), FirewallError> {
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| FirewallError::Spawn(e.to_string()))?;
+        .map_err(|e| FirewallError::Spawn(format!("{program}: {e}")))?;
     let stdout = child
         .stdout
         .take()
-        .ok_or_else(|| FirewallError::Spawn("ip monitor has no output".into()))?;
+        .ok_or_else(|| FirewallError::Spawn(format!("{program} monitor has no output")))?;
+    Ok((child, stdout))
+}
+
+fn spawn_link_monitor(tx: mpsc::WeakSender<()>) -> Result<Child, FirewallError> {
+    let (child, stdout) = spawn_monitor_process("ip", &["-o", "monitor", "link"])?;
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(_)) = lines.next_line().await {
