@@ -88,6 +88,10 @@ pub struct RouteConfig {
     pub fwmark: u32,
     /// Our routing table; not one of the kernel's (0, 252–255).
     pub table: u32,
+    /// The `src_valid_mark` value [`Routes::remove`] gives back, as the
+    /// caller remembered it from before the session (after a crash the
+    /// kernel holds the crashed run's 1). `None`: the value found now.
+    pub src_valid_mark_before: Option<String>,
 }
 
 /// A routing step that failed. Displays as one sentence, for example
@@ -224,8 +228,10 @@ pub async fn apply(cfg: &RouteConfig) -> Result<Routes, RoutingError> {
 /// [`Routes`] was lost): for IPv4 and IPv6, the rules at
 /// [`SUPPRESS_RULE_PRIORITY`] and [`MARK_RULE_PRIORITY`] that have exactly the
 /// shape [`apply`] gives them for this `fwmark` and `table`. Nothing else is
-/// touched. Routes in `table` went away with the old TUN device, and the old
-/// value of `src_valid_mark` is unknown, so it stays as it is (1 is harmless).
+/// touched. Routes in `table` went away with the old TUN device;
+/// `src_valid_mark` stays as it is: the caller hands the value from before
+/// the session to the next [`apply`] (`RouteConfig::src_valid_mark_before`),
+/// whose undo gives it back.
 pub async fn remove_stale(fwmark: u32, table: u32) -> Result<(), RoutingError> {
     validate_mark_table(fwmark, table)?;
     let mut nl = Netlink::open()?;
@@ -380,9 +386,12 @@ async fn apply_steps(
 
     // Before the rules, so replies to the marked tunnel socket pass the
     // reverse-path check from the first packet on.
-    let old = read_sysctl(SRC_VALID_MARK)?;
-    if old != "1" {
+    let found = read_sysctl(SRC_VALID_MARK)?;
+    if found != "1" {
         write_sysctl(SRC_VALID_MARK, "1")?;
+    }
+    let old = cfg.src_valid_mark_before.clone().unwrap_or(found);
+    if old != "1" {
         done.push(Change::SrcValidMark { old });
     }
 
@@ -824,6 +833,12 @@ fn io_reason(e: &io::Error) -> String {
     }
 }
 
+/// The current `net.ipv4.conf.all.src_valid_mark`, for the caller to
+/// remember before a session changes it. Reads only.
+pub fn read_src_valid_mark() -> Result<String, RoutingError> {
+    read_sysctl(SRC_VALID_MARK)
+}
+
 fn read_sysctl(path: &str) -> Result<String, RoutingError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
@@ -856,6 +871,7 @@ mod tests {
             mtu: 1420,
             fwmark: 0x5347,
             table: 0x5347,
+            src_valid_mark_before: None,
         }
     }
 

@@ -25,6 +25,12 @@ pub struct PersistedSession {
     pub endpoint: SocketAddr,
     pub interface: String,
     pub allow_lan: bool,
+    /// `net.ipv4.conf.all.src_valid_mark` as it was before the session
+    /// started, for stop to give back even after a crash (the kernel then
+    /// holds the 1 the crashed run set). Files from before this field have
+    /// none; their stop leaves the value as it finds it.
+    #[serde(default)]
+    pub src_valid_mark_before: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +135,7 @@ mod tests {
             endpoint: "198.51.100.2:51820".parse().expect("addr"),
             interface: "sg0".into(),
             allow_lan: false,
+            src_valid_mark_before: Some("0".into()),
         }
     }
 
@@ -147,6 +154,17 @@ mod tests {
         store.clear().expect("clear");
         assert_eq!(store.load().expect("load"), None);
         store.clear().expect("clearing twice is fine");
+    }
+
+    #[test]
+    fn a_file_without_src_valid_mark_before_still_loads() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = SessionStore::new(tmp.path());
+        let old = r#"{"profile":"lab","endpoint":"198.51.100.2:51820","interface":"sg0","allow_lan":false}"#;
+        fs::write(tmp.path().join(FILE_NAME), old).expect("write");
+        let loaded = store.load().expect("load").expect("a session");
+        assert_eq!(loaded.src_valid_mark_before, None);
+        assert_eq!(loaded.profile, "lab");
     }
 
     #[test]

@@ -607,3 +607,39 @@ fn stop_with_no_session_removes_the_early_boot_lockdown() {
     lab.probe_tcp(Ns::Client, addr::HOST_V4, 443)
         .expect("meet.test reachable after stop");
 }
+
+/// sessiond is killed mid-session (kill -9) and started again without a
+/// reboot, so the kernel still holds `src_valid_mark` = 1 from the crashed
+/// run; the resumed session's stop must still give back the value from
+/// before the session started (the lab client starts with 0), not the 1
+/// the resume found.
+#[test]
+fn stop_after_a_crash_and_resume_restores_src_valid_mark() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let read_mark = || {
+        lab.exec_ok(Ns::Client, &["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"])
+            .expect("sysctl")
+            .trim()
+            .to_string()
+    };
+    let before = read_mark();
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    assert_eq!(read_mark(), "1", "a session sets src_valid_mark");
+
+    daemon.kill9().expect("kill -9");
+    wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running()).expect("exit");
+    daemon.restart().expect("sessiond starts again");
+    wait_until(Duration::from_secs(30), "the resumed session active", || {
+        state(&daemon) == "active"
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    assert_eq!(
+        read_mark(),
+        before,
+        "stop after a resume left net.ipv4.conf.all.src_valid_mark changed"
+    );
+}

@@ -78,7 +78,15 @@ pub trait Effects {
     /// addresses to.
     fn tunnel_filter(&self, tunnel: &Self::Tunnel) -> AllowFilter;
     async fn stop_tunnel(&mut self, tunnel: Self::Tunnel);
-    async fn add_routes(&mut self, profile: &Profile) -> Result<Self::Routes, String>;
+    /// Reads `net.ipv4.conf.all.src_valid_mark`; changes nothing.
+    fn read_src_valid_mark(&mut self) -> Result<String, String>;
+    /// Routes everything through the tunnel; removing the routes gives
+    /// `src_valid_mark` back as `src_valid_mark_before` (None: as found now).
+    async fn add_routes(
+        &mut self,
+        profile: &Profile,
+        src_valid_mark_before: Option<&str>,
+    ) -> Result<Self::Routes, String>;
     async fn remove_routes(&mut self, routes: Self::Routes) -> Result<(), String>;
     /// Removes routing rules a previous run left behind.
     async fn remove_stale_routes(&mut self) -> Result<(), String>;
@@ -251,7 +259,15 @@ impl Effects for SystemEffects {
         tunnel.stop().await;
     }
 
-    async fn add_routes(&mut self, profile: &Profile) -> Result<Routes, String> {
+    fn read_src_valid_mark(&mut self) -> Result<String, String> {
+        routing::read_src_valid_mark().map_err(|e| e.to_string())
+    }
+
+    async fn add_routes(
+        &mut self,
+        profile: &Profile,
+        src_valid_mark_before: Option<&str>,
+    ) -> Result<Routes, String> {
         let t = &profile.tunnel;
         routing::apply(&RouteConfig {
             interface: t.interface.clone(),
@@ -259,6 +275,7 @@ impl Effects for SystemEffects {
             mtu: u32::from(t.mtu),
             fwmark: TUNNEL_FWMARK,
             table: ROUTE_TABLE,
+            src_valid_mark_before: src_valid_mark_before.map(str::to_string),
         })
         .await
         .map_err(|e| e.to_string())

@@ -1,8 +1,9 @@
 //! Leaving idle: `start`, and the resume of a persisted session when the
 //! daemon starts.
 //!
-//! Order: persist the session → lockdown firewall (and its guard) → tunnel
-//! → routes → connecting. Until the lockdown is up a failure changes
+//! Order: remember `src_valid_mark` (a read) → persist the session with it
+//! → lockdown firewall (and its guard) → tunnel → routes (told that value
+//! to give back) → connecting. Until the lockdown is up a failure changes
 //! nothing; after it, the machine stays locked down (blocked).
 //!
 //! Never: start the tunnel before the lockdown is in place, or leave a
@@ -40,12 +41,23 @@ pub(crate) async fn start<E: Effects>(ctx: &mut Ctx<E>, profile: Profile, reply:
             return Stage::Idle;
         }
     };
+    // Read before anything changes it and kept with the session, so that
+    // stop gives it back even after a crash and resume (the kernel then
+    // holds the crashed run's value).
+    let src_valid_mark_before = match ctx.effects.read_src_valid_mark() {
+        Ok(value) => value,
+        Err(e) => {
+            answer(reply, Outcome::Refused(format!("{e}; nothing was changed")));
+            return Stage::Idle;
+        }
+    };
     let lockdown = lockdown_of(&profile, endpoint);
     let persisted = PersistedSession {
         profile: profile.name.clone(),
         endpoint,
         interface: profile.tunnel.interface.clone(),
         allow_lan: profile.allow_lan,
+        src_valid_mark_before: Some(src_valid_mark_before),
     };
     if let Err(e) = ctx.effects.save_session(&persisted) {
         answer(reply, Outcome::Refused(format!("{e}; nothing was changed")));
@@ -78,17 +90,27 @@ pub(crate) async fn start<E: Effects>(ctx: &mut Ctx<E>, profile: Profile, reply:
     let name = profile.name.clone();
     let locked = Locked::new(&name, lockdown, Some(profile));
     // From here on the machine is locked down; failures keep it so.
-    bring_up(ctx, locked, Waiter::Client(reply), endpoint, Some(timeout)).await
+    bring_up(
+        ctx,
+        locked,
+        Waiter::Client(reply),
+        endpoint,
+        Some(timeout),
+        persisted.src_valid_mark_before,
+    )
+    .await
 }
 
 /// Starts the tunnel and its routes behind the lockdown, then waits for
-/// the handshake (as an event).
+/// the handshake (as an event). `src_valid_mark_before` is the persisted
+/// session's, for the routes' removal to give back.
 async fn bring_up<E: Effects>(
     ctx: &mut Ctx<E>,
     mut locked: Locked<E>,
     waiter: Waiter,
     endpoint: SocketAddr,
     timeout: Option<Duration>,
+    src_valid_mark_before: Option<String>,
 ) -> Stage<E> {
     let Some(profile) = locked.profile.clone() else {
         return fail(
@@ -116,7 +138,11 @@ async fn bring_up<E: Effects>(
             )
         }
     }
-    match ctx.effects.add_routes(&profile).await {
+    match ctx
+        .effects
+        .add_routes(&profile, src_valid_mark_before.as_deref())
+        .await
+    {
         Ok(routes) => locked.routes = Some(routes),
         Err(message) => {
             return fail(
@@ -220,5 +246,13 @@ pub(crate) async fn resume<E: Effects>(ctx: &mut Ctx<E>) -> anyhow::Result<Stage
         }
     });
     let locked = Locked::new(&name, lockdown, Some(profile));
-    Ok(bring_up(ctx, locked, Waiter::Resume, persisted.endpoint, None).await)
+    Ok(bring_up(
+        ctx,
+        locked,
+        Waiter::Resume,
+        persisted.endpoint,
+        None,
+        persisted.src_valid_mark_before,
+    )
+    .await)
 }

@@ -68,6 +68,10 @@ struct Recorder {
     /// What `load_profile` reads (a reload or a resume).
     on_disk: Option<Profile>,
     persisted: Option<PersistedSession>,
+    /// What `read_src_valid_mark` answers.
+    src_valid_mark: String,
+    /// What each `add_routes` was told to give back on removal.
+    routes_restore: Vec<Option<String>>,
     /// Verify's probes never finish unless told.
     verify_done: bool,
     /// The filter of the tunnel last started (a real one: the tests ask it
@@ -90,6 +94,8 @@ impl Recorder {
             reachable: Arc::new(AtomicBool::new(false)),
             on_disk: Some(profile()),
             persisted: None,
+            src_valid_mark: "0".into(),
+            routes_restore: Vec::new(),
             verify_done: true,
             tunnel: None,
             sink: None,
@@ -208,8 +214,19 @@ impl Effects for Recorder {
         self.calls.push("tunnel down".into());
         self.tunnel = None;
     }
-    async fn add_routes(&mut self, _profile: &Profile) -> Result<(), String> {
-        self.call("routes up")
+    fn read_src_valid_mark(&mut self) -> Result<String, String> {
+        self.call("read src_valid_mark")?;
+        Ok(self.src_valid_mark.clone())
+    }
+    async fn add_routes(
+        &mut self,
+        _profile: &Profile,
+        src_valid_mark_before: Option<&str>,
+    ) -> Result<(), String> {
+        self.call("routes up")?;
+        self.routes_restore
+            .push(src_valid_mark_before.map(str::to_string));
+        Ok(())
     }
     async fn remove_routes(&mut self, _routes: ()) -> Result<(), String> {
         self.call("routes down")
@@ -360,6 +377,7 @@ async fn start_locks_down_before_the_tunnel_and_opens_after_the_handshake() {
         calls(&m),
         [
             "resolve endpoint",
+            "read src_valid_mark",
             "save session",
             "firewall lockdown",
             "guard on",
@@ -398,6 +416,7 @@ async fn a_start_failing_at_any_step_is_locked_down_or_unchanged_never_open() {
     // (step that fails, whether the lockdown was already up)
     let steps = [
         ("resolve endpoint", false),
+        ("read src_valid_mark", false),
         ("save session", false),
         ("firewall lockdown", false),
         ("tunnel up", true),
@@ -445,6 +464,7 @@ async fn a_failed_lockdown_clears_the_persisted_session() {
         calls(&m),
         [
             "resolve endpoint",
+            "read src_valid_mark",
             "save session",
             "firewall lockdown",
             "clear session"
@@ -674,6 +694,7 @@ async fn resume_locks_down_first_and_opens_after_the_handshake() {
         endpoint: "198.51.100.2:51820".parse().expect("address"),
         interface: "sg0".into(),
         allow_lan: false,
+        src_valid_mark_before: Some("0".into()),
     });
     m.resume().await.expect("resume");
     assert_eq!(
@@ -704,6 +725,25 @@ async fn resume_locks_down_first_and_opens_after_the_handshake() {
     assert_eq!(phase(&handle), (Phase::Active, None));
 }
 
+/// After a crash the kernel holds the crashed run's src_valid_mark (1):
+/// the routes of a resumed session must give back the value persisted at
+/// start, not the one they find.
+#[tokio::test]
+async fn start_persists_src_valid_mark_and_resume_hands_it_to_the_routes() {
+    let (mut m, _handle) = machine();
+    let _rx = start(&mut m).await;
+    let persisted = m.ctx.effects.persisted.clone().expect("a persisted session");
+    assert_eq!(persisted.src_valid_mark_before.as_deref(), Some("0"));
+    assert_eq!(m.ctx.effects.routes_restore, [Some("0".to_string())]);
+
+    let (mut m, _handle) = machine();
+    m.ctx.effects.persisted = Some(persisted);
+    m.ctx.effects.src_valid_mark = "1".into();
+    m.resume().await.expect("resume");
+    assert!(!calls(&m).contains(&"read src_valid_mark"), "{:?}", calls(&m));
+    assert_eq!(m.ctx.effects.routes_restore, [Some("0".to_string())]);
+}
+
 #[tokio::test]
 async fn a_resume_without_its_profile_stays_locked_down() {
     let (mut m, handle) = machine();
@@ -712,6 +752,7 @@ async fn a_resume_without_its_profile_stays_locked_down() {
         endpoint: "198.51.100.2:51820".parse().expect("address"),
         interface: "sg0".into(),
         allow_lan: false,
+        src_valid_mark_before: Some("0".into()),
     });
     m.ctx.effects.on_disk = None;
     m.resume().await.expect("resume");
@@ -841,6 +882,7 @@ async fn a_resume_whose_tunnel_changed_stays_locked_down() {
         endpoint: "198.51.100.2:51820".parse().expect("address"),
         interface: "sg1".into(),
         allow_lan: false,
+        src_valid_mark_before: Some("0".into()),
     });
     m.resume().await.expect("resume");
     assert_eq!(
@@ -1107,6 +1149,7 @@ async fn a_late_handshake_and_a_resume_open_the_tunnel_with_the_firewall() {
         endpoint: "198.51.100.2:51820".parse().expect("address"),
         interface: "sg0".into(),
         allow_lan: false,
+        src_valid_mark_before: Some("0".into()),
     });
     m.resume().await.expect("resume");
     assert!(!tunnel_admits(&m, PINNED_DNS, UDP, 53));
