@@ -84,12 +84,17 @@ fn a_flushed_ruleset_is_put_back_while_a_start_waits_for_its_handshake() {
         lab.exec_ok(Ns::Client, &["nft", "flush", "ruleset"])
             .expect("nft flush ruleset");
         lab.reset_all_leaks().expect("reset leaks");
+        let flushed = std::time::Instant::now();
         wait_until(
-            Duration::from_secs(1),
+            lab::RESTORE_DEADLINE,
             "our table back after a flush during a start",
             || nft_tables(&lab).contains("table inet sessiongate"),
         )
         .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+        println!(
+            "table restored {:?} after a flush during a start",
+            flushed.elapsed()
+        );
         let restored = lab
             .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
             .expect("list our table");
