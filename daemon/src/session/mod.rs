@@ -318,7 +318,10 @@ impl<E: Effects> SessionMachine<E> {
                     // systemd's watchdog: the state machine is alive and
                     // looking after the tunnel.
                     ping_watchdog();
-                    self.on_health().await
+                    self.on_health().await;
+                    // The guard's backstop: should its monitor ever miss a
+                    // change, the table is back within a tick all the same.
+                    self.on_firewall_changed().await
                 }
             }
         }
