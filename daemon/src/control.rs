@@ -166,17 +166,25 @@ impl ClientError {
     }
 }
 
+/// Connects to sessiond's control socket, saying why not in the caller's
+/// words (permission denied, or unreachable and why).
+fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(socket).map_err(|e| {
+        let path = socket.display().to_string();
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path },
+            _ => ClientError::Unreachable {
+                path,
+                reason: crate::profile::io_reason(&e),
+            },
+        }
+    })
+}
+
 /// Sends one request and waits for its reply. `timeout` bounds the wait
 /// (`start` may legitimately take as long as the handshake timeout).
 pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
-    let path = socket.display().to_string();
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path: path.clone() },
-        _ => ClientError::Unreachable {
-            path: path.clone(),
-            reason: crate::profile::io_reason(&e),
-        },
-    })?;
+    let mut stream = connect(socket)?;
     let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream
@@ -215,14 +223,7 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply
 /// timeout, since a quiet session sends nothing. Each line is bounded like
 /// any reply.
 pub fn watch(socket: &Path, mut on_status: impl FnMut(serde_json::Value) -> bool) -> Result<(), ClientError> {
-    let path = socket.display().to_string();
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path: path.clone() },
-        _ => ClientError::Unreachable {
-            path: path.clone(),
-            reason: crate::profile::io_reason(&e),
-        },
-    })?;
+    let mut stream = connect(socket)?;
     let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
     stream
         .set_write_timeout(Some(Duration::from_secs(5)))
