@@ -73,10 +73,7 @@ enum NftCommand<'a> {
 /// Runs `command` through libnftables in process, or through the `nft`
 /// binary when the library is missing ([`crate::nft`]). The outer error:
 /// nft could not be run at all; the inner one: nft refused, in its words.
-async fn nft(
-    command: NftCommand<'_>,
-    what: &'static str,
-) -> Result<Result<String, String>, FirewallError> {
+async fn nft(command: NftCommand<'_>, what: &'static str) -> Result<Result<String, String>, FirewallError> {
     if let Some(lib) = Libnftables::get() {
         let (NftCommand::Batch(text) | NftCommand::Line(text)) = command;
         return Ok(lib.run(text));
