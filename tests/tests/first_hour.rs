@@ -823,9 +823,10 @@ fn a_new_user_follows_the_readme_from_the_checkout_to_a_protected_session_and_ba
     c.write("/etc/resolv.conf", &resolv_before, 0o644)
         .expect("resolv.conf");
     c.boot().unwrap_or_else(|e| panic!("boot: {e:#}"));
-    // The machine's user, with the fresh checkout in their home.
-    c.exec_ok(&["useradd", "--create-home", walkthrough::USER])
-        .expect("useradd");
+    // The machine's user, made the way Debian's installer makes one
+    // (adduser: a home only they can read), with the fresh checkout in it.
+    c.exec_ok(&["adduser", "--disabled-password", "--gecos", "", walkthrough::USER])
+        .expect("adduser");
     c.exec_ok(&[
         "runuser",
         "-u",
