@@ -810,6 +810,16 @@ fn the_readme_walkthrough_has_every_step_of_a_first_session_and_the_table_of_val
 }
 
 #[test]
+fn walkthrough_blocks_are_read_in_order_with_continuations_and_without_comments() {
+    let text = "intro\n```sh\nnot this\n```\n```sh walkthrough\n./a\n# a comment\n\n   sudo b \\\n       --c\n```\nmore\n   ```sh walkthrough\n   d # then e\n   ```\n";
+    let steps = walkthrough::steps(text);
+    let commands: Vec<&str> = steps.iter().map(|s| s.command.as_str()).collect();
+    assert_eq!(commands, ["./a", "sudo b --c", "d # then e"]);
+    let lines: Vec<usize> = steps.iter().map(|s| s.line).collect();
+    assert_eq!(lines, [6, 9, 14]);
+}
+
+#[test]
 fn a_new_user_follows_the_readme_from_the_checkout_to_a_protected_session_and_back() {
     use lab::container::Container;
     use lab::{addr, Lab};
