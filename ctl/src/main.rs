@@ -442,6 +442,7 @@ fn check_file(path: &Path) -> Result<String, String> {
 
 fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<String, String> {
     sessiond::profile::check_profile_name(name)?;
+    let mut refused_by_daemon = None;
     if profiles_dir.is_none() {
         let request = Request::Check {
             profile: name.to_string(),
@@ -449,19 +450,33 @@ fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<
         match control::call(socket, &request, Duration::from_secs(10)) {
             Ok(Reply::Ok(result)) => return Ok(result["profile"].as_str().unwrap_or(name).to_string()),
             Ok(Reply::Error { message, .. }) => return Err(message),
-            // Not running (or not ours to ask): read the directory here.
+            // Not ours to ask: the profiles directory is root's too, so
+            // this refusal (which names the group and the fix) is the
+            // answer unless the profile can be read here after all.
+            Err(e @ control::ClientError::PermissionDenied { .. }) => refused_by_daemon = Some(e.to_string()),
+            // Not running: read the directory here.
             Err(_) => {}
         }
     }
     let dir = profiles_dir.unwrap_or(Path::new(DEFAULT_PROFILES_DIR));
     let path = dir.join(format!("{name}.toml"));
-    if !path.exists() {
-        return Err(format!(
-            "there is no profile {name} in {} (give its file, or the directory with --profiles DIR)",
-            dir.display()
-        ));
+    match std::fs::metadata(&path) {
+        Ok(_) => check_file(&path),
+        Err(e) => Err(match refused_by_daemon {
+            // sessiond runs and knows where its profiles are: "there is no
+            // profile" could be wrong; its refusal says what to do.
+            Some(refusal) => refusal,
+            // Nor is it right when the directory is closed to us.
+            None if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
+                "cannot look into {}: permission denied; profiles belong to root, so check it with sudo",
+                dir.display()
+            ),
+            None => format!(
+                "there is no profile {name} in {} (give its file, or the directory with --profiles DIR)",
+                dir.display()
+            ),
+        }),
     }
-    check_file(&path)
 }
 
 fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<(), Failure> {

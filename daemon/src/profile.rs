@@ -635,6 +635,15 @@ impl Validator<'_> {
             self.base.join(file)
         };
         let (file, meta) = open_regular(&path, "a key").map_err(|e| match e {
+            // A preshared key is a secret both ends hold: it comes from the
+            // gateway's side, so keygen's advice would be wrong for it.
+            ReadError::Io { reason, .. } if !path.exists() && field.ends_with("preshared_key_file") => self.err(
+                field,
+                format!(
+                    "key file {} does not exist ({reason}); a preshared key comes from whoever runs the gateway: save the one they gave you there (mode 0600), or delete preshared_key_file if they gave you none",
+                    path.display()
+                ),
+            ),
             ReadError::Io { reason, .. } if !path.exists() => self.err(
                 field,
                 format!(
@@ -1068,6 +1077,18 @@ tcp = [5349]
             "profile p: tunnel.private_key_file: key file /nonexistent/missing.key does not exist \
              (No such file or directory); make it with `sessionctl keygen --out /nonexistent/missing.key` \
              and give the public key it prints to whoever runs the gateway"
+        );
+        // A preshared key is not made here: it comes from the gateway's side.
+        let text = good().replace(
+            "[tunnel.peer]",
+            "[tunnel.peer]\npreshared_key_file = \"missing.psk\"",
+        );
+        let e = check(&text).err().unwrap_or_default();
+        assert_eq!(
+            e,
+            "profile p: tunnel.peer.preshared_key_file: key file /nonexistent/missing.psk does not exist \
+             (No such file or directory); a preshared key comes from whoever runs the gateway: save the \
+             one they gave you there (mode 0600), or delete preshared_key_file if they gave you none"
         );
     }
 

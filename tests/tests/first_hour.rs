@@ -185,6 +185,81 @@ fn check_says_what_to_do_about_the_shipped_examples_missing_keys() {
     }
 }
 
+/// `sessionctl ARGS` as the unprivileged user `nobody`, in `dir`.
+fn run_as_nobody(dir: &Path, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(sessionctl())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run setpriv: {e}"))
+}
+
+#[test]
+fn check_by_name_before_joining_the_group_says_so_instead_of_no_such_profile() {
+    assert!(util::is_root(), "this test needs root to act as another user");
+    // A root-only profiles directory holding the profile, and a control
+    // socket only root may use: what a new user meets before `usermod`.
+    let dir = profiles_dir();
+    let profiles = dir.path().to_str().expect("utf8");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let sockets = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(sockets.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = sockets.path().join("sessiond.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let socket = socket.to_str().expect("utf8");
+
+    // The daemon refuses and the directory is closed: the refusal, with
+    // the group and the fix, not "there is no profile".
+    let out = run_as_nobody(Path::new("/"), &["--socket", socket, "check", "practice"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("usermod -aG") && !stderr.contains("there is no profile"),
+        "check as a non-member: {stderr}"
+    );
+    // No daemon to ask, directory closed: says it cannot look, and how.
+    let out = run_as_nobody(Path::new("/"), &["check", "--profiles", profiles, "practice"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("permission denied; profiles belong to root, so check it with sudo"),
+        "check of a closed directory: {stderr}"
+    );
+}
+
+/// The first TOML block of docs/profiles.md ("A whole profile").
+fn whole_profile_from_the_docs() -> String {
+    let path = util::workspace_root().join("docs/profiles.md");
+    let docs = std::fs::read_to_string(&path).expect("docs/profiles.md");
+    let start = docs.find("```toml\n").expect("a toml block in docs/profiles.md") + "```toml\n".len();
+    let len = docs[start..].find("```").expect("the toml block's end");
+    docs[start..start + len].to_string()
+}
+
+#[test]
+fn the_whole_profile_in_the_docs_checks_with_only_the_key_keygen_makes() {
+    // A reader with docs/profiles.md alone copies its whole profile and
+    // makes the one key file it names the way the docs say.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("keys")).expect("keys dir");
+    std::fs::write(
+        dir.path().join("jitsi-practice.toml"),
+        whole_profile_from_the_docs(),
+    )
+    .expect("profile");
+    let made = run_in(dir.path(), &["keygen", "--out", "keys/therapist.key"]);
+    assert!(made.status.success(), "keygen: {}", text(&made.stderr));
+    let out = run_in(dir.path(), &["check", "./jitsi-practice.toml"]);
+    assert!(
+        out.status.success(),
+        "the docs' whole profile does not check: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), "profile jitsi-practice is valid");
+}
+
 #[test]
 fn check_refuses_names_the_daemon_would_refuse() {
     let dir = profiles_dir();
@@ -559,4 +634,356 @@ fn a_degraded_recovered_and_ended_session_each_show_a_desktop_notification() {
             "{state}:\n{watched}"
         );
     }
+}
+
+/// The README's walkthrough, "Installing on a real machine" and "From
+/// installation to a first protected call": every command in a block
+/// tagged `sh walkthrough`, in order, run the way a new user on a fresh
+/// Debian would run it. What the test does in the user's place, and why:
+///
+/// - `git clone` (prose in the README, not a command: the repository's
+///   address depends on where it is hosted): the checkout is
+///   [`walkthrough::CHECKOUT`], the directory every command starts in;
+/// - `./scripts/package`: the container has no Rust toolchain and no
+///   internet, so the test runs the same script on this machine, with
+///   `--debug-build` (this build's binaries, seconds instead of a release
+///   build's minutes), and puts the package where the README's next
+///   command looks for it, `target/debian/` in the checkout;
+/// - `sudoedit FILE`: an editor; the test makes the edits the README's table
+///   asks for, with the lab's values ([`walkthrough::lab_values`]);
+/// - the one line `keygen` prints goes to "whoever runs the gateway": the
+///   test adds it as a peer of the lab's gateway with the tunnel address
+///   the lab's table hands out.
+///
+/// Everything else runs as written: a line starting with `sudo` as root
+/// (with `$USER` still the user, as under sudo), any other as the user
+/// [`walkthrough::USER`] in a fresh login (`runuser -l`, so a group added
+/// by `usermod` counts, as after logging in again).
+mod walkthrough {
+    use std::path::Path;
+
+    /// The new user, and their checkout of the repository.
+    pub const USER: &str = "therapist";
+    pub const CHECKOUT: &str = "/home/therapist/sessiongate";
+
+    /// The tunnel address the lab's gateway hands out for this machine.
+    pub const LAB_TUNNEL_ADDRESS: &str = "192.0.2.66/32";
+
+    /// One command, with the README line it starts on.
+    #[derive(Debug, Clone)]
+    pub struct Step {
+        pub line: usize,
+        pub command: String,
+    }
+
+    /// The commands of every ```` ```sh walkthrough ```` block, in order;
+    /// a line ending in `\` continues on the next; blank and comment lines
+    /// are skipped.
+    pub fn steps(readme: &str) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let mut in_block = false;
+        let mut pending = String::new();
+        let mut pending_line = 0;
+        for (index, raw) in readme.lines().enumerate() {
+            let line = raw.trim();
+            if !in_block {
+                in_block = line == "```sh walkthrough";
+                continue;
+            }
+            if line.starts_with("```") {
+                assert!(
+                    pending.is_empty(),
+                    "README line {pending_line}: a walkthrough block ends in `\\`"
+                );
+                in_block = false;
+                continue;
+            }
+            if pending.is_empty() {
+                pending_line = index + 1;
+            }
+            if let Some(head) = line.strip_suffix('\\') {
+                pending.push_str(head.trim_end());
+                pending.push(' ');
+                continue;
+            }
+            pending.push_str(line);
+            let command = std::mem::take(&mut pending);
+            if !command.is_empty() && !command.starts_with('#') {
+                steps.push(Step {
+                    line: pending_line,
+                    command,
+                });
+            }
+        }
+        assert!(!in_block, "the README's last walkthrough block is not closed");
+        steps
+    }
+
+    pub fn readme() -> String {
+        let path = lab::util::workspace_root().join("README.md");
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The values a user fills into the example profile (README, step 2),
+    /// the lab's where the practice's would go: (in the example, lab value).
+    pub fn lab_values(gateway_public_key: &str) -> Vec<(&'static str, String)> {
+        use lab::addr;
+        vec![
+            (
+                "REPLACE-WITH-THE-GATEWAY-PUBLIC-KEY-44-CHARS=",
+                gateway_public_key.to_string(),
+            ),
+            ("gw.practice.example:51820", addr::GATEWAY_ENDPOINT.to_string()),
+            ("10.66.0.2/32", LAB_TUNNEL_ADDRESS.to_string()),
+            ("10.66.0.1", addr::GATEWAY_TUN_V4.to_string()),
+            ("meet.practice.example", addr::MEET_NAME.to_string()),
+            // The lab has no TURN server: a name its resolver does not know.
+            ("turn.practice.example", "turn.test".to_string()),
+        ]
+    }
+
+    /// The `sessionctl` subcommands a first session needs, in the order
+    /// the README must give them.
+    pub const FIRST_SESSION: [&str; 6] = [
+        "sessionctl keygen",
+        "sessionctl check",
+        "sessionctl start",
+        "sessionctl status",
+        "sessionctl verify",
+        "sessionctl stop",
+    ];
+
+    /// Where each of [`FIRST_SESSION`] is in `steps` (panics if one is missing
+    /// or out of order).
+    pub fn first_session_order(steps: &[Step]) -> Vec<usize> {
+        let mut found = Vec::new();
+        let mut from = 0;
+        for wanted in FIRST_SESSION {
+            let at = steps[from..]
+                .iter()
+                .position(|s| s.command.contains(wanted))
+                .map(|i| i + from)
+                .unwrap_or_else(|| {
+                    panic!("the README's walkthrough has no `{wanted}` after the steps before it: {steps:#?}")
+                });
+            found.push(at);
+            from = at + 1;
+        }
+        found
+    }
+
+    /// The path `sudoedit` is given, if `command` is one.
+    pub fn edited_file(command: &str) -> Option<&Path> {
+        command.strip_prefix("sudoedit ").map(|p| Path::new(p.trim()))
+    }
+}
+
+#[test]
+fn the_readme_walkthrough_has_every_step_of_a_first_session_and_the_table_of_values() {
+    let readme = walkthrough::readme();
+    let steps = walkthrough::steps(&readme);
+    walkthrough::first_session_order(&steps);
+    assert!(
+        steps.iter().any(|s| s.command == "./scripts/package"),
+        "the walkthrough does not build the package: {steps:#?}"
+    );
+    assert!(
+        steps
+            .iter()
+            .any(|s| walkthrough::edited_file(&s.command).is_some()),
+        "the walkthrough never opens the profile in an editor: {steps:#?}"
+    );
+    // The README's table names every value the test fills in, and the
+    // example profile holds each of them.
+    let example = std::fs::read_to_string(util::workspace_root().join("profiles/jitsi-practice.toml"))
+        .expect("profiles/jitsi-practice.toml");
+    for (placeholder, _) in walkthrough::lab_values("") {
+        assert!(
+            readme.contains(&format!("| `{placeholder}` |")),
+            "the README's table of values does not name {placeholder}"
+        );
+        assert!(
+            example.contains(placeholder),
+            "profiles/jitsi-practice.toml has no {placeholder} to replace"
+        );
+    }
+}
+
+#[test]
+fn walkthrough_blocks_are_read_in_order_with_continuations_and_without_comments() {
+    let text = "intro\n```sh\nnot this\n```\n```sh walkthrough\n./a\n# a comment\n\n   sudo b \\\n       --c\n```\nmore\n   ```sh walkthrough\n   d # then e\n   ```\n";
+    let steps = walkthrough::steps(text);
+    let commands: Vec<&str> = steps.iter().map(|s| s.command.as_str()).collect();
+    assert_eq!(commands, ["./a", "sudo b --c", "d # then e"]);
+    let lines: Vec<usize> = steps.iter().map(|s| s.line).collect();
+    assert_eq!(lines, [6, 9, 14]);
+}
+
+#[test]
+fn a_new_user_follows_the_readme_from_the_checkout_to_a_protected_session_and_back() {
+    use lab::container::Container;
+    use lab::{addr, Lab};
+
+    let steps = walkthrough::steps(&walkthrough::readme());
+    walkthrough::first_session_order(&steps);
+    let lab = Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"));
+    let mut c = Container::new(&lab).unwrap_or_else(|e| panic!("container: {e:#}"));
+    // What DHCP gave the machine: the lab's public resolver.
+    let resolv_before = format!("nameserver {}\n", addr::PUBLIC_DNS_V4);
+    c.write("/etc/resolv.conf", &resolv_before, 0o644)
+        .expect("resolv.conf");
+    c.boot().unwrap_or_else(|e| panic!("boot: {e:#}"));
+    // The machine's user, made the way Debian's installer makes one
+    // (adduser: a home only they can read), with the fresh checkout in it.
+    c.exec_ok(&["adduser", "--disabled-password", "--gecos", "", walkthrough::USER])
+        .expect("adduser");
+    c.exec_ok(&[
+        "runuser",
+        "-u",
+        walkthrough::USER,
+        "--",
+        "mkdir",
+        "-p",
+        walkthrough::CHECKOUT,
+    ])
+    .expect("the checkout");
+
+    let mut outputs: Vec<(walkthrough::Step, String)> = Vec::new();
+    let mut profile_text = None;
+    for step in &steps {
+        let command = step.command.as_str();
+        let failed = |what: &str| -> ! {
+            panic!(
+                "README line {} `{command}`: {what}\njournal:\n{}",
+                step.line,
+                c.journal("sessiond")
+            )
+        };
+        if command.starts_with("./scripts/package") {
+            if command != "./scripts/package" {
+                failed("the test stands in for `./scripts/package` without arguments only");
+            }
+            let out_dir = lab.tmp_dir().join("packages");
+            let script = util::workspace_root().join("scripts/package");
+            util::run(&[
+                &script.to_string_lossy(),
+                "--debug-build",
+                &out_dir.to_string_lossy(),
+            ])
+            .unwrap_or_else(|e| failed(&format!("{e:#}")));
+            for entry in std::fs::read_dir(&out_dir).expect("the package directory") {
+                let path = entry.expect("a directory entry").path();
+                let name = path
+                    .file_name()
+                    .expect("a file name")
+                    .to_string_lossy()
+                    .into_owned();
+                c.install(
+                    &path,
+                    &format!("{}/target/debian/{name}", walkthrough::CHECKOUT),
+                    0o644,
+                )
+                .unwrap_or_else(|e| failed(&format!("{e:#}")));
+            }
+            let owner = format!("{0}:{0}", walkthrough::USER);
+            c.exec_ok(&["chown", "-R", &owner, walkthrough::CHECKOUT])
+                .expect("chown the checkout");
+            outputs.push((step.clone(), String::new()));
+            continue;
+        }
+        if let Some(file) = walkthrough::edited_file(command) {
+            let path = c.path(&file.to_string_lossy());
+            let mut text =
+                std::fs::read_to_string(&path).unwrap_or_else(|e| failed(&format!("the file to edit: {e}")));
+            for (placeholder, value) in walkthrough::lab_values(lab.gateway_public_key()) {
+                if !text.contains(placeholder) {
+                    failed(&format!("the file has no {placeholder} to replace:\n{text}"));
+                }
+                text = text.replace(placeholder, &value);
+            }
+            // sudoedit writes the file back in place: owner and mode stay.
+            std::fs::write(&path, &text).unwrap_or_else(|e| failed(&format!("{e}")));
+            profile_text = Some(text);
+            outputs.push((step.clone(), String::new()));
+            continue;
+        }
+        if command.contains("sessionctl start") {
+            // The session's own traffic is all the meters may see from here.
+            if let Some(text) = &profile_text {
+                lab.set_tunnel_allowed_profile(text)
+                    .unwrap_or_else(|e| failed(&format!("the tunnel meter: {e:#}")));
+            }
+            lab.reset_all_leaks().expect("reset the leak meters");
+        }
+        let in_checkout = format!("cd {} && {}", walkthrough::CHECKOUT, command);
+        let out = match command.strip_prefix("sudo ") {
+            Some(as_root) => c.exec(&[
+                "env",
+                &format!("USER={}", walkthrough::USER),
+                &format!("LOGNAME={}", walkthrough::USER),
+                "sh",
+                "-c",
+                &format!("cd {} && {}", walkthrough::CHECKOUT, as_root),
+            ]),
+            None => c.exec(&["runuser", "-l", walkthrough::USER, "-c", &in_checkout]),
+        }
+        .unwrap_or_else(|e| failed(&format!("{e:#}")));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // What the user sees, step by step (shown when the test fails).
+        eprintln!("$ {command}\n{said}");
+        if !out.status.success() {
+            failed(&format!("{}:\n{said}", out.status));
+        }
+        if command.contains("sessionctl keygen") {
+            // The one line it prints goes to whoever runs the gateway.
+            let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            lab.add_gateway_peer(&public, &[walkthrough::LAB_TUNNEL_ADDRESS])
+                .unwrap_or_else(|e| {
+                    failed(&format!("the gateway refused the printed key {public:?}: {e:#}"))
+                });
+        }
+        outputs.push((step.clone(), said));
+    }
+
+    let said_by = |wanted: &str| -> &str {
+        outputs
+            .iter()
+            .find(|(s, _)| s.command.contains(wanted))
+            .map(|(_, said)| said.as_str())
+            .unwrap_or_else(|| panic!("no `{wanted}` ran"))
+    };
+    let status = said_by("sessionctl status");
+    assert!(
+        status.starts_with("Protected: only meet.test"),
+        "status during the session: {status}"
+    );
+    let verify = said_by("sessionctl verify");
+    assert!(!verify.contains("FAIL"), "verify: {verify}");
+    lab.assert_no_leaks();
+
+    // Stopped: no firewall of ours, the resolver file as it was, idle.
+    for family in ["inet", "netdev"] {
+        let table = c
+            .exec(&["nft", "list", "table", family, "sessiongate"])
+            .expect("nft");
+        assert!(!table.status.success(), "the {family} table stayed after stop");
+    }
+    assert_eq!(
+        c.exec_ok(&["cat", "/etc/resolv.conf"]).expect("resolv.conf"),
+        resolv_before,
+        "the resolver file was not restored"
+    );
+    let idle = c
+        .exec(&["runuser", "-l", walkthrough::USER, "-c", "sessionctl status"])
+        .expect("status");
+    assert!(
+        String::from_utf8_lossy(&idle.stdout).starts_with("Not protected: no session"),
+        "status after stop: {}",
+        String::from_utf8_lossy(&idle.stdout)
+    );
+    c.poweroff().unwrap_or_else(|e| panic!("poweroff: {e:#}"));
 }
