@@ -168,16 +168,19 @@ impl HostAudit<'_> {
             return;
         };
         for &port in &self.entry.tcp.clone() {
-            let addr = match (name.as_str(), port).to_socket_addrs().map(|mut a| a.next()) {
-                Ok(Some(addr)) => addr,
-                Ok(None) | Err(_) => {
+            let addrs: Vec<_> = match (name.as_str(), port).to_socket_addrs() {
+                Ok(addrs) => addrs.collect(),
+                Err(_) => Vec::new(),
+            };
+            if addrs.is_empty() {
+                {
                     self.report.errors.push(format!(
                         "{host} does not resolve through the session's resolver; check `sessionctl status`"
                     ));
                     return;
                 }
-            };
-            let target = Target::new(server_name.clone(), addr, self.roots.clone());
+            }
+            let target = Target::new(server_name.clone(), addrs, self.roots.clone());
             self.port(&target, &name, port);
         }
         if self.jitsi && self.entry.udp.is_empty() {
@@ -217,7 +220,7 @@ impl HostAudit<'_> {
                     true,
                     format!(
                         "Nothing listens on {host} tcp port {port} ({}): remove {port} from the tcp list of {host}'s [[allow]] entry in profile {profile}.",
-                        target.addr
+                        target.addr_list()
                     ),
                 );
                 return;
@@ -225,7 +228,7 @@ impl HostAudit<'_> {
             Err(ConnectError::TimedOut) => {
                 self.report.errors.push(format!(
                     "{host} tcp port {port} ({}) did not answer; check the session with `sessionctl verify`",
-                    target.addr
+                    target.addr_list()
                 ));
                 return;
             }

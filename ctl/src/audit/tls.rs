@@ -69,7 +69,9 @@ pub struct Handshake {
 /// Where and how to reach one host's port.
 pub struct Target {
     pub name: ServerName<'static>,
-    pub addr: SocketAddr,
+    /// Every address the name resolved to, tried in order as a browser
+    /// falls back from one to the next.
+    pub addrs: Vec<SocketAddr>,
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
 }
@@ -85,25 +87,51 @@ pub enum ConnectError {
 }
 
 impl Target {
-    pub fn new(name: ServerName<'static>, addr: SocketAddr, roots: Arc<RootCertStore>) -> Target {
+    pub fn new(name: ServerName<'static>, addrs: Vec<SocketAddr>, roots: Arc<RootCertStore>) -> Target {
         Target {
             name,
-            addr,
+            addrs,
             roots,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         }
     }
 
-    /// Opens a TCP connection with the audit's timeouts.
+    /// Opens a TCP connection to the first address that accepts one,
+    /// with the audit's timeouts. Refused only if every address refused.
     pub fn connect(&self) -> Result<TcpStream, ConnectError> {
-        let stream = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT).map_err(|e| match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
-            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => ConnectError::TimedOut,
-            _ => ConnectError::Other(e.to_string()),
-        })?;
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        Ok(stream)
+        let mut error = ConnectError::Other("the name has no address".to_string());
+        for addr in &self.addrs {
+            match TcpStream::connect_timeout(addr, IO_TIMEOUT) {
+                Ok(stream) => {
+                    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+                    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+                    return Ok(stream);
+                }
+                Err(e) => {
+                    let this = match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                            ConnectError::TimedOut
+                        }
+                        _ => ConnectError::Other(format!("{addr}: {e}")),
+                    };
+                    // A refusal is the stronger evidence: something answered.
+                    if !matches!(error, ConnectError::Refused) {
+                        error = this;
+                    }
+                }
+            }
+        }
+        Err(error)
+    }
+
+    /// The addresses as a list for evidence.
+    pub fn addr_list(&self) -> String {
+        self.addrs
+            .iter()
+            .map(|a| a.ip().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// A TLS connection offering only `version`, handshake done; the chain
