@@ -280,7 +280,7 @@ fn man_page(w: &mut dyn Write) -> std::io::Result<()> {
                 Some(long) => format!("--{long}"),
                 None => format!("{value}{many}"),
             };
-            usage.push_str(&if arg.is_required_set() || arg.get_long().is_none() {
+            usage.push_str(&if arg.is_required_set() {
                 shown
             } else {
                 format!("[{shown}]")
@@ -340,7 +340,7 @@ fn man_page(w: &mut dyn Write) -> std::io::Result<()> {
         ),
         (
             audit::EXIT_FINDINGS,
-            "audit found something to change at an approved host or in the profile (each finding says what and where).",
+            "audit found something to change at an approved host or in the profile; each finding says what and where.",
         ),
     ] {
         writeln!(w, ".TP\n\\fB{code}\\fR\n{}", roff(meaning))?;

@@ -514,6 +514,23 @@ fn audit_reports_each_weakness_of_the_far_end_and_passes_a_clean_host() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
 
+    // `check` refuses an [audit] ca that holds no certificate.
+    write_profile(
+        &lab,
+        "badca",
+        &[PORT_CLEAN],
+        &[10000],
+        Some(&certs.path().join("index.txt")),
+    );
+    let out = daemon.ctl(&["check", "badca"]).expect("run sessionctl check");
+    let stderr = text(&out.stderr);
+    misses.check(
+        out.status.code() == Some(2)
+            && stderr.contains("profile badca: audit.ca: ")
+            && stderr.contains("holds no PEM certificate"),
+        format!("check badca: {:?} {stderr}", out.status.code()),
+    );
+
     lab.assert_no_leaks();
     drop(daemon);
     // sessiond gone: exit 3.
