@@ -380,8 +380,17 @@ impl HostAudit<'_> {
                 return;
             }
         };
-        match page.header("strict-transport-security") {
-            Some(value) => self.line(p, "hsts", false, value.to_string()),
+        let hsts = page.header("strict-transport-security");
+        match hsts.map(|v| (v, hsts_max_age(v))) {
+            Some((value, Some(age))) if age > 0 => self.line(p, "hsts", false, value.to_string()),
+            Some((value, _)) => self.line(
+                p,
+                "hsts",
+                true,
+                format!(
+                    "{host}:{port} sends Strict-Transport-Security \"{value}\", which sets no lasting policy: give it max-age=31536000 in its web server's configuration."
+                ),
+            ),
             None => self.line(
                 p,
                 "hsts",
@@ -502,6 +511,16 @@ impl HostAudit<'_> {
     }
 }
 
+/// The max-age of a Strict-Transport-Security value, in seconds.
+fn hsts_max_age(value: &str) -> Option<u64> {
+    value.split(';').find_map(|d| {
+        let (k, v) = d.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("max-age")
+            .then(|| v.trim().trim_matches('"').parse().ok())?
+    })
+}
+
 /// The report as text: one line per check, findings first marked, then
 /// a verdict.
 pub fn describe(report: &Report) -> String {
@@ -544,4 +563,20 @@ pub fn describe(report: &Report) -> String {
 /// `[audit] ca` from the daemon's `check` answer.
 pub fn ca_from_check(reply: &Value) -> Option<PathBuf> {
     reply["audit_ca"].as_str().map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hsts_max_age_is_read_from_the_header() {
+        assert_eq!(
+            hsts_max_age("max-age=31536000; includeSubDomains"),
+            Some(31_536_000)
+        );
+        assert_eq!(hsts_max_age("includeSubDomains; Max-Age=\"60\""), Some(60));
+        assert_eq!(hsts_max_age("max-age=0"), Some(0));
+        assert_eq!(hsts_max_age("includeSubDomains"), None);
+    }
 }
