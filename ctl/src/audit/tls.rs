@@ -6,8 +6,8 @@
 //! It owns how the audit talks to a host and never sends anything but a
 //! handshake and a GET without cookies or credentials: what an anonymous
 //! browser would send first. It never writes TLS or X.509 by hand (rustls
-//! with ring, already in the dependency tree through boringtun's
-//! neighbours; x509-cert only to read the certificate's expiry date).
+//! with ring, the crypto crate boringtun already uses; x509-cert only to
+//! read the certificate's expiry date).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
