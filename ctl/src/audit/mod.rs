@@ -371,12 +371,17 @@ impl HostAudit<'_> {
         } else {
             format!("{name}:{port}")
         };
+        // A TLS port that is no web server (TURN over TLS on 5349) is
+        // fine: there is no page to check, which is not the audit failing.
         let page = match target.get(version, &authority, "/") {
             Ok(page) => page,
             Err(e) => {
-                self.report
-                    .errors
-                    .push(format!("cannot fetch https://{authority}/: {e}"));
+                self.line(
+                    p,
+                    "http",
+                    false,
+                    format!("no HTTP answer ({e}): not a web server, so HSTS and config.js are not checked"),
+                );
                 return;
             }
         };
