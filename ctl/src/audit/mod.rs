@@ -575,6 +575,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_text_report_marks_findings_and_ends_with_a_verdict() {
+        let status = serde_json::json!({"state": "active", "profile": "p", "allowed": [
+            {"host": "meet.test", "addresses": ["203.0.113.10"], "tcp": [443], "udp": [10000]}]});
+        let allowed = Allowed::from_status(&status);
+        assert_eq!(
+            (allowed[0].tcp.clone(), allowed[0].udp.clone()),
+            (vec![443], vec![10000])
+        );
+        let mut report = Report {
+            profile: "p".into(),
+            trust: "the system trust store".into(),
+            findings: 1,
+            lines: vec![Line {
+                host: "meet.test".into(),
+                port: Some(443),
+                check: "tls1.2",
+                finding: true,
+                text: "meet.test:443 accepts TLS 1.2.".into(),
+            }],
+            errors: Vec::new(),
+        };
+        assert_eq!(
+            describe(&report),
+            "FINDING meet.test:443         tls1.2      meet.test:443 accepts TLS 1.2.\n\
+             1 finding in profile p: each says what to change and where."
+        );
+        report.lines[0].finding = false;
+        report.findings = 0;
+        assert!(describe(&report).ends_with("No findings: every host of profile p passed the audit."));
+        report.errors.push("meet.test does not resolve".into());
+        assert!(describe(&report).ends_with("could not check everything (0 findings so far)."));
+    }
+
+    #[test]
     fn hsts_max_age_is_read_from_the_header() {
         assert_eq!(
             hsts_max_age("max-age=31536000; includeSubDomains"),
