@@ -5,6 +5,8 @@
 //! man page's EXIT STATUS).
 //! It changes nothing on the machine itself, except `keygen`'s key file.
 
+mod audit;
+
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -77,6 +79,27 @@ enum Command {
     /// Prove the boundary holds with active probes (during a session).
     Verify {
         /// Print the probes' report as one line of JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the approved hosts themselves, not only the path (during a session).
+    ///
+    /// Runs here, as you, through the session's tunnel: for each host the
+    /// active profile allows, the TLS versions it accepts (TLS 1.2 is a
+    /// finding; 1.0 and 1.1 are not probed), the cipher suite, the
+    /// certificate chain (against the system trust store, or the CA named
+    /// in the profile's [audit] ca) and its expiry (a finding under 14
+    /// days), HSTS; for a Jitsi Meet host its config.js (P2P, third-party
+    /// requests, STUN servers, E2EE, avatars) and every third party the
+    /// call page loads; TCP ports the profile allows where nothing listens,
+    /// and missing UDP media ports. One line per check; each finding says
+    /// what to change and where. `verify` proves the path holds; `audit`
+    /// checks the far end. Exits 5 when there are findings.
+    Audit {
+        /// The profile to audit: the active session's (the default; any
+        /// other name is refused, as the session reaches only its hosts).
+        profile: Option<String>,
+        /// Print the report as one line of JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -201,6 +224,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Err(Failure::new(exit::FAILED, ""))
             }
         }
+        Command::Audit { profile, json } => run_audit(socket, profile.as_deref(), json),
         Command::Import {
             wg_conf,
             name,
@@ -256,7 +280,7 @@ fn man_page(w: &mut dyn Write) -> std::io::Result<()> {
                 Some(long) => format!("--{long}"),
                 None => format!("{value}{many}"),
             };
-            usage.push_str(&if arg.is_required_set() || arg.get_long().is_none() {
+            usage.push_str(&if arg.is_required_set() {
                 shown
             } else {
                 format!("[{shown}]")
@@ -314,6 +338,10 @@ fn man_page(w: &mut dyn Write) -> std::io::Result<()> {
             exit::PERMISSION,
             "The caller may not use sessiond: only root and members of its control group may.",
         ),
+        (
+            audit::EXIT_FINDINGS,
+            "audit found something to change at an approved host or in the profile; each finding says what and where.",
+        ),
     ] {
         writeln!(w, ".TP\n\\fB{code}\\fR\n{}", roff(meaning))?;
     }
@@ -369,6 +397,53 @@ fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, Fai
         Ok(Reply::Ok(value)) => Ok(value),
         Ok(Reply::Error { kind, message }) => Err(Failure::new(kind.exit_code(), message)),
         Err(e) => Err(Failure::new(e.exit_code(), e.to_string())),
+    }
+}
+
+/// `audit`: the active profile and its hosts from sessiond, the checks
+/// here as the calling user (see audit/mod.rs).
+fn run_audit(socket: &Path, wanted: Option<&str>, json: bool) -> Result<(), Failure> {
+    let status = ask(socket, &Request::Status, Duration::from_secs(10))?;
+    let active = status["profile"].as_str().filter(|_| status["state"] == "active");
+    let Some(active) = active else {
+        let why = match status["state"].as_str() {
+            Some("degraded") => "the session is not connected (see `sessionctl status`)",
+            _ => "there is no active session",
+        };
+        return Err(Failure::new(
+            exit::FAILED,
+            format!("audit needs an active session, and {why}; start one with `sessionctl start PROFILE`"),
+        ));
+    };
+    if let Some(wanted) = wanted.filter(|w| *w != active) {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "the session runs profile {active}, so only its hosts can be reached; run `sessionctl audit` during a session of {wanted}"
+            ),
+        ));
+    }
+    let checked = ask(
+        socket,
+        &Request::Check {
+            profile: active.to_string(),
+        },
+        Duration::from_secs(10),
+    )?;
+    let ca = audit::ca_from_check(&checked);
+    let allowed = audit::Allowed::from_status(&status);
+    let report = audit::audit(active, &allowed, ca.as_deref()).map_err(|m| Failure::new(exit::FAILED, m))?;
+    if json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        println!("{}", audit::describe(&report));
+    }
+    if !report.errors.is_empty() {
+        Err(Failure::new(exit::FAILED, ""))
+    } else if report.findings > 0 {
+        Err(Failure::new(audit::EXIT_FINDINGS, ""))
+    } else {
+        Ok(())
     }
 }
 

@@ -34,6 +34,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 /// profiles are a few hundred bytes; anything near this is the wrong file
 /// (a log, a disk image, /dev/zero), refused before it is read.
 pub const MAX_PROFILE_FILE_BYTES: u64 = 1024 * 1024;
+/// The largest `[audit] ca` file read: a system bundle is about 200 KiB.
+const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
 /// A key file holds 44 base64 characters and some white space.
 const KEY_FILE_MAX_BYTES: usize = 256;
 
@@ -79,6 +81,8 @@ struct ProfileFile {
     allow: Vec<AllowSection>,
     #[serde(default)]
     options: OptionsSection,
+    #[serde(default)]
+    audit: AuditSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +127,15 @@ struct OptionsSection {
     #[serde(default)]
     allow_lan: bool,
     handshake_timeout_secs: Option<i64>,
+}
+
+/// `[audit]`: what `sessionctl audit` needs to know about the hosts that
+/// the profile itself does not say (only read by the audit, never by the
+/// session).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditSection {
+    ca: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -247,6 +260,11 @@ pub struct Profile {
     pub allow: Vec<AllowRule>,
     pub allow_lan: bool,
     pub handshake_timeout: Duration,
+    /// `[audit] ca`: the CA certificate(s) the approved hosts' certificates
+    /// are checked against by `sessionctl audit`, instead of the system's
+    /// trust store (a practice's own CA). Checked to hold at least one PEM
+    /// certificate.
+    pub audit_ca: Option<PathBuf>,
 }
 
 impl Profile {
@@ -486,6 +504,10 @@ impl Validator<'_> {
                 ));
             }
         };
+        let audit_ca = match &file.audit.ca {
+            Some(ca) => Some(self.audit_ca(ca)?),
+            None => None,
+        };
         Ok(Profile {
             name: self.name.to_string(),
             path: PathBuf::new(),
@@ -495,7 +517,44 @@ impl Validator<'_> {
             allow,
             allow_lan: file.options.allow_lan,
             handshake_timeout: Duration::from_secs(handshake_timeout_secs),
+            audit_ca,
         })
+    }
+
+    /// `[audit] ca`: a readable file of PEM certificates (a relative path
+    /// is taken from the profile's directory). Only certificates are read
+    /// here; whether they sign the host's chain is the audit's question.
+    fn audit_ca(&self, ca: &str) -> Result<PathBuf, ProfileError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+        let field = "audit.ca";
+        let path = if Path::new(ca).is_absolute() {
+            PathBuf::from(ca)
+        } else {
+            self.base.join(ca)
+        };
+        let (bytes, _) = read_bounded(&path, MAX_CA_FILE_BYTES, "a CA certificate")
+            .map_err(|e| self.err(field, e.to_string()))?;
+        let mut count = 0;
+        for cert in CertificateDer::pem_slice_iter(&bytes) {
+            cert.map_err(|e| {
+                self.err(
+                    field,
+                    format!("{} is not a readable PEM certificate file ({e})", path.display()),
+                )
+            })?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(self.err(
+                field,
+                format!(
+                    "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the practice's CA certificate",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(path)
     }
 
     fn tunnel(&self, mut t: TunnelSection) -> Result<Tunnel, ProfileError> {
@@ -770,7 +829,7 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     Ok(Endpoint { host, port })
 }
 
-fn parse_host(text: &str) -> Result<Host, String> {
+pub fn parse_host(text: &str) -> Result<Host, String> {
     if text.contains('/') || text.parse::<IpAddr>().is_ok() {
         return text.parse::<IpCidr>().map(Host::Net);
     }
@@ -872,6 +931,35 @@ tcp = [5349]
             Ok(_) => panic!("profile should be invalid:\n{text}"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn audit_ca_must_be_a_file_of_pem_certificates() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A self-signed certificate's PEM shape: only the framing and the
+        // base64 are checked here, not the DER inside.
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIBAA==\n-----END CERTIFICATE-----\n";
+        std::fs::write(dir.path().join("lab-ca.pem"), pem).expect("write ca");
+        std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").expect("write");
+        let with = |ca: &str| {
+            let text = format!("{}\n[audit]\nca = \"{ca}\"\n", good());
+            parse("p", &text, dir.path(), 0o600).map_err(|e| e.to_string())
+        };
+        let p = with("lab-ca.pem").expect("valid");
+        assert_eq!(p.audit_ca, Some(dir.path().join("lab-ca.pem")));
+        assert_eq!(check(&good()).expect("valid").audit_ca, None);
+        let e = with("empty.pem").expect_err("no certificate");
+        assert!(
+            e.starts_with("profile p: audit.ca: ") && e.contains("holds no PEM certificate"),
+            "{e}"
+        );
+        let e = with("/nonexistent/ca.pem").expect_err("missing");
+        assert!(
+            e.starts_with("profile p: audit.ca: cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = err(&format!("{}\n[audit]\ncaa = \"x\"\n", good()));
+        assert!(e.contains("unknown field `caa`"), "{e}");
     }
 
     #[test]

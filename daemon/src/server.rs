@@ -320,7 +320,11 @@ impl Context {
             Request::Status => Reply::ok(self.session.status()),
             Request::Profiles => self.list_profiles().await,
             Request::Check { profile } => match self.load_profile(&profile).await {
-                Ok(p) => Reply::ok(serde_json::json!({"profile": p.name, "valid": true})),
+                // `audit_ca` for `sessionctl audit`, which may not read the
+                // profile file itself (it runs as the calling user).
+                Ok(p) => {
+                    Reply::ok(serde_json::json!({"profile": p.name, "valid": true, "audit_ca": p.audit_ca}))
+                }
                 Err(reply) => reply,
             },
             Request::Start { profile } => match self.load_profile(&profile).await {
