@@ -141,6 +141,12 @@ pub struct FirewallWatch {
     /// An event was taken off the channel but not reported yet (keeps
     /// `changed` cancel-safe).
     pending: bool,
+    /// When the monitor that ended is started again. A deadline, not a
+    /// sleep started on each call: the session loop drops `changed`
+    /// whenever another of its branches fires, and a fresh 500 ms sleep on
+    /// every call never ended while something woke the loop more often
+    /// than that (the guard then stayed blind for the rest of the session).
+    restart_at: Option<tokio::time::Instant>,
     warned: bool,
 }
 
@@ -166,6 +172,9 @@ impl FirewallWatch {
     /// too; [`is_present`] then says all is well. Cancel-safe: dropping the
     /// future (e.g. in `select!`) never loses a change.
     pub async fn changed(&mut self) {
+        if self.restart_at.is_some() {
+            return self.restart().await;
+        }
         if !self.pending {
             match self.events.recv().await {
                 Some(()) => self.pending = true,
@@ -178,11 +187,33 @@ impl FirewallWatch {
     }
 
     /// The monitor ended: start it again after a pause (returning counts as
-    /// a change, since events may have been missed meanwhile).
+    /// a change, since events may have been missed meanwhile). Cancel-safe:
+    /// the pause runs to one deadline however often this is called.
     async fn restart(&mut self) {
-        self.monitor = None;
-        self.links = None;
-        tokio::time::sleep(RETRY).await;
+        let at = match self.restart_at {
+            Some(at) => at,
+            None => {
+                // Said once per outage, with how it ended: a monitor that
+                // ends is a defect (nft 1.0.6 can die printing an element
+                // of an interval set), and it must not go unseen.
+                let ended = match self.monitor.as_mut().map(Child::try_wait) {
+                    Some(Ok(Some(status))) => status.to_string(),
+                    _ => "its output ended".to_string(),
+                };
+                if !self.warned {
+                    tracing::warn!(
+                        "the firewall tamper guard's nft monitor ended ({ended}); starting it again"
+                    );
+                }
+                self.monitor = None;
+                self.links = None;
+                let at = tokio::time::Instant::now() + RETRY;
+                self.restart_at = Some(at);
+                at
+            }
+        };
+        tokio::time::sleep_until(at).await;
+        self.restart_at = None;
         match spawn_monitor() {
             Ok((child, links, events)) => {
                 if self.warned {
@@ -198,6 +229,8 @@ impl FirewallWatch {
                     tracing::warn!("the firewall tamper guard cannot run nft monitor ({e}); checking the table every 500 ms instead");
                     self.warned = true;
                 }
+                // Try again after the next pause.
+                self.restart_at = Some(tokio::time::Instant::now() + RETRY);
             }
         }
     }
@@ -216,6 +249,7 @@ pub fn watch() -> Result<FirewallWatch, FirewallError> {
         monitor: Some(child),
         links,
         pending: false,
+        restart_at: None,
         warned: false,
     })
 }
@@ -230,9 +264,21 @@ fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), Firewal
     // restarts both), whatever the link monitor does.
     let link_tx = tx.downgrade();
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stdout).lines();
+        let mut stdout = BufReader::new(stdout);
+        let mut raw = Vec::new();
         let mut sync = Some(tokio::spawn(prove_monitor_listens()));
-        while let Ok(Some(line)) = lines.next_line().await {
+        // Bytes, not `lines()`: nft 1.0.6 prints garbage (uninitialised
+        // memory) for an element of an interval set with a concatenation,
+        // and a line that is not UTF-8 would end `lines()` and with it the
+        // watch. Such a line counts as a change (`touches_our_table` cannot
+        // read it).
+        loop {
+            raw.clear();
+            match stdout.read_until(b'\n', &mut raw).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&raw);
             if sync.is_some() && line.contains(SYNC_TABLE) {
                 if let Some(task) = sync.take() {
                     task.abort();
@@ -249,6 +295,9 @@ fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), Firewal
             if wake && tx.try_send(()).is_err() && tx.is_closed() {
                 return;
             }
+        }
+        if let Some(task) = sync.take() {
+            task.abort();
         }
         // Dropping tx tells FirewallWatch::changed that the monitor ended.
     });
