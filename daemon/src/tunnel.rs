@@ -36,9 +36,11 @@ use tokio::task::JoinHandle;
 use crate::keys::Key;
 
 pub mod filter;
+pub mod shape;
 
 pub use filter::AllowFilter;
 use filter::Verdict;
+use shape::{CoverQueue, Slot, TrafficShape};
 
 /// How often boringtun's timers run (it asks for about every 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -77,6 +79,8 @@ pub struct TunnelConfig {
     /// Marks the tunnel's own UDP packets so routing and the firewall can
     /// send them to the endpoint outside the tunnel.
     pub fwmark: u32,
+    /// Padding and timing of what is sent (see [`shape`]).
+    pub shape: TrafficShape,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +197,9 @@ impl Tunnel {
             initiation_unsent: false,
             filter: filter.clone(),
             refused_logged: 0,
+            shape: config.shape,
+            mtu: usize::from(config.mtu),
+            cover: (config.shape == TrafficShape::Cover).then(|| CoverQueue::new(usize::from(config.mtu))),
         };
         let task = tokio::spawn(driver.run(stop_rx, config.mtu));
         Ok(Tunnel {
@@ -365,6 +372,11 @@ struct Driver {
     filter: AllowFilter,
     /// The refused count the debug log last reported.
     refused_logged: u64,
+    /// How data packets are padded, and whether they wait for the cover
+    /// envelope's slots (`cover`) instead of leaving at once.
+    shape: TrafficShape,
+    mtu: usize,
+    cover: Option<CoverQueue>,
 }
 
 /// Buffers allocated once per tunnel and reused for every packet. Most of
@@ -387,6 +399,8 @@ struct Buffers {
     gro: tun_rs::GROTable,
     /// Handshakes and keepalives from the timers.
     timer: Vec<u8>,
+    /// One datagram of the cover envelope.
+    cover_wire: Vec<u8>,
     wire_len: usize,
 }
 
@@ -423,6 +437,7 @@ impl Buffers {
                 .collect(),
             gro: tun_rs::GROTable::default(),
             timer: vec![0; wire_len],
+            cover_wire: vec![0; wire_len],
             wire_len,
         }
     }
@@ -502,6 +517,13 @@ impl Driver {
         let mut timer = tokio::time::interval(TIMER_TICK);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.send_initiation(&mut buf.timer).await;
+        // The cover envelope's clock. Burst: a slot missed while the task
+        // was busy is sent at once after, so the rate per second stays
+        // exactly constant.
+        let mut cover_clock = self
+            .cover
+            .is_some()
+            .then(|| tokio::time::interval(shape::COVER_INTERVAL));
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -518,6 +540,7 @@ impl Driver {
                     Err(e) => tracing::debug!("receiving from the endpoint failed: {e}"),
                 },
                 _ = timer.tick() => self.on_timer(&mut buf.timer).await,
+                _ = cover_tick(&mut cover_clock) => self.send_cover_slot(&mut buf.cover_wire).await,
             }
         }
     }
@@ -537,12 +560,20 @@ impl Driver {
             match read {
                 Ok(ready) => {
                     for i in 0..ready {
-                        let packet = &buf.from_tun[i][..buf.from_tun_sizes[i]];
+                        let size = buf.from_tun_sizes[i];
+                        let packet = &buf.from_tun[i][..size];
                         if filter::decide(packet, admits.as_deref()) == Verdict::Refuse {
                             refused += 1;
                             continue;
                         }
-                        self.encrypt(packet, &mut buf.outgoing).await;
+                        if let Some(cover) = &mut self.cover {
+                            // It leaves in the envelope's next free slot.
+                            cover.push(packet);
+                            continue;
+                        }
+                        let padded = shape::pad_in_place(&mut buf.from_tun[i], size, self.shape, self.mtu);
+                        self.encrypt(&buf.from_tun[i][..padded], size, &mut buf.outgoing)
+                            .await;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -569,9 +600,10 @@ impl Driver {
         result
     }
 
-    /// Encrypts one packet into the outgoing batch, sending the batch first
-    /// when the new datagram cannot join it.
-    async fn encrypt(&mut self, packet: &[u8], batch: &mut OutgoingBatch) {
+    /// Encrypts one packet, already padded (`payload_len` bytes before the
+    /// padding), into the outgoing batch, sending the batch first when the
+    /// new datagram cannot join it.
+    async fn encrypt(&mut self, packet: &[u8], payload_len: usize, batch: &mut OutgoingBatch) {
         let size = match self.tunn.encapsulate(packet, batch.slot()) {
             TunnResult::WriteToNetwork(datagram) => {
                 // Without a session boringtun queues the packet and hands us a
@@ -579,7 +611,7 @@ impl Driver {
                 if datagram.first() == Some(&4) {
                     self.shared
                         .tx_bytes
-                        .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                        .fetch_add(payload_len as u64, Ordering::Relaxed);
                 }
                 datagram.len()
             }
@@ -631,6 +663,33 @@ impl Driver {
                 // the network itself; WireGuard's timers and TCP retry.
                 tracing::debug!("sending to {} failed: {e}", self.endpoint);
             }
+        }
+    }
+
+    /// One slot of the cover envelope: the oldest waiting packet, or a
+    /// decoy. No decoy before the session has keys: boringtun would queue it
+    /// behind the handshake and send the backlog in a burst.
+    async fn send_cover_slot(&mut self, wire: &mut [u8]) {
+        let has_keys = self.tunn.time_since_last_handshake().is_some();
+        let Some(cover) = self.cover.as_mut() else {
+            return;
+        };
+        let (plaintext, payload_len) = match cover.next(has_keys) {
+            Some(Slot::Real(packet, len)) => (packet, len),
+            Some(Slot::Decoy(decoy)) => (decoy, 0),
+            None => return,
+        };
+        match self.tunn.encapsulate(plaintext, wire) {
+            TunnResult::WriteToNetwork(datagram) => {
+                if datagram.first() == Some(&4) {
+                    self.shared
+                        .tx_bytes
+                        .fetch_add(payload_len as u64, Ordering::Relaxed);
+                }
+                send_datagram(&self.udp, self.endpoint, datagram).await;
+            }
+            TunnResult::Err(e) => tracing::debug!("could not encrypt a packet: {e:?}"),
+            _ => {}
         }
     }
 
@@ -745,6 +804,13 @@ impl Driver {
             self.send_initiation(dst).await;
         }
         self.publish_handshake();
+        if let Some(cover) = self.cover.as_mut().filter(|c| c.dropped > 0) {
+            tracing::debug!(
+                "the cover envelope was full and dropped {} packet(s)",
+                cover.dropped
+            );
+            cover.dropped = 0;
+        }
         // Counts only, never where the packets were going.
         let refused = self.filter.refused();
         if refused != self.refused_logged {
@@ -813,6 +879,16 @@ async fn recv_batch(
         state.recv(udp.into(), &mut slices, meta)
     })
     .await
+}
+
+/// The cover envelope's next tick, or never without one.
+async fn cover_tick(clock: &mut Option<tokio::time::Interval>) {
+    match clock {
+        Some(clock) => {
+            clock.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Errors after which the TUN device cannot be used again (as opposed to
