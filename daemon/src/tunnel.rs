@@ -40,7 +40,7 @@ pub mod shape;
 
 pub use filter::AllowFilter;
 use filter::Verdict;
-use shape::{CoverQueue, Slot, TrafficShape};
+use shape::{CoverSender, CoverShared, TrafficShape};
 
 /// How often boringtun's timers run (it asks for about every 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -169,6 +169,17 @@ impl Tunnel {
         survive_small_path_mtu(&udp, config.endpoint)
             .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
 
+        let cover = if config.shape == TrafficShape::Cover {
+            let socket =
+                cover_socket(&udp).map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            Some(
+                CoverSender::start(socket, config.endpoint, usize::from(config.mtu))
+                    .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?,
+            )
+        } else {
+            None
+        };
+
         let secret = StaticSecret::from(*config.private_key.as_bytes());
         let peer = PublicKey::from(*config.peer_public_key.as_bytes());
         let psk = config.preshared_key.as_ref().map(|k| *k.as_bytes());
@@ -199,7 +210,7 @@ impl Tunnel {
             refused_logged: 0,
             shape: config.shape,
             mtu: usize::from(config.mtu),
-            cover: (config.shape == TrafficShape::Cover).then(|| CoverQueue::new(usize::from(config.mtu))),
+            cover,
         };
         let task = tokio::spawn(driver.run(stop_rx, config.mtu));
         Ok(Tunnel {
@@ -376,7 +387,7 @@ struct Driver {
     /// envelope's slots (`cover`) instead of leaving at once.
     shape: TrafficShape,
     mtu: usize,
-    cover: Option<CoverQueue>,
+    cover: Option<CoverSender>,
 }
 
 /// Buffers allocated once per tunnel and reused for every packet. Most of
@@ -399,8 +410,6 @@ struct Buffers {
     gro: tun_rs::GROTable,
     /// Handshakes and keepalives from the timers.
     timer: Vec<u8>,
-    /// One datagram of the cover envelope.
-    cover_wire: Vec<u8>,
     wire_len: usize,
 }
 
@@ -437,7 +446,6 @@ impl Buffers {
                 .collect(),
             gro: tun_rs::GROTable::default(),
             timer: vec![0; wire_len],
-            cover_wire: vec![0; wire_len],
             wire_len,
         }
     }
@@ -517,13 +525,8 @@ impl Driver {
         let mut timer = tokio::time::interval(TIMER_TICK);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.send_initiation(&mut buf.timer).await;
-        // The cover envelope's clock. Burst: a slot missed while the task
-        // was busy is sent at once after, so the rate per second stays
-        // exactly constant.
-        let mut cover_clock = self
-            .cover
-            .is_some()
-            .then(|| tokio::time::interval(shape::COVER_INTERVAL));
+        // The cover envelope's sender asks for decoys through this.
+        let cover: Option<Arc<CoverShared>> = self.cover.as_ref().map(CoverSender::shared);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -540,7 +543,7 @@ impl Driver {
                     Err(e) => tracing::debug!("receiving from the endpoint failed: {e}"),
                 },
                 _ = timer.tick() => self.on_timer(&mut buf.timer).await,
-                _ = cover_tick(&mut cover_clock) => self.send_cover_slot(&mut buf.cover_wire).await,
+                _ = decoys_low(cover.as_deref()) => self.make_decoys(buf.wire_len).await,
             }
         }
     }
@@ -566,12 +569,13 @@ impl Driver {
                             refused += 1;
                             continue;
                         }
-                        if let Some(cover) = &mut self.cover {
+                        let padded = shape::pad_in_place(&mut buf.from_tun[i], size, self.shape, self.mtu);
+                        if self.cover.is_some() {
                             // It leaves in the envelope's next free slot.
-                            cover.push(packet);
+                            self.encrypt_for_cover(&buf.from_tun[i][..padded], size, buf.wire_len)
+                                .await;
                             continue;
                         }
-                        let padded = shape::pad_in_place(&mut buf.from_tun[i], size, self.shape, self.mtu);
                         self.encrypt(&buf.from_tun[i][..padded], size, &mut buf.outgoing)
                             .await;
                     }
@@ -666,30 +670,56 @@ impl Driver {
         }
     }
 
-    /// One slot of the cover envelope: the oldest waiting packet, or a
-    /// decoy. No decoy before the session has keys: boringtun would queue it
-    /// behind the handshake and send the backlog in a burst.
-    async fn send_cover_slot(&mut self, wire: &mut [u8]) {
-        let has_keys = self.tunn.time_since_last_handshake().is_some();
-        let Some(cover) = self.cover.as_mut() else {
+    /// Encrypts one padded packet into the cover envelope's queue. A
+    /// handshake boringtun answers with instead (no session yet) leaves at
+    /// once: handshakes are not shaped.
+    async fn encrypt_for_cover(&mut self, packet: &[u8], payload_len: usize, wire_len: usize) {
+        let Some(cover) = &self.cover else {
             return;
         };
-        let (plaintext, payload_len) = match cover.next(has_keys) {
-            Some(Slot::Real(packet, len)) => (packet, len),
-            Some(Slot::Decoy(decoy)) => (decoy, 0),
-            None => return,
-        };
-        match self.tunn.encapsulate(plaintext, wire) {
-            TunnResult::WriteToNetwork(datagram) => {
-                if datagram.first() == Some(&4) {
-                    self.shared
-                        .tx_bytes
-                        .fetch_add(payload_len as u64, Ordering::Relaxed);
-                }
-                send_datagram(&self.udp, self.endpoint, datagram).await;
+        let mut wire = cover.buffer(wire_len);
+        let (kind, len) = match self.tunn.encapsulate(packet, &mut wire) {
+            TunnResult::WriteToNetwork(datagram) => (datagram.first().copied(), datagram.len()),
+            TunnResult::Err(e) => {
+                tracing::debug!("could not encrypt a packet: {e:?}");
+                return;
             }
-            TunnResult::Err(e) => tracing::debug!("could not encrypt a packet: {e:?}"),
-            _ => {}
+            _ => return,
+        };
+        wire.truncate(len);
+        if kind == Some(4) {
+            self.shared
+                .tx_bytes
+                .fetch_add(payload_len as u64, Ordering::Relaxed);
+            cover.push_real(wire);
+        } else {
+            send_datagram(&self.udp, self.endpoint, &wire).await;
+        }
+    }
+
+    /// Tops up the cover envelope's reserve of decoys. None before the
+    /// session has keys: boringtun would queue them behind the handshake
+    /// and send the backlog in a burst.
+    async fn make_decoys(&mut self, wire_len: usize) {
+        let Some(cover) = &self.cover else {
+            return;
+        };
+        if self.tunn.time_since_last_handshake().is_none() {
+            return;
+        }
+        for _ in 0..cover.decoys_wanted() {
+            let mut wire = cover.buffer(wire_len);
+            let len = match self.tunn.encapsulate(cover.decoy_plaintext(), &mut wire) {
+                TunnResult::WriteToNetwork(datagram) if datagram.first() == Some(&4) => datagram.len(),
+                TunnResult::WriteToNetwork(handshake) => {
+                    // The session went away between the check and here.
+                    send_datagram(&self.udp, self.endpoint, handshake).await;
+                    return;
+                }
+                _ => return,
+            };
+            wire.truncate(len);
+            cover.push_decoy(wire);
         }
     }
 
@@ -777,6 +807,11 @@ impl Driver {
 
     async fn on_timer(&mut self, dst: &mut [u8]) {
         match self.tunn.update_timers(dst) {
+            // A keepalive (an empty data packet) would stand out of the
+            // cover envelope by its size; the envelope's decoys already
+            // keep the path and the peer's timers alive.
+            TunnResult::WriteToNetwork(keepalive)
+                if self.cover.is_some() && keepalive.first() == Some(&4) => {}
             TunnResult::WriteToNetwork(datagram) => {
                 send_datagram(&self.udp, self.endpoint, datagram).await;
             }
@@ -804,12 +839,15 @@ impl Driver {
             self.send_initiation(dst).await;
         }
         self.publish_handshake();
-        if let Some(cover) = self.cover.as_mut().filter(|c| c.dropped > 0) {
-            tracing::debug!(
-                "the cover envelope was full and dropped {} packet(s)",
-                cover.dropped
-            );
-            cover.dropped = 0;
+        if let Some(cover) = &self.cover {
+            let shared = cover.shared();
+            let dropped = shared.dropped.swap(0, Ordering::Relaxed);
+            let missed = shared.missed.swap(0, Ordering::Relaxed);
+            if dropped + missed > 0 {
+                tracing::debug!(
+                    "cover envelope: {dropped} packet(s) dropped on a full queue, {missed} slot(s) left empty"
+                );
+            }
         }
         // Counts only, never where the packets were going.
         let refused = self.filter.refused();
@@ -881,14 +919,19 @@ async fn recv_batch(
     .await
 }
 
-/// The cover envelope's next tick, or never without one.
-async fn cover_tick(clock: &mut Option<tokio::time::Interval>) {
-    match clock {
-        Some(clock) => {
-            clock.tick().await;
-        }
+/// Resolves when the cover envelope wants decoys, or never without one.
+async fn decoys_low(cover: Option<&CoverShared>) {
+    match cover {
+        Some(cover) => cover.decoys_low().await,
         None => std::future::pending().await,
     }
+}
+
+/// A second descriptor of the tunnel's UDP socket (same fwmark, same
+/// port) for the cover envelope's sender thread.
+fn cover_socket(udp: &UdpSocket) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsFd;
+    Ok(std::net::UdpSocket::from(udp.as_fd().try_clone_to_owned()?))
 }
 
 /// Errors after which the TUN device cannot be used again (as opposed to

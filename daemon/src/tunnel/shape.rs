@@ -27,7 +27,13 @@
 //! decides before a packet gets here) and never touches keys, the socket,
 //! routes or the firewall.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 pub use crate::profile::TrafficShape;
 
@@ -38,9 +44,20 @@ pub use crate::profile::TrafficShape;
 /// in milliseconds: a 2.5 ms period would alternate 2 and 3 ms gaps.
 pub const COVER_INTERVAL: Duration = Duration::from_millis(2);
 
-/// Real packets that may wait for a slot (128 ms of the envelope); more are
-/// dropped, as a full router queue would, instead of growing the delay.
+/// Encrypted real packets that may wait for a slot (128 ms of the
+/// envelope); more are dropped, as a full router queue would, instead of
+/// growing the delay.
 pub const COVER_QUEUE_PACKETS: usize = 64;
+
+/// Encrypted decoys kept ready for the sender thread (64 ms of the
+/// envelope): the packet task tops them up when half are used, so a busy
+/// moment of the packet task does not leave a slot empty.
+pub const DECOY_RESERVE: usize = 32;
+
+/// After falling this far behind (the machine was suspended or starved),
+/// the envelope starts a new schedule instead of sending the backlog of
+/// slots in a burst.
+const MAX_LATE_SLOTS: u32 = 10;
 
 /// WireGuard asks for plaintext padded to a multiple of this.
 const PADDING_MULTIPLE: usize = 16;
@@ -66,74 +83,160 @@ pub fn pad_in_place(buf: &mut [u8], len: usize, shape: TrafficShape, mtu: usize)
     padded
 }
 
-/// Real packets waiting for a slot of the cover envelope, already padded to
-/// the MTU, in buffers allocated once per tunnel.
-pub struct CoverQueue {
-    slots: Vec<Vec<u8>>,
-    /// Each slot's packet length before padding (what `tx_bytes` counts).
-    lens: Vec<usize>,
-    head: usize,
-    count: usize,
-    mtu: usize,
+/// The cover envelope's sender: its own thread, so the slots keep their
+/// clock however busy the packet task is (a tokio timer in the packet task
+/// ticked late exactly when a call loaded it: the observer saw the call in
+/// the gaps). The packet task encrypts, the thread only times and sends:
+/// real datagrams first, a ready decoy otherwise. WireGuard's replay window
+/// (thousands of counters) accepts the small reordering between decoys
+/// encrypted ahead and real packets encrypted later.
+pub struct CoverSender {
+    shared: Arc<CoverShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// A decoy's plaintext: MTU zeros, IP version 0.
     decoy: Vec<u8>,
-    /// Packets dropped because the queue was full, not yet logged.
-    pub dropped: u64,
 }
 
-/// What the next slot of the envelope carries.
-pub enum Slot<'a> {
-    /// A real packet (padded) and its length before padding.
-    Real(&'a [u8], usize),
-    Decoy(&'a [u8]),
+/// What the packet task and the sender thread share.
+pub struct CoverShared {
+    queues: Mutex<CoverQueues>,
+    stop: AtomicBool,
+    /// Wakes the packet task to encrypt more decoys.
+    decoys_low: Notify,
+    /// Real packets dropped because the queue was full, not yet logged.
+    pub dropped: AtomicU64,
+    /// Slots that left empty (no real packet, no decoy ready).
+    pub missed: AtomicU64,
 }
 
-impl CoverQueue {
-    pub fn new(mtu: usize) -> CoverQueue {
-        CoverQueue {
-            slots: vec![vec![0; mtu]; COVER_QUEUE_PACKETS],
-            lens: vec![0; COVER_QUEUE_PACKETS],
-            head: 0,
-            count: 0,
-            mtu,
+#[derive(Default)]
+struct CoverQueues {
+    real: VecDeque<Vec<u8>>,
+    decoys: VecDeque<Vec<u8>>,
+    /// Sent datagrams' buffers, for reuse.
+    spare: Vec<Vec<u8>>,
+}
+
+impl CoverShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CoverQueues> {
+        // A panic elsewhere cannot leave the queues inconsistent: every
+        // change is one push or pop.
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves when the sender thread asks for more decoys.
+    pub async fn decoys_low(&self) {
+        self.decoys_low.notified().await;
+    }
+}
+
+impl CoverSender {
+    /// Starts the sender thread on `socket` (a duplicate of the tunnel's
+    /// UDP socket, with its fwmark), sending to `endpoint`.
+    pub fn start(
+        socket: std::net::UdpSocket,
+        endpoint: SocketAddr,
+        mtu: usize,
+    ) -> std::io::Result<CoverSender> {
+        let shared = Arc::new(CoverShared {
+            queues: Mutex::new(CoverQueues::default()),
+            stop: AtomicBool::new(false),
+            decoys_low: Notify::new(),
+            dropped: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("sg-cover".into())
+                .spawn(move || send_slots(&shared, &socket, endpoint))?
+        };
+        Ok(CoverSender {
+            shared,
+            thread: Some(thread),
             decoy: vec![0; mtu],
-            dropped: 0,
+        })
+    }
+
+    pub fn shared(&self) -> Arc<CoverShared> {
+        self.shared.clone()
+    }
+
+    pub fn decoy_plaintext(&self) -> &[u8] {
+        &self.decoy
+    }
+
+    /// A buffer of `len` bytes for the next datagram.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.shared.lock().spare.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Queues an encrypted real packet for the next free slot; drops it
+    /// (and counts it) when the queue is full.
+    pub fn push_real(&self, datagram: Vec<u8>) {
+        let mut q = self.shared.lock();
+        if q.real.len() >= COVER_QUEUE_PACKETS {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            q.spare.push(datagram);
+        } else {
+            q.real.push_back(datagram);
         }
     }
 
-    /// Queues a copy of `packet`, padded to the MTU; drops it (and counts
-    /// it) when the queue is full.
-    pub fn push(&mut self, packet: &[u8]) {
-        if self.count == self.slots.len() || packet.len() > self.mtu {
-            self.dropped += 1;
-            return;
+    /// How many decoys the reserve lacks.
+    pub fn decoys_wanted(&self) -> usize {
+        DECOY_RESERVE.saturating_sub(self.shared.lock().decoys.len())
+    }
+
+    pub fn push_decoy(&self, datagram: Vec<u8>) {
+        self.shared.lock().decoys.push_back(datagram);
+    }
+}
+
+impl Drop for CoverSender {
+    /// Stops the thread and waits for it (at most one period), so nothing
+    /// is sent after the tunnel is gone.
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
-        let at = (self.head + self.count) % self.slots.len();
-        let slot = &mut self.slots[at];
-        slot[..packet.len()].copy_from_slice(packet);
-        slot[packet.len()..].fill(0);
-        self.lens[at] = packet.len();
-        self.count += 1;
     }
+}
 
-    /// The oldest real packet, or a decoy when none waits. `decoy_allowed`
-    /// false (no session keys yet) gives `None` instead of a decoy.
-    pub fn next(&mut self, decoy_allowed: bool) -> Option<Slot<'_>> {
-        if self.count == 0 {
-            return decoy_allowed.then_some(Slot::Decoy(&self.decoy));
+/// The sender thread: one slot every [`COVER_INTERVAL`] on an absolute
+/// schedule (a late slot is made up at once, so the rate per second stays
+/// constant), until told to stop.
+fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket, endpoint: SocketAddr) {
+    let mut next = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        next += COVER_INTERVAL;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > COVER_INTERVAL * MAX_LATE_SLOTS {
+            next = now;
         }
-        let at = self.head;
-        self.head = (self.head + 1) % self.slots.len();
-        self.count -= 1;
-        Some(Slot::Real(&self.slots[at], self.lens[at]))
-    }
-
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
+        let (datagram, low) = {
+            let mut q = shared.lock();
+            let datagram = q.real.pop_front().or_else(|| q.decoys.pop_front());
+            (datagram, q.decoys.len() < DECOY_RESERVE / 2)
+        };
+        if low {
+            shared.decoys_low.notify_one();
+        }
+        let Some(datagram) = datagram else {
+            shared.missed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        // The socket is non-blocking (shared with the packet task): a full
+        // send buffer loses this slot, as a full link would.
+        if let Err(e) = socket.send_to(&datagram, endpoint) {
+            tracing::debug!("the cover envelope could not send to {endpoint}: {e}");
+        }
+        shared.lock().spare.push(datagram);
     }
 }
 
@@ -175,36 +278,59 @@ mod tests {
         assert_eq!(pad_in_place(&mut short, 84, TrafficShape::Pad, 1420), 100);
     }
 
+    /// A sender on a socket pair in this process (no network): real
+    /// datagrams go before decoys, one per slot, in order.
     #[test]
     fn real_packets_take_the_place_of_decoys_in_order() {
-        let mut q = CoverQueue::new(64);
-        assert!(q.next(false).is_none(), "no decoy before the session has keys");
-        match q.next(true) {
-            Some(Slot::Decoy(d)) => assert!(d.len() == 64 && d[0] >> 4 == 0),
-            _ => panic!("expected a decoy"),
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let sender_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = receiver.local_addr().expect("addr");
+        let sender = CoverSender::start(sender_socket, to, 64).expect("start");
+        // Decoys first into the reserve, then real packets: reals leave first.
+        for d in [b"decoy-1", b"decoy-2"] {
+            let mut buf = sender.buffer(7);
+            buf.copy_from_slice(d);
+            sender.push_decoy(buf);
         }
-        q.push(&[0x45; 20]);
-        q.push(&[0x46; 30]);
-        match q.next(false) {
-            Some(Slot::Real(p, 20)) => {
-                assert_eq!(p.len(), 64);
-                assert!(p[..20].iter().all(|&b| b == 0x45) && p[20..].iter().all(|&b| b == 0));
-            }
-            _ => panic!("expected the first packet"),
+        for r in [b"real-1", b"real-2"] {
+            let mut buf = sender.buffer(6);
+            buf.copy_from_slice(r);
+            sender.push_real(buf);
         }
-        assert!(matches!(q.next(true), Some(Slot::Real(_, 30))));
-        assert!(matches!(q.next(true), Some(Slot::Decoy(_))));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..4 {
+            let n = receiver.recv(&mut buf).expect("a slot");
+            got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        assert_eq!(got, ["real-1", "real-2", "decoy-1", "decoy-2"]);
+        drop(sender);
     }
 
     #[test]
     fn a_full_queue_drops_the_newest() {
-        let mut q = CoverQueue::new(64);
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let sender = CoverSender {
+            shared: Arc::new(CoverShared {
+                queues: Mutex::new(CoverQueues::default()),
+                stop: AtomicBool::new(true),
+                decoys_low: Notify::new(),
+                dropped: AtomicU64::new(0),
+                missed: AtomicU64::new(0),
+            }),
+            thread: None,
+            decoy: vec![0; 64],
+        };
+        drop(socket);
         for _ in 0..COVER_QUEUE_PACKETS + 3 {
-            q.push(&[0x45; 40]);
+            sender.push_real(vec![0x45; 40]);
         }
-        assert_eq!(q.len(), COVER_QUEUE_PACKETS);
-        assert_eq!(q.dropped, 3);
-        q.push(&[0x45; 65]);
-        assert_eq!(q.dropped, 4, "a packet longer than the MTU is dropped too");
+        assert_eq!(sender.shared.lock().real.len(), COVER_QUEUE_PACKETS);
+        assert_eq!(sender.shared.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(sender.decoys_wanted(), DECOY_RESERVE);
+        assert!(sender.decoy_plaintext().iter().all(|&b| b == 0), "IP version 0");
     }
 }
