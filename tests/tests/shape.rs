@@ -117,7 +117,7 @@ fn histogram(values: &[f64]) -> String {
             None => counts.push((v, 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     counts
         .iter()
         .take(5)
