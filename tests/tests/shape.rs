@@ -79,6 +79,10 @@ struct Windows {
     /// The call's packets sent in its window, and echoes received.
     sent: u64,
     echoed: u64,
+    /// sessiond's CPU time in each window, seconds (printed for the
+    /// README's cost table, not asserted).
+    cpu_quiet: f64,
+    cpu_call: f64,
 }
 
 impl Windows {
@@ -93,12 +97,14 @@ impl Windows {
         let (d_size, d_gap) = self.distances();
         format!(
             "{shape}: quiet window {} datagrams, call window {} datagrams; KS distance sizes {d_size:.3}, \
-             gaps (1 ms bins) {d_gap:.3}; call packets sent {} echoed {}\n  quiet sizes {}\n  call sizes {}\n  \
-             quiet gaps {}\n  call gaps {}",
+             gaps (1 ms bins) {d_gap:.3}; call packets sent {} echoed {}; sessiond CPU {:.2} s quiet, {:.2} s call\n  \
+             quiet sizes {}\n  call sizes {}\n  quiet gaps {}\n  call gaps {}",
             self.quiet.len(),
             self.call.len(),
             self.sent,
             self.echoed,
+            self.cpu_quiet,
+            self.cpu_call,
             histogram(&sizes(&self.quiet)),
             histogram(&sizes(&self.call)),
             histogram(&gaps_ms(&self.quiet)),
@@ -126,8 +132,25 @@ fn histogram(values: &[f64]) -> String {
         .join(" ")
 }
 
+/// User and system CPU seconds the process has used (/proc/PID/stat).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok()) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 /// Records a window of background only, then a window with the call.
-fn observe(lab: &Lab, window: Duration) -> Windows {
+fn observe(lab: &Lab, daemon: &Daemon, window: Duration) -> Windows {
     let observer = Observer::start(lab).expect("start the observer");
     let flow = CallFlow::start(lab, ECHO_PORT).expect("start the call generator");
     // The background goes through the tunnel before the quiet window opens.
@@ -136,8 +159,10 @@ fn observe(lab: &Lab, window: Duration) -> Windows {
     })
     .expect("background seen by the observer");
     observer.clear();
+    let cpu0 = cpu_seconds(daemon.pid());
     std::thread::sleep(window);
     let quiet = observer.take();
+    let cpu_quiet = cpu_seconds(daemon.pid()) - cpu0;
 
     flow.call();
     wait_until(Duration::from_secs(5), "the call's first echo", || {
@@ -149,8 +174,10 @@ fn observe(lab: &Lab, window: Duration) -> Windows {
         flow.echoed.load(Ordering::Relaxed),
     );
     observer.clear();
+    let cpu0 = cpu_seconds(daemon.pid());
     std::thread::sleep(window);
     let call = observer.take();
+    let cpu_call = cpu_seconds(daemon.pid()) - cpu0;
     let (sent, echoed) = (
         flow.sent.load(Ordering::Relaxed) - sent0,
         flow.echoed.load(Ordering::Relaxed) - echoed0,
@@ -161,6 +188,8 @@ fn observe(lab: &Lab, window: Duration) -> Windows {
         call,
         sent,
         echoed,
+        cpu_quiet,
+        cpu_call,
     }
 }
 
@@ -177,7 +206,7 @@ fn an_observer_on_the_path_tells_a_call_in_spec_mode_but_not_under_cover() {
     // spec: every data packet's plaintext is a multiple of 16 (or the MTU,
     // where WireGuard stops padding), and the call stands out.
     start_session(&lab, &daemon, "spec");
-    let spec = observe(&lab, window(5));
+    let spec = observe(&lab, &daemon, window(5));
     println!("{}", spec.describe("spec"));
     let data: Vec<usize> = data_lengths(&spec.quiet)
         .into_iter()
@@ -193,7 +222,10 @@ fn an_observer_on_the_path_tells_a_call_in_spec_mode_but_not_under_cover() {
         .collect();
     assert!(
         unpadded.is_empty(),
-        "data packets whose plaintext is not padded to 16 bytes: {unpadded:?}"
+        "{} of {} data packets have a plaintext not padded to 16 bytes, such as {:?}",
+        unpadded.len(),
+        data.len(),
+        &unpadded[..unpadded.len().min(10)]
     );
     let (d_size, d_gap) = spec.distances();
     assert!(
@@ -206,14 +238,19 @@ fn an_observer_on_the_path_tells_a_call_in_spec_mode_but_not_under_cover() {
 
     // cover: a window with the call looks like one without.
     start_session(&lab, &daemon, "cover");
-    let cover = observe(&lab, window(10));
+    let cover = observe(&lab, &daemon, window(10));
     println!("{}", cover.describe("cover"));
     let odd: Vec<usize> = data_lengths(&cover.quiet)
         .into_iter()
         .chain(data_lengths(&cover.call))
         .filter(|&len| len != MTU + WG_DATA_OVERHEAD)
         .collect();
-    assert!(odd.is_empty(), "data packets not of the envelope's size: {odd:?}");
+    assert!(
+        odd.is_empty(),
+        "{} data packets not of the envelope's size, such as {:?}",
+        odd.len(),
+        &odd[..odd.len().min(10)]
+    );
     let (d_size, d_gap) = cover.distances();
     assert!(
         d_size < 0.05 && d_gap < 0.05,

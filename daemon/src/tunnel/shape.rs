@@ -49,10 +49,10 @@ pub const COVER_INTERVAL: Duration = Duration::from_millis(2);
 /// growing the delay.
 pub const COVER_QUEUE_PACKETS: usize = 64;
 
-/// Encrypted decoys kept ready for the sender thread (64 ms of the
+/// Encrypted decoys kept ready for the sender thread (256 ms of the
 /// envelope): the packet task tops them up when half are used, so a busy
 /// moment of the packet task does not leave a slot empty.
-pub const DECOY_RESERVE: usize = 32;
+pub const DECOY_RESERVE: usize = 128;
 
 /// After falling this far behind (the machine was suspended or starved),
 /// the envelope starts a new schedule instead of sending the backlog of
@@ -210,6 +210,7 @@ impl Drop for CoverSender {
 /// schedule (a late slot is made up at once, so the rate per second stays
 /// constant), until told to stop.
 fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket, endpoint: SocketAddr) {
+    raise_priority();
     let mut next = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
         next += COVER_INTERVAL;
@@ -237,6 +238,25 @@ fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket, endpoint: Sock
             tracing::debug!("the cover envelope could not send to {endpoint}: {e}");
         }
         shared.lock().spare.push(datagram);
+    }
+}
+
+/// Asks for the lowest real-time priority (SCHED_FIFO 1) for this thread:
+/// on a busy machine a normal thread wakes late and the gaps between slots
+/// change with the load, which a call adds to. The thread sleeps between
+/// slots and sends one datagram per wake, so it cannot crowd out others.
+/// Needs CAP_SYS_NICE; without it (the shipped unit has
+/// `RestrictRealtime=yes`) the envelope runs at normal priority.
+fn raise_priority() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: changes only the calling thread's scheduling; `param` is a
+    // valid sched_param.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        tracing::debug!(
+            "the cover envelope runs at normal priority (no real-time scheduling: {})",
+            std::io::Error::from_raw_os_error(rc)
+        );
     }
 }
 
