@@ -298,6 +298,75 @@ mod tests {
         assert_eq!(pad_in_place(&mut short, 84, TrafficShape::Pad, 1420), 100);
     }
 
+    /// boringtun as the receiving peer (the gateway side a practice could
+    /// run): it trims spec and pad padding by the inner IP length, drops a
+    /// decoy as an invalid packet, and the session carries on after it.
+    /// (wireguard-go does the same in the lab: tests/shape.rs.)
+    #[test]
+    fn a_boringtun_peer_trims_padding_and_drops_decoys_without_ending_the_session() {
+        use boringtun::noise::{Tunn, TunnResult};
+        use boringtun::x25519::{PublicKey, StaticSecret};
+
+        let (secret_a, secret_b) = (
+            StaticSecret::random_from_rng(rand_core::OsRng),
+            StaticSecret::random_from_rng(rand_core::OsRng),
+        );
+        let (public_a, public_b) = (PublicKey::from(&secret_a), PublicKey::from(&secret_b));
+        let mut client = Tunn::new(secret_a, public_b, None, None, 1, None);
+        let mut gateway = Tunn::new(secret_b, public_a, None, None, 2, None);
+        let (mut wire, mut out) = (vec![0u8; 2048], vec![0u8; 2048]);
+
+        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut wire, false) else {
+            panic!("no initiation");
+        };
+        let init = init.to_vec();
+        let TunnResult::WriteToNetwork(response) = gateway.decapsulate(None, &init, &mut out) else {
+            panic!("no response");
+        };
+        let response = response.to_vec();
+        // The client's answer to the response (a keepalive) confirms the session.
+        if let TunnResult::WriteToNetwork(keepalive) = client.decapsulate(None, &response, &mut wire) {
+            let keepalive = keepalive.to_vec();
+            assert!(matches!(
+                gateway.decapsulate(None, &keepalive, &mut out),
+                TunnResult::Done
+            ));
+        }
+
+        // An 84-byte IPv4 packet (total length 84) from the client's address.
+        let mut packet = vec![0u8; 1420];
+        packet[0] = 0x45;
+        packet[2..4].copy_from_slice(&84u16.to_be_bytes());
+        packet[12..16].copy_from_slice(&[192, 0, 2, 66]);
+        let mtu = 1420;
+        let mut send = |client: &mut Tunn, plaintext: &[u8]| -> Vec<u8> {
+            match client.encapsulate(plaintext, &mut wire) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                _ => panic!("no data packet"),
+            }
+        };
+        for shape in [TrafficShape::Spec, TrafficShape::Pad] {
+            let padded = padded_len(84, shape, mtu);
+            let datagram = send(&mut client, &packet[..padded]);
+            assert_eq!(datagram.len(), padded + 32);
+            match gateway.decapsulate(None, &datagram, &mut out) {
+                TunnResult::WriteToTunnelV4(p, _) => assert_eq!(p.len(), 84, "{shape:?}: trimmed"),
+                _ => panic!("{shape:?}: the padded packet did not come out"),
+            }
+        }
+        let decoy = send(&mut client, &vec![0u8; mtu]);
+        assert_eq!(decoy.len(), mtu + 32);
+        assert!(matches!(
+            gateway.decapsulate(None, &decoy, &mut out),
+            TunnResult::Err(_)
+        ));
+        let after = send(&mut client, &packet[..96]);
+        assert!(
+            matches!(gateway.decapsulate(None, &after, &mut out), TunnResult::WriteToTunnelV4(p, _) if p.len() == 84),
+            "the session carries on after a decoy"
+        );
+    }
+
     /// A sender on a socket pair in this process (no network): real
     /// datagrams go before decoys, one per slot, in order.
     #[test]
