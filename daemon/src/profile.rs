@@ -83,6 +83,7 @@ struct ProfileFile {
     options: OptionsSection,
     #[serde(default)]
     audit: AuditSection,
+    privacy: PrivacySection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +137,13 @@ struct OptionsSection {
 #[serde(deny_unknown_fields)]
 struct AuditSection {
     ca: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivacySection {
+    /// Read as text so a misspelt shape gets our message with the choices.
+    shape: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -207,6 +215,47 @@ impl fmt::Display for Host {
     }
 }
 
+/// What the tunnel does to the size and timing of the packets it sends
+/// (`[privacy] shape`; the costs are in the README's privacy section).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrafficShape {
+    /// Every data packet padded to a multiple of 16 bytes, as the WireGuard
+    /// protocol asks.
+    #[default]
+    Spec,
+    /// Every data packet padded to the tunnel MTU.
+    Pad,
+    /// A constant-rate stream of MTU-sized packets for the whole session;
+    /// real packets take the place of decoys.
+    Cover,
+}
+
+impl TrafficShape {
+    pub const CHOICES: &'static str = "\"spec\", \"pad\" or \"cover\"";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficShape::Spec => "spec",
+            TrafficShape::Pad => "pad",
+            TrafficShape::Cover => "cover",
+        }
+    }
+}
+
+impl FromStr for TrafficShape {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "spec" => Ok(TrafficShape::Spec),
+            "pad" => Ok(TrafficShape::Pad),
+            "cover" => Ok(TrafficShape::Cover),
+            other => Err(format!("{other:?} is not a shape; use {}", TrafficShape::CHOICES)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowRule {
     pub host: Host,
@@ -265,6 +314,8 @@ pub struct Profile {
     /// trust store (a practice's own CA). Checked to hold at least one PEM
     /// certificate.
     pub audit_ca: Option<PathBuf>,
+    /// `[privacy] shape`: how the tunnel shapes what it sends.
+    pub shape: TrafficShape,
 }
 
 impl Profile {
@@ -508,6 +559,10 @@ impl Validator<'_> {
             Some(ca) => Some(self.audit_ca(ca)?),
             None => None,
         };
+        let shape = match file.privacy.shape.as_deref() {
+            None => TrafficShape::default(),
+            Some(text) => text.parse().map_err(|m| self.err("privacy.shape", m))?,
+        };
         Ok(Profile {
             name: self.name.to_string(),
             path: PathBuf::new(),
@@ -518,6 +573,7 @@ impl Validator<'_> {
             allow_lan: file.options.allow_lan,
             handshake_timeout: Duration::from_secs(handshake_timeout_secs),
             audit_ca,
+            shape,
         })
     }
 
@@ -973,6 +1029,27 @@ tcp = [5349]
         assert_eq!(p.allow[1].host.to_string(), "203.0.113.0/24");
         assert_eq!(p.handshake_timeout, Duration::from_secs(10));
         assert!(!p.allow_lan);
+        assert_eq!(p.shape, TrafficShape::Spec);
+    }
+
+    #[test]
+    fn the_privacy_shape_is_one_of_three_and_a_wrong_one_names_the_field() {
+        for (text, shape) in [
+            ("spec", TrafficShape::Spec),
+            ("pad", TrafficShape::Pad),
+            ("cover", TrafficShape::Cover),
+        ] {
+            let p = check(&format!("{}[privacy]\nshape = \"{text}\"\n", good())).expect("valid");
+            assert_eq!(p.shape, shape);
+        }
+        assert_eq!(
+            err(&format!("{}[privacy]\nshape = \"padded\"\n", good())),
+            "profile p: privacy.shape: \"padded\" is not a shape; use \"spec\", \"pad\" or \"cover\""
+        );
+        let e = err(&format!("{}[privacy]\nshape = 1\n", good()));
+        assert!(e.starts_with("profile p: privacy.shape (line "), "{e}");
+        let e = err(&format!("{}[privacy]\nrate = 1\n", good()));
+        assert!(e.contains("unknown field `rate`"), "{e}");
     }
 
     #[test]

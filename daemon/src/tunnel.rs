@@ -36,9 +36,11 @@ use tokio::task::JoinHandle;
 use crate::keys::Key;
 
 pub mod filter;
+pub mod shape;
 
 pub use filter::AllowFilter;
 use filter::Verdict;
+use shape::{CoverSender, CoverShared, TrafficShape};
 
 /// How often boringtun's timers run (it asks for about every 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -77,6 +79,8 @@ pub struct TunnelConfig {
     /// Marks the tunnel's own UDP packets so routing and the firewall can
     /// send them to the endpoint outside the tunnel.
     pub fwmark: u32,
+    /// Padding and timing of what is sent (see [`shape`]).
+    pub shape: TrafficShape,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +169,17 @@ impl Tunnel {
         survive_small_path_mtu(&udp, config.endpoint)
             .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
 
+        let cover = if config.shape == TrafficShape::Cover {
+            let socket =
+                cover_socket(&udp).map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            Some(
+                CoverSender::start(socket, config.endpoint, usize::from(config.mtu))
+                    .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?,
+            )
+        } else {
+            None
+        };
+
         let secret = StaticSecret::from(*config.private_key.as_bytes());
         let peer = PublicKey::from(*config.peer_public_key.as_bytes());
         let psk = config.preshared_key.as_ref().map(|k| *k.as_bytes());
@@ -193,6 +208,9 @@ impl Tunnel {
             initiation_unsent: false,
             filter: filter.clone(),
             refused_logged: 0,
+            shape: config.shape,
+            mtu: usize::from(config.mtu),
+            cover,
         };
         let task = tokio::spawn(driver.run(stop_rx, config.mtu));
         Ok(Tunnel {
@@ -365,6 +383,11 @@ struct Driver {
     filter: AllowFilter,
     /// The refused count the debug log last reported.
     refused_logged: u64,
+    /// How data packets are padded, and whether they wait for the cover
+    /// envelope's slots (`cover`) instead of leaving at once.
+    shape: TrafficShape,
+    mtu: usize,
+    cover: Option<CoverSender>,
 }
 
 /// Buffers allocated once per tunnel and reused for every packet. Most of
@@ -502,6 +525,8 @@ impl Driver {
         let mut timer = tokio::time::interval(TIMER_TICK);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.send_initiation(&mut buf.timer).await;
+        // The cover envelope's sender asks for decoys through this.
+        let cover: Option<Arc<CoverShared>> = self.cover.as_ref().map(CoverSender::shared);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -518,6 +543,7 @@ impl Driver {
                     Err(e) => tracing::debug!("receiving from the endpoint failed: {e}"),
                 },
                 _ = timer.tick() => self.on_timer(&mut buf.timer).await,
+                _ = decoys_low(cover.as_deref()) => self.make_decoys(buf.wire_len).await,
             }
         }
     }
@@ -537,12 +563,21 @@ impl Driver {
             match read {
                 Ok(ready) => {
                     for i in 0..ready {
-                        let packet = &buf.from_tun[i][..buf.from_tun_sizes[i]];
+                        let size = buf.from_tun_sizes[i];
+                        let packet = &buf.from_tun[i][..size];
                         if filter::decide(packet, admits.as_deref()) == Verdict::Refuse {
                             refused += 1;
                             continue;
                         }
-                        self.encrypt(packet, &mut buf.outgoing).await;
+                        let padded = shape::pad_in_place(&mut buf.from_tun[i], size, self.shape, self.mtu);
+                        if self.cover.is_some() {
+                            // It leaves in the envelope's next free slot.
+                            self.encrypt_for_cover(&buf.from_tun[i][..padded], size, buf.wire_len)
+                                .await;
+                            continue;
+                        }
+                        self.encrypt(&buf.from_tun[i][..padded], size, &mut buf.outgoing)
+                            .await;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -569,9 +604,10 @@ impl Driver {
         result
     }
 
-    /// Encrypts one packet into the outgoing batch, sending the batch first
-    /// when the new datagram cannot join it.
-    async fn encrypt(&mut self, packet: &[u8], batch: &mut OutgoingBatch) {
+    /// Encrypts one packet, already padded (`payload_len` bytes before the
+    /// padding), into the outgoing batch, sending the batch first when the
+    /// new datagram cannot join it.
+    async fn encrypt(&mut self, packet: &[u8], payload_len: usize, batch: &mut OutgoingBatch) {
         let size = match self.tunn.encapsulate(packet, batch.slot()) {
             TunnResult::WriteToNetwork(datagram) => {
                 // Without a session boringtun queues the packet and hands us a
@@ -579,7 +615,7 @@ impl Driver {
                 if datagram.first() == Some(&4) {
                     self.shared
                         .tx_bytes
-                        .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                        .fetch_add(payload_len as u64, Ordering::Relaxed);
                 }
                 datagram.len()
             }
@@ -631,6 +667,59 @@ impl Driver {
                 // the network itself; WireGuard's timers and TCP retry.
                 tracing::debug!("sending to {} failed: {e}", self.endpoint);
             }
+        }
+    }
+
+    /// Encrypts one padded packet into the cover envelope's queue. A
+    /// handshake boringtun answers with instead (no session yet) leaves at
+    /// once: handshakes are not shaped.
+    async fn encrypt_for_cover(&mut self, packet: &[u8], payload_len: usize, wire_len: usize) {
+        let Some(cover) = &self.cover else {
+            return;
+        };
+        let mut wire = cover.buffer(wire_len);
+        let (kind, len) = match self.tunn.encapsulate(packet, &mut wire) {
+            TunnResult::WriteToNetwork(datagram) => (datagram.first().copied(), datagram.len()),
+            TunnResult::Err(e) => {
+                tracing::debug!("could not encrypt a packet: {e:?}");
+                return;
+            }
+            _ => return,
+        };
+        wire.truncate(len);
+        if kind == Some(4) {
+            self.shared
+                .tx_bytes
+                .fetch_add(payload_len as u64, Ordering::Relaxed);
+            cover.push_real(wire);
+        } else {
+            send_datagram(&self.udp, self.endpoint, &wire).await;
+        }
+    }
+
+    /// Tops up the cover envelope's reserve of decoys. None before the
+    /// session has keys: boringtun would queue them behind the handshake
+    /// and send the backlog in a burst.
+    async fn make_decoys(&mut self, wire_len: usize) {
+        let Some(cover) = &self.cover else {
+            return;
+        };
+        if self.tunn.time_since_last_handshake().is_none() {
+            return;
+        }
+        for _ in 0..cover.decoys_wanted() {
+            let mut wire = cover.buffer(wire_len);
+            let len = match self.tunn.encapsulate(cover.decoy_plaintext(), &mut wire) {
+                TunnResult::WriteToNetwork(datagram) if datagram.first() == Some(&4) => datagram.len(),
+                TunnResult::WriteToNetwork(handshake) => {
+                    // The session went away between the check and here.
+                    send_datagram(&self.udp, self.endpoint, handshake).await;
+                    return;
+                }
+                _ => return,
+            };
+            wire.truncate(len);
+            cover.push_decoy(wire);
         }
     }
 
@@ -718,6 +807,11 @@ impl Driver {
 
     async fn on_timer(&mut self, dst: &mut [u8]) {
         match self.tunn.update_timers(dst) {
+            // A keepalive (an empty data packet) would stand out of the
+            // cover envelope by its size; the envelope's decoys already
+            // keep the path and the peer's timers alive.
+            TunnResult::WriteToNetwork(keepalive)
+                if self.cover.is_some() && keepalive.first() == Some(&4) => {}
             TunnResult::WriteToNetwork(datagram) => {
                 send_datagram(&self.udp, self.endpoint, datagram).await;
             }
@@ -745,6 +839,16 @@ impl Driver {
             self.send_initiation(dst).await;
         }
         self.publish_handshake();
+        if let Some(cover) = &self.cover {
+            let shared = cover.shared();
+            let dropped = shared.dropped.swap(0, Ordering::Relaxed);
+            let missed = shared.missed.swap(0, Ordering::Relaxed);
+            if dropped + missed > 0 {
+                tracing::debug!(
+                    "cover envelope: {dropped} packet(s) dropped on a full queue, {missed} slot(s) left empty"
+                );
+            }
+        }
         // Counts only, never where the packets were going.
         let refused = self.filter.refused();
         if refused != self.refused_logged {
@@ -813,6 +917,21 @@ async fn recv_batch(
         state.recv(udp.into(), &mut slices, meta)
     })
     .await
+}
+
+/// Resolves when the cover envelope wants decoys, or never without one.
+async fn decoys_low(cover: Option<&CoverShared>) {
+    match cover {
+        Some(cover) => cover.decoys_low().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A second descriptor of the tunnel's UDP socket (same fwmark, same
+/// port) for the cover envelope's sender thread.
+fn cover_socket(udp: &UdpSocket) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsFd;
+    Ok(std::net::UdpSocket::from(udp.as_fd().try_clone_to_owned()?))
 }
 
 /// Errors after which the TUN device cannot be used again (as opposed to

@@ -89,7 +89,14 @@ pub fn profile(data: &[u8]) {
         .filter(|k| profile::decode_key(k).is_ok() && text.matches(k.as_str()).count() == 1);
     for mode in [0o600, 0o644] {
         match profile::parse("fuzz", text, profiles_dir(), mode) {
-            Ok(p) => check_valid_profile(&p),
+            Ok(p) => {
+                check_valid_profile(&p);
+                // The shape is the one written, or spec when none is.
+                let written = doc
+                    .as_ref()
+                    .and_then(|d| d.get("privacy")?.get("shape")?.as_str().map(str::to_string));
+                assert_eq!(written.as_deref().unwrap_or("spec"), p.shape.as_str());
+            }
             Err(e) => {
                 let shown = e.to_string();
                 assert!(shown.starts_with("profile fuzz: "), "{shown:?}");

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod gateway;
 pub mod lab;
 pub mod meter;
+pub mod observer;
 pub mod sysfuzz;
 pub mod util;
 

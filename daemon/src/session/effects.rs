@@ -238,6 +238,7 @@ impl Effects for SystemEffects {
             persistent_keepalive: t.peer.persistent_keepalive,
             mtu: t.mtu,
             fwmark: TUNNEL_FWMARK,
+            shape: profile.shape,
         })
         .await
         .map_err(|e| e.to_string())
