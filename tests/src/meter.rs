@@ -249,6 +249,19 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes the outside meter count what arrives from the second client's
+    /// link as well (`Lab::add_second_client`).
+    pub(crate) fn watch_second_client_link(&self) -> Result<()> {
+        let link = addr::ROUTER_SECOND_CLIENT_IF;
+        let script = format!(
+            "add rule inet {TABLE} watch_input iifname \"{link}\" jump check\n\
+             add rule inet {TABLE} watch_forward iifname \"{link}\" jump check\n"
+        );
+        self.exec_stdin(Ns::Router, &["nft", "-f", "-"], script.as_bytes())
+            .context("making the leak meter watch the second client")?;
+        Ok(())
+    }
+
     /// Packets that left the client other than the tunnel's own UDP to the
     /// gateway endpoint, since setup or the last `reset_leaks`.
     pub fn leaks(&self) -> Result<u64> {
