@@ -140,6 +140,13 @@ async function subscribe(p) {
   await pc.setLocalDescription(answer);
   await api(`/${session}/${handle}`, { janus: "message", body: { request: "start", room: ROOM }, jsep: answer });
   flush();
+  // A remote candidate named by an mDNS (.local) name, as browsers hide
+  // their addresses: resolving it makes Chromium send an mDNS query, which
+  // must not leave the machine (the test counts that it was sent).
+  pc.addIceCandidate({
+    candidate: "candidate:1 1 udp 2122260223 sessiongate-lab-probe.local 40000 typ host",
+    sdpMLineIndex: 0,
+  }).catch((e) => log("mDNS candidate: " + e));
   log("subscribed to " + p.display);
   status("in the call");
 }

@@ -9,6 +9,7 @@
 //! tests/tests/*.rs and need root.
 
 pub mod call;
+pub mod call_compare;
 pub mod container;
 pub mod daemon;
 pub mod dns;
