@@ -597,6 +597,10 @@ impl Inner {
             Counters::bump(&self.counters.malformed);
             return local_reply(&request, ResponseCode::FormErr);
         };
+        if is_doh_canary(question) {
+            Counters::bump(&self.counters.refused);
+            return local_reply(&request, ResponseCode::NXDomain);
+        }
         let origin = if question.query_class == DNSClass::IN
             && !matches!(question.query_type, RecordType::AXFR | RecordType::IXFR)
         {
@@ -810,7 +814,21 @@ fn upstream_query(question: &Query, rd: bool, cd: bool, edns: Option<(u16, bool)
     query
 }
 
-/// An answer made here (REFUSED, SERVFAIL, FORMERR, NOTIMP).
+/// The name browsers ask before they switch to their own DNS-over-HTTPS
+/// (Firefox's canary domain): NXDOMAIN means "this network filters DNS, do
+/// not bypass it". A browser's own DoH would go to a host the profile does
+/// not allow and be refused anyway, but the call page would then fail to
+/// resolve anything instead of falling back to the system resolver.
+const DOH_CANARY: &str = "use-application-dns.net";
+
+/// Whether `question` asks for the DoH canary (any type, class IN); always
+/// answered NXDOMAIN here, never forwarded, whatever the profile allows.
+fn is_doh_canary(question: &Query) -> bool {
+    question.query_class == DNSClass::IN && name_key(&question.name) == DOH_CANARY
+}
+
+/// An answer made here (NXDOMAIN for the DoH canary, REFUSED, SERVFAIL,
+/// FORMERR, NOTIMP).
 fn local_reply(request: &Message, rcode: ResponseCode) -> Option<Vec<u8>> {
     let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
     reply.metadata.recursion_desired = request.metadata.recursion_desired;
@@ -1587,6 +1605,35 @@ mod tests {
         assert!(fake.seen().is_empty(), "forwarded: {:?}", fake.seen());
         assert!(sink.events().is_empty());
         assert_eq!(stub.stats().refused, 8);
+        stub.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_doh_canary_gets_nxdomain_and_is_never_forwarded() {
+        let fake = fake_upstream().await;
+        let sink = Recorder::new(0);
+        // Even a profile that names it does not get it forwarded.
+        let (stub, addr) = stub(
+            vec![fake.addr],
+            &["meet.test", "use-application-dns.net"],
+            sink.clone(),
+        )
+        .await;
+        for (name, qtype) in [
+            ("use-application-dns.net", RecordType::A),
+            ("USE-Application-DNS.net.", RecordType::AAAA),
+        ] {
+            let reply = ask_udp(addr, name, qtype).await;
+            assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain, "{name}");
+            assert!(reply.answers.is_empty());
+        }
+        let reply = ask_tcp(addr, "use-application-dns.net", RecordType::A).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+        // Only the exact name: a name under it is an ordinary refused name.
+        let reply = ask_udp(addr, "x.use-application-dns.net", RecordType::A).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        assert!(fake.seen().is_empty(), "forwarded: {:?}", fake.seen());
+        assert!(sink.events().is_empty());
         stub.stop().await;
     }
 
