@@ -628,8 +628,14 @@ impl Browser {
         Ok(CallStats::from_json(raw))
     }
 
-    /// A PNG of the page as it looks now.
+    /// A 640x360 PNG of the page as it looks now.
     pub fn screenshot(&self) -> Result<Vec<u8>> {
+        // The headless window's viewport is smaller than --window-size.
+        self.call(
+            Some(&self.session),
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 640, "height": 360, "deviceScaleFactor": 1, "mobile": false }),
+        )?;
         let r = self.call(
             Some(&self.session),
             "Page.captureScreenshot",
