@@ -161,6 +161,7 @@ fn start_second_plain_client(lab: &Lab) -> Result<()> {
                 "route add {}/32 dev {ifname} src {SECOND_PLAIN_TUN_V4}",
                 addr::GATEWAY_TUN_V4
             ),
+            format!("route add 2001:db8:203::/64 dev {ifname} src {SECOND_PLAIN_TUN_V6}"),
         ],
     )?;
     Ok(())
