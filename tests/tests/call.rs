@@ -109,9 +109,11 @@ fn two_participants_call_through_their_gateways() {
     println!("{}", call::table_row("therapist", &t2));
     println!("{}", call::table_row("client", &c2));
     if let Ok(path) = std::env::var("CALL_SCREENSHOT") {
+        // Relative to the workspace (cargo runs tests in tests/).
+        let path = lab::util::workspace_root().join(path);
         let png = therapist.screenshot().expect("screenshot");
         std::fs::write(&path, png).expect("writing the screenshot");
-        println!("screenshot of the therapist's page: {path}");
+        println!("screenshot of the therapist's page: {}", path.display());
     }
 
     for (who, s, tunnel_addr) in [
