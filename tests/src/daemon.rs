@@ -155,6 +155,82 @@ impl Lab {
         self.start_daemon(sessiond, sessionctl, extra, DEFAULT_CONTROL_GROUP)
     }
 
+    /// The second client's profiles dir (`Ns::SecondClient`), with its own
+    /// client key (made on first use and added as a gateway peer with
+    /// 192.0.2.67/32 and 2001:db8:66::3/128).
+    pub fn second_profiles_dir(&self) -> Result<(PathBuf, String)> {
+        let dir = self.tmp_dir().join("profiles-d");
+        mkdir_0700(&dir.join("keys"))?;
+        let key = dir.join("keys").join("client.key");
+        let public_file = dir.join("client.pub");
+        if let Ok(public) = std::fs::read_to_string(&public_file) {
+            return Ok((dir, public.trim().to_string()));
+        }
+        let public = crate::gateway::write_new_key(&key)?;
+        self.add_gateway_peer(
+            &public,
+            &[
+                &format!("{}/32", addr::SECOND_DAEMON_TUN_V4),
+                &format!("{}/128", addr::SECOND_DAEMON_TUN_V6),
+            ],
+        )?;
+        std::fs::write(&public_file, &public)
+            .with_context(|| format!("writing {}", public_file.display()))?;
+        Ok((dir, public))
+    }
+
+    /// `write_profile` for the second client: the same text with its tunnel
+    /// addresses, in its own profiles dir with its own key.
+    pub fn write_second_profile(
+        &self,
+        name: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<ProfileFiles> {
+        let (dir, public_key) = self.second_profiles_dir()?;
+        let first = format!("\"{}/32\", \"{}/128\"", addr::DAEMON_TUN_V4, addr::DAEMON_TUN_V6);
+        let second = format!(
+            "\"{}/32\", \"{}/128\"",
+            addr::SECOND_DAEMON_TUN_V4,
+            addr::SECOND_DAEMON_TUN_V6
+        );
+        let toml = edit(self.default_profile_toml()).replace(&first, &second);
+        let path = dir.join(format!("{name}.toml"));
+        write_file_mode(&path, &toml, 0o600)?;
+        Ok(ProfileFiles {
+            name: name.to_string(),
+            key_file: dir.join("keys").join("client.key"),
+            dir,
+            path,
+            public_key,
+            toml,
+        })
+    }
+
+    /// Starts sessiond in the second client namespace with the second
+    /// profiles dir and its own socket and state dir (see `start_sessiond`).
+    pub fn start_second_sessiond(&self) -> Result<Daemon<'_>> {
+        let sessiond = util::find_binary("sessiond")?;
+        let sessionctl = util::find_binary("sessionctl")?;
+        let (profiles, _) = self.second_profiles_dir()?;
+        let state_dir = self.tmp_dir().join("state-d");
+        mkdir_0700(&state_dir)?;
+        let mut daemon = Daemon {
+            lab: self,
+            ns: Ns::SecondClient,
+            sessiond,
+            sessionctl,
+            socket: self.tmp_dir().join("sessiond-d.sock"),
+            state_dir,
+            profiles,
+            extra: Vec::new(),
+            control_group: DEFAULT_CONTROL_GROUP.to_string(),
+            env: Vec::new(),
+            runs: Vec::new(),
+        };
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
     fn start_daemon(
         &self,
         sessiond: &Path,
@@ -168,6 +244,7 @@ impl Lab {
         mkdir_0700(&state_dir)?;
         let mut daemon = Daemon {
             lab: self,
+            ns: Ns::Client,
             sessiond,
             sessionctl,
             socket: self.tmp_dir().join("sessiond.sock"),
@@ -183,9 +260,11 @@ impl Lab {
     }
 }
 
-/// A running (or killed) sessiond in the client namespace.
+/// A running (or killed) sessiond in the client namespace (or the second
+/// client's).
 pub struct Daemon<'a> {
     lab: &'a Lab,
+    ns: Ns,
     sessiond: PathBuf,
     sessionctl: PathBuf,
     socket: PathBuf,
@@ -225,7 +304,7 @@ impl Daemon<'_> {
             }
         }
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = self.lab.spawn_env(Ns::Client, "sessiond", &args, &env)?;
+        let child = self.lab.spawn_env(self.ns, "sessiond", &args, &env)?;
         self.runs.push(child.clone());
         let mut exited = false;
         wait_until(DAEMON_START_TIMEOUT, "sessiond's control socket", || {
@@ -299,7 +378,7 @@ impl Daemon<'_> {
         let socket = self.socket.to_string_lossy().into_owned();
         let mut full: Vec<&str> = vec![&ctl, "--socket", &socket];
         full.extend_from_slice(args);
-        self.lab.exec(Ns::Client, &full)
+        self.lab.exec(self.ns, &full)
     }
 
     /// Runs `sessionctl --socket SOCKET args...` in the client namespace as
@@ -321,7 +400,7 @@ impl Daemon<'_> {
             &socket,
         ];
         full.extend_from_slice(args);
-        self.lab.exec(Ns::Client, &full)
+        self.lab.exec(self.ns, &full)
     }
 
     /// `ctl` that must exit 0; returns stdout.

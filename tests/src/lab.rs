@@ -68,6 +68,15 @@ pub mod addr {
     pub const OTHER_NAME: &str = "other.test";
     /// Interface names inside the namespaces.
     pub const CLIENT_IF: &str = "c2r";
+    /// The second client (`Lab::add_second_client`): its veth address, the
+    /// router's on that link, the router's interface, its tunnel addresses.
+    pub const SECOND_CLIENT_V4: &str = "192.0.2.130";
+    pub const SECOND_CLIENT_V6: &str = "2001:db8:2::2";
+    pub const ROUTER_SECOND_CLIENT_V4: &str = "192.0.2.129";
+    pub const ROUTER_SECOND_CLIENT_V6: &str = "2001:db8:2::1";
+    pub const ROUTER_SECOND_CLIENT_IF: &str = "r2d";
+    pub const SECOND_DAEMON_TUN_V4: &str = "192.0.2.67";
+    pub const SECOND_DAEMON_TUN_V6: &str = "2001:db8:66::3";
     pub const ROUTER_CLIENT_IF: &str = "r2c";
     pub const ROUTER_GATEWAY_IF: &str = "r2g";
     pub const ROUTER_HOST_IF: &str = "r2h";
@@ -86,9 +95,13 @@ pub enum Ns {
     Gateway,
     /// "The internet": the video host, another host, a public resolver.
     Host,
+    /// A second machine under test on its own router link, only when a test
+    /// asks for it (`Lab::add_second_client`, e.g. the other party of a call).
+    SecondClient,
 }
 
 impl Ns {
+    /// The four namespaces every lab builds.
     pub const ALL: [Ns; 4] = [Ns::Client, Ns::Router, Ns::Gateway, Ns::Host];
 
     fn index(self) -> usize {
@@ -97,6 +110,7 @@ impl Ns {
             Ns::Router => 1,
             Ns::Gateway => 2,
             Ns::Host => 3,
+            Ns::SecondClient => 4,
         }
     }
 
@@ -106,6 +120,7 @@ impl Ns {
             Ns::Router => 'r',
             Ns::Gateway => 'g',
             Ns::Host => 'h',
+            Ns::SecondClient => 'd',
         }
     }
 }
@@ -205,7 +220,7 @@ pub(crate) struct GatewayState {
 /// The whole lab. All methods take `&self`; it may be shared by threads.
 pub struct Lab {
     pub(crate) id: String,
-    names: [String; 4],
+    names: [String; 5],
     pub(crate) tmp: TempDir,
     pub(crate) labhost: PathBuf,
     res: Mutex<Resources>,
@@ -255,7 +270,8 @@ impl Lab {
             .context("creating the lab's temp dir")?;
         let gw_key_file = tmp.path().join("gateway.key");
         let gw_public_key = crate::gateway::write_new_key(&gw_key_file)?;
-        let names = Ns::ALL.map(|ns| format!("sg{id}{}", ns.suffix()));
+        let names = [Ns::Client, Ns::Router, Ns::Gateway, Ns::Host, Ns::SecondClient]
+            .map(|ns| format!("sg{id}{}", ns.suffix()));
         let mut lab = Lab {
             id,
             names,
@@ -284,7 +300,7 @@ impl Lab {
     fn pick_id() -> Result<String> {
         for _ in 0..20 {
             let id = util::short_id();
-            let taken = Ns::ALL.iter().any(|ns| {
+            let taken = Ns::ALL.iter().chain([&Ns::SecondClient]).any(|ns| {
                 Path::new(&format!("/run/netns/sg{id}{}", ns.suffix())).exists()
                     || Path::new(&format!("/etc/netns/sg{id}{}", ns.suffix())).exists()
             }) || ["wg", "wc"]
@@ -472,6 +488,101 @@ impl Lab {
         std::fs::write(&file, format!("nameserver {}\n", addr::PUBLIC_DNS_V4))
             .with_context(|| format!("writing {}", file.display()))?;
         Ok(())
+    }
+
+    /// Adds the second client namespace (`Ns::SecondClient`): a veth to the
+    /// router (192.0.2.130/26, 2001:db8:2::2/64, default route via the
+    /// router), its own resolver file naming the public resolver like the
+    /// first client's, and the outside leak meter watching its link too.
+    /// Removed on Drop with everything else. Once per lab.
+    pub fn add_second_client(&self) -> Result<()> {
+        use addr::*;
+        let name = self.ns_name(Ns::SecondClient).to_string();
+        if lock(&self.res).namespaces.contains(&name) {
+            bail!("the lab has a second client already");
+        }
+        util::run(&["ip", "netns", "add", &name])?;
+        lock(&self.res).namespaces.push(name.clone());
+        self.exec_ok(
+            Ns::SecondClient,
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=0",
+                "net.ipv6.conf.all.forwarding=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.default.router_solicitations=0",
+                "net.ipv6.conf.default.accept_ra=0",
+            ],
+        )?;
+        let router = self.ns_name(Ns::Router);
+        util::run(&[
+            "ip",
+            "-n",
+            &name,
+            "link",
+            "add",
+            CLIENT_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ROUTER_SECOND_CLIENT_IF,
+            "netns",
+            router,
+        ])?;
+        self.ip_batch(
+            Ns::Router,
+            &[
+                format!("link set {ROUTER_SECOND_CLIENT_IF} up"),
+                format!("addr add {ROUTER_SECOND_CLIENT_V4}/26 dev {ROUTER_SECOND_CLIENT_IF}"),
+                format!("addr add {ROUTER_SECOND_CLIENT_V6}/64 dev {ROUTER_SECOND_CLIENT_IF} nodad"),
+            ],
+        )?;
+        self.ip_batch(
+            Ns::SecondClient,
+            &[
+                format!("link set {CLIENT_IF} up"),
+                format!("addr add {SECOND_CLIENT_V4}/26 dev {CLIENT_IF}"),
+                format!("addr add {SECOND_CLIENT_V6}/64 dev {CLIENT_IF} nodad"),
+                format!("route add default via {ROUTER_SECOND_CLIENT_V4}"),
+                format!("route add default via {ROUTER_SECOND_CLIENT_V6}"),
+            ],
+        )?;
+        self.watch_second_client_link()?;
+        let dir = PathBuf::from(ETC_NETNS).join(&name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        lock(&self.res).etc_dirs.push(dir.clone());
+        let file = dir.join("resolv.conf");
+        std::fs::write(&file, format!("nameserver {}\n", addr::PUBLIC_DNS_V4))
+            .with_context(|| format!("writing {}", file.display()))?;
+        Ok(())
+    }
+
+    /// Makes a process started outside `spawn` (e.g. with extra file
+    /// descriptors) the lab's: killed and reaped on Drop like the others.
+    pub fn adopt_child(&self, label: &str, child: Child, log: PathBuf) -> LabChild {
+        let lc = LabChild {
+            name: label.to_string(),
+            pid: child.id(),
+            child: Arc::new(Mutex::new(child)),
+            log,
+        };
+        lock(&self.res).children.push(lc.clone());
+        lc
+    }
+
+    /// A new log file in the lab's temp dir for a process labelled `label`.
+    pub fn new_log_path(&self, label: &str) -> PathBuf {
+        let n = lock(&self.res).children.len();
+        self.tmp.path().join(format!("{label}.{n}.log"))
+    }
+
+    /// The labhost service on the video host (TCP 443, 8443, 853, UDP 10000,
+    /// 853, echo 9000), e.g. to stop it when a real web server takes 443.
+    pub fn host_services(&self) -> Option<&LabChild> {
+        self.host_server.as_ref()
     }
 
     // ------------------------------------------------------------ accessors

@@ -8,6 +8,8 @@
 //! (src/bin/labhost.rs) provides the services and probes. Tests live in
 //! tests/tests/*.rs and need root.
 
+pub mod call;
+pub mod call_compare;
 pub mod container;
 pub mod daemon;
 pub mod dns;

@@ -3,7 +3,10 @@
 //! lets pass. Never changes a verdict: both tables only count (policy accept).
 //!
 //! *Outside the tunnel* (`leaks`): in the router namespace, every packet that
-//! arrives from the client's veth (forwarded or for the router itself) except
+//! arrives from the client's veth (forwarded or for the router itself, and
+//! link-local broadcast and multicast such as mDNS, LLMNR and SSDP, counted
+//! before routing because the router drops a group it has not joined before
+//! its input hook) except
 //! the tunnel's UDP to 198.51.100.2:51820: a datagram to that address and port
 //! counts too unless it starts like a WireGuard message (type 1-4 and three
 //! zero bytes), so an application's own UDP to the endpoint is a leak like
@@ -105,6 +108,10 @@ fn outside_ruleset() -> String {
 	chain watch_forward {{
 		type filter hook forward priority filter; policy accept;
 		iifname "{client_if}" jump check
+	}}
+	chain watch_link_local {{
+		type filter hook prerouting priority filter; policy accept;
+		iifname "{client_if}" pkttype {{ broadcast, multicast }} jump check
 	}}
 }}
 "#
@@ -246,6 +253,20 @@ impl Lab {
             tunnel_ruleset(&wg_if).as_bytes(),
         )
         .context("installing the tunnel leak meter")?;
+        Ok(())
+    }
+
+    /// Makes the outside meter count what arrives from the second client's
+    /// link as well (`Lab::add_second_client`).
+    pub(crate) fn watch_second_client_link(&self) -> Result<()> {
+        let link = addr::ROUTER_SECOND_CLIENT_IF;
+        let script = format!(
+            "add rule inet {TABLE} watch_input iifname \"{link}\" jump check\n\
+             add rule inet {TABLE} watch_forward iifname \"{link}\" jump check\n\
+             add rule inet {TABLE} watch_link_local iifname \"{link}\" pkttype {{ broadcast, multicast }} jump check\n"
+        );
+        self.exec_stdin(Ns::Router, &["nft", "-f", "-"], script.as_bytes())
+            .context("making the leak meter watch the second client")?;
         Ok(())
     }
 

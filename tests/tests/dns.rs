@@ -231,3 +231,51 @@ fn an_allowed_host_whose_address_changes_stays_reachable() {
     assert!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 8443).is_err());
     lab.assert_no_leaks();
 }
+
+/// Browsers ask `use-application-dns.net` before switching to their own
+/// DNS-over-HTTPS: the stub answers NXDOMAIN (so they keep the system
+/// resolver) and the question goes nowhere. A search domain that a DHCP
+/// client writes into the resolver file mid-session, with ndots high enough
+/// that every name is first tried under it, does not turn the allowed name
+/// into a query that leaves: `meet.test.corp.test` is refused locally.
+#[test]
+fn doh_canary_gets_nxdomain_and_a_pushed_search_domain_sends_nothing_out() {
+    let lab = lab();
+    let daemon = session(&lab);
+    let public_before = lab.public_resolver_log();
+    lab.reset_all_leaks().expect("reset");
+
+    let canary = lab
+        .dns_query(Ns::Client, addr::PUBLIC_DNS_V4, "use-application-dns.net", "A")
+        .expect("the canary gets an answer");
+    assert_eq!(canary.rcode, "NXDOMAIN", "{canary:?}");
+
+    std::fs::write(
+        lab.client_resolv_conf(),
+        format!(
+            "nameserver {}\nsearch corp.test\noptions ndots:5\n",
+            addr::PUBLIC_DNS_V4
+        ),
+    )
+    .expect("a DHCP client rewrites the resolver file");
+    assert_eq!(getent(&lab, addr::MEET_NAME), Ok(addr::HOST_V4.to_string()));
+    assert!(
+        getent(&lab, "meet").is_err(),
+        "a bare name resolved under the search domain"
+    );
+
+    let pinned = lab.pinned_resolver_log();
+    for name in ["corp.test", "use-application-dns"] {
+        assert!(
+            !pinned.contains(name),
+            "{name} reached the pinned resolver:\n{pinned}"
+        );
+    }
+    assert_eq!(
+        lab.public_resolver_log(),
+        public_before,
+        "the public resolver was asked"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}

@@ -56,6 +56,10 @@ impl Inner {
             Counters::bump(&self.counters.malformed);
             return local_reply(&request, ResponseCode::FormErr);
         };
+        if is_doh_canary(question) {
+            Counters::bump(&self.counters.refused);
+            return local_reply(&request, ResponseCode::NXDomain);
+        }
         let origin = if question.query_class == DNSClass::IN
             && !matches!(question.query_type, RecordType::AXFR | RecordType::IXFR)
         {
@@ -115,7 +119,21 @@ impl Inner {
         }
     }
 }
-/// An answer made here (REFUSED, SERVFAIL, FORMERR, NOTIMP).
+/// The name browsers ask before they switch to their own DNS-over-HTTPS
+/// (Firefox's canary domain): NXDOMAIN means "this network filters DNS, do
+/// not bypass it". A browser's own DoH would go to a host the profile does
+/// not allow and be refused anyway, but the call page would then fail to
+/// resolve anything instead of falling back to the system resolver.
+const DOH_CANARY: &str = "use-application-dns.net";
+
+/// Whether `question` asks for the DoH canary (any type, class IN); always
+/// answered NXDOMAIN here, never forwarded, whatever the profile allows.
+fn is_doh_canary(question: &hickory_proto::op::Query) -> bool {
+    question.query_class == DNSClass::IN && name_key(&question.name) == DOH_CANARY
+}
+
+/// An answer made here (NXDOMAIN for the DoH canary, REFUSED, SERVFAIL,
+/// FORMERR, NOTIMP).
 fn local_reply(request: &Message, rcode: ResponseCode) -> Option<Vec<u8>> {
     let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
     reply.metadata.recursion_desired = request.metadata.recursion_desired;

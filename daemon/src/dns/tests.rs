@@ -513,6 +513,35 @@ async fn other_names_are_refused_and_never_forwarded() {
 }
 
 #[tokio::test]
+async fn the_doh_canary_gets_nxdomain_and_is_never_forwarded() {
+    let fake = fake_upstream().await;
+    let sink = Recorder::new(0);
+    // Even a profile that names it does not get it forwarded.
+    let (stub, addr) = stub(
+        vec![fake.addr],
+        &["meet.test", "use-application-dns.net"],
+        sink.clone(),
+    )
+    .await;
+    for (name, qtype) in [
+        ("use-application-dns.net", RecordType::A),
+        ("USE-Application-DNS.net.", RecordType::AAAA),
+    ] {
+        let reply = ask_udp(addr, name, qtype).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert!(reply.answers.is_empty());
+    }
+    let reply = ask_tcp(addr, "use-application-dns.net", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    // Only the exact name: a name under it is an ordinary refused name.
+    let reply = ask_udp(addr, "x.use-application-dns.net", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    assert!(fake.seen().is_empty(), "forwarded: {:?}", fake.seen());
+    assert!(sink.events().is_empty());
+    stub.stop().await;
+}
+
+#[tokio::test]
 async fn cname_targets_are_allowed_while_their_origin_is() {
     let fake = fake_upstream().await;
     let sink = Recorder::new(0);
