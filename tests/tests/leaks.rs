@@ -688,8 +688,13 @@ fn one_local_user_cannot_hold_every_tcp_slot_of_the_dns_stub() {
                 addr::MEET_NAME,
                 "--proto",
                 "tcp",
+                // Generous: the answer waits for an upstream round trip and
+                // for the firewall to take its addresses, which took over 3 s
+                // on a loaded machine. Without the per-user limit the stub
+                // closes this connection at accept, so a failure still shows
+                // at once.
                 "--timeout-ms",
-                "3000",
+                "15000",
             ],
         )
         .expect("run labhost as nobody");
