@@ -31,6 +31,16 @@
 //!   and answers nothing; prints `ready` once bound, then one line per
 //!   datagram or connection that arrives (`udp 203.0.113.10:67 -> 40000`,
 //!   `tcp ...`): proof that a packet got in.
+//! - `labhost icmp6-send ADDR TYPE [--hop-limit N] [--mark N]` — sends one
+//!   ICMPv6 message of TYPE (a number; 135 is a neighbour solicitation) to
+//!   ADDR from a raw socket, with the given hop limit (default 64), SO_MARK
+//!   N if given, and the lab's
+//!   marker in its body (for 135/136 after a target address, ADDR itself);
+//!   the kernel fills in the checksum. Prints `sent`, exit 0.
+//! - `labhost icmp6-sink` — a raw ICMPv6 socket: prints `ready`, then one
+//!   line per arriving message that carries the lab's marker (`icmp6
+//!   type=135 from 2001:db8:203::10`), so the kernel's own neighbour
+//!   discovery does not count: proof that a crafted message got in.
 //! - `labhost listen-unix PATH [--reply TEXT]` — a unix socket server that
 //!   writes TEXT (default `ok`) and a newline to each client (replaces a stale
 //!   socket file); the harness uses it as a stand-in daemon.
@@ -52,7 +62,8 @@ use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use nix::sys::socket::{
     bind, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, Backlog, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrStorage,
 };
 
 const DEFAULT_TIMEOUT_MS: u64 = 2000;
@@ -68,6 +79,8 @@ fn main() -> ExitCode {
         Some("listen-unix") => listen_unix(&args[1..]),
         Some("spray") => spray(&args[1..]),
         Some("sink") => sink(&args[1..]),
+        Some("icmp6-send") => icmp6_send(&args[1..]),
+        Some("icmp6-sink") => icmp6_sink(&args[1..]),
         _ => Err(
             "usage: labhost serve|probe-tcp ADDR PORT|probe-udp ADDR PORT|dns-query SERVER NAME".to_string(),
         ),
@@ -709,6 +722,71 @@ fn sink(args: &[String]) -> Result<(), String> {
         let _ = t.join();
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- icmp6
+
+/// In the body of every ICMPv6 message the lab crafts, so a sink tells them
+/// from the neighbour discovery the kernel sends all the time.
+const ICMP6_MARKER: &[u8] = b"sglab-icmp6";
+
+fn icmp6_socket() -> Result<OwnedFd, String> {
+    socket(
+        AddressFamily::Inet6,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::IcmpV6,
+    )
+    .map_err(|e| format!("raw ICMPv6 socket: {}", e.desc()))
+}
+
+fn icmp6_send(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let usage = || "usage: labhost icmp6-send ADDR TYPE [--hop-limit N] [--mark N]".to_string();
+    let [addr, kind] = args.positional.as_slice() else {
+        return Err(usage());
+    };
+    let addr: Ipv6Addr = addr.parse().map_err(|_| usage())?;
+    let kind: u8 = kind.parse().map_err(|_| usage())?;
+    let hop_limit: libc::c_int = args.num("hop-limit", 64)?;
+    // Type, code, checksum (the kernel computes it on ICMPv6 raw sockets),
+    // four bytes of flags/reserved, then for neighbour solicitations and
+    // advertisements the target address, then the marker.
+    let mut message = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+    if matches!(kind, 135 | 136) {
+        message.extend_from_slice(&addr.octets());
+    }
+    message.extend_from_slice(ICMP6_MARKER);
+    let fd = icmp6_socket()?;
+    setsockopt(&fd, sockopt::Ipv6Ttl, &hop_limit)
+        .map_err(|e| format!("hop limit {hop_limit}: {}", e.desc()))?;
+    if let Some(m) = args.one("mark") {
+        let mark = parse_mark(m).ok_or_else(|| format!("usage: --mark {m}: not a number"))?;
+        setsockopt(&fd, sockopt::Mark, &mark).map_err(|e| format!("SO_MARK: {}", e.desc()))?;
+    }
+    let to = SockaddrIn6::from(std::net::SocketAddrV6::new(addr, 0, 0, 0));
+    nix::sys::socket::sendto(fd.as_raw_fd(), &message, &to, MsgFlags::empty())
+        .map_err(|e| format!("icmp6 {addr}: {}", e.desc()))?;
+    println!("sent");
+    Ok(())
+}
+
+fn icmp6_sink(args: &[String]) -> Result<(), String> {
+    Args::parse(args)?;
+    let fd = icmp6_socket()?;
+    println!("ready");
+    let _ = io::stdout().flush();
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, from) = nix::sys::socket::recvfrom::<SockaddrIn6>(fd.as_raw_fd(), &mut buf)
+            .map_err(|e| format!("icmp6 receive: {}", e.desc()))?;
+        let message = &buf[..n];
+        if n > 0 && message.windows(ICMP6_MARKER.len()).any(|w| w == ICMP6_MARKER) {
+            let from = from.map(|a| a.ip().to_string()).unwrap_or_else(|| "?".into());
+            println!("icmp6 type={} from {from}", message[0]);
+            let _ = io::stdout().flush();
+        }
+    }
 }
 
 // ---------------------------------------------------------------- spray
