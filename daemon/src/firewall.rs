@@ -87,7 +87,9 @@
 //! namespace that has its own physical device.
 //!
 //! *Neighbour discovery* is allowed in both shapes, in both directions, only
-//! with hop limit 255 (so only on-link: routers never forward it; RFC 4861):
+//! with hop limit 255 (RFC 4861: a receiver discards any other), and out
+//! only to link-local, link-scope multicast and on-link addresses (a router
+//! does forward a hop limit 255 message to anywhere else):
 //! an IPv6 endpoint reached over the physical link cannot be resolved
 //! without it, the host's IPv6 default route (router advertisements) and
 //! DHCPv6 renewals need it, and it carries nothing but link addresses the
@@ -1550,6 +1552,20 @@ fn on_link() -> Statement<'static> {
     eq(payload("ip6", "hoplimit"), num(255u32))
 }
 
+/// Where neighbour discovery may go: link-local addresses, link-scope
+/// multicast and the directly connected subnets. Hop limit 255 alone does
+/// not keep a message on the link: a router forwards it like any other
+/// packet (only the receiver refuses it as neighbour discovery), so a raw
+/// socket could otherwise reach any IPv6 host outside the tunnel with it.
+fn to_the_link_v6(on_link: &[(IpAddr, u8)]) -> Statement<'static> {
+    let mut nets = vec![
+        net((IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10)),
+        net((IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0)), 16)),
+    ];
+    nets.extend(on_link.iter().filter(|(a, _)| a.is_ipv6()).map(|&n| net(n)));
+    is_in(payload("ip6", "daddr"), set_of(nets))
+}
+
 fn icmpv6_types(types: &[&str]) -> Statement<'static> {
     is_in(
         payload("icmpv6", "type"),
@@ -1860,6 +1876,7 @@ fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) 
     output.push(vec![
         icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
         on_link(),
+        to_the_link_v6(connected),
         accept(),
     ]);
     input.push(vec![
@@ -2214,6 +2231,7 @@ fn add_link_table(batch: &mut Batch<'static>, lockdown: &Lockdown, inputs: &Inpu
     rules.push(vec![
         icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
         on_link(),
+        to_the_link_v6(&inputs.on_link),
         accept(),
     ]);
     rules.push(vec![
@@ -2440,10 +2458,14 @@ mod tests {
                     && packet.dport == 547
                     && (packet.daddr == "ff02::1:2".parse::<IpAddr>().expect("address")
                         || mask(packet.daddr, 10) == mask("fe80::".parse().expect("address"), 10)))
+                // Neighbour discovery only to the link: link-local and
+                // link-scope multicast here (no connected subnets).
                 || (packet.proto == "ipv6-icmp"
                     && packet.hoplimit == 255
                     && ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
-                        .contains(&packet.icmp_type));
+                        .contains(&packet.icmp_type)
+                    && (mask(packet.daddr, 10) == mask("fe80::".parse().expect("address"), 10)
+                        || mask(packet.daddr, 16) == mask("ff02::".parse().expect("address"), 16)));
             let verdict = evaluate(&objs, OUTPUT, &packet);
             accepted += usize::from(verdict == Verdict::Accept);
             if (verdict == Verdict::Accept) != promised {
