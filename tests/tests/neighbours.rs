@@ -364,3 +364,63 @@ fn neighbour_discovery_goes_out_only_to_the_link() {
     );
     lab.assert_no_leaks();
 }
+
+/// A DHCP server on the link still answers during a session: a machine
+/// must keep or get its lease while the kill switch is on (a lease that
+/// cannot be renewed takes the whole network away, call included). A real
+/// dnsmasq serves DHCP on the router's side of the link; the client sends
+/// what a DHCP client sends first, a broadcast DHCPDISCOVER out of its
+/// physical interface, and gets the server's DHCPOFFER back.
+#[test]
+fn a_dhcp_server_on_the_link_still_answers_during_a_session() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let leases = lab.tmp_dir().join("dhcp.leases");
+    let server = lab
+        .spawn_named(
+            Ns::Router,
+            "dnsmasq-dhcp",
+            &[
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--port=0",
+                &format!("--interface={}", addr::ROUTER_CLIENT_IF),
+                "--bind-interfaces",
+                "--dhcp-range=192.0.2.40,192.0.2.50,255.255.255.192,2m",
+                &format!("--dhcp-leasefile={}", leases.display()),
+                "--pid-file=",
+                "--user=root",
+                "--group=root",
+                "--log-dhcp",
+            ],
+        )
+        .expect("start dnsmasq as the link's DHCP server");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    lab.assert_no_leaks();
+
+    let host = labhost(&lab);
+    // The server may still be starting: ask until it answers (each ask
+    // waits a second for its offer).
+    let mut last = String::new();
+    let offer = wait_until(Duration::from_secs(10), "a DHCP offer during the session", || {
+        let out = lab
+            .exec(
+                Ns::Client,
+                &[&host, "dhcp-discover", addr::CLIENT_IF, "--timeout-ms", "1000"],
+            )
+            .expect("run dhcp-discover");
+        last = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        out.status.success() || !server.is_running()
+    });
+    assert!(
+        offer.is_ok() && last.starts_with("offer 192.0.2.4") && last.ends_with(addr::ROUTER_CLIENT_V4),
+        "no DHCP offer from the link's server during the session: {last}\n{}",
+        server.log()
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
