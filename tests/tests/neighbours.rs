@@ -11,6 +11,14 @@ use std::time::Duration;
 
 use lab::{addr, wait_until, Lab, LabChild, Ns};
 
+/// How long a wait may take before the test gives up: generous, since the
+/// lab shares its machine (a deadline costs nothing when the event comes).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long the application's flows wait for a reply: long enough that
+/// the spoofed replies arrive while they still wait, whatever the load.
+const APP_WAIT_MS: &str = "12000";
+
 fn lab() -> Lab {
     Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
 }
@@ -20,7 +28,7 @@ fn labhost(lab: &Lab) -> String {
 }
 
 fn wait_ready(child: &LabChild, what: &str) {
-    wait_until(Duration::from_secs(5), what, || child.log().contains("ready"))
+    wait_until(DEADLINE, what, || child.log().contains("ready"))
         .unwrap_or_else(|e| panic!("{e:#}: {}", child.log()));
 }
 
@@ -180,17 +188,15 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
                     "--payload",
                     "call",
                     "--timeout-ms",
-                    "4000",
+                    APP_WAIT_MS,
                 ],
             )
             .expect("start the application's flow")
         })
         .collect();
-    wait_until(
-        Duration::from_secs(5),
-        "every flow at its far end, through the tunnel",
-        || far_ends.log().lines().filter(|l| l.ends_with("-> 51820")).count() >= flows.len(),
-    )
+    wait_until(DEADLINE, "every flow at its far end, through the tunnel", || {
+        far_ends.log().lines().filter(|l| l.ends_with("-> 51820")).count() >= flows.len()
+    })
     .unwrap_or_else(|e| panic!("{e:#}: {}", far_ends.log()));
 
     for (_, sport, tunnel_address) in flows {
@@ -205,15 +211,21 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
             Duration::from_millis(100),
         );
     }
-    wait_until(
-        Duration::from_secs(5),
-        "the spoofed replies at the client's link",
-        || counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64,
-    )
+    wait_until(DEADLINE, "the spoofed replies at the client's link", || {
+        counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64
+    })
     .expect("the router's spoofed replies reach the client");
     for (app, (far_end, sport, _)) in apps.iter().zip(flows) {
-        app.wait_exit(Duration::from_secs(10))
-            .expect("the application's probe ends");
+        // Had it given up before the spoofed reply came, this test would
+        // prove nothing.
+        assert!(
+            app.is_running() || !app.log().contains("no reply"),
+            "the application on port {sport} stopped waiting before the reply spoofed as {far_end} came: {}",
+            app.log()
+        );
+    }
+    for (app, (far_end, sport, _)) in apps.iter().zip(flows) {
+        app.wait_exit(DEADLINE).expect("the application's probe ends");
         assert!(
             app.log().contains("no reply"),
             "a reply spoofed as {far_end}:51820 reached the application on port {sport}: {}",
@@ -260,7 +272,7 @@ fn icmpv6_gets_in_only_as_neighbour_discovery_from_the_link() {
     send(Ns::Router, "128");
     send(Ns::Router, "135");
     wait_until(
-        Duration::from_secs(5),
+        DEADLINE,
         "the router's neighbour solicitation in the client",
         || arrived(&on_link_solicitation) == 1,
     )
@@ -273,11 +285,9 @@ fn icmpv6_gets_in_only_as_neighbour_discovery_from_the_link() {
     let during = sink.log();
     send(Ns::Host, "135");
     send(Ns::Router, "128");
-    wait_until(
-        Duration::from_secs(5),
-        "both refused messages in the client after stop",
-        || arrived(&off_link_solicitation) >= 1 && arrived(&on_link_echo) >= 1,
-    )
+    wait_until(DEADLINE, "both refused messages in the client after stop", || {
+        arrived(&off_link_solicitation) >= 1 && arrived(&on_link_echo) >= 1
+    })
     .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
     let got_in: Vec<&str> = during
         .lines()
@@ -341,7 +351,7 @@ fn neighbour_discovery_goes_out_only_to_the_link() {
     send(addr::HOST_V6, "64");
     send(addr::ROUTER_CLIENT_V6, "255");
     wait_until(
-        Duration::from_secs(5),
+        DEADLINE,
         "the client's neighbour solicitation at the router",
         || arrived(router) == 1,
     )
@@ -351,7 +361,7 @@ fn neighbour_discovery_goes_out_only_to_the_link() {
     let during = arrived(internet);
     send(addr::HOST_V6, "255");
     wait_until(
-        Duration::from_secs(5),
+        DEADLINE,
         "the same solicitation at the internet host after stop",
         || arrived(internet) > during,
     )
@@ -407,7 +417,7 @@ fn a_dhcp_server_on_the_link_still_answers_during_a_session() {
     // The server may still be starting: ask until it answers (each ask
     // waits a second for its offer).
     let mut last = String::new();
-    let offer = wait_until(Duration::from_secs(10), "a DHCP offer during the session", || {
+    let offer = wait_until(DEADLINE, "a DHCP offer during the session", || {
         let out = lab
             .exec(
                 Ns::Client,
