@@ -279,3 +279,23 @@ fn doh_canary_gets_nxdomain_and_a_pushed_search_domain_sends_nothing_out() {
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// An application whose resolver file names an IPv6 server (any one) gets
+/// its allowed names answered during a session: its query is redirected
+/// to the DNS stub on ::1, not refused. (Deleting the kill switch's
+/// loopback-by-address accept for ::1 leaks nothing, but takes DNS away
+/// from every IPv6-configured resolver.)
+#[test]
+fn a_query_to_an_ipv6_resolver_is_answered_by_the_stub() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    let reply = lab
+        .dns_query(Ns::Client, addr::HOST_V6, addr::MEET_NAME, "A")
+        .unwrap_or_else(|e| panic!("a query to an IPv6 resolver during the session: {e}"));
+    assert_eq!(reply.answers, vec![addr::HOST_V4.to_string()], "{reply:?}");
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}

@@ -20,7 +20,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use super::expr::{
     accept, canonical, concat, ct_mark, ct_state, eq, established, icmp_errors, icmpv6_types, ip, is_in,
-    meta, ne, net, num, on_link, payload, refuse, s, set_of, table, tcp_or_udp,
+    meta, ne, net, num, on_link, payload, refuse, s, set_of, table, tcp_or_udp, to_the_link_v6,
 };
 use super::lan::normalize_nets;
 use super::learned::{add_known, learned_elem};
@@ -358,6 +358,7 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
     output.push(vec![
         icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
         on_link(),
+        to_the_link_v6(connected),
         accept(),
     ]);
     input.push(vec![

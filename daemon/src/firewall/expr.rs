@@ -171,6 +171,26 @@ pub(super) fn on_link() -> Statement<'static> {
     eq(payload("ip6", "hoplimit"), num(255u32))
 }
 
+/// Where neighbour discovery may go: link-local addresses, link-scope
+/// multicast and the directly connected subnets. Hop limit 255 alone does
+/// not keep a message on the link: a router forwards it like any other
+/// packet (only the receiver refuses it as neighbour discovery), so a raw
+/// socket could otherwise reach any IPv6 host outside the tunnel with it.
+pub(super) fn to_the_link_v6(on_link: &[(IpAddr, u8)]) -> Statement<'static> {
+    let mut nets = vec![
+        net((
+            IpAddr::V6(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)),
+            10,
+        )),
+        net((
+            IpAddr::V6(std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0)),
+            16,
+        )),
+    ];
+    nets.extend(on_link.iter().filter(|(a, _)| a.is_ipv6()).map(|&n| net(n)));
+    is_in(payload("ip6", "daddr"), set_of(nets))
+}
+
 pub(super) fn icmpv6_types(types: &[&str]) -> Statement<'static> {
     is_in(
         payload("icmpv6", "type"),

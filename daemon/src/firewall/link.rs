@@ -18,6 +18,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use super::build::{dhcp_rules, Inputs};
 use super::expr::{
     accept, canonical, eq, icmpv6_types, ip, is_in, meta, ne, net, num, on_link, payload, s, set_of,
+    to_the_link_v6,
 };
 use super::{Lockdown, TABLE};
 
@@ -115,6 +116,7 @@ pub(super) fn add_link_table(
     rules.push(vec![
         icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
         on_link(),
+        to_the_link_v6(&inputs.on_link),
         accept(),
     ]);
     rules.push(vec![

@@ -87,7 +87,9 @@
 //! namespace that has its own physical device.
 //!
 //! *Neighbour discovery* is allowed in both shapes, in both directions, only
-//! with hop limit 255 (so only on-link: routers never forward it; RFC 4861):
+//! with hop limit 255 (RFC 4861: a receiver discards any other), and out
+//! only to link-local, link-scope multicast and on-link addresses (a router
+//! does forward a hop limit 255 message to anywhere else):
 //! an IPv6 endpoint reached over the physical link cannot be resolved
 //! without it, the host's IPv6 default route (router advertisements) and
 //! DHCPv6 renewals need it, and it carries nothing but link addresses the

@@ -176,10 +176,14 @@ fn lockdown_lets_only_marked_endpoint_traffic_out() {
                 && packet.dport == 547
                 && (packet.daddr == "ff02::1:2".parse::<IpAddr>().expect("address")
                     || mask(packet.daddr, 10) == mask("fe80::".parse().expect("address"), 10)))
+            // Neighbour discovery only to the link: link-local and
+            // link-scope multicast here (no connected subnets).
             || (packet.proto == "ipv6-icmp"
                 && packet.hoplimit == 255
                 && ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]
-                    .contains(&packet.icmp_type));
+                    .contains(&packet.icmp_type)
+                && (mask(packet.daddr, 10) == mask("fe80::".parse().expect("address"), 10)
+                    || mask(packet.daddr, 16) == mask("ff02::".parse().expect("address"), 16)));
         let verdict = evaluate(&objs, OUTPUT, &packet);
         accepted += usize::from(verdict == Verdict::Accept);
         if (verdict == Verdict::Accept) != promised {

@@ -31,6 +31,22 @@
 //!   and answers nothing; prints `ready` once bound, then one line per
 //!   datagram or connection that arrives (`udp 203.0.113.10:67 -> 40000`,
 //!   `tcp ...`): proof that a packet got in.
+//! - `labhost icmp6-send ADDR TYPE [--hop-limit N] [--mark N]` — sends one
+//!   ICMPv6 message of TYPE (a number; 135 is a neighbour solicitation) to
+//!   ADDR from a raw socket, with the given hop limit (default 64), SO_MARK
+//!   N if given, and the lab's
+//!   marker in its body (for 135/136 after a target address, ADDR itself);
+//!   the kernel fills in the checksum. Prints `sent`, exit 0.
+//! - `labhost icmp6-sink` — a raw ICMPv6 socket: prints `ready`, then one
+//!   line per arriving message that carries the lab's marker (`icmp6
+//!   type=135 from 2001:db8:203::10`), so the kernel's own neighbour
+//!   discovery does not count: proof that a crafted message got in.
+//! - `labhost dhcp-discover DEVICE [--timeout-ms N]` — what a DHCP client
+//!   does first: a DHCPDISCOVER (broadcast flag set) from port 68 to
+//!   255.255.255.255:67 out of DEVICE, then waits for the DHCPOFFER that
+//!   answers it; prints `offer 192.0.2.40 from 192.0.2.1`, exit 0; else one
+//!   line and exit 1. (Only the fixed BOOTP header and the message-type
+//!   option: the lab needs the exchange to cross the firewall, not a lease.)
 //! - `labhost listen-unix PATH [--reply TEXT]` — a unix socket server that
 //!   writes TEXT (default `ok`) and a newline to each client (replaces a stale
 //!   socket file); the harness uses it as a stand-in daemon.
@@ -52,7 +68,8 @@ use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use nix::sys::socket::{
     bind, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, Backlog, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrStorage,
 };
 
 const DEFAULT_TIMEOUT_MS: u64 = 2000;
@@ -68,6 +85,9 @@ fn main() -> ExitCode {
         Some("listen-unix") => listen_unix(&args[1..]),
         Some("spray") => spray(&args[1..]),
         Some("sink") => sink(&args[1..]),
+        Some("icmp6-send") => icmp6_send(&args[1..]),
+        Some("icmp6-sink") => icmp6_sink(&args[1..]),
+        Some("dhcp-discover") => dhcp_discover(&args[1..]),
         _ => Err(
             "usage: labhost serve|probe-tcp ADDR PORT|probe-udp ADDR PORT|dns-query SERVER NAME".to_string(),
         ),
@@ -709,6 +729,142 @@ fn sink(args: &[String]) -> Result<(), String> {
         let _ = t.join();
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- icmp6
+
+/// In the body of every ICMPv6 message the lab crafts, so a sink tells them
+/// from the neighbour discovery the kernel sends all the time.
+const ICMP6_MARKER: &[u8] = b"sglab-icmp6";
+
+fn icmp6_socket() -> Result<OwnedFd, String> {
+    socket(
+        AddressFamily::Inet6,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::IcmpV6,
+    )
+    .map_err(|e| format!("raw ICMPv6 socket: {}", e.desc()))
+}
+
+fn icmp6_send(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let usage = || "usage: labhost icmp6-send ADDR TYPE [--hop-limit N] [--mark N]".to_string();
+    let [addr, kind] = args.positional.as_slice() else {
+        return Err(usage());
+    };
+    let addr: Ipv6Addr = addr.parse().map_err(|_| usage())?;
+    let kind: u8 = kind.parse().map_err(|_| usage())?;
+    let hop_limit: libc::c_int = args.num("hop-limit", 64)?;
+    // Type, code, checksum (the kernel computes it on ICMPv6 raw sockets),
+    // four bytes of flags/reserved, then for neighbour solicitations and
+    // advertisements the target address, then the marker.
+    let mut message = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+    if matches!(kind, 135 | 136) {
+        message.extend_from_slice(&addr.octets());
+    }
+    message.extend_from_slice(ICMP6_MARKER);
+    let fd = icmp6_socket()?;
+    setsockopt(&fd, sockopt::Ipv6Ttl, &hop_limit)
+        .map_err(|e| format!("hop limit {hop_limit}: {}", e.desc()))?;
+    if let Some(m) = args.one("mark") {
+        let mark = parse_mark(m).ok_or_else(|| format!("usage: --mark {m}: not a number"))?;
+        setsockopt(&fd, sockopt::Mark, &mark).map_err(|e| format!("SO_MARK: {}", e.desc()))?;
+    }
+    let to = SockaddrIn6::from(std::net::SocketAddrV6::new(addr, 0, 0, 0));
+    nix::sys::socket::sendto(fd.as_raw_fd(), &message, &to, MsgFlags::empty())
+        .map_err(|e| format!("icmp6 {addr}: {}", e.desc()))?;
+    println!("sent");
+    Ok(())
+}
+
+fn icmp6_sink(args: &[String]) -> Result<(), String> {
+    Args::parse(args)?;
+    let fd = icmp6_socket()?;
+    println!("ready");
+    let _ = io::stdout().flush();
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, from) = nix::sys::socket::recvfrom::<SockaddrIn6>(fd.as_raw_fd(), &mut buf)
+            .map_err(|e| format!("icmp6 receive: {}", e.desc()))?;
+        let message = &buf[..n];
+        if n > 0 && message.windows(ICMP6_MARKER.len()).any(|w| w == ICMP6_MARKER) {
+            let from = from.map(|a| a.ip().to_string()).unwrap_or_else(|| "?".into());
+            println!("icmp6 type={} from {from}", message[0]);
+            let _ = io::stdout().flush();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dhcp
+
+/// BOOTP's fixed header (RFC 2131 figure 1) up to the options, then the
+/// magic cookie.
+const BOOTP_HEADER: usize = 236;
+const DHCP_COOKIE: [u8; 4] = [99, 130, 83, 99];
+
+fn dhcp_discover(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let [device] = args.positional.as_slice() else {
+        return Err("usage: labhost dhcp-discover DEVICE [--timeout-ms N]".into());
+    };
+    let timeout = args.timeout()?;
+    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{device}/address"))
+        .map_err(|e| format!("{device}: {}", err_text(&e)))?;
+    let mac: Vec<u8> = mac_text
+        .trim()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    if mac.len() != 6 {
+        return Err(format!("{device}: no Ethernet address ({})", mac_text.trim()));
+    }
+    let xid: [u8; 4] = (std::process::id() as u32).to_be_bytes();
+    let mut discover = vec![0u8; BOOTP_HEADER];
+    discover[0] = 1; // BOOTREQUEST
+    discover[1] = 1; // Ethernet
+    discover[2] = 6;
+    discover[4..8].copy_from_slice(&xid);
+    discover[10] = 0x80; // broadcast the reply: no address to unicast to yet
+    discover[28..34].copy_from_slice(&mac);
+    discover.extend_from_slice(&DHCP_COOKIE);
+    discover.extend_from_slice(&[53, 1, 1, 255]); // DHCPDISCOVER, end
+
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 68))
+        .map_err(|e| format!("bind port 68: {}", err_text(&e)))?;
+    setsockopt(&sock, sockopt::BindToDevice, &std::ffi::OsString::from(device))
+        .map_err(|e| format!("bind to {device}: {}", e.desc()))?;
+    sock.set_broadcast(true)
+        .map_err(|e| format!("broadcast: {}", err_text(&e)))?;
+    sock.send_to(&discover, (Ipv4Addr::BROADCAST, 67))
+        .map_err(|e| format!("dhcp discover: {}", err_text(&e)))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("dhcp: no offer within {} ms", timeout.as_millis()));
+        }
+        sock.set_read_timeout(Some(left)).map_err(|e| err_text(&e))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+                continue
+            }
+            Err(e) => return Err(format!("dhcp: {}", err_text(&e))),
+        };
+        let reply = &buf[..n];
+        let is_offer = n > BOOTP_HEADER + 4
+            && reply[0] == 2
+            && reply[4..8] == xid
+            && reply[BOOTP_HEADER..BOOTP_HEADER + 4] == DHCP_COOKIE
+            && reply[BOOTP_HEADER + 4..].windows(3).any(|w| w == [53, 1, 2]);
+        if is_offer {
+            let offered = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
+            println!("offer {offered} from {}", from.ip());
+            return Ok(());
+        }
+    }
 }
 
 // ---------------------------------------------------------------- spray

@@ -15,7 +15,10 @@
 //!
 //! A mutation's ID names the chain and a hash of the rule's expression, so
 //! the same mutation applies to every batch sessiond writes (lockdown,
-//! session, re-applies) that holds that rule.
+//! session, re-applies) that holds that rule. The link-level table's
+//! per-interface chains (`egress0`, `egress1`, ...) count as one chain,
+//! `egress`: the product installs one rule list on every interface, so a
+//! mutation of it applies to all of them.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -102,6 +105,19 @@ fn writes_our_rules(doc: &Value) -> bool {
 
 /// FNV-1a of the rule's chain and expression, as 12 hex digits. A
 /// redirect's port is left out: the DNS stub picks a new one each run.
+/// A chain's name for mutation IDs: `egressN` is `egress` (see the top).
+fn chain_of(name: &str) -> &str {
+    match name.strip_prefix("egress") {
+        Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => "egress",
+        _ => name,
+    }
+}
+
+/// The chain a rule or chain object belongs to, as `chain_of` names it.
+fn chain_name<'a>(obj: &'a Value, key: &str) -> &'a str {
+    chain_of(obj[key].as_str().unwrap_or("?"))
+}
+
 fn rule_id(rule: &Value) -> String {
     let mut expr = rule["expr"].clone();
     for stmt in expr.as_array_mut().into_iter().flatten() {
@@ -109,7 +125,7 @@ fn rule_id(rule: &Value) -> String {
             *redirect = Value::Null;
         }
     }
-    let text = format!("{}|{expr}", rule["chain"]);
+    let text = format!("\"{}\"|{expr}", chain_name(rule, "chain"));
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         h ^= u64::from(b);
@@ -197,7 +213,7 @@ fn describe_rule(rule: &Value) -> String {
         .flatten()
         .map(describe_stmt)
         .collect();
-    format!("{}: {}", rule["chain"].as_str().unwrap_or("?"), stmts.join(" "))
+    format!("{}: {}", chain_name(rule, "chain"), stmts.join(" "))
 }
 
 /// Every mutation this batch allows, as (id, description).
@@ -206,7 +222,7 @@ fn candidates(doc: &Value) -> Vec<(String, String)> {
     for cmd in commands(doc) {
         if let Some(rule) = added(cmd, "rule") {
             let id = rule_id(rule);
-            let chain = rule["chain"].as_str().unwrap_or("?");
+            let chain = chain_name(rule, "chain");
             let what = describe_rule(rule);
             out.push((format!("delete:{chain}:{id}"), format!("delete rule [{what}]")));
             let stmts = rule["expr"].as_array().map(Vec::as_slice).unwrap_or(&[]);
@@ -227,7 +243,7 @@ fn candidates(doc: &Value) -> Vec<(String, String)> {
         }
         if let Some(chain) = added(cmd, "chain") {
             if chain.get("policy").is_some_and(|p| p == "drop") {
-                let name = chain["name"].as_str().unwrap_or("?");
+                let name = chain_name(chain, "name");
                 out.push((
                     format!("policy:{name}"),
                     format!("chain {name}: policy drop becomes accept"),
@@ -279,7 +295,8 @@ fn apply(doc: &mut Value, id: &str) -> bool {
     match parts.as_slice() {
         ["delete", chain, rid] => {
             list.retain(|cmd| {
-                let hit = added(cmd, "rule").is_some_and(|r| r["chain"] == *chain && rule_id(r) == *rid);
+                let hit = added(cmd, "rule")
+                    .is_some_and(|r| chain_name(r, "chain") == *chain && rule_id(r) == *rid);
                 changed |= hit;
                 !hit
             });
@@ -289,7 +306,8 @@ fn apply(doc: &mut Value, id: &str) -> bool {
                 return false;
             };
             for cmd in list.iter_mut() {
-                let hit = added(cmd, "rule").is_some_and(|r| r["chain"] == *chain && rule_id(r) == *rid);
+                let hit = added(cmd, "rule")
+                    .is_some_and(|r| chain_name(r, "chain") == *chain && rule_id(r) == *rid);
                 if !hit {
                     continue;
                 }
@@ -309,7 +327,7 @@ fn apply(doc: &mut Value, id: &str) -> bool {
         }
         ["policy", name] => {
             for cmd in list.iter_mut() {
-                if added(cmd, "chain").is_some_and(|c| c["name"] == *name) {
+                if added(cmd, "chain").is_some_and(|c| chain_name(c, "name") == *name) {
                     cmd["add"]["chain"]["policy"] = Value::from("accept");
                     changed = true;
                 }

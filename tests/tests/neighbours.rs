@@ -1,0 +1,440 @@
+//! What a hostile neighbour on the physical link can and cannot do during a
+//! session, and what may cross that link besides the tunnel: replies
+//! spoofed onto the session's own flows, ICMPv6 from off the link or that
+//! is not neighbour discovery, and neighbour discovery sent past the link.
+//! The router namespace plays the neighbour (it is the client's next hop);
+//! raw ICMPv6 sockets (`labhost icmp6-send`, `icmp6-sink`) send and catch
+//! the crafted messages. These are the cases `scripts/mutants` found no
+//! test for (docs/mutants.md). Run as root after `cargo build --workspace`.
+
+use std::time::Duration;
+
+use lab::{addr, wait_until, Lab, LabChild, Ns};
+
+/// How long a wait may take before the test gives up: generous, since the
+/// lab shares its machine (a deadline costs nothing when the event comes).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long the application's flows wait for a reply: long enough that
+/// the spoofed replies arrive while they still wait, whatever the load.
+const APP_WAIT_MS: &str = "12000";
+
+fn lab() -> Lab {
+    Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
+}
+
+fn labhost(lab: &Lab) -> String {
+    lab.labhost_path().to_string_lossy().into_owned()
+}
+
+fn wait_ready(child: &LabChild, what: &str) {
+    wait_until(DEADLINE, what, || child.log().contains("ready"))
+        .unwrap_or_else(|e| panic!("{e:#}: {}", child.log()));
+}
+
+/// The packets counter of the lab's own nft table `table` in `ns` (the
+/// sum over its rules).
+fn counted(lab: &Lab, ns: Ns, family: &str, table: &str) -> u64 {
+    let listing = lab
+        .exec_ok(ns, &["nft", "-j", "list", "table", family, table])
+        .expect("list the lab's counting table");
+    let doc: serde_json::Value = serde_json::from_str(&listing).expect("nft -j output");
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("rule")?.get("expr")?.as_array())
+        .flatten()
+        .filter_map(|st| st.get("counter")?.get("packets")?.as_u64())
+        .sum()
+}
+
+/// The tunnel's fwmark (`ip rule` shows it during a session): it means
+/// "bypass the tunnel".
+const TUNNEL_FWMARK: &str = "0x5347";
+
+/// The tunnel's address ports the client's flows use (one per far end).
+const TO_ALLOWED_NET_V4: u16 = 41301;
+const TO_ANSWERED_NAME_V4: u16 = 41302;
+const TO_ALLOWED_V6: u16 = 41303;
+
+/// Replies spoofed onto the session's own flows, arriving on the physical
+/// interface, must not reach the application: a neighbour (or anyone who
+/// can put packets on the link) that guesses a flow of the call must not
+/// be able to inject into it. The client has UDP flows through the tunnel
+/// to far ends on port 51820 (the tunnel endpoint's port) that never
+/// answer: one to an allowed network (203.0.113.20, by address), one to an
+/// answered name (meet.test, 203.0.113.10), one over IPv6 (2001:db8:203::10,
+/// by address and by name). The router then sends each flow a reply from
+/// its far end's address and port, straight to the tunnel's address on the
+/// client's link. A lab table in the client counts their arrival on the
+/// link, so each was really tried; reverse-path filtering is off in the
+/// client, as it is by default, so the kill switch alone has to refuse
+/// them.
+#[test]
+fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
+    let lab = lab();
+    let files = lab
+        .write_profile("lab", |t| {
+            t.replace("udp = [10000]", "udp = [10000, 51820]").replace(
+                "[options]",
+                &format!(
+                    "[[allow]]\nhost = \"{}\"\nudp = [51820]\n\n\
+                     [[allow]]\nhost = \"2001:db8:203::/123\"\nudp = [51820]\n\n[options]",
+                    addr::OTHER_V4
+                ),
+            )
+        })
+        .expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+
+    lab.exec_ok(
+        Ns::Client,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.all.rp_filter=0",
+            &format!("net.ipv4.conf.{}.rp_filter=0", addr::CLIENT_IF),
+        ],
+    )
+    .expect("reverse-path filtering off in the client");
+    // Counts the spoofed replies where they reach the client (before any
+    // filter): proof that each was tried.
+    let ports = format!("{TO_ALLOWED_NET_V4}, {TO_ANSWERED_NAME_V4}, {TO_ALLOWED_V6}");
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labspoofseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{}\" udp sport 51820 udp dport {{ {ports} }} counter\n }}\n}}\n",
+            addr::CLIENT_IF
+        )
+        .as_bytes(),
+    )
+    .expect("count the spoofed replies in the client");
+    // The router reaches the tunnel's addresses through the client, and
+    // gives its own datagrams the far ends' addresses.
+    lab.ip_batch(
+        Ns::Router,
+        &[
+            format!(
+                "route add {}/32 via {} dev {}",
+                addr::DAEMON_TUN_V4,
+                addr::CLIENT_V4,
+                addr::ROUTER_CLIENT_IF
+            ),
+            format!(
+                "route add {}/128 via {} dev {}",
+                addr::DAEMON_TUN_V6,
+                addr::CLIENT_V6,
+                addr::ROUTER_CLIENT_IF
+            ),
+        ],
+    )
+    .expect("routes to the tunnel's addresses");
+    lab.exec_stdin(
+        Ns::Router,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n  \
+             ip daddr {tun4} udp dport {TO_ALLOWED_NET_V4} snat ip to {other4}\n  \
+             ip daddr {tun4} udp dport {TO_ANSWERED_NAME_V4} snat ip to {host4}\n  \
+             ip6 daddr {tun6} udp dport {TO_ALLOWED_V6} snat ip6 to {host6}\n }}\n}}\n",
+            tun4 = addr::DAEMON_TUN_V4,
+            tun6 = addr::DAEMON_TUN_V6,
+            other4 = addr::OTHER_V4,
+            host4 = addr::HOST_V4,
+            host6 = addr::HOST_V6,
+        )
+        .as_bytes(),
+    )
+    .expect("the router's spoofing table");
+
+    // The far ends listen and never answer (no ICMP error either).
+    let host = labhost(&lab);
+    let far_ends = lab
+        .spawn(Ns::Host, &[&host, "sink", "--udp", "51820"])
+        .expect("start the far ends' sink");
+    wait_ready(&far_ends, "the far ends' sink ready");
+    // meet.test answered through the session's DNS: its addresses join the
+    // answered sets.
+    for qtype in ["A", "AAAA"] {
+        lab.dns_query(Ns::Client, addr::GATEWAY_TUN_V4, addr::MEET_NAME, qtype)
+            .unwrap_or_else(|e| panic!("{} {qtype}: {e}", addr::MEET_NAME));
+    }
+
+    let flows = [
+        (addr::OTHER_V4, TO_ALLOWED_NET_V4, addr::DAEMON_TUN_V4),
+        (addr::HOST_V4, TO_ANSWERED_NAME_V4, addr::DAEMON_TUN_V4),
+        (addr::HOST_V6, TO_ALLOWED_V6, addr::DAEMON_TUN_V6),
+    ];
+    let apps: Vec<LabChild> = flows
+        .iter()
+        .map(|(far_end, sport, _)| {
+            lab.spawn(
+                Ns::Client,
+                &[
+                    &host,
+                    "probe-udp",
+                    far_end,
+                    "51820",
+                    "--sport",
+                    &sport.to_string(),
+                    "--payload",
+                    "call",
+                    "--timeout-ms",
+                    APP_WAIT_MS,
+                ],
+            )
+            .expect("start the application's flow")
+        })
+        .collect();
+    wait_until(DEADLINE, "every flow at its far end, through the tunnel", || {
+        far_ends.log().lines().filter(|l| l.ends_with("-> 51820")).count() >= flows.len()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", far_ends.log()));
+
+    for (_, sport, tunnel_address) in flows {
+        // Sent from the far end's port; the router's table puts the far
+        // end's address on it. Nothing answers it.
+        let _ = lab.probe_udp_crafted(
+            Ns::Router,
+            tunnel_address,
+            sport,
+            addr::WG_PORT,
+            None,
+            Duration::from_millis(100),
+        );
+    }
+    wait_until(DEADLINE, "the spoofed replies at the client's link", || {
+        counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64
+    })
+    .expect("the router's spoofed replies reach the client");
+    for (app, (far_end, sport, _)) in apps.iter().zip(flows) {
+        // Had it given up before the spoofed reply came, this test would
+        // prove nothing.
+        assert!(
+            app.is_running() || !app.log().contains("no reply"),
+            "the application on port {sport} stopped waiting before the reply spoofed as {far_end} came: {}",
+            app.log()
+        );
+    }
+    for (app, (far_end, sport, _)) in apps.iter().zip(flows) {
+        app.wait_exit(DEADLINE).expect("the application's probe ends");
+        assert!(
+            app.log().contains("no reply"),
+            "a reply spoofed as {far_end}:51820 reached the application on port {sport}: {}",
+            app.log()
+        );
+    }
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// ICMPv6 gets in during a session only as neighbour discovery from the
+/// link itself (hop limit 255: a router never forwards that unchanged):
+/// a neighbour solicitation from the router arrives (without it the
+/// client's IPv6 neighbours go stale); the same message from the internet
+/// host (forwarded, so hop limit 254 on arrival) and an echo request from
+/// the router with hop limit 255 do not. A raw ICMPv6 socket in the client
+/// sees whatever arrives. After stop the refused ones arrive: the tries
+/// were real, and along the same path, so they show when they would have.
+#[test]
+fn icmpv6_gets_in_only_as_neighbour_discovery_from_the_link() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    let host = labhost(&lab);
+    let sink = lab
+        .spawn(Ns::Client, &[&host, "icmp6-sink"])
+        .expect("start the ICMPv6 sink");
+    wait_ready(&sink, "the ICMPv6 sink ready");
+    let send = |ns: Ns, kind: &str| {
+        lab.exec_ok(
+            ns,
+            &[&host, "icmp6-send", addr::CLIENT_V6, kind, "--hop-limit", "255"],
+        )
+        .unwrap_or_else(|e| panic!("icmp6-send {kind} from {ns:?}: {e:#}"));
+    };
+    let arrived = |line: &str| sink.log().lines().filter(|l| *l == line).count();
+    let off_link_solicitation = format!("icmp6 type=135 from {}", addr::HOST_V6);
+    let on_link_echo = format!("icmp6 type=128 from {}", addr::ROUTER_CLIENT_V6);
+    let on_link_solicitation = format!("icmp6 type=135 from {}", addr::ROUTER_CLIENT_V6);
+
+    send(Ns::Host, "135");
+    send(Ns::Router, "128");
+    send(Ns::Router, "135");
+    wait_until(
+        DEADLINE,
+        "the router's neighbour solicitation in the client",
+        || arrived(&on_link_solicitation) == 1,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
+    lab.assert_no_leaks();
+
+    // (After stop the client answers the echo request, which the meter
+    // counts: no longer a leak, so it is not asked again.)
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    let during = sink.log();
+    send(Ns::Host, "135");
+    send(Ns::Router, "128");
+    wait_until(DEADLINE, "both refused messages in the client after stop", || {
+        arrived(&off_link_solicitation) >= 1 && arrived(&on_link_echo) >= 1
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
+    let got_in: Vec<&str> = during
+        .lines()
+        .filter(|l| *l != "ready" && *l != on_link_solicitation)
+        .collect();
+    assert_eq!(
+        got_in,
+        Vec::<&str>::new(),
+        "ICMPv6 from off the link, or not neighbour discovery, got in during the session"
+    );
+}
+
+/// Neighbour discovery goes out during a session only to the link: a
+/// neighbour solicitation to the router arrives, one to the internet host
+/// does not, whatever its hop limit (a router forwards a hop limit 255
+/// message like any other, so a process with a raw socket could otherwise
+/// reach any IPv6 host outside the tunnel, and the leak meters do not count
+/// neighbour discovery). After stop the same messages arrive, along the
+/// same path.
+#[test]
+fn neighbour_discovery_goes_out_only_to_the_link() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    let host = labhost(&lab);
+    let sinks: Vec<LabChild> = [Ns::Router, Ns::Host]
+        .into_iter()
+        .map(|ns| {
+            let sink = lab
+                .spawn(ns, &[&host, "icmp6-sink"])
+                .expect("start an ICMPv6 sink");
+            wait_ready(&sink, "an ICMPv6 sink ready");
+            sink
+        })
+        .collect();
+    let (router, internet) = (&sinks[0], &sinks[1]);
+    // With the tunnel's fwmark (what root may set) the message is routed
+    // out of the physical link, not into the tunnel.
+    let send = |to: &str, hop_limit: &str| {
+        // Refused at the client or not: the sinks tell.
+        let _ = lab.exec(
+            Ns::Client,
+            &[
+                &host,
+                "icmp6-send",
+                to,
+                "135",
+                "--hop-limit",
+                hop_limit,
+                "--mark",
+                TUNNEL_FWMARK,
+            ],
+        );
+    };
+    let from_client = format!("icmp6 type=135 from {}", addr::CLIENT_V6);
+    let arrived = |sink: &LabChild| sink.log().lines().filter(|l| *l == from_client).count();
+
+    send(addr::HOST_V6, "255");
+    send(addr::HOST_V6, "64");
+    send(addr::ROUTER_CLIENT_V6, "255");
+    wait_until(
+        DEADLINE,
+        "the client's neighbour solicitation at the router",
+        || arrived(router) == 1,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", router.log()));
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    let during = arrived(internet);
+    send(addr::HOST_V6, "255");
+    wait_until(
+        DEADLINE,
+        "the same solicitation at the internet host after stop",
+        || arrived(internet) > during,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", internet.log()));
+    assert_eq!(
+        during,
+        0,
+        "neighbour solicitations reached the internet host during the session: {}",
+        internet.log()
+    );
+    lab.assert_no_leaks();
+}
+
+/// A DHCP server on the link still answers during a session: a machine
+/// must keep or get its lease while the kill switch is on (a lease that
+/// cannot be renewed takes the whole network away, call included). A real
+/// dnsmasq serves DHCP on the router's side of the link; the client sends
+/// what a DHCP client sends first, a broadcast DHCPDISCOVER out of its
+/// physical interface, and gets the server's DHCPOFFER back.
+#[test]
+fn a_dhcp_server_on_the_link_still_answers_during_a_session() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let leases = lab.tmp_dir().join("dhcp.leases");
+    let server = lab
+        .spawn_named(
+            Ns::Router,
+            "dnsmasq-dhcp",
+            &[
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--port=0",
+                &format!("--interface={}", addr::ROUTER_CLIENT_IF),
+                "--bind-interfaces",
+                "--dhcp-range=192.0.2.40,192.0.2.50,255.255.255.192,2m",
+                &format!("--dhcp-leasefile={}", leases.display()),
+                "--pid-file=",
+                "--user=root",
+                "--group=root",
+                "--log-dhcp",
+            ],
+        )
+        .expect("start dnsmasq as the link's DHCP server");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    lab.assert_no_leaks();
+
+    let host = labhost(&lab);
+    // The server may still be starting: ask until it answers (each ask
+    // waits a second for its offer).
+    let mut last = String::new();
+    let offer = wait_until(DEADLINE, "a DHCP offer during the session", || {
+        let out = lab
+            .exec(
+                Ns::Client,
+                &[&host, "dhcp-discover", addr::CLIENT_IF, "--timeout-ms", "1000"],
+            )
+            .expect("run dhcp-discover");
+        last = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        out.status.success() || !server.is_running()
+    });
+    // `offer ADDRESS from SERVER`, the address from the server's range.
+    let offered: Option<std::net::Ipv4Addr> = last.split_whitespace().nth(1).and_then(|a| a.parse().ok());
+    assert!(
+        offer.is_ok()
+            && offered.is_some_and(|a| (40..=50).contains(&a.octets()[3]))
+            && last.ends_with(&format!("from {}", addr::ROUTER_CLIENT_V4)),
+        "no DHCP offer from the link's server during the session: {last}\n{}",
+        server.log()
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
