@@ -22,6 +22,7 @@ pub mod resolvconf;
 pub mod routing;
 pub mod server;
 pub mod session;
+pub mod sleep;
 pub mod store;
 pub mod trust;
 pub mod tunnel;

@@ -107,6 +107,10 @@ pub struct TunnelStats {
     /// refuses them first, so this stays 0 unless the table was tampered
     /// with).
     pub refused_packets: u64,
+    /// How often the way out to the endpoint changed (a new address or
+    /// default route: Wi-Fi to Ethernet, a new lease) and the tunnel
+    /// handshook again from there.
+    pub path_changes: u64,
 }
 
 /// Counters the packet task updates and `status` reads, without a lock.
@@ -117,12 +121,25 @@ struct Shared {
     /// When the peer was last heard, in milliseconds since `started`.
     last_rx_ms: AtomicU64,
     started: Instant,
+    path_changes: AtomicU64,
+    /// When a handshake was last forced (a network change, a request) and
+    /// when the peer last answered one of ours, in milliseconds since
+    /// `started` plus one (0: never).
+    forced_ms: AtomicU64,
+    answered_ms: AtomicU64,
+    /// Asks the packet task for a fresh handshake at once (after a resume
+    /// from sleep the peer may have forgotten the session).
+    rehandshake: tokio::sync::Notify,
 }
 
 impl Shared {
     fn mark_heard(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_rx_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
     }
 }
 
@@ -190,6 +207,10 @@ impl Tunnel {
             tx_bytes: AtomicU64::new(0),
             last_rx_ms: AtomicU64::new(0),
             started: Instant::now(),
+            path_changes: AtomicU64::new(0),
+            forced_ms: AtomicU64::new(0),
+            answered_ms: AtomicU64::new(0),
+            rehandshake: tokio::sync::Notify::new(),
         });
         let (handshake_tx, handshake_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -201,6 +222,8 @@ impl Tunnel {
             udp,
             udp_state,
             endpoint: config.endpoint,
+            fwmark: config.fwmark,
+            path: way_out(config.endpoint, config.fwmark),
             shared: shared.clone(),
             handshake: handshake_tx,
             last_rx: Instant::now(),
@@ -274,7 +297,27 @@ impl TunnelMonitor {
             tx_bytes,
             peer_reachable: keys_valid && heard_lately,
             refused_packets: self.filter.refused(),
+            path_changes: self.shared.path_changes.load(Ordering::Relaxed),
         }
+    }
+
+    /// Sends a fresh handshake initiation now, whatever the timers think
+    /// of the current keys (the session machine asks after a resume).
+    pub fn rehandshake(&self) {
+        // Marked here, not when the packet task gets to it, so an answer
+        // to an earlier handshake cannot count as the answer to this one.
+        self.shared
+            .forced_ms
+            .store(self.shared.now_ms(), Ordering::Relaxed);
+        self.shared.rehandshake.notify_one();
+    }
+
+    /// How long after the last forced handshake (a network change, a
+    /// [`rehandshake`](Self::rehandshake)) the peer answered, once it has.
+    pub fn rehandshake_answered(&self) -> Option<Duration> {
+        let forced = self.shared.forced_ms.load(Ordering::Relaxed);
+        let answered = self.shared.answered_ms.load(Ordering::Relaxed);
+        (answered >= forced && answered > 0).then(|| Duration::from_millis(answered - forced))
     }
 
     pub fn interface(&self) -> &str {
@@ -373,6 +416,10 @@ struct Driver {
     /// Batched sends (UDP GSO) and receives (recvmmsg, UDP GRO) on `udp`.
     udp_state: quinn_udp::UdpSocketState,
     endpoint: SocketAddr,
+    fwmark: u32,
+    /// The source address the kernel picks for the endpoint now (`None`:
+    /// no route); a change means the machine moved to another network.
+    path: Option<IpAddr>,
     shared: Arc<Shared>,
     handshake: watch::Sender<Option<Instant>>,
     last_rx: Instant,
@@ -527,6 +574,7 @@ impl Driver {
         self.send_initiation(&mut buf.timer).await;
         // The cover envelope's sender asks for decoys through this.
         let cover: Option<Arc<CoverShared>> = self.cover.as_ref().map(CoverSender::shared);
+        let shared = self.shared.clone();
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -543,6 +591,10 @@ impl Driver {
                     Err(e) => tracing::debug!("receiving from the endpoint failed: {e}"),
                 },
                 _ = timer.tick() => self.on_timer(&mut buf.timer).await,
+                _ = shared.rehandshake.notified() => {
+                    tracing::info!("handshaking again with {} on request", self.endpoint);
+                    self.send_initiation(&mut buf.timer).await;
+                }
                 _ = decoys_low(cover.as_deref()) => self.make_decoys(buf.wire_len).await,
             }
         }
@@ -751,6 +803,12 @@ impl Driver {
                     Decrypted::Rejected => continue,
                 }
                 handshake_seen |= matches!(datagram.first(), Some(1 | 2));
+                if datagram.first() == Some(&2) {
+                    // An authentic answer to one of our initiations.
+                    self.shared
+                        .answered_ms
+                        .store(self.shared.now_ms(), Ordering::Relaxed);
+                }
                 if pending == buf.to_tun.len() {
                     self.write_to_device(&mut buf.to_tun[..pending], &mut buf.gro)
                         .await;
@@ -806,6 +864,7 @@ impl Driver {
     }
 
     async fn on_timer(&mut self, dst: &mut [u8]) {
+        self.follow_path(dst).await;
         match self.tunn.update_timers(dst) {
             // A keepalive (an empty data packet) would stand out of the
             // cover envelope by its size; the envelope's decoys already
@@ -857,6 +916,33 @@ impl Driver {
                 refused - self.refused_logged
             );
             self.refused_logged = refused;
+        }
+    }
+
+    /// Roaming: when the source address towards the endpoint changes (the
+    /// default route moved, the old address went away), handshake again at
+    /// once from the new one instead of waiting out WireGuard's timers. The
+    /// socket is unconnected, so the kernel already sends from the new
+    /// address; the handshake makes the gateway learn it and proves the
+    /// path. The endpoint is an address: nothing is looked up here.
+    async fn follow_path(&mut self, dst: &mut [u8]) {
+        let now = way_out(self.endpoint, self.fwmark);
+        if now == self.path {
+            return;
+        }
+        let before = std::mem::replace(&mut self.path, now);
+        if now.is_some() {
+            tracing::info!(
+                "the way to {} changed (from {} to {}); handshaking again",
+                self.endpoint,
+                before.map_or("no route".to_string(), |a| a.to_string()),
+                now.map_or("no route".to_string(), |a| a.to_string()),
+            );
+            self.shared.path_changes.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .forced_ms
+                .store(self.shared.now_ms(), Ordering::Relaxed);
+            self.send_initiation(dst).await;
         }
     }
 
@@ -941,6 +1027,20 @@ fn is_device_gone(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EBADF | libc::EBADFD | libc::ENODEV | libc::EIO)
     )
+}
+
+/// The source address the kernel would use for the tunnel's own (marked)
+/// datagrams to `endpoint` now, or `None` without a route: a UDP socket
+/// `connect` is a route lookup and sends nothing.
+fn way_out(endpoint: SocketAddr, fwmark: u32) -> Option<IpAddr> {
+    let bind: SocketAddr = match endpoint.ip() {
+        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let probe = std::net::UdpSocket::bind(bind).ok()?;
+    nix::sys::socket::setsockopt(&probe, nix::sys::socket::sockopt::Mark, &fwmark).ok()?;
+    probe.connect(endpoint).ok()?;
+    probe.local_addr().ok().map(|a| a.ip())
 }
 
 /// Sends one datagram; returns whether the kernel took it.

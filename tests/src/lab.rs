@@ -78,6 +78,14 @@ pub mod addr {
     pub const SECOND_DAEMON_TUN_V4: &str = "192.0.2.67";
     pub const SECOND_DAEMON_TUN_V6: &str = "2001:db8:66::3";
     pub const ROUTER_CLIENT_IF: &str = "r2c";
+    /// The roaming link (see `Lab::add_roaming_link`): another network the
+    /// client can move to, behind another router port and subnet.
+    pub const ROAM_CLIENT_IF: &str = "c2r2";
+    pub const ROUTER_ROAM_IF: &str = "r2c2";
+    pub const ROAM_CLIENT_V4: &str = "192.0.2.194";
+    pub const ROUTER_ROAM_V4: &str = "192.0.2.193";
+    pub const ROAM_CLIENT_V6: &str = "2001:db8:3::2";
+    pub const ROUTER_ROAM_V6: &str = "2001:db8:3::1";
     pub const ROUTER_GATEWAY_IF: &str = "r2g";
     pub const ROUTER_HOST_IF: &str = "r2h";
     pub const GATEWAY_IF: &str = "g2r";
@@ -557,6 +565,48 @@ impl Lab {
         let file = dir.join("resolv.conf");
         std::fs::write(&file, format!("nameserver {}\n", addr::PUBLIC_DNS_V4))
             .with_context(|| format!("writing {}", file.display()))?;
+        Ok(())
+    }
+
+    /// Adds a second link from the client to the router, on another subnet
+    /// (192.0.2.192/26, 2001:db8:3::/64), up and addressed on both ends but
+    /// with no default route through it yet: the network a roaming test
+    /// moves to. The outside leak meter watches it too. Removed with the
+    /// namespaces on Drop.
+    pub fn add_roaming_link(&self) -> Result<()> {
+        use addr::*;
+        util::run(&[
+            "ip",
+            "-n",
+            self.ns_name(Ns::Client),
+            "link",
+            "add",
+            ROAM_CLIENT_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ROUTER_ROAM_IF,
+            "netns",
+            self.ns_name(Ns::Router),
+        ])?;
+        self.watch_router_link(ROUTER_ROAM_IF)?;
+        self.ip_batch(
+            Ns::Router,
+            &[
+                format!("link set {ROUTER_ROAM_IF} up"),
+                format!("addr add {ROUTER_ROAM_V4}/26 dev {ROUTER_ROAM_IF}"),
+                format!("addr add {ROUTER_ROAM_V6}/64 dev {ROUTER_ROAM_IF} nodad"),
+            ],
+        )?;
+        self.ip_batch(
+            Ns::Client,
+            &[
+                format!("link set {ROAM_CLIENT_IF} up"),
+                format!("addr add {ROAM_CLIENT_V4}/26 dev {ROAM_CLIENT_IF}"),
+                format!("addr add {ROAM_CLIENT_V6}/64 dev {ROAM_CLIENT_IF} nodad"),
+            ],
+        )?;
         Ok(())
     }
 

@@ -259,14 +259,20 @@ impl Lab {
     /// Makes the outside meter count what arrives from the second client's
     /// link as well (`Lab::add_second_client`).
     pub(crate) fn watch_second_client_link(&self) -> Result<()> {
-        let link = addr::ROUTER_SECOND_CLIENT_IF;
+        self.watch_router_link(addr::ROUTER_SECOND_CLIENT_IF)
+            .context("making the leak meter watch the second client")
+    }
+
+    /// Makes the outside meter watch another of the router's links to a
+    /// client (the second client's, the roaming link).
+    pub(crate) fn watch_router_link(&self, link: &str) -> Result<()> {
         let script = format!(
             "add rule inet {TABLE} watch_input iifname \"{link}\" jump check\n\
              add rule inet {TABLE} watch_forward iifname \"{link}\" jump check\n\
              add rule inet {TABLE} watch_link_local iifname \"{link}\" pkttype {{ broadcast, multicast }} jump check\n"
         );
         self.exec_stdin(Ns::Router, &["nft", "-f", "-"], script.as_bytes())
-            .context("making the leak meter watch the second client")?;
+            .with_context(|| format!("making the leak meter watch {link}"))?;
         Ok(())
     }
 

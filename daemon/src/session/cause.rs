@@ -32,6 +32,12 @@ pub enum Cause {
     /// The peer stopped answering; the tunnel retries and the session comes
     /// back by itself when it answers.
     PeerLost,
+    /// The way to the gateway changed (another network, address or default
+    /// route); the tunnel handshakes again from the new address.
+    NetworkChanged,
+    /// The machine woke from sleep; the gateway may have dropped the
+    /// session's keys, so the tunnel handshakes again at once.
+    ResumedFromSleep,
     /// No handshake within the profile's timeout at start.
     NoHandshake,
     /// A step of the start failed after the lockdown went up.
@@ -54,9 +60,18 @@ impl Cause {
     /// Whether the session gets out of this by itself (the tunnel retries),
     /// rather than only through `sessionctl stop`.
     pub fn clears_by_itself(&self) -> bool {
-        matches!(self, Cause::Resuming | Cause::PeerLost)
+        matches!(
+            self,
+            Cause::Resuming | Cause::PeerLost | Cause::NetworkChanged | Cause::ResumedFromSleep
+        )
     }
 }
+
+/// `status`'s sentence while the tunnel handshakes again after a network
+/// change.
+pub const NETWORK_CHANGED: &str = "the network changed; the tunnel is handshaking again from the new address and traffic stays blocked until it answers (nothing to do)";
+/// `status`'s sentence while the tunnel handshakes again after a resume.
+pub const RESUMED_FROM_SLEEP: &str = "the computer woke from sleep; the tunnel is handshaking again with the gateway and traffic stays blocked until it answers (nothing to do)";
 
 #[cfg(test)]
 mod tests {
@@ -76,6 +91,11 @@ mod tests {
             serde_json::json!({"reason": "peer_lost"})
         );
         assert!(Cause::PeerLost.clears_by_itself());
+        assert!(Cause::NetworkChanged.clears_by_itself());
+        assert_eq!(
+            serde_json::to_value(Cause::ResumedFromSleep).expect("encode"),
+            serde_json::json!({"reason": "resumed_from_sleep"})
+        );
         assert!(!Cause::ReloadFailed.clears_by_itself());
     }
 }

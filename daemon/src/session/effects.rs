@@ -36,6 +36,11 @@ pub trait TunnelView: Send + Sync {
     fn stats(&self) -> TunnelStats;
     /// Resolves once the tunnel has had its first handshake.
     fn handshake_done(&self) -> BoxFuture<'static, ()>;
+    /// Asks the tunnel for a fresh handshake at once.
+    fn rehandshake(&self);
+    /// How long after the last forced handshake (asked for, or after a
+    /// network change) the peer answered, once it has.
+    fn rehandshake_answered(&self) -> Option<Duration>;
 }
 
 /// Every side effect the session machine has. Errors are one sentence.
@@ -113,6 +118,14 @@ pub trait Effects {
 impl TunnelView for TunnelMonitor {
     fn stats(&self) -> TunnelStats {
         TunnelMonitor::stats(self)
+    }
+
+    fn rehandshake(&self) {
+        TunnelMonitor::rehandshake(self)
+    }
+
+    fn rehandshake_answered(&self) -> Option<Duration> {
+        TunnelMonitor::rehandshake_answered(self)
     }
 
     fn handshake_done(&self) -> BoxFuture<'static, ()> {

@@ -53,7 +53,7 @@ pub use status::{AllowedHost, Phase, Snapshot, StatusReport};
 use crate::firewall::{self, Allowlist};
 use crate::profile::Profile;
 use crate::store::SessionStore;
-use crate::verify;
+use crate::{sleep, verify};
 use stage::{Locked, Stage, Task};
 
 /// How often the health check looks at the tunnel.
@@ -305,6 +305,9 @@ impl<E: Effects> SessionMachine<E> {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut health = tokio::time::interval(HEALTH_INTERVAL);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut clocks = sleep::ClockWatch::new(sleep::system_clocks);
+        let (woke_tx, mut woke) = mpsc::unbounded_channel();
+        sleep::listen_for_resume(woke_tx);
         loop {
             tokio::select! {
                 _ = crate::shutdown_requested(&mut shutdown) => break,
@@ -314,7 +317,14 @@ impl<E: Effects> SessionMachine<E> {
                 },
                 Some(event) = self.events.recv() => self.on_event(event).await,
                 _ = self.ctx.effects.firewall_changed() => self.on_firewall_changed().await,
+                Some(()) = woke.recv() => self.on_resumed("logind says the computer woke from sleep"),
                 _ = health.tick() => {
+                    if let Some(slept) = clocks.slept() {
+                        self.on_resumed(&format!(
+                            "the clocks say the computer slept for about {} s",
+                            slept.as_secs()
+                        ));
+                    }
                     // systemd's watchdog: the state machine is alive and
                     // looking after the tunnel.
                     ping_watchdog();
@@ -427,10 +437,31 @@ impl<E: Effects> SessionMachine<E> {
         }
     }
 
+    /// The computer woke from sleep: the gateway may have dropped the
+    /// session's keys while the tunnel's timers stood still, so the tunnel
+    /// handshakes again at once instead of after its timers notice.
+    pub(crate) fn on_resumed(&mut self, how: &str) {
+        let Some(view) = self.stage.locked().map(|locked| locked.view.clone()) else {
+            return;
+        };
+        tracing::info!("{how}; handshaking again");
+        match &mut self.stage {
+            Stage::Open(open) if open.opening.is_none() => {
+                open::handshake_again(open, Cause::ResumedFromSleep)
+            }
+            _ => {
+                if let Some(view) = view {
+                    view.rehandshake();
+                }
+            }
+        }
+        self.ctx.publish_stage(&self.stage);
+    }
+
     pub(crate) async fn on_health(&mut self) {
         let stage = std::mem::take(&mut self.stage);
         self.stage = match stage {
-            Stage::Open(o) => open::on_health(o),
+            Stage::Open(o) => open::on_health(&mut self.ctx, o),
             Stage::Blocked(b) => blocked::on_health(&mut self.ctx, b).await,
             other => other,
         };

@@ -18,7 +18,7 @@ use futures::FutureExt;
 use super::cause::{Cause, Step};
 use super::effects::Effects;
 use super::idle::fail;
-use super::stage::{allowlist_of, stays_locked, Blocked, Locked, Open, Stage, Task, Waiter};
+use super::stage::{allowlist_of, stays_locked, Blocked, Locked, Open, Recovering, Stage, Task, Waiter};
 use super::status::{allowed_hosts, AllowSink};
 use super::{answer, Ctx, Event, Outcome};
 use crate::profile::Profile;
@@ -81,12 +81,15 @@ pub(crate) async fn open_allowlist<E: Effects>(
             &message,
         );
     }
+    let path_changes_seen = locked.view.as_ref().map_or(0, |v| v.stats().path_changes);
     let mut open = Open {
         locked,
         stub: Arc::new(stub),
         resolving: None,
         opening: Some(waiter),
         peer_lost: None,
+        recovering: None,
+        path_changes_seen,
     };
     open.resolve(ctx);
     Stage::Open(open)
@@ -157,15 +160,50 @@ async fn close<E: Effects>(ctx: &mut Ctx<E>, open: Open<E>) -> Locked<E> {
     locked
 }
 
-/// Active ⇄ degraded as the peer comes and goes. While degraded the
+/// The tunnel is asked for a fresh handshake (`cause`: a resume from
+/// sleep); the session is degraded with that cause until it answers.
+pub(crate) fn handshake_again<E: Effects>(open: &mut Open<E>, cause: Cause) {
+    if let Some(view) = &open.locked.view {
+        view.rehandshake();
+    }
+    open.recovering = Some(Recovering { cause });
+}
+
+/// Active ⇄ degraded as the peer comes and goes, and while the tunnel
+/// handshakes again after a network change or a resume. While degraded the
 /// allowlist stays as it is: traffic has nowhere to go but the tunnel.
-pub(crate) fn on_health<E: Effects>(mut open: Open<E>) -> Stage<E> {
+pub(crate) fn on_health<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>) -> Stage<E> {
+    let Some(view) = open.locked.view.clone() else {
+        return Stage::Open(open);
+    };
+    let stats = view.stats();
+    if stats.path_changes > open.path_changes_seen {
+        // The tunnel has already sent the new handshake from the new
+        // address; the session says so until it is answered.
+        open.path_changes_seen = stats.path_changes;
+        open.recovering = Some(Recovering {
+            cause: Cause::NetworkChanged,
+        });
+    }
+    if let Some(recovering) = &open.recovering {
+        if let Some(took) = view.rehandshake_answered() {
+            let note = match recovering.cause {
+                Cause::ResumedFromSleep => "after the computer woke from sleep",
+                _ => "after the network changed",
+            };
+            let last_recovery = format!(
+                "{note}, the gateway {} answered a new handshake {} ms after it was sent",
+                stats.endpoint,
+                took.as_millis()
+            );
+            tracing::info!("{last_recovery}");
+            ctx.publish(|s| s.last_recovery = Some(last_recovery));
+            open.recovering = None;
+        }
+    }
     if open.opening.is_some() {
         return Stage::Open(open);
     }
-    let Some(stats) = open.locked.view.as_ref().map(|v| v.stats()) else {
-        return Stage::Open(open);
-    };
     match (&open.peer_lost, stats.peer_reachable) {
         (None, false) => {
             open.peer_lost = Some(match stats.last_handshake_secs {
@@ -241,6 +279,8 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
         resolving,
         opening,
         peer_lost,
+        recovering,
+        path_changes_seen,
     } = open;
     if let Some(task) = resolving {
         task.finish().await;
@@ -287,6 +327,8 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
         resolving: None,
         opening,
         peer_lost,
+        recovering,
+        path_changes_seen,
     };
     open.resolve(ctx);
     Stage::Open(open)

@@ -100,6 +100,25 @@ pub(crate) struct Open<E: Effects> {
     pub opening: Option<Waiter>,
     /// Why the session is degraded while the peer is lost.
     pub peer_lost: Option<String>,
+    /// A network change or a resume the tunnel is handshaking again after.
+    pub recovering: Option<Recovering>,
+    /// The tunnel's count of network changes already looked at.
+    pub path_changes_seen: u64,
+}
+
+/// The tunnel handshakes again (after `cause`); the session is degraded
+/// until the gateway answers that handshake.
+pub(crate) struct Recovering {
+    pub cause: Cause,
+}
+
+impl Recovering {
+    pub fn sentence(&self) -> &'static str {
+        match self.cause {
+            Cause::ResumedFromSleep => super::cause::RESUMED_FROM_SLEEP,
+            _ => super::cause::NETWORK_CHANGED,
+        }
+    }
 }
 
 /// Locked down, with why.
@@ -206,11 +225,18 @@ impl<E: Effects> Stage<E> {
                 Waiter::Client(_) => (Phase::Starting, None, None),
                 Waiter::Resume => resuming(RESUMING),
             },
-            Stage::Open(o) => match (&o.opening, &o.peer_lost) {
-                (Some(Waiter::Client(_)), _) => (Phase::Starting, None, None),
-                (Some(Waiter::Resume), _) => resuming(RESUMING_NAMES),
-                (None, None) => (Phase::Active, None, None),
-                (None, Some(problem)) => (Phase::Degraded, Some(Cause::PeerLost), Some(problem.clone())),
+            Stage::Open(o) => match (&o.opening, &o.recovering, &o.peer_lost) {
+                (Some(Waiter::Client(_)), _, _) => (Phase::Starting, None, None),
+                (Some(Waiter::Resume), _, _) => resuming(RESUMING_NAMES),
+                (None, Some(r), _) => (
+                    Phase::Degraded,
+                    Some(r.cause.clone()),
+                    Some(r.sentence().to_string()),
+                ),
+                (None, None, None) => (Phase::Active, None, None),
+                (None, None, Some(problem)) => {
+                    (Phase::Degraded, Some(Cause::PeerLost), Some(problem.clone()))
+                }
             },
             Stage::Blocked(b) => (Phase::Degraded, Some(b.cause.clone()), Some(b.problem.clone())),
         }

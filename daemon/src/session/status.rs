@@ -59,6 +59,10 @@ pub struct StatusReport {
     pub cause: Option<Cause>,
     /// A profile change that waits for the next start, if any.
     pub pending: Option<String>,
+    /// The last time the tunnel recovered from a network change or a
+    /// resume from sleep, in one sentence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<String>,
 }
 
 /// The state machine's published view; the tunnel's live numbers are read
@@ -71,6 +75,7 @@ pub struct Snapshot {
     pub problem: Option<String>,
     pub cause: Option<Cause>,
     pub pending: Option<String>,
+    pub last_recovery: Option<String>,
     pub tunnel: Option<Arc<dyn TunnelView>>,
 }
 
@@ -83,6 +88,7 @@ impl Snapshot {
             problem: None,
             cause: None,
             pending: None,
+            last_recovery: None,
             tunnel: None,
         }
     }
@@ -96,6 +102,7 @@ impl Snapshot {
             problem: self.problem.clone(),
             cause: self.cause.clone(),
             pending: self.pending.clone(),
+            last_recovery: self.last_recovery.clone(),
         }
     }
 }

@@ -44,7 +44,14 @@ impl TunnelView for FakeView {
             tx_bytes: 0,
             peer_reachable: self.reachable.load(Ordering::SeqCst),
             refused_packets: 0,
+            path_changes: 0,
         }
+    }
+
+    fn rehandshake(&self) {}
+
+    fn rehandshake_answered(&self) -> Option<std::time::Duration> {
+        None
     }
 
     fn handshake_done(&self) -> BoxFuture<'static, ()> {
