@@ -1,8 +1,14 @@
-//! Real networks (issue 17): roaming mid-session. The client moves to
-//! another subnet behind another router port (Wi-Fi to Ethernet, a new
-//! network); the tunnel must handshake again from the new address at once,
-//! leak nothing on the way, and `status` must say what happened.
-//! Run as root after `cargo build --workspace`.
+//! Real networks (issue 17): roaming and sleep mid-session.
+//!
+//! Roaming: the client moves to another subnet behind another router port
+//! (Wi-Fi to Ethernet, a new network); the tunnel must handshake again from
+//! the new address at once, leak nothing on the way, and `status` must say
+//! what happened.
+//!
+//! Sleep: sessiond is frozen while the gateway restarts and forgets the
+//! session (as after a suspend), then thawed and told by a stand-in logind
+//! on a private bus that the machine woke up; traffic must flow again at
+//! once. Run as root after `cargo build --workspace`.
 
 use std::time::{Duration, Instant};
 
@@ -120,6 +126,110 @@ fn moving_to_another_network_handshakes_again_from_the_new_address() {
     );
     wait_until(Duration::from_secs(10), "the session active again", || {
         status_field(&daemon, "state") == "active"
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!("status: {}", status_field(&daemon, "last_recovery"));
+    lab.assert_no_leaks();
+}
+
+/// A stand-in `org.freedesktop.login1` on a private bus (dbus-daemon), able
+/// to announce a wake-up the way logind does.
+struct StandInLogind {
+    runtime: tokio::runtime::Runtime,
+    connection: zbus::Connection,
+}
+
+impl StandInLogind {
+    fn start(address: &str) -> anyhow::Result<StandInLogind> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let connection = runtime.block_on(async {
+            zbus::connection::Builder::address(address)
+                .name("org.freedesktop.login1")
+                .build()
+                .await
+        })?;
+        Ok(StandInLogind { runtime, connection })
+    }
+
+    /// `PrepareForSleep(false)`: the machine has just woken up.
+    fn announce_wake_up(&self) -> anyhow::Result<()> {
+        self.runtime.block_on(self.connection.emit_signal(
+            None::<&str>,
+            "/org/freedesktop/login1",
+            "org.freedesktop.login1.Manager",
+            "PrepareForSleep",
+            &(false,),
+        ))?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_wake_up_after_the_gateway_forgot_the_session_handshakes_again_at_once() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let lab = lab();
+    literal_profile(&lab, "lab");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+
+    // A private bus standing in for the system bus, only for this test.
+    let bus = lab.tmp_dir().join("system_bus");
+    let address = format!("unix:path={}", bus.display());
+    let _dbus = lab
+        .spawn_named(
+            Ns::Client,
+            "dbus-daemon",
+            &[
+                "dbus-daemon",
+                "--session",
+                "--nofork",
+                &format!("--address={address}"),
+            ],
+        )
+        .expect("dbus-daemon (Debian package dbus-daemon)");
+    wait_until(Duration::from_secs(10), "the private bus socket", || bus.exists())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let logind = StandInLogind::start(&address).unwrap_or_else(|e| panic!("stand-in logind: {e:#}"));
+    daemon.set_env(sessiond::sleep::TEST_BUS_ENV, &address);
+    daemon.restart().expect("restart sessiond on the private bus");
+    wait_until(
+        Duration::from_secs(10),
+        "sessiond listening for the sleep signal",
+        || daemon.log().contains("listening for logind's sleep signal"),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+
+    daemon.ctl_ok(&["start", "lab"]).expect("start the session");
+    assert!(
+        host_answers(&lab),
+        "no traffic before the sleep\n{}",
+        daemon.log()
+    );
+    lab.reset_all_leaks().expect("reset leaks");
+
+    // "Suspend": sessiond stands still while the gateway starts over with
+    // the same keys and no session.
+    let pid = Pid::from_raw(daemon.pid().expect("sessiond pid") as i32);
+    kill(pid, Signal::SIGSTOP).expect("freeze sessiond");
+    let restarted = lab.restart_gateway();
+    kill(pid, Signal::SIGCONT).expect("thaw sessiond");
+    let thawed = Instant::now();
+    restarted.expect("restart wireguard-go");
+    logind.announce_wake_up().expect("announce the wake-up");
+
+    wait_until(Duration::from_secs(30), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let flowing = thawed.elapsed();
+    println!("thaw -> traffic to the video host again after {flowing:?}");
+
+    wait_until(Duration::from_secs(10), "status to tell of the wake-up", || {
+        status_field(&daemon, "last_recovery").contains("woke from sleep")
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     println!("status: {}", status_field(&daemon, "last_recovery"));
