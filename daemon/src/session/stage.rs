@@ -228,15 +228,15 @@ impl<E: Effects> Stage<E> {
             Stage::Open(o) => match (&o.opening, &o.recovering, &o.peer_lost) {
                 (Some(Waiter::Client(_)), _, _) => (Phase::Starting, None, None),
                 (Some(Waiter::Resume), _, _) => resuming(RESUMING_NAMES),
-                (None, Some(r), _) => (
+                // A peer lost is the more telling of the two: the handshake
+                // after a change went unanswered too.
+                (None, _, Some(problem)) => (Phase::Degraded, Some(Cause::PeerLost), Some(problem.clone())),
+                (None, Some(r), None) => (
                     Phase::Degraded,
                     Some(r.cause.clone()),
                     Some(r.sentence().to_string()),
                 ),
                 (None, None, None) => (Phase::Active, None, None),
-                (None, None, Some(problem)) => {
-                    (Phase::Degraded, Some(Cause::PeerLost), Some(problem.clone()))
-                }
             },
             Stage::Blocked(b) => (Phase::Degraded, Some(b.cause.clone()), Some(b.problem.clone())),
         }

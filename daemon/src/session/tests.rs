@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -32,6 +32,15 @@ enum Table {
 struct FakeView {
     handshake: watch::Receiver<bool>,
     reachable: Arc<AtomicBool>,
+    roam: Arc<FakeRoam>,
+}
+
+/// What the fake tunnel says of network changes and forced handshakes.
+#[derive(Default)]
+struct FakeRoam {
+    path_changes: AtomicU64,
+    rehandshakes: AtomicU64,
+    answered: AtomicBool,
 }
 
 impl TunnelView for FakeView {
@@ -44,14 +53,20 @@ impl TunnelView for FakeView {
             tx_bytes: 0,
             peer_reachable: self.reachable.load(Ordering::SeqCst),
             refused_packets: 0,
-            path_changes: 0,
+            path_changes: self.roam.path_changes.load(Ordering::SeqCst),
         }
     }
 
-    fn rehandshake(&self) {}
+    fn rehandshake(&self) {
+        self.roam.rehandshakes.fetch_add(1, Ordering::SeqCst);
+        self.roam.answered.store(false, Ordering::SeqCst);
+    }
 
     fn rehandshake_answered(&self) -> Option<std::time::Duration> {
-        None
+        self.roam
+            .answered
+            .load(Ordering::SeqCst)
+            .then_some(std::time::Duration::from_millis(7))
     }
 
     fn handshake_done(&self) -> BoxFuture<'static, ()> {
@@ -72,6 +87,7 @@ struct Recorder {
     handshake_tx: watch::Sender<bool>,
     handshake: watch::Receiver<bool>,
     reachable: Arc<AtomicBool>,
+    roam: Arc<FakeRoam>,
     /// What `load_profile` reads (a reload or a resume).
     on_disk: Option<Profile>,
     persisted: Option<PersistedSession>,
@@ -99,6 +115,7 @@ impl Recorder {
             handshake_tx,
             handshake,
             reachable: Arc::new(AtomicBool::new(false)),
+            roam: Arc::default(),
             on_disk: Some(profile()),
             persisted: None,
             src_valid_mark: "0".into(),
@@ -202,6 +219,7 @@ impl Effects for Recorder {
         Arc::new(FakeView {
             handshake: self.handshake.clone(),
             reachable: self.reachable.clone(),
+            roam: self.roam.clone(),
         })
     }
     fn set_tunnel_allow(&mut self, tunnel: &AllowFilter, allow: Option<&Allowlist>) {
@@ -690,6 +708,59 @@ async fn peer_loss_degrades_and_its_return_recovers() {
     m.ctx.effects.reachable.store(true, Ordering::SeqCst);
     m.on_health().await;
     assert_eq!(phase(&handle), (Phase::Active, None));
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+}
+
+#[tokio::test]
+async fn a_wake_up_forces_a_handshake_and_status_says_why_until_it_is_answered() {
+    let (mut m, handle) = active().await;
+    m.on_resumed("test: woke up");
+    assert_eq!(m.ctx.effects.roam.rehandshakes.load(Ordering::SeqCst), 1);
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::ResumedFromSleep)));
+    assert!(handle
+        .status()
+        .problem
+        .unwrap_or_default()
+        .contains("woke from sleep"));
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::ResumedFromSleep)));
+    m.ctx.effects.roam.answered.store(true, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    let told = handle.status().last_recovery.unwrap_or_default();
+    assert!(
+        told.contains("woke from sleep") && told.contains("7 ms"),
+        "{told}"
+    );
+    // The allowlist stayed as it was throughout.
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+}
+
+#[tokio::test]
+async fn a_network_change_degrades_until_the_new_handshake_is_answered() {
+    let (mut m, handle) = active().await;
+    m.ctx.effects.roam.path_changes.store(1, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::NetworkChanged)));
+    assert!(handle
+        .status()
+        .problem
+        .unwrap_or_default()
+        .contains("network changed"));
+    m.ctx.effects.roam.answered.store(true, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    assert!(handle
+        .status()
+        .last_recovery
+        .unwrap_or_default()
+        .contains("network changed"));
+    // An unanswered change with the peer gone reads as the peer lost.
+    m.ctx.effects.roam.path_changes.store(2, Ordering::SeqCst);
+    m.ctx.effects.roam.answered.store(false, Ordering::SeqCst);
+    m.ctx.effects.reachable.store(false, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::PeerLost)));
     assert!(calls(&m).is_empty(), "{:?}", calls(&m));
 }
 
