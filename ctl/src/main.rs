@@ -757,6 +757,10 @@ fn describe_status(v: &Value) -> String {
     if let Some(pending) = v["pending"].as_str() {
         lines.push(format!("  Pending:  {pending}"));
     }
+    // A network change or wake-up the tunnel got over by itself.
+    if let Some(recovered) = v["last_recovery"].as_str() {
+        lines.push(format!("  Lately:   {recovered}"));
+    }
     if t.is_object() {
         let handshake = match t["last_handshake_secs"].as_u64() {
             Some(age) => format!("handshake {}", ago(age)),
@@ -906,6 +910,10 @@ mod tests {
 
     #[test]
     fn status_says_first_whether_the_machine_is_protected() {
+        let mut recovered = active();
+        recovered["last_recovery"] = "after the network changed, the gateway answered".into();
+        assert!(describe_status(&recovered).contains("  Lately:   after the network changed"));
+
         let text = describe_status(&active());
         let mut lines = text.lines();
         assert_eq!(

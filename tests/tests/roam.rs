@@ -128,6 +128,8 @@ fn moving_to_another_network_handshakes_again_from_the_new_address() {
         status_field(&daemon, "state") == "active"
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let human = daemon.ctl_ok(&["status"]).expect("sessionctl status");
+    assert!(human.contains("Lately:   after the network changed"), "{human}");
     println!("status: {}", status_field(&daemon, "last_recovery"));
     lab.assert_no_leaks();
 }

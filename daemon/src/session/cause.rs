@@ -69,9 +69,9 @@ impl Cause {
 
 /// `status`'s sentence while the tunnel handshakes again after a network
 /// change.
-pub const NETWORK_CHANGED: &str = "the network changed; the tunnel is handshaking again from the new address and traffic stays blocked until it answers (nothing to do)";
+pub const NETWORK_CHANGED: &str = "the network changed; the tunnel is handshaking again from the new address and traffic stays blocked until it answers";
 /// `status`'s sentence while the tunnel handshakes again after a resume.
-pub const RESUMED_FROM_SLEEP: &str = "the computer woke from sleep; the tunnel is handshaking again with the gateway and traffic stays blocked until it answers (nothing to do)";
+pub const RESUMED_FROM_SLEEP: &str = "the computer woke from sleep; the tunnel is handshaking again with the gateway and traffic stays blocked until it answers";
 
 #[cfg(test)]
 mod tests {
