@@ -8,6 +8,7 @@
 //! (src/bin/labhost.rs) provides the services and probes. Tests live in
 //! tests/tests/*.rs and need root.
 
+pub mod callflow;
 pub mod container;
 pub mod daemon;
 pub mod dns;
