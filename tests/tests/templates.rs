@@ -106,7 +106,10 @@ fn every_template_says_what_it_needs_and_what_it_must_block() {
             .filter(|line| line.trim_start().starts_with('#'))
             .collect::<Vec<_>>()
             .join("\n");
-        assert!(comments.contains("Needs:"), "profiles/{name}.toml does not say what it needs");
+        assert!(
+            comments.contains("Needs:"),
+            "profiles/{name}.toml does not say what it needs"
+        );
         assert!(
             comments.contains("Must block"),
             "profiles/{name}.toml does not say what it must block"
