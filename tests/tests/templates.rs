@@ -116,3 +116,16 @@ fn every_template_says_what_it_needs_and_what_it_must_block() {
         );
     }
 }
+
+#[test]
+fn the_readme_table_lists_every_template() {
+    let readme = std::fs::read_to_string(util::workspace_root().join("README.md")).expect("README.md");
+    for (name, _) in templates() {
+        assert!(
+            readme
+                .lines()
+                .any(|line| line.starts_with(&format!("| `{name}.toml`"))),
+            "the README's table of templates has no row for profiles/{name}.toml"
+        );
+    }
+}
