@@ -11,19 +11,18 @@
 //! - [`keys`]: key material that never shows itself;
 //! - [`nft`]: nftables commands, in process through libnftables.
 
-pub mod control;
+// The modules sessionctl shares live in daemon/common; the daemon reaches
+// them by their old paths.
+pub use sessiongate_common::{control, import, keys, profile, trust};
+
 pub mod dns;
 pub mod firewall;
-pub mod import;
-pub mod keys;
 pub mod nft;
-pub mod profile;
 pub mod resolvconf;
 pub mod routing;
 pub mod server;
 pub mod session;
 pub mod store;
-pub mod trust;
 pub mod tunnel;
 pub mod verify;
 pub mod watcher;

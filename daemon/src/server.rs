@@ -16,7 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::control::{parse_request, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
+pub use crate::control::DEFAULT_CONTROL_GROUP;
+use crate::control::{parse_request, refusal_message, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
 use crate::profile::{self, Profile};
 use crate::session::{Outcome, SessionHandle};
 
@@ -35,36 +36,6 @@ pub enum ServerError {
     Bind { path: String, reason: String },
     #[error("could not set the permissions of {path}: {reason}")]
     Permissions { path: String, reason: String },
-}
-
-/// The control group's name unless `sessiond --control-group` says
-/// otherwise; the sysusers snippet creates it.
-pub const DEFAULT_CONTROL_GROUP: &str = "sessiongate";
-
-/// What a caller without permission is told: who may use sessiond and how
-/// to become one of them.
-pub fn refusal_message(group: &str) -> String {
-    format!(
-        "permission denied: only root and members of the control group {group} may use sessiond; \
-         add yourself with `sudo usermod -aG {group} $USER` and log in again"
-    )
-}
-
-/// The name of the group that owns the control socket at `path` (the
-/// control group, for a socket sessiond made), for the client's refusal
-/// message; the default group when the socket cannot be looked at.
-pub fn socket_group_name(path: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .and_then(|m| {
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
-                .ok()
-                .flatten()
-        })
-        .filter(|g| g.gid.as_raw() != 0)
-        .map(|g| g.name)
-        .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.to_string())
 }
 
 /// Who may talk to the daemon: root, the daemon's own user, and members of

@@ -73,6 +73,12 @@ pub mod exit {
     pub const PERMISSION: i32 = 4;
 }
 
+/// Names of `verify` probes that `sessionctl` gives advice on (the daemon's
+/// verify module names the rest).
+pub mod probe {
+    pub const ALLOWED_HOST: &str = "allowed host";
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
@@ -136,12 +142,42 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 
 const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check", "verify", "watch"];
 
+/// The control group's name unless `sessiond --control-group` says
+/// otherwise; the sysusers snippet creates it.
+pub const DEFAULT_CONTROL_GROUP: &str = "sessiongate";
+
+/// What a caller without permission is told: who may use sessiond and how
+/// to become one of them.
+pub fn refusal_message(group: &str) -> String {
+    format!(
+        "permission denied: only root and members of the control group {group} may use sessiond; \
+         add yourself with `sudo usermod -aG {group} $USER` and log in again"
+    )
+}
+
+/// The name of the group that owns the control socket at `path` (the
+/// control group, for a socket sessiond made), for the client's refusal
+/// message; the default group when the socket cannot be looked at.
+pub fn socket_group_name(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                .ok()
+                .flatten()
+        })
+        .filter(|g| g.gid.as_raw() != 0)
+        .map(|g| g.name)
+        .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.to_string())
+}
+
 /// Why a client could not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach sessiond at {path}: {reason} (is the daemon running?)")]
     Unreachable { path: String, reason: String },
-    #[error("{} (on {path})", crate::server::refusal_message(&crate::server::socket_group_name(std::path::Path::new(path))))]
+    #[error("{} (on {path})", refusal_message(&socket_group_name(std::path::Path::new(path))))]
     PermissionDenied { path: String },
     #[error("sessiond closed the connection without answering")]
     NoReply,

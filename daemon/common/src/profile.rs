@@ -847,7 +847,7 @@ pub fn decode_key(text: &str) -> Result<Key, String> {
 /// all-zero key among them): a Diffie-Hellman with it gives the all-zero
 /// secret whatever our private key is, so it is no key at all.
 pub fn is_low_order(public_key: &Key) -> bool {
-    use boringtun::x25519::{PublicKey, StaticSecret};
+    use x25519_dalek::{PublicKey, StaticSecret};
     let ours = StaticSecret::random_from_rng(rand_core::OsRng);
     !ours
         .diffie_hellman(&PublicKey::from(*public_key.as_bytes()))
