@@ -83,6 +83,7 @@ struct ProfileFile {
     options: OptionsSection,
     #[serde(default)]
     audit: AuditSection,
+    #[serde(default)]
     privacy: PrivacySection,
 }
 
