@@ -533,7 +533,7 @@ fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<
         }
     }
     let dir = profiles_dir.unwrap_or(Path::new(DEFAULT_PROFILES_DIR));
-    let path = dir.join(format!("{name}.toml"));
+    let path = sessiongate_common::profile::profile_path(dir, name)?;
     match std::fs::metadata(&path) {
         Ok(_) => check_file(&path),
         Err(e) => Err(match refused_by_daemon {
@@ -554,7 +554,8 @@ fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<
 }
 
 fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<(), Failure> {
-    sessiongate_common::profile::check_profile_name(name).map_err(|m| Failure::new(exit::USAGE, m))?;
+    let profile_path =
+        sessiongate_common::profile::profile_path(dir, name).map_err(|m| Failure::new(exit::USAGE, m))?;
     let allow = allow
         .iter()
         .map(|a| a.parse::<AllowArg>())
@@ -576,10 +577,9 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
     let source = wg_conf.display().to_string();
     let imported = sessiongate_common::import::import(&source, text, &key_rel, &psk_rel, &allow)
         .map_err(|m| Failure::new(exit::USAGE, m))?;
-    let profile_path = dir.join(format!("{name}.toml"));
     let key_path = dir.join(&key_rel);
     let io = |path: &Path, e: std::io::Error| {
-        let reason = sessiongate_common::profile::io_reason(&e);
+        let reason = sessiongate_common::io_reason(&e);
         Failure::new(exit::FAILED, format!("cannot write {}: {reason}", path.display()))
     };
     let keys_dir = dir.join("keys");
@@ -666,7 +666,7 @@ fn keygen(out: Option<&Path>, private_to_stdout: bool) -> Result<(), Failure> {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| {
-                    let reason = sessiongate_common::profile::io_reason(&e);
+                    let reason = sessiongate_common::io_reason(&e);
                     Failure::new(
                         exit::FAILED,
                         format!("cannot create {}: {reason}", path.display()),

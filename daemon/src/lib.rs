@@ -13,7 +13,7 @@
 
 // The modules sessionctl shares live in daemon/common; the daemon reaches
 // them by their old paths.
-pub use sessiongate_common::{control, import, keys, profile, trust};
+pub use sessiongate_common::{control, import, io_reason, keys, profile, trust};
 
 pub mod dns;
 pub mod firewall;

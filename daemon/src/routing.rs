@@ -34,6 +34,8 @@
 
 use std::fmt;
 use std::io;
+
+use crate::io_reason;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -821,15 +823,6 @@ fn netlink_error(action: String, e: rtnetlink::Error) -> RoutingError {
         action,
         reason,
         errno,
-    }
-}
-
-/// "File exists" rather than "File exists (os error 17)".
-fn io_reason(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
     }
 }
 

@@ -112,7 +112,7 @@ impl ControlSocket {
             if !dir.as_os_str().is_empty() && !dir.exists() {
                 std::fs::create_dir_all(dir).map_err(|e| ServerError::SocketDir {
                     path: dir.display().to_string(),
-                    reason: profile::io_reason(&e),
+                    reason: crate::io_reason(&e),
                 })?;
                 let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
             }
@@ -129,7 +129,7 @@ impl ControlSocket {
         nix::sys::stat::umask(old_umask);
         let listener = bound.map_err(|e| ServerError::Bind {
             path: shown.clone(),
-            reason: profile::io_reason(&e),
+            reason: crate::io_reason(&e),
         })?;
         let perm_err = |reason: String| ServerError::Permissions {
             path: shown.clone(),
@@ -139,7 +139,7 @@ impl ControlSocket {
             nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| perm_err(e.desc().to_string()))?;
         }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(|e| perm_err(profile::io_reason(&e)))?;
+            .map_err(|e| perm_err(crate::io_reason(&e)))?;
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),
@@ -314,8 +314,8 @@ impl Context {
     /// Loads a profile by name from the profiles directory. The name is
     /// checked first so a request can never name a path.
     async fn load_profile(&self, name: &str) -> Result<Profile, Reply> {
-        profile::check_profile_name(name).map_err(|m| Reply::error(ErrorKind::BadRequest, m))?;
-        let path = self.profiles_dir.join(format!("{name}.toml"));
+        let path = profile::profile_path(&self.profiles_dir, name)
+            .map_err(|m| Reply::error(ErrorKind::BadRequest, m))?;
         // Anything else there (a FIFO, a directory, a huge file) gets
         // Profile::load's own reason, at once.
         if !path.exists() {
@@ -346,7 +346,7 @@ impl Context {
                     format!(
                         "cannot read the profiles directory {}: {}",
                         self.profiles_dir.display(),
-                        profile::io_reason(&e)
+                        crate::io_reason(&e)
                     ),
                 )
             }

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, UdpSocket};
 
 use crate::firewall::{self, VERIFY_MARK};
-use crate::profile::io_reason;
+use crate::io_reason;
 use crate::session::{AllowedHost, Phase, StatusReport};
 
 /// The longest any one probe waits.

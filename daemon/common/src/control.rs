@@ -211,7 +211,7 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
             std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path },
             _ => ClientError::Unreachable {
                 path,
-                reason: crate::profile::io_reason(&e),
+                reason: crate::io_reason(&e),
             },
         }
     })
@@ -221,7 +221,7 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
 /// (`start` may legitimately take as long as the handshake timeout).
 pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
     let mut stream = connect(socket)?;
-    let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
+    let io = |e: std::io::Error| ClientError::Io(crate::io_reason(&e));
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream
         .set_write_timeout(Some(Duration::from_secs(5)))
@@ -260,7 +260,7 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply
 /// any reply.
 pub fn watch(socket: &Path, mut on_status: impl FnMut(serde_json::Value) -> bool) -> Result<(), ClientError> {
     let mut stream = connect(socket)?;
-    let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
+    let io = |e: std::io::Error| ClientError::Io(crate::io_reason(&e));
     stream
         .set_write_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
@@ -275,7 +275,7 @@ pub fn watch(socket: &Path, mut on_status: impl FnMut(serde_json::Value) -> bool
             .map_err(io)?;
         if n == 0 {
             return match (&written, first) {
-                (Err(e), true) => Err(ClientError::Io(crate::profile::io_reason(e))),
+                (Err(e), true) => Err(ClientError::Io(crate::io_reason(e))),
                 (_, true) => Err(ClientError::NoReply),
                 _ => Err(ClientError::Closed),
             };

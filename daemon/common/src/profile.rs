@@ -22,6 +22,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::io_reason;
 use crate::keys::Key;
 
 /// Default name of the tunnel interface.
@@ -467,6 +468,14 @@ pub fn check_profile_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The file that holds profile `name` in the profiles directory `dir`: the
+/// one place that turns a name into a path. The name is checked first, so a
+/// name from a request or a command line can never reach another path.
+pub fn profile_path(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    check_profile_name(name)?;
+    Ok(dir.join(format!("{name}.toml")))
 }
 
 /// Parses and validates profile text. `base` is the directory that relative
@@ -925,15 +934,6 @@ fn check_interface_name(name: &str) -> Result<(), String> {
         Err(format!(
             "{name:?} is not an interface name: 1-15 letters, digits, '-' or '_'"
         ))
-    }
-}
-
-/// The part of an I/O error a person needs ("No such file or directory").
-pub fn io_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
     }
 }
 

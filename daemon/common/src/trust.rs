@@ -27,7 +27,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::profile::io_reason;
+use crate::io_reason;
 
 /// Why sessiond refuses to start: one plain sentence.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
