@@ -478,6 +478,20 @@ pub fn profile_path(dir: &Path, name: &str) -> Result<PathBuf, String> {
     Ok(dir.join(format!("{name}.toml")))
 }
 
+/// The key files profile text names (`tunnel.private_key_file`,
+/// `tunnel.peer.preshared_key_file`), as written: the files [`parse`] would
+/// read. Text that is not a profile names none, since `parse` refuses it
+/// before reading any file.
+pub fn key_files_named(text: &str) -> Vec<String> {
+    let Ok(file) = toml::from_str::<ProfileFile>(text) else {
+        return Vec::new();
+    };
+    [file.tunnel.private_key_file, file.tunnel.peer.preshared_key_file]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// Parses and validates profile text. `base` is the directory that relative
 /// key paths are taken from; `file_mode` is the profile file's mode, which
 /// decides whether an inline private key is acceptable.
