@@ -16,15 +16,15 @@
 pub use sessiongate_common::{control, import, io_reason, keys, profile, trust};
 
 pub mod dns;
-pub mod firewall;
+pub(crate) mod firewall;
 pub mod nft;
-pub mod resolvconf;
-pub mod routing;
+pub(crate) mod resolvconf;
+pub(crate) mod routing;
 pub mod server;
 pub mod session;
-pub mod store;
-pub mod tunnel;
-pub mod verify;
+pub(crate) mod store;
+pub(crate) mod tunnel;
+pub(crate) mod verify;
 pub mod watcher;
 
 /// Marks the tunnel's own UDP packets ("SG"), so policy routing sends them
