@@ -1,15 +1,22 @@
 //! sessiond's library: everything the daemon does, split by concern.
 //!
-//! - [`profile`]: the profile format and its validation;
-//! - [`control`]: the request/reply protocol shared with `sessionctl`;
+//! What sessionctl shares with the daemon (control protocol, causes,
+//! profile, import, keys, trust) lives in `sessiongate-common`
+//! (daemon/common) and is re-exported here under its old paths; the rest is
+//! the daemon's own:
+//!
 //! - [`server`]: the control socket and who may use it;
 //! - [`session`]: the state machine, the one place that decides ordering
 //!   (one file per stage; every side effect behind its `Effects` seam);
 //! - [`store`]: the persisted session, which survives crashes and reboots;
 //! - [`tunnel`]: WireGuard (boringtun) on a TUN device;
 //! - [`routing`]: addresses and the full-tunnel policy routes;
-//! - [`keys`]: key material that never shows itself;
-//! - [`nft`]: nftables commands, in process through libnftables.
+//! - [`firewall`] and [`nft`]: the nftables kill switch and the way to nft;
+//! - [`dns`]: the pinned DNS stub; [`resolvconf`]: the resolver file;
+//! - [`verify`]: active probes of the boundary; [`watcher`]: profile reloads.
+//!
+//! Modules nothing outside the daemon uses are `pub(crate)`, so dead code
+//! shows.
 
 // The modules sessionctl shares live in daemon/common; the daemon reaches
 // them by their old paths.
