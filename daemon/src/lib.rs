@@ -8,12 +8,12 @@
 //! - [`server`]: the control socket and who may use it;
 //! - [`session`]: the state machine, the one place that decides ordering
 //!   (one file per stage; every side effect behind its `Effects` seam);
-//! - [`store`]: the persisted session, which survives crashes and reboots;
-//! - [`tunnel`]: WireGuard (boringtun) on a TUN device;
-//! - [`routing`]: addresses and the full-tunnel policy routes;
-//! - [`firewall`] and [`nft`]: the nftables kill switch and the way to nft;
-//! - [`dns`]: the pinned DNS stub; [`resolvconf`]: the resolver file;
-//! - [`verify`]: active probes of the boundary; [`watcher`]: profile reloads.
+//! - `store`: the persisted session, which survives crashes and reboots;
+//! - `tunnel`: WireGuard (boringtun) on a TUN device;
+//! - `routing`: addresses and the full-tunnel policy routes;
+//! - `firewall` and [`nft`]: the nftables kill switch and the way to nft;
+//! - [`dns`]: the pinned DNS stub; `resolvconf`: the resolver file;
+//! - `verify`: active probes of the boundary; [`watcher`]: profile reloads.
 //!
 //! Modules nothing outside the daemon uses are `pub(crate)`, so dead code
 //! shows.
