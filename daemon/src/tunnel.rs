@@ -158,23 +158,22 @@ impl Tunnel {
             .build_async()
             .map_err(|e| TunnelError::CreateInterface {
                 interface: config.interface.clone(),
-                reason: crate::profile::io_reason(&e),
+                reason: crate::io_reason(&e),
             })?;
         let udp = bind_marked_socket(config.endpoint, config.fwmark)
-            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
         let udp_state = quinn_udp::UdpSocketState::new((&udp).into())
-            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
         // After quinn-udp, which sets IP_PMTUDISC_PROBE (DF, path MTU
         // ignored): see `survive_small_path_mtu`.
         survive_small_path_mtu(&udp, config.endpoint)
-            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
 
         let cover = if config.shape == TrafficShape::Cover {
-            let socket =
-                cover_socket(&udp).map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            let socket = cover_socket(&udp).map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
             Some(
                 CoverSender::start(socket, config.endpoint, usize::from(config.mtu))
-                    .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?,
+                    .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?,
             )
         } else {
             None
