@@ -15,12 +15,11 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::Value;
-use sessiond::control::{self, exit, Reply, Request};
-use sessiond::import::AllowArg;
-use sessiond::keys::Key;
-use sessiond::profile::Profile;
-use sessiond::session::Cause;
-use sessiond::verify;
+use sessiongate_common::cause::Cause;
+use sessiongate_common::control::{self, exit, Reply, Request};
+use sessiongate_common::import::AllowArg;
+use sessiongate_common::keys::Key;
+use sessiongate_common::profile::Profile;
 
 #[derive(Parser, Debug)]
 #[command(name = "sessionctl", version, about = "Control sessiongate sessions")]
@@ -516,7 +515,7 @@ fn check_file(path: &Path) -> Result<String, String> {
 }
 
 fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<String, String> {
-    sessiond::profile::check_profile_name(name)?;
+    sessiongate_common::profile::check_profile_name(name)?;
     let mut refused_by_daemon = None;
     if profiles_dir.is_none() {
         let request = Request::Check {
@@ -534,7 +533,7 @@ fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<
         }
     }
     let dir = profiles_dir.unwrap_or(Path::new(DEFAULT_PROFILES_DIR));
-    let path = dir.join(format!("{name}.toml"));
+    let path = sessiongate_common::profile::profile_path(dir, name)?;
     match std::fs::metadata(&path) {
         Ok(_) => check_file(&path),
         Err(e) => Err(match refused_by_daemon {
@@ -555,7 +554,8 @@ fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<
 }
 
 fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<(), Failure> {
-    sessiond::profile::check_profile_name(name).map_err(|m| Failure::new(exit::USAGE, m))?;
+    let profile_path =
+        sessiongate_common::profile::profile_path(dir, name).map_err(|m| Failure::new(exit::USAGE, m))?;
     let allow = allow
         .iter()
         .map(|a| a.parse::<AllowArg>())
@@ -564,9 +564,9 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
     // Bounded like a profile: a FIFO, a device or a huge file is refused at
     // once instead of hanging or filling memory. The text holds a private
     // key, so it stays in the wiped buffer.
-    let (bytes, _) = sessiond::profile::read_bounded(
+    let (bytes, _) = sessiongate_common::profile::read_bounded(
         wg_conf,
-        sessiond::profile::MAX_PROFILE_FILE_BYTES,
+        sessiongate_common::profile::MAX_PROFILE_FILE_BYTES,
         "a wg-quick config",
     )
     .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
@@ -575,12 +575,11 @@ fn import(wg_conf: &Path, name: &str, allow: &[String], dir: &Path) -> Result<()
     let key_rel = format!("keys/{name}.key");
     let psk_rel = format!("keys/{name}.psk");
     let source = wg_conf.display().to_string();
-    let imported = sessiond::import::import(&source, text, &key_rel, &psk_rel, &allow)
+    let imported = sessiongate_common::import::import(&source, text, &key_rel, &psk_rel, &allow)
         .map_err(|m| Failure::new(exit::USAGE, m))?;
-    let profile_path = dir.join(format!("{name}.toml"));
     let key_path = dir.join(&key_rel);
     let io = |path: &Path, e: std::io::Error| {
-        let reason = sessiond::profile::io_reason(&e);
+        let reason = sessiongate_common::io_reason(&e);
         Failure::new(exit::FAILED, format!("cannot write {}: {reason}", path.display()))
     };
     let keys_dir = dir.join("keys");
@@ -667,7 +666,7 @@ fn keygen(out: Option<&Path>, private_to_stdout: bool) -> Result<(), Failure> {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| {
-                    let reason = sessiond::profile::io_reason(&e);
+                    let reason = sessiongate_common::io_reason(&e);
                     Failure::new(
                         exit::FAILED,
                         format!("cannot create {}: {reason}", path.display()),
@@ -846,7 +845,7 @@ fn describe_verify(v: &Value) -> String {
         .collect();
     lines.push(if v["passed"].as_bool() == Some(true) && failed.is_empty() {
         format!("The boundary holds: all {} probes passed.", probes.len())
-    } else if failed == [verify::ALLOWED_HOST] {
+    } else if failed == [control::probe::ALLOWED_HOST] {
         "Still locked down (nothing else got through), but the allowed host cannot be reached: \
          the call will not connect until the tunnel works (see `sessionctl status`)."
             .to_string()

@@ -19,7 +19,7 @@ use std::time::Duration;
 use clap::Parser;
 use notify_rust::{Notification, Urgency};
 use serde_json::Value;
-use sessiond::control::{self, exit, ClientError};
+use sessiongate_common::control::{self, exit, ClientError};
 
 /// How long to wait before connecting again after sessiond went away.
 const RECONNECT_AFTER: Duration = Duration::from_secs(2);

@@ -1,32 +1,38 @@
 //! sessiond's library: everything the daemon does, split by concern.
 //!
-//! - [`profile`]: the profile format and its validation;
-//! - [`control`]: the request/reply protocol shared with `sessionctl`;
+//! What sessionctl shares with the daemon (control protocol, causes,
+//! profile, import, keys, trust) lives in `sessiongate-common`
+//! (daemon/common) and is re-exported here under its old paths; the rest is
+//! the daemon's own:
+//!
 //! - [`server`]: the control socket and who may use it;
 //! - [`session`]: the state machine, the one place that decides ordering
 //!   (one file per stage; every side effect behind its `Effects` seam);
-//! - [`store`]: the persisted session, which survives crashes and reboots;
-//! - [`tunnel`]: WireGuard (boringtun) on a TUN device;
-//! - [`routing`]: addresses and the full-tunnel policy routes;
-//! - [`keys`]: key material that never shows itself;
-//! - [`nft`]: nftables commands, in process through libnftables.
+//! - `store`: the persisted session, which survives crashes and reboots;
+//! - `tunnel`: WireGuard (boringtun) on a TUN device;
+//! - `routing`: addresses and the full-tunnel policy routes;
+//! - `firewall` and [`nft`]: the nftables kill switch and the way to nft;
+//! - [`dns`]: the pinned DNS stub; `resolvconf`: the resolver file;
+//! - `verify`: active probes of the boundary; [`watcher`]: profile reloads.
+//!
+//! Modules nothing outside the daemon uses are `pub(crate)`, so dead code
+//! shows.
 
-pub mod control;
+// The modules sessionctl shares live in daemon/common; the daemon reaches
+// them by their old paths.
+pub use sessiongate_common::{control, import, io_reason, keys, profile, trust};
+
 pub mod dns;
-pub mod firewall;
-pub mod import;
-pub mod keys;
+pub(crate) mod firewall;
 pub mod nft;
-pub mod profile;
-pub mod resolvconf;
-pub mod routing;
+pub(crate) mod resolvconf;
+pub(crate) mod routing;
 pub mod server;
 pub mod session;
 pub mod sleep;
-pub mod store;
-pub mod trust;
-pub mod tunnel;
-pub mod verify;
+pub(crate) mod store;
+pub(crate) mod tunnel;
+pub(crate) mod verify;
 pub mod watcher;
 
 /// Marks the tunnel's own UDP packets ("SG"), so policy routing sends them

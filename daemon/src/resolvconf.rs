@@ -23,7 +23,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::profile::io_reason;
+use crate::io_reason;
 
 const BACKUP_NAME: &str = "resolv.conf.orig";
 

@@ -34,6 +34,8 @@
 
 use std::fmt;
 use std::io;
+
+use crate::io_reason;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -148,19 +150,6 @@ impl Routes {
     /// The tunnel interface these routes belong to.
     pub fn interface(&self) -> &str {
         &self.interface
-    }
-
-    /// Whether IPv6 is routed through the tunnel.
-    pub fn routes_ipv6(&self) -> bool {
-        self.done.iter().any(|c| {
-            matches!(
-                c,
-                Change::Route {
-                    family: Family::V6,
-                    ..
-                }
-            )
-        })
     }
 
     /// Undoes every recorded change, newest first. Things that are already
@@ -302,31 +291,12 @@ impl Family {
 /// One change made by [`apply`], with what it takes to undo it.
 #[derive(Debug)]
 enum Change {
-    Address {
-        message: AddressMessage,
-        what: String,
-    },
-    Mtu {
-        index: u32,
-        old: u32,
-        what: String,
-    },
-    Up {
-        index: u32,
-        what: String,
-    },
-    Route {
-        family: Family,
-        message: RouteMessage,
-        what: String,
-    },
-    Rule {
-        message: RuleMessage,
-        what: String,
-    },
-    SrcValidMark {
-        old: String,
-    },
+    Address { message: AddressMessage, what: String },
+    Mtu { index: u32, old: u32, what: String },
+    Up { index: u32, what: String },
+    Route { message: RouteMessage, what: String },
+    Rule { message: RuleMessage, what: String },
+    SrcValidMark { old: String },
 }
 
 async fn apply_steps(
@@ -414,11 +384,7 @@ async fn apply_steps(
         )
         .await
         .map_err(|e| netlink_error(format!("add {what}"), e))?;
-        done.push(Change::Route {
-            family,
-            message,
-            what,
-        });
+        done.push(Change::Route { message, what });
 
         for message in [
             suppress_rule_message(family),
@@ -467,9 +433,7 @@ async fn undo(done: Vec<Change>, nl: Option<Netlink>) -> Result<(), RoutingError
 async fn undo_netlink(nl: &mut Netlink, change: Change) -> Result<(), RoutingError> {
     let (request, action) = match change {
         Change::Rule { message, what } => (RouteNetlinkMessage::DelRule(message), format!("delete {what}")),
-        Change::Route { message, what, .. } => {
-            (RouteNetlinkMessage::DelRoute(message), format!("delete {what}"))
-        }
+        Change::Route { message, what } => (RouteNetlinkMessage::DelRoute(message), format!("delete {what}")),
         Change::Up { index, what } => (
             RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).down().build()),
             format!("bring {what} down again"),
@@ -821,15 +785,6 @@ fn netlink_error(action: String, e: rtnetlink::Error) -> RoutingError {
         action,
         reason,
         errno,
-    }
-}
-
-/// "File exists" rather than "File exists (os error 17)".
-fn io_reason(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
     }
 }
 

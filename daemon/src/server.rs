@@ -16,7 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::control::{parse_request, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
+pub use crate::control::DEFAULT_CONTROL_GROUP;
+use crate::control::{parse_request, refusal_message, ErrorKind, Reply, Request, MAX_REQUEST_BYTES};
 use crate::profile::{self, Profile};
 use crate::session::{Outcome, SessionHandle};
 
@@ -35,36 +36,6 @@ pub enum ServerError {
     Bind { path: String, reason: String },
     #[error("could not set the permissions of {path}: {reason}")]
     Permissions { path: String, reason: String },
-}
-
-/// The control group's name unless `sessiond --control-group` says
-/// otherwise; the sysusers snippet creates it.
-pub const DEFAULT_CONTROL_GROUP: &str = "sessiongate";
-
-/// What a caller without permission is told: who may use sessiond and how
-/// to become one of them.
-pub fn refusal_message(group: &str) -> String {
-    format!(
-        "permission denied: only root and members of the control group {group} may use sessiond; \
-         add yourself with `sudo usermod -aG {group} $USER` and log in again"
-    )
-}
-
-/// The name of the group that owns the control socket at `path` (the
-/// control group, for a socket sessiond made), for the client's refusal
-/// message; the default group when the socket cannot be looked at.
-pub fn socket_group_name(path: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .and_then(|m| {
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
-                .ok()
-                .flatten()
-        })
-        .filter(|g| g.gid.as_raw() != 0)
-        .map(|g| g.name)
-        .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.to_string())
 }
 
 /// Who may talk to the daemon: root, the daemon's own user, and members of
@@ -141,7 +112,7 @@ impl ControlSocket {
             if !dir.as_os_str().is_empty() && !dir.exists() {
                 std::fs::create_dir_all(dir).map_err(|e| ServerError::SocketDir {
                     path: dir.display().to_string(),
-                    reason: profile::io_reason(&e),
+                    reason: crate::io_reason(&e),
                 })?;
                 let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
             }
@@ -158,7 +129,7 @@ impl ControlSocket {
         nix::sys::stat::umask(old_umask);
         let listener = bound.map_err(|e| ServerError::Bind {
             path: shown.clone(),
-            reason: profile::io_reason(&e),
+            reason: crate::io_reason(&e),
         })?;
         let perm_err = |reason: String| ServerError::Permissions {
             path: shown.clone(),
@@ -168,7 +139,7 @@ impl ControlSocket {
             nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| perm_err(e.desc().to_string()))?;
         }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(|e| perm_err(profile::io_reason(&e)))?;
+            .map_err(|e| perm_err(crate::io_reason(&e)))?;
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),
@@ -343,8 +314,8 @@ impl Context {
     /// Loads a profile by name from the profiles directory. The name is
     /// checked first so a request can never name a path.
     async fn load_profile(&self, name: &str) -> Result<Profile, Reply> {
-        profile::check_profile_name(name).map_err(|m| Reply::error(ErrorKind::BadRequest, m))?;
-        let path = self.profiles_dir.join(format!("{name}.toml"));
+        let path = profile::profile_path(&self.profiles_dir, name)
+            .map_err(|m| Reply::error(ErrorKind::BadRequest, m))?;
         // Anything else there (a FIFO, a directory, a huge file) gets
         // Profile::load's own reason, at once.
         if !path.exists() {
@@ -375,7 +346,7 @@ impl Context {
                     format!(
                         "cannot read the profiles directory {}: {}",
                         self.profiles_dir.display(),
-                        profile::io_reason(&e)
+                        crate::io_reason(&e)
                     ),
                 )
             }

@@ -65,7 +65,7 @@ impl SessionStore {
     pub fn save(&self, session: &PersistedSession) -> Result<(), StoreError> {
         let err = |e: std::io::Error| StoreError::Write {
             dir: self.dir.display().to_string(),
-            reason: crate::profile::io_reason(&e),
+            reason: crate::io_reason(&e),
         };
         if !self.dir.exists() {
             fs::create_dir_all(&self.dir).map_err(err)?;
@@ -105,7 +105,7 @@ impl SessionStore {
                 .map(Some)
                 .map_err(|e| read_err(e.to_string())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(read_err(crate::profile::io_reason(&e))),
+            Err(e) => Err(read_err(crate::io_reason(&e))),
         }
     }
 
@@ -119,7 +119,7 @@ impl SessionStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::Remove {
                 path: path.display().to_string(),
-                reason: crate::profile::io_reason(&e),
+                reason: crate::io_reason(&e),
             }),
         }
     }

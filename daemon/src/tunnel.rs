@@ -175,23 +175,22 @@ impl Tunnel {
             .build_async()
             .map_err(|e| TunnelError::CreateInterface {
                 interface: config.interface.clone(),
-                reason: crate::profile::io_reason(&e),
+                reason: crate::io_reason(&e),
             })?;
         let udp = bind_marked_socket(config.endpoint, config.fwmark)
-            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
         let udp_state = quinn_udp::UdpSocketState::new((&udp).into())
-            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
         // After quinn-udp, which sets IP_PMTUDISC_PROBE (DF, path MTU
         // ignored): see `survive_small_path_mtu`.
         survive_small_path_mtu(&udp, config.endpoint)
-            .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
 
         let cover = if config.shape == TrafficShape::Cover {
-            let socket =
-                cover_socket(&udp).map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?;
+            let socket = cover_socket(&udp).map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
             Some(
                 CoverSender::start(socket, config.endpoint, usize::from(config.mtu))
-                    .map_err(|e| TunnelError::Socket(crate::profile::io_reason(&e)))?,
+                    .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?,
             )
         } else {
             None
@@ -234,6 +233,8 @@ impl Tunnel {
             shape: config.shape,
             mtu: usize::from(config.mtu),
             cover,
+            levers: Levers::from_env(),
+            paced_until: None,
         };
         let task = tokio::spawn(driver.run(stop_rx, config.mtu));
         Ok(Tunnel {
@@ -435,7 +436,71 @@ struct Driver {
     shape: TrafficShape,
     mtu: usize,
     cover: Option<CoverSender>,
+    levers: Levers,
+    /// With pacing: when the bytes sent so far have left at the paced rate.
+    paced_until: Option<Instant>,
 }
+
+/// Knobs of the send path that the benchmark turns to measure latency
+/// levers (docs/benchmarks.md, "Latency levers"). Read once per tunnel from
+/// the environment (SG_BENCH_*); unset, the defaults are what sessiond
+/// ships. Not a configuration interface: users have nothing to tune here.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Levers {
+    /// Most datagrams in one UDP GSO send.
+    gso_segments: usize,
+    /// TUN reads drained per turn of the loop.
+    tun_reads: usize,
+    /// Pace the sends to at most this many bytes per second (None: as fast
+    /// as the socket takes them).
+    pace_bytes_per_sec: Option<f64>,
+}
+
+impl Levers {
+    const DEFAULT: Levers = Levers {
+        gso_segments: PACKET_BATCH,
+        tun_reads: TUN_READS_PER_TURN,
+        pace_bytes_per_sec: None,
+    };
+
+    fn from_env() -> Levers {
+        let num = |name: &str| -> Option<u64> {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|n| *n > 0)
+        };
+        let mut levers = Levers::DEFAULT;
+        if let Some(n) = num("SG_BENCH_GSO_SEGMENTS") {
+            levers.gso_segments = (n as usize).min(PACKET_BATCH);
+        }
+        if let Some(n) = num("SG_BENCH_TUN_READS") {
+            levers.tun_reads = (n as usize).min(64);
+        }
+        if let Some(mbit) = num("SG_BENCH_PACE_MBIT") {
+            levers.pace_bytes_per_sec = Some(mbit as f64 * 1e6 / 8.0);
+        }
+        if levers != Levers::DEFAULT {
+            tracing::info!("tunnel send path levers for a benchmark: {levers:?}");
+        }
+        levers
+    }
+}
+
+/// Pacing: `bytes` more to send at `rate` bytes per second, after the
+/// earlier sends that leave by `paced_until`. Returns when these bytes will
+/// have left, and until when to wait before sending them (None: now, as
+/// the schedule is less than [`PACE_SLACK`] ahead).
+fn pace(paced_until: Option<Instant>, now: Instant, bytes: usize, rate: f64) -> (Instant, Option<Instant>) {
+    let start = paced_until.map_or(now, |t| t.max(now));
+    let done = start + Duration::from_secs_f64(bytes as f64 / rate);
+    let wait = (done > now + PACE_SLACK).then(|| done - PACE_SLACK);
+    (done, wait)
+}
+
+/// How far sends may run ahead of the paced schedule (one 64 KiB train at
+/// 500 Mbit/s takes about 1 ms; tokio's timer has 1 ms granularity).
+const PACE_SLACK: Duration = Duration::from_millis(2);
 
 /// Buffers allocated once per tunnel and reused for every packet. Most of
 /// their pages are never touched: the large ones only fill under bulk load.
@@ -611,7 +676,8 @@ impl Driver {
         // the next batch on.
         let admits = self.filter.current();
         let mut refused = 0;
-        for turn in 1..=TUN_READS_PER_TURN {
+        let reads = self.levers.tun_reads;
+        for turn in 1..=reads {
             match read {
                 Ok(ready) => {
                     for i in 0..ready {
@@ -639,7 +705,7 @@ impl Driver {
                 }
                 Err(e) => tracing::debug!("dropped a packet from the tunnel interface: {e}"),
             }
-            if turn == TUN_READS_PER_TURN {
+            if turn == reads {
                 break;
             }
             read = self.device.try_recv_multiple(
@@ -677,7 +743,8 @@ impl Driver {
             }
             _ => return,
         };
-        if !batch.fits(size, self.udp_state.max_gso_segments()) {
+        let max_segments = self.udp_state.max_gso_segments().min(self.levers.gso_segments);
+        if !batch.fits(size, max_segments) {
             self.send_batch(batch).await;
             batch.restart_with_slot(size);
         }
@@ -693,8 +760,15 @@ impl Driver {
 
     /// Sends the batch's datagrams (all of its segment size, the last may be
     /// shorter): one GSO send, or one by one when the kernel turned GSO down.
-    async fn send_batch(&self, batch: &OutgoingBatch) {
+    async fn send_batch(&mut self, batch: &OutgoingBatch) {
         let (run, segment, count) = (&batch.buf[..batch.len], batch.segment, batch.count);
+        if let Some(rate) = self.levers.pace_bytes_per_sec {
+            let (done, wait_until) = pace(self.paced_until, Instant::now(), run.len(), rate);
+            self.paced_until = Some(done);
+            if let Some(at) = wait_until {
+                tokio::time::sleep_until(at.into()).await;
+            }
+        }
         let transmit = quinn_udp::Transmit {
             destination: self.endpoint,
             ecn: None,
@@ -1113,6 +1187,24 @@ mod tests {
         // 44 * 1452 = 63 888 fits under MAX_GSO_BYTES; 45 would not.
         assert_eq!(sent, vec![(1452, 44, 44 * 1452)]);
         assert!(sent.iter().all(|&(_, _, len)| len <= MAX_GSO_BYTES));
+    }
+
+    #[test]
+    fn pacing_lets_a_short_burst_through_and_then_waits() {
+        let t0 = Instant::now();
+        // 1 MB/s: 1000 bytes take 1 ms.
+        let (done, wait) = pace(None, t0, 1000, 1e6);
+        assert_eq!((done - t0, wait), (Duration::from_millis(1), None));
+        let (done, wait) = pace(Some(done), t0, 1000, 1e6);
+        assert_eq!((done - t0, wait), (Duration::from_millis(2), None));
+        // The third millisecond is past the slack: wait until 1 ms.
+        let (done, wait) = pace(Some(done), t0, 1000, 1e6);
+        assert_eq!(done - t0, Duration::from_millis(3));
+        assert_eq!(wait.map(|w| w - t0), Some(Duration::from_millis(1)));
+        // After a pause the schedule starts from now, not from the past.
+        let later = t0 + Duration::from_secs(1);
+        let (done, wait) = pace(Some(done), later, 1000, 1e6);
+        assert_eq!((done - later, wait), (Duration::from_millis(1), None));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, UdpSocket};
 
 use crate::firewall::{self, VERIFY_MARK};
-use crate::profile::io_reason;
+use crate::io_reason;
 use crate::session::{AllowedHost, Phase, StatusReport};
 
 /// The longest any one probe waits.
@@ -47,7 +47,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const NEEDS_SESSION: &str = "verify needs a running session; start one with `sessionctl start PROFILE`";
 
 /// Probe names, as `sessionctl verify` prints them.
-pub const ALLOWED_HOST: &str = "allowed host";
+pub use crate::control::probe::ALLOWED_HOST;
 pub const OUTSIDE_HOST: &str = "outside host";
 pub const OTHER_DNS: &str = "other dns server";
 pub const IPV6_HOST: &str = "ipv6 host";

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use sessiond::profile::{self, Host};
-use sessiond::trust::key_file_paths;
+use sessiond::profile::key_files_named;
 
 /// A target's check: takes the raw input, panics on a finding.
 pub type Check = fn(&[u8]);
@@ -65,17 +65,15 @@ pub fn profile(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let doc = toml::from_str::<toml::Table>(text).ok();
-    if let Some(doc) = &doc {
-        // Key files are read from disk: keep the fuzzer inside its own
-        // directory (no /proc/kcore, no /dev/stdin).
-        if key_file_paths(doc)
-            .iter()
-            .any(|p| p.starts_with('/') || p.contains("..") || p.contains('\0'))
-        {
-            return;
-        }
+    // Key files are read from disk: keep the fuzzer inside its own
+    // directory (no /proc/kcore, no /dev/stdin).
+    if key_files_named(text)
+        .iter()
+        .any(|p| p.starts_with('/') || p.contains("..") || p.contains('\0'))
+    {
+        return;
     }
+    let doc = toml::from_str::<toml::Table>(text).ok();
     let inline_key = doc
         .as_ref()
         .and_then(|d| {

@@ -10,6 +10,7 @@
 
 pub mod call;
 pub mod call_compare;
+pub mod callflow;
 pub mod container;
 pub mod daemon;
 pub mod dns;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 use serde_json::Value;
-use sessiond::profile::{self, Host};
+use sessiongate_common::profile::{self, Host};
 
 use tls::{ChainProblem, ConnectError, Target, Version};
 

@@ -183,7 +183,7 @@ impl Effects for SystemEffects {
     }
 
     async fn load_profile(&mut self, name: &str) -> Result<Profile, String> {
-        let path = self.profiles.join(format!("{name}.toml"));
+        let path = crate::profile::profile_path(&self.profiles, name)?;
         match tokio::task::spawn_blocking(move || Profile::load(&path)).await {
             Ok(loaded) => loaded.map_err(|e| e.to_string()),
             Err(e) => Err(format!("loading profile {name} failed: {e}")),

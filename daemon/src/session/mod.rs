@@ -29,7 +29,7 @@
 //! reply: it answers with an [`Outcome`] that the server turns into one.
 
 mod blocked;
-mod cause;
+use sessiongate_common::cause;
 mod connecting;
 mod effects;
 mod idle;

@@ -45,6 +45,8 @@ const IPERF_PORT: &str = "5201";
 /// labhost's TCP service (first-packet probe) and UDP echo (ping) on the host.
 const PROBE_TCP_PORT: &str = "443";
 const ECHO_UDP_PORT: &str = "10000";
+/// The call-shaped flow's receiver on the host (lab::callflow::LAB_PORT).
+const CALL_UDP_PORT: u16 = lab::callflow::LAB_PORT;
 /// Tunnel addresses of the two comparison clients (sessiongate uses the lab's
 /// 192.0.2.66). Each system has its own key, so the gateway keeps them apart.
 const WG_GO_TUN_V4: &str = "192.0.2.71";
@@ -63,6 +65,8 @@ fn main() -> ExitCode {
         None => run(),
         Some("udp-ping") => udp_ping(&args[1..]),
         Some("first-packet") => first_packet(&args[1..]),
+        Some("call-send") => lab::callflow::cli_send(&args[1..]),
+        Some("call-recv") => lab::callflow::cli_receive(&args[1..]),
         Some("-h" | "--help") => {
             println!("usage: sudo ./scripts/bench   (see docs/benchmarks.md for the BENCH_* variables)");
             Ok(())
@@ -120,6 +124,14 @@ struct Config {
     systems: Vec<System>,
     boringtun: Option<PathBuf>,
     profile: bool,
+    /// The call-shaped flow: its length, the uplinks it runs on (None: the
+    /// lab's plain link) and whether the other measurements are skipped.
+    call_secs: u64,
+    call_links: Vec<Option<String>>,
+    call_only: bool,
+    /// BENCH_TUN_QDISC: a qdisc (e.g. `fq_codel`, `cake`) put on sessiond's
+    /// tunnel interface after each start, to measure that lever.
+    tun_qdisc: Option<String>,
 }
 
 fn env_num<T>(name: &str, default: T, min: T) -> Result<T>
@@ -190,12 +202,112 @@ impl Config {
             systems,
             boringtun,
             profile: std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1"),
+            call_secs: env_num("BENCH_CALL_SECS", 5, 1)?,
+            call_links: call_links()?,
+            call_only: std::env::var("BENCH_CALL_ONLY").is_ok_and(|v| v == "1"),
+            tun_qdisc: std::env::var("BENCH_TUN_QDISC")
+                .ok()
+                .filter(|q| !q.trim().is_empty()),
         })
+    }
+
+    /// The call scenarios in the order they run: each link, alone and
+    /// beside an upload and a download.
+    fn call_scenarios(&self) -> Vec<Scenario> {
+        let mut v = Vec::new();
+        for link in &self.call_links {
+            for load in [Load::Alone, Load::Upload, Load::Download] {
+                v.push(Scenario {
+                    link: link.clone(),
+                    load,
+                });
+            }
+        }
+        v
     }
 
     fn ping_secs(&self) -> u64 {
         (u64::from(self.pings) * self.ping_interval_ms).div_ceil(1000)
     }
+}
+
+/// BENCH_CALL_LINKS: a comma-separated list of `plain` and tc rates
+/// (default `plain,50mbit,10mbit`); `none` runs no call.
+fn call_links() -> Result<Vec<Option<String>>> {
+    let list = std::env::var("BENCH_CALL_LINKS").unwrap_or_else(|_| "plain,50mbit,10mbit".to_string());
+    let mut v = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item {
+            "none" => return Ok(Vec::new()),
+            "plain" => v.push(None),
+            rate if rate.ends_with("bit") && rate.chars().next().is_some_and(|c| c.is_ascii_digit()) => {
+                v.push(Some(rate.to_string()))
+            }
+            other => bail!("BENCH_CALL_LINKS: `{other}` is neither `plain` nor a tc rate such as 50mbit"),
+        }
+    }
+    Ok(v)
+}
+
+/// What runs beside the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Load {
+    Alone,
+    /// A saturating TCP upload (iperf3, client → host).
+    Upload,
+    /// A saturating TCP download (iperf3 -R, host → client).
+    Download,
+}
+
+impl Load {
+    fn label(self) -> &'static str {
+        match self {
+            Load::Alone => "alone",
+            Load::Upload => "beside an upload",
+            Load::Download => "beside a download",
+        }
+    }
+}
+
+/// One call measurement: a link and a load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Scenario {
+    /// None: the lab's plain link; Some(rate): the router's uplink shaped
+    /// to this tc rate.
+    link: Option<String>,
+    load: Load,
+}
+
+impl Scenario {
+    fn label(&self) -> String {
+        let link = match &self.link {
+            None => "plain link".to_string(),
+            Some(rate) => format!("{rate} uplink"),
+        };
+        format!("{link}, {}", self.load.label())
+    }
+
+    /// The plain link without load is context; every loaded or shaped call
+    /// carries the goals.
+    fn has_goal(&self) -> bool {
+        self.link.is_some() || self.load != Load::Alone
+    }
+}
+
+/// One call's numbers.
+#[derive(Clone, Debug, Default)]
+struct CallSample {
+    lost: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    jitter_ms: f64,
+    /// The bulk transfer beside it (Mbit/s; NaN alone).
+    load_mbps: f64,
+    /// Where packets (of the call and its load) were dropped meanwhile: the
+    /// gateway's full socket queue, and the client's tunnel interface (the
+    /// kernel's queue towards the tunnel process was full).
+    gateway_drops: f64,
+    tun_drops: f64,
 }
 
 // ------------------------------------------------------------ interruption
@@ -358,6 +470,9 @@ struct Sample {
     up_mbps: f64,
     down_mbps: f64,
     cpu_s_per_gb: f64,
+    /// The upload again with the tunnel process pinned to one core.
+    up_1core_mbps: f64,
+    cpu_s_per_gb_1core: f64,
     udp_cpu_pct: f64,
     udp_loss_pct: f64,
     idle_p50_ms: f64,
@@ -373,6 +488,8 @@ struct Sample {
     first_packet_ms: f64,
     up_cmd_ms: f64,
     rss_mib: f64,
+    /// One per call scenario, in `Config::call_scenarios` order.
+    calls: Vec<CallSample>,
     tcp_cpu_pct: f64,
     gateway_cpu_pct: f64,
     machine_busy_pct: f64,
@@ -451,6 +568,30 @@ fn metrics() -> Vec<Metric> {
             ratio: true,
             worst: false,
             goal: Goal::Ratio(Some(Bound::AtMost(0.8)), None),
+        },
+        Metric {
+            name: "TCP upload, tunnel process pinned to one core (Mbit/s)",
+            get: |s| s.up_1core_mbps,
+            decimals: 0,
+            ratio: true,
+            worst: false,
+            goal: Goal::None,
+        },
+        Metric {
+            name: "scaling: upload on two cores / on one core",
+            get: |s| s.up_mbps / s.up_1core_mbps,
+            decimals: 2,
+            ratio: false,
+            worst: false,
+            goal: Goal::None,
+        },
+        Metric {
+            name: "CPU s per GB, upload pinned to one core",
+            get: |s| s.cpu_s_per_gb_1core,
+            decimals: 2,
+            ratio: true,
+            worst: false,
+            goal: Goal::None,
         },
         Metric {
             name: "tunnel process CPU % during the TCP transfers (1 core = 100)",
@@ -634,6 +775,8 @@ struct Results {
     /// rounds × systems.
     rounds: Vec<[Option<Sample>; 3]>,
     sessiond_idle_rss: f64,
+    /// The call scenarios, in the order of each sample's `calls`.
+    scenarios: Vec<Scenario>,
 }
 
 impl Results {
@@ -672,6 +815,92 @@ fn fmt_ratio(v: Option<f64>) -> String {
         Some(v) if v.is_finite() => format!("{v:.2}×"),
         _ => "–".to_string(),
     }
+}
+
+/// The call table (Markdown) and whether every call goal with data was met:
+/// per scenario, packets lost over all rounds (sessiongate's must not
+/// exceed wireguard-go's), and p99 one-way delay and jitter as medians of
+/// the per-round ratios to wireguard-go (≤ 1.0×).
+fn render_calls(res: &Results) -> (String, bool) {
+    let mut out = String::new();
+    let mut all_met = true;
+    out.push_str(
+        "| call | lost, all rounds (sg / wg-go / bt-cli) | one-way p50 ms | one-way p99 ms | p99 sg / wg-go | jitter ms | jitter sg / wg-go | bulk Mbit/s beside it | met (lost ≤ wg-go, p99 and jitter ≤ 1.0×) |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|---|\n",
+    );
+    for (i, scenario) in res.scenarios.iter().enumerate() {
+        let values = |sys: System, get: fn(&CallSample) -> f64| -> Vec<f64> {
+            res.rounds
+                .iter()
+                .filter_map(|r| r[sys.index()].as_ref()?.calls.get(i).map(get))
+                .collect()
+        };
+        let triple = |get: fn(&CallSample) -> f64, decimals: usize, sum: bool| -> String {
+            System::ALL
+                .iter()
+                .map(|&sys| {
+                    let v = values(sys, get);
+                    let agg = if sum {
+                        (!v.is_empty()).then(|| v.iter().sum())
+                    } else {
+                        median(v)
+                    };
+                    fmt_num(agg, decimals)
+                })
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let ratio = |get: fn(&CallSample) -> f64| -> Option<f64> {
+            let sg = values(System::Sessiongate, get);
+            let wg = values(System::WireguardGo, get);
+            median(
+                sg.iter()
+                    .zip(&wg)
+                    .filter(|(_, w)| **w > 0.0)
+                    .map(|(s, w)| s / w)
+                    .collect(),
+            )
+        };
+        let lost_sg: f64 = values(System::Sessiongate, |c| c.lost).iter().sum();
+        let lost_wg = values(System::WireguardGo, |c| c.lost);
+        let (r_p99, r_jit) = (ratio(|c| c.p99_ms), ratio(|c| c.jitter_ms));
+        let met = if !scenario.has_goal() {
+            "(context)".to_string()
+        } else if lost_wg.is_empty() || r_p99.is_none() || r_jit.is_none() {
+            "n/a".to_string()
+        } else {
+            let lost_wg: f64 = lost_wg.iter().sum();
+            let mut misses = Vec::new();
+            if lost_sg > lost_wg {
+                misses.push("loss");
+            }
+            if r_p99.is_some_and(|r| r > 1.0) {
+                misses.push("p99");
+            }
+            if r_jit.is_some_and(|r| r > 1.0) {
+                misses.push("jitter");
+            }
+            if misses.is_empty() {
+                "yes".to_string()
+            } else {
+                all_met = false;
+                format!("**no** ({})", misses.join(", "))
+            }
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            scenario.label(),
+            triple(|c| c.lost, 0, true),
+            triple(|c| c.p50_ms, 2, false),
+            triple(|c| c.p99_ms, 2, false),
+            fmt_ratio(r_p99),
+            triple(|c| c.jitter_ms, 3, false),
+            fmt_ratio(r_jit),
+            triple(|c| c.load_mbps, 0, false),
+            met
+        ));
+    }
+    (out, all_met)
 }
 
 /// The table (Markdown) and whether every goal with data was met.
@@ -884,6 +1113,16 @@ fn gateway_udp_drops(lab: &Lab) -> Result<u64> {
         .find(|(name, _)| *name == "RcvbufErrors")
         .and_then(|(_, v)| v.parse().ok())
         .context("the gateway's /proc/net/snmp has no Udp RcvbufErrors")
+}
+
+/// Packets the client's tunnel interface dropped on the way to the tunnel
+/// process (TX dropped: its queue was full while the process was busy).
+fn tun_tx_dropped(lab: &Lab, ifname: &str) -> Result<u64> {
+    let path = format!("/sys/class/net/{ifname}/statistics/tx_dropped");
+    let text = lab.exec_ok(Ns::Client, &["cat", &path])?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{path} is not a number: {text}"))
 }
 
 /// `udp-ping ADDR PORT COUNT INTERVAL_MS`: one datagram every interval to
@@ -1120,6 +1359,8 @@ fn run_pings(lab: &Lab, me: &str, cfg: &Config) -> Result<PingStats> {
 struct Up {
     /// The process that moves the tunnel's packets.
     pid: u32,
+    /// Its tunnel interface in the client namespace.
+    ifname: String,
     /// How it goes down again.
     kind: UpKind,
 }
@@ -1199,10 +1440,18 @@ impl Bench<'_> {
                     }
                 }
                 let first = poller_result(&poller, t0)?;
+                if let Some(qdisc) = &self.cfg.tun_qdisc {
+                    let mut args = vec!["tc", "qdisc", "replace", "dev", lab::DAEMON_TUN_IF, "root"];
+                    args.extend(qdisc.split_whitespace());
+                    self.lab
+                        .exec_ok(Ns::Client, &args)
+                        .with_context(|| format!("putting {qdisc} on sessiond's tunnel interface"))?;
+                }
                 let pid = self.daemon.pid().context("sessiond has no pid")?;
                 Ok((
                     Up {
                         pid,
+                        ifname: lab::DAEMON_TUN_IF.to_string(),
                         kind: UpKind::Session,
                     },
                     first,
@@ -1312,6 +1561,7 @@ impl Bench<'_> {
         let cmd_ms = clock.elapsed().as_secs_f64() * 1000.0;
         let up = Up {
             pid: child.pid(),
+            ifname: ifname.clone(),
             kind: UpKind::Userspace {
                 child: child.clone(),
                 ifname: ifname.clone(),
@@ -1372,6 +1622,15 @@ impl Bench<'_> {
         let lab = self.lab;
         let secs = self.cfg.secs;
         lab.reset_leaks()?;
+        if self.cfg.call_only {
+            self.measure_calls(&up.ifname, sample)?;
+            sample.rss_mib = rss_mib(up.pid)?;
+            sample.leaks = lab.leaks()? as f64;
+            if sys == System::Sessiongate && sample.leaks > 0.0 {
+                self.leak_reports.push(lab.leak_report());
+            }
+            return Ok(());
+        }
 
         // (a) + (c) TCP both ways, CPU of the tunnel process over both; for
         // context also the gateway's wireguard-go and the whole machine.
@@ -1399,6 +1658,28 @@ impl Bench<'_> {
             f64::NAN
         };
         sample.rss_mib = rss_mib(up.pid)?;
+
+        // Scaling: the upload again with every thread of the tunnel
+        // process on CPU 0 (taskset), then back on all CPUs.
+        let pid = up.pid.to_string();
+        let all_cpus = format!(
+            "0-{}",
+            std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+        );
+        lab::util::run(&["taskset", "-a", "-p", "-c", "0", &pid]).context("pinning the tunnel process")?;
+        let c0 = cpu_ticks(up.pid)?;
+        let pinned = iperf_run(lab, &mut self.iperf, secs, &[]);
+        let c1 = cpu_ticks(up.pid)?;
+        lab::util::run(&["taskset", "-a", "-p", "-c", &all_cpus, &pid])
+            .context("unpinning the tunnel process")?;
+        let v = pinned?;
+        sample.up_1core_mbps = json_f64(&v, &["end", "sum_received", "bits_per_second"])? / 1e6;
+        let gb = json_f64(&v, &["end", "sum_received", "bytes"])? / 1e9;
+        sample.cpu_s_per_gb_1core = if gb > 0.0 {
+            (c1 - c0) as f64 / self.ticks / gb
+        } else {
+            f64::NAN
+        };
 
         // (c) a video call's steady UDP stream.
         let c0 = cpu_ticks(up.pid)?;
@@ -1438,11 +1719,91 @@ impl Bench<'_> {
         sample.uplink_p99_ms = shaped.p99_ms;
         sample.uplink_lost = shaped.lost as f64;
 
+        self.measure_calls(&up.ifname, sample)?;
+
         sample.leaks = lab.leaks()? as f64;
         if sys == System::Sessiongate && sample.leaks > 0.0 {
             self.leak_reports.push(lab.leak_report());
         }
         Ok(())
+    }
+
+    /// Every call scenario, in order; the shaping goes after each.
+    fn measure_calls(&mut self, ifname: &str, sample: &mut Sample) -> Result<()> {
+        let lab = self.lab;
+        for (i, scenario) in self.cfg.call_scenarios().into_iter().enumerate() {
+            check_interrupted()?;
+            if let Some(rate) = &scenario.link {
+                // The uplink a home router gives: a token bucket on the
+                // router's way towards the gateway, so the queue forms
+                // there, outside the client, for every system alike.
+                let shape = format!(
+                    "tc qdisc replace dev {} root tbf rate {rate} burst 16kb latency 50ms",
+                    addr::ROUTER_GATEWAY_IF
+                );
+                lab.exec_ok(Ns::Router, &shape.split_whitespace().collect::<Vec<_>>())
+                    .context("shaping the router's uplink with tc")?;
+            }
+            let (gw0, tun0) = (gateway_udp_drops(lab)?, tun_tx_dropped(lab, ifname)?);
+            let result = self.one_call(&scenario, i as u32);
+            let (gw1, tun1) = (gateway_udp_drops(lab)?, tun_tx_dropped(lab, ifname)?);
+            if scenario.link.is_some() {
+                lab.exec_ok(
+                    Ns::Router,
+                    &["tc", "qdisc", "del", "dev", addr::ROUTER_GATEWAY_IF, "root"],
+                )
+                .context("removing the uplink's shaping")?;
+            }
+            let mut call = result.with_context(|| format!("the call on the {}", scenario.label()))?;
+            call.gateway_drops = gw1.saturating_sub(gw0) as f64;
+            call.tun_drops = tun1.saturating_sub(tun0) as f64;
+            sample.calls.push(call);
+        }
+        Ok(())
+    }
+
+    /// One call, with its load beside it (the load starts 1 s before the
+    /// call and ends 1 s after it).
+    fn one_call(&mut self, scenario: &Scenario, index: u32) -> Result<CallSample> {
+        let lab = self.lab;
+        let secs = self.cfg.call_secs;
+        let run = (std::process::id() << 8) ^ (index + 1) ^ (unix_ns() as u32 & 0xffff_0000);
+        let bulk = match scenario.load {
+            Load::Alone => None,
+            Load::Upload => Some(spawn_iperf(lab, secs + 2, &[])?),
+            Load::Download => Some(spawn_iperf(lab, secs + 2, &["-R"])?),
+        };
+        if bulk.is_some() {
+            sleep(Duration::from_secs(1))?;
+        }
+        let call = lab::callflow::run_in_lab(lab, &self.me, secs, run);
+        let load_mbps = match bulk {
+            None => f64::NAN,
+            Some(bulk) => match finish(&bulk, Duration::from_secs(secs + 25))
+                .and_then(|log| iperf_json(&log))
+                .and_then(|v| json_f64(&v, &["end", "sum_received", "bits_per_second"]))
+            {
+                Ok(bps) => bps / 1e6,
+                Err(e) => {
+                    check_interrupted()?;
+                    eprintln!(
+                        "  the bulk transfer beside the call failed ({e:#}); restarting iperf3's server"
+                    );
+                    self.iperf.restart(lab)?;
+                    f64::NAN
+                }
+            },
+        };
+        let call = call?;
+        Ok(CallSample {
+            lost: f64::from(call.lost()),
+            p50_ms: call.p50_ms,
+            p99_ms: call.p99_ms,
+            jitter_ms: call.jitter_ms(),
+            load_mbps,
+            gateway_drops: 0.0,
+            tun_drops: 0.0,
+        })
     }
 
     /// Pings under a bulk upload while the uplink is shaped to
@@ -1525,6 +1886,19 @@ impl Bench<'_> {
                 sample.rss_mib,
                 sample.leaks
             );
+            for (scenario, call) in self.cfg.call_scenarios().iter().zip(&sample.calls) {
+                eprintln!(
+                    "    call, {:<34} lost {:>3} | one-way p50 {:>6.2} p99 {:>7.2} ms | jitter {:>5.2} ms | load {:>5.0} Mbit/s | dropped: gateway {:>5}, tun {:>5}",
+                    scenario.label(),
+                    call.lost,
+                    call.p50_ms,
+                    call.p99_ms,
+                    call.jitter_ms,
+                    call.load_mbps,
+                    call.gateway_drops,
+                    call.tun_drops
+                );
+            }
             out[sys.index()] = Some(sample);
         }
         Ok(out)
@@ -1752,7 +2126,10 @@ fn bench_profile_toml(t: String) -> String {
         &format!("host = \"{}\"", addr::HOST_V4),
     )
     .replace("tcp = [443]", &format!("tcp = [{PROBE_TCP_PORT}, {IPERF_PORT}]"))
-    .replace("udp = [10000]", &format!("udp = [{ECHO_UDP_PORT}, {IPERF_PORT}]"))
+    .replace(
+        "udp = [10000]",
+        &format!("udp = [{ECHO_UDP_PORT}, {IPERF_PORT}, {CALL_UDP_PORT}]"),
+    )
 }
 
 fn read_first(path: &str, key: &str) -> String {
@@ -1861,6 +2238,7 @@ fn run() -> Result<()> {
     let results = Results {
         rounds,
         sessiond_idle_rss: idle_rss,
+        scenarios: bench.cfg.call_scenarios(),
     };
     let profile_text = if bench.cfg.profile {
         Some(
@@ -1872,7 +2250,13 @@ fn run() -> Result<()> {
         None
     };
 
-    let (table, all_met) = render(&results);
+    let (table, mut all_met) = if bench.cfg.call_only {
+        (String::new(), true)
+    } else {
+        render(&results)
+    };
+    let (call_table, calls_met) = render_calls(&results);
+    all_met &= calls_met;
     let boringtun_version = bench
         .cfg
         .boringtun
@@ -1895,9 +2279,29 @@ fn run() -> Result<()> {
          peers: {wg_go_version}; {boringtun_version}",
         bench.cfg.rounds, bench.cfg.secs, bench.cfg.pings, bench.cfg.ping_interval_ms, bench.cfg.udp_rate
     );
+    let levers: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("SG_BENCH_") || k == "BENCH_TUN_QDISC")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !levers.is_empty() {
+        println!("Levers set for sessiond: {}", levers.join(" "));
+    }
+    println!(
+        "Calls: {} s each; load beside them from 1 s before to 1 s after.",
+        bench.cfg.call_secs
+    );
     println!("Values: median over rounds (noisy); ratios: median of the per-round ratios.");
     println!();
     print!("{table}");
+    if !results.scenarios.is_empty() {
+        println!();
+        println!(
+            "Call-shaped flow (audio 50 × 120 B/s, video 2.5 Mbit/s in 30 frames/s), one-way client → host; \
+             shaped uplinks: tbf on the router towards the gateway:"
+        );
+        println!();
+        print!("{call_table}");
+    }
     if let Some(p) = profile_text {
         println!();
         println!("Profile (BENCH_PROFILE=1):");

@@ -20,7 +20,14 @@
 //!   the start/stop cycles, once the allocator has settled (default 1024: a
 //!   leak of even 10 KiB per session shows there);
 //! - `SOAK_SETTLE_SECS` wait before measuring, so tokio's idle blocking
-//!   threads (kept 10 s) have exited (default 12).
+//!   threads (kept 10 s) have exited (default 12);
+//! - `SOAK_CALL_MINUTES` a last phase: one long session carrying the
+//!   call-shaped flow (lab::callflow: audio and 2.5 Mbit/s video) minute
+//!   after minute, with sessiond's memory, files and threads read each
+//!   minute; they must stay flat (default 2; `scripts/soak --hour` sets 60;
+//!   0 skips it);
+//! - `SOAK_CALL_RSS_TOLERANCE_KIB` growth of VmRSS allowed from the end of
+//!   the call's first minute to its last (default 1024).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,6 +39,23 @@ use lab::{addr, wait_until, Daemon, Lab, Ns};
 use serde_json::Value;
 
 fn main() -> ExitCode {
+    // The call phase runs this binary's call-send / call-recv in the lab's
+    // namespaces.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sub = match args.first().map(String::as_str) {
+        Some("call-send") => Some(lab::callflow::cli_send(&args[1..])),
+        Some("call-recv") => Some(lab::callflow::cli_receive(&args[1..])),
+        _ => None,
+    };
+    if let Some(result) = sub {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("soak: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run() {
         Ok(()) => {
             println!("soak: PASSED");
@@ -51,6 +75,8 @@ struct Config {
     rss_tolerance_kib: u64,
     rss_half_tolerance_kib: u64,
     settle: Duration,
+    call_minutes: u32,
+    call_rss_tolerance_kib: u64,
 }
 
 fn env_number(name: &str, default: u64) -> Result<u64> {
@@ -75,6 +101,8 @@ impl Config {
             rss_tolerance_kib: env_number("SOAK_RSS_TOLERANCE_KIB", 4096)?,
             rss_half_tolerance_kib: env_number("SOAK_RSS_HALF_TOLERANCE_KIB", 1024)?,
             settle: Duration::from_secs(env_number("SOAK_SETTLE_SECS", 12)?),
+            call_minutes: small("SOAK_CALL_MINUTES", 2)?,
+            call_rss_tolerance_kib: env_number("SOAK_CALL_RSS_TOLERANCE_KIB", 1024)?,
         })
     }
 }
@@ -413,11 +441,104 @@ fn run() -> Result<()> {
         "the crash cycles left something behind:\n  before: {before_system}\n  after:  {crashed_system}"
     );
     check_leaks(&lab, "at the end")?;
+    if cfg.call_minutes > 0 {
+        call_phase(&lab, &daemon, &cfg)?;
+        let after_call = system(&lab)?;
+        ensure!(
+            after_call == before_system,
+            "the long call left something behind:\n  before: {before_system}\n  after:  {after_call}"
+        );
+        check_leaks(&lab, "after the long call")?;
+    }
     println!(
-        "soak: {} + {} cycles in {:.1} s, leak meter at 0 throughout",
+        "soak: {} + {} cycles and a {}-minute call in {:.1} s, leak meter at 0 throughout",
         cfg.cycles,
         cfg.crash_cycles,
+        cfg.call_minutes,
         clock.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Phase 3: one session carrying a call for `call_minutes`, one minute-long
+/// call after another. sessiond's memory, open files and threads are read
+/// after each minute and must stay flat from the first minute's end on
+/// (the first minute warms up buffers and allocator arenas). Call quality is
+/// printed, never judged here (timing belongs to the bench).
+fn call_phase(lab: &Lab, daemon: &Daemon, cfg: &Config) -> Result<()> {
+    // The host by its address, as the bench does: the call is one-way and
+    // resolves nothing, so an address learned from a DNS answer would stop
+    // admitting its new packets when the answer's TTL runs out (a real
+    // call's two-way flow stays admitted as established).
+    let profile = lab.write_profile("soakcall", |t| {
+        t.replace(
+            &format!("host = \"{}\"", addr::MEET_NAME),
+            &format!("host = \"{}\"", addr::HOST_V4),
+        )
+        .replace(
+            "udp = [10000]",
+            &format!("udp = [10000, {}]", lab::callflow::LAB_PORT),
+        )
+    })?;
+    ensure!(
+        profile.toml.contains(&format!("{}]", lab::callflow::LAB_PORT))
+            && profile.toml.contains(addr::HOST_V4),
+        "profiles/lab.toml changed shape; the call profile could not be derived from it"
+    );
+    let me = std::env::current_exe()
+        .context("finding the soak binary")?
+        .to_string_lossy()
+        .into_owned();
+    daemon.ctl_ok(&["start", "soakcall"])?;
+    let phase = Instant::now();
+    let result = (|| -> Result<()> {
+        let mut first: Option<Process> = None;
+        let mut last = None;
+        for minute in 1..=cfg.call_minutes {
+            let call = lab::callflow::run_in_lab(lab, &me, 60, (std::process::id() << 12) | minute)
+                .with_context(|| format!("call minute {minute}"))?;
+            let now = process(daemon)?;
+            println!(
+                "call minute {minute:>3}/{}: {} of {} packets lost, one-way p50 {:.2} p99 {:.2} ms, jitter {:.3} ms; sessiond {now}; {:.0} s",
+                cfg.call_minutes,
+                call.lost(),
+                call.audio.expected + call.video.expected,
+                call.p50_ms,
+                call.p99_ms,
+                call.jitter_ms(),
+                phase.elapsed().as_secs_f64()
+            );
+            if first.is_none() {
+                first = Some(now);
+            }
+            last = Some(now);
+        }
+        if let (Some(first), Some(last)) = (first, last) {
+            println!(
+                "call: sessiond from minute 1 to minute {}: {first} -> {last}",
+                cfg.call_minutes
+            );
+            let mut growth = Vec::new();
+            if last.rss_kib > first.rss_kib + cfg.call_rss_tolerance_kib {
+                growth.push(format!(
+                    "VmRSS {} -> {} KiB (more than {} KiB)",
+                    first.rss_kib, last.rss_kib, cfg.call_rss_tolerance_kib
+                ));
+            }
+            if last.fds > first.fds {
+                growth.push(format!("open files {} -> {}", first.fds, last.fds));
+            }
+            if last.threads > first.threads {
+                growth.push(format!("threads {} -> {}", first.threads, last.threads));
+            }
+            ensure!(
+                growth.is_empty(),
+                "growth during the long call: {}",
+                growth.join("; ")
+            );
+        }
+        Ok(())
+    })();
+    stop(daemon)?;
+    result
 }

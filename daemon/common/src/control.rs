@@ -73,6 +73,12 @@ pub mod exit {
     pub const PERMISSION: i32 = 4;
 }
 
+/// Names of `verify` probes that `sessionctl` gives advice on (the daemon's
+/// verify module names the rest).
+pub mod probe {
+    pub const ALLOWED_HOST: &str = "allowed host";
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
@@ -136,12 +142,42 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 
 const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check", "verify", "watch"];
 
+/// The control group's name unless `sessiond --control-group` says
+/// otherwise; the sysusers snippet creates it.
+pub const DEFAULT_CONTROL_GROUP: &str = "sessiongate";
+
+/// What a caller without permission is told: who may use sessiond and how
+/// to become one of them.
+pub fn refusal_message(group: &str) -> String {
+    format!(
+        "permission denied: only root and members of the control group {group} may use sessiond; \
+         add yourself with `sudo usermod -aG {group} $USER` and log in again"
+    )
+}
+
+/// The name of the group that owns the control socket at `path` (the
+/// control group, for a socket sessiond made), for the client's refusal
+/// message; the default group when the socket cannot be looked at.
+pub fn socket_group_name(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                .ok()
+                .flatten()
+        })
+        .filter(|g| g.gid.as_raw() != 0)
+        .map(|g| g.name)
+        .unwrap_or_else(|| DEFAULT_CONTROL_GROUP.to_string())
+}
+
 /// Why a client could not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach sessiond at {path}: {reason} (is the daemon running?)")]
     Unreachable { path: String, reason: String },
-    #[error("{} (on {path})", crate::server::refusal_message(&crate::server::socket_group_name(std::path::Path::new(path))))]
+    #[error("{} (on {path})", refusal_message(&socket_group_name(std::path::Path::new(path))))]
     PermissionDenied { path: String },
     #[error("sessiond closed the connection without answering")]
     NoReply,
@@ -175,7 +211,7 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
             std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path },
             _ => ClientError::Unreachable {
                 path,
-                reason: crate::profile::io_reason(&e),
+                reason: crate::io_reason(&e),
             },
         }
     })
@@ -185,7 +221,7 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
 /// (`start` may legitimately take as long as the handshake timeout).
 pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
     let mut stream = connect(socket)?;
-    let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
+    let io = |e: std::io::Error| ClientError::Io(crate::io_reason(&e));
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream
         .set_write_timeout(Some(Duration::from_secs(5)))
@@ -224,7 +260,7 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply
 /// any reply.
 pub fn watch(socket: &Path, mut on_status: impl FnMut(serde_json::Value) -> bool) -> Result<(), ClientError> {
     let mut stream = connect(socket)?;
-    let io = |e: std::io::Error| ClientError::Io(crate::profile::io_reason(&e));
+    let io = |e: std::io::Error| ClientError::Io(crate::io_reason(&e));
     stream
         .set_write_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
@@ -239,7 +275,7 @@ pub fn watch(socket: &Path, mut on_status: impl FnMut(serde_json::Value) -> bool
             .map_err(io)?;
         if n == 0 {
             return match (&written, first) {
-                (Err(e), true) => Err(ClientError::Io(crate::profile::io_reason(e))),
+                (Err(e), true) => Err(ClientError::Io(crate::io_reason(e))),
                 (_, true) => Err(ClientError::NoReply),
                 _ => Err(ClientError::Closed),
             };

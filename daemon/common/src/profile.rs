@@ -22,6 +22,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::io_reason;
 use crate::keys::Key;
 
 /// Default name of the tunnel interface.
@@ -469,6 +470,28 @@ pub fn check_profile_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The file that holds profile `name` in the profiles directory `dir`: the
+/// one place that turns a name into a path. The name is checked first, so a
+/// name from a request or a command line can never reach another path.
+pub fn profile_path(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    check_profile_name(name)?;
+    Ok(dir.join(format!("{name}.toml")))
+}
+
+/// The key files profile text names (`tunnel.private_key_file`,
+/// `tunnel.peer.preshared_key_file`), as written: the files [`parse`] would
+/// read. Text that is not a profile names none, since `parse` refuses it
+/// before reading any file.
+pub fn key_files_named(text: &str) -> Vec<String> {
+    let Ok(file) = toml::from_str::<ProfileFile>(text) else {
+        return Vec::new();
+    };
+    [file.tunnel.private_key_file, file.tunnel.peer.preshared_key_file]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// Parses and validates profile text. `base` is the directory that relative
 /// key paths are taken from; `file_mode` is the profile file's mode, which
 /// decides whether an inline private key is acceptable.
@@ -848,7 +871,7 @@ pub fn decode_key(text: &str) -> Result<Key, String> {
 /// all-zero key among them): a Diffie-Hellman with it gives the all-zero
 /// secret whatever our private key is, so it is no key at all.
 pub fn is_low_order(public_key: &Key) -> bool {
-    use boringtun::x25519::{PublicKey, StaticSecret};
+    use x25519_dalek::{PublicKey, StaticSecret};
     let ours = StaticSecret::random_from_rng(rand_core::OsRng);
     !ours
         .diffie_hellman(&PublicKey::from(*public_key.as_bytes()))
@@ -925,15 +948,6 @@ fn check_interface_name(name: &str) -> Result<(), String> {
         Err(format!(
             "{name:?} is not an interface name: 1-15 letters, digits, '-' or '_'"
         ))
-    }
-}
-
-/// The part of an I/O error a person needs ("No such file or directory").
-pub fn io_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_string(),
-        None => text,
     }
 }
 

@@ -28,14 +28,14 @@ impl Key {
 
     /// A new random private key.
     pub fn generate_private() -> Key {
-        let secret = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+        let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
         Key(secret.to_bytes())
     }
 
     /// The public key that belongs to this private key.
     pub fn public_key(&self) -> Key {
-        let secret = boringtun::x25519::StaticSecret::from(self.0);
-        Key(boringtun::x25519::PublicKey::from(&secret).to_bytes())
+        let secret = x25519_dalek::StaticSecret::from(self.0);
+        Key(x25519_dalek::PublicKey::from(&secret).to_bytes())
     }
 }
 

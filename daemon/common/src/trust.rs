@@ -27,7 +27,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::profile::io_reason;
+use crate::io_reason;
 
 /// Why sessiond refuses to start: one plain sentence.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -157,29 +157,9 @@ fn referenced_key_files(profile: &Path, dir: &Path) -> Vec<PathBuf> {
     let Ok(text) = fs::read_to_string(profile) else {
         return Vec::new();
     };
-    let Ok(doc) = toml::from_str::<toml::Table>(&text) else {
-        return Vec::new();
-    };
-    key_file_paths(&doc)
+    crate::profile::key_files_named(&text)
         .into_iter()
         .map(|file| dir.join(file))
-        .collect()
-}
-
-/// The key file paths a parsed profile names (private key and preshared
-/// key), as written. Shared with the fuzz targets.
-pub fn key_file_paths(doc: &toml::Table) -> Vec<String> {
-    let tunnel = doc.get("tunnel").and_then(toml::Value::as_table);
-    let private = tunnel.and_then(|t| t.get("private_key_file"));
-    let psk = tunnel
-        .and_then(|t| t.get("peer"))
-        .and_then(toml::Value::as_table)
-        .and_then(|p| p.get("preshared_key_file"));
-    [private, psk]
-        .into_iter()
-        .flatten()
-        .filter_map(toml::Value::as_str)
-        .map(str::to_string)
         .collect()
 }
 
@@ -256,7 +236,9 @@ mod tests {
             fs::write(s.psk(), "psk\n").expect("psk");
             chmod(&s.psk(), 0o600);
             let profile = format!(
-                "[tunnel]\nprivate_key_file = \"keys/client.key\"\n[tunnel.peer]\npreshared_key_file = \"{}\"\n",
+                "[tunnel]\nprivate_key_file = \"keys/client.key\"\naddress = [\"10.0.0.2/32\"]\n\
+                 [tunnel.peer]\npublic_key = \"k\"\nendpoint = \"gw.test:51820\"\npreshared_key_file = \"{}\"\n\
+                 [dns]\nservers = []\n",
                 s.psk().display()
             );
             fs::write(s.profiles().join("lab.toml"), profile).expect("profile");
