@@ -3,10 +3,12 @@
 //! lets pass. Never changes a verdict: both tables only count (policy accept).
 //!
 //! *Outside the tunnel* (`leaks`): in the router namespace, every packet that
-//! arrives from the client's veth (forwarded or for the router itself, and
-//! link-local broadcast and multicast such as mDNS, LLMNR and SSDP, counted
-//! before routing because the router drops a group it has not joined before
-//! its input hook) except
+//! arrives from the client's veth, counted in `prerouting`, before the
+//! routing decision: the router drops some packets before its forward and
+//! input hooks (a multicast group it has not joined, such as mDNS, LLMNR and
+//! SSDP; a TTL that ends there; an address it has no route for, which is
+//! anything outside the lab's networks), and each of them left the client
+//! all the same. Except
 //! the tunnel's UDP to 198.51.100.2:51820: a datagram to that address and port
 //! counts too unless it starts like a WireGuard message (type 1-4 and three
 //! zero bytes), so an application's own UDP to the endpoint is a leak like
@@ -101,17 +103,9 @@ fn outside_ruleset() -> String {
 		icmpv6 type {{ {LINK_CONTROL_V6} }} return
 		jump tally
 	}}
-	chain watch_input {{
-		type filter hook input priority filter; policy accept;
-		iifname "{client_if}" jump check
-	}}
-	chain watch_forward {{
-		type filter hook forward priority filter; policy accept;
-		iifname "{client_if}" jump check
-	}}
-	chain watch_link_local {{
+	chain watch_arrivals {{
 		type filter hook prerouting priority filter; policy accept;
-		iifname "{client_if}" pkttype {{ broadcast, multicast }} jump check
+		iifname "{client_if}" jump check
 	}}
 }}
 "#
@@ -266,11 +260,7 @@ impl Lab {
     /// Makes the outside meter watch another of the router's links to a
     /// client (the second client's, the roaming link).
     pub(crate) fn watch_router_link(&self, link: &str) -> Result<()> {
-        let script = format!(
-            "add rule inet {TABLE} watch_input iifname \"{link}\" jump check\n\
-             add rule inet {TABLE} watch_forward iifname \"{link}\" jump check\n\
-             add rule inet {TABLE} watch_link_local iifname \"{link}\" pkttype {{ broadcast, multicast }} jump check\n"
-        );
+        let script = format!("add rule inet {TABLE} watch_arrivals iifname \"{link}\" jump check\n");
         self.exec_stdin(Ns::Router, &["nft", "-f", "-"], script.as_bytes())
             .with_context(|| format!("making the leak meter watch {link}"))?;
         Ok(())

@@ -333,3 +333,44 @@ fn a_bulk_transfer_crosses_a_small_link_of_the_machine_itself() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// The outside meter itself: a packet that left the client counts even when
+/// the router drops it before its forward and input hooks. A router
+/// forwards nothing whose TTL ends there and routes nothing it has no route
+/// for (the lab's router has no default route), so a leak by either road
+/// (a TTL-1 datagram, any address outside the lab's networks) was on the
+/// wire yet counted as nothing. No session: the meter alone is under test.
+#[test]
+fn the_meter_counts_what_the_router_drops_before_routing() {
+    let lab = lab();
+    lab.reset_all_leaks().expect("reset");
+    let host: SocketAddr = format!("{}:40009", addr::HOST_V4).parse().expect("address");
+    // A local user, no privilege: one datagram each road.
+    as_nobody_in_client(&lab, move || {
+        let short_lived = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        short_lived.set_ttl(1).expect("ttl");
+        short_lived.send_to(b"ttl-1", host).expect("send ttl-1");
+        let v4 = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        v4.send_to(b"no-route", "192.0.2.200:40009").expect("send v4");
+        let v6 = UdpSocket::bind("[::]:0").expect("bind");
+        v6.send_to(b"no-route", "[2001:db8:ffff::1]:40009")
+            .expect("send v6");
+    });
+    let seen = wait_for(
+        Duration::from_secs(5),
+        "the meter to count three datagrams",
+        || {
+            let destinations = lab.leak_destinations()?;
+            let all = [
+                "203.0.113.10 udp/40009",
+                "192.0.2.200 udp/40009",
+                "2001:db8:ffff::1 udp/40009",
+            ]
+            .iter()
+            .all(|d| destinations.iter().any(|seen| seen == d));
+            anyhow::ensure!(all, "{}", lab.leak_report());
+            Ok(destinations)
+        },
+    );
+    assert!(seen.is_ok(), "{seen:?}");
+}
