@@ -25,7 +25,8 @@
 //! (sessiongate,wireguard-go,boringtun-cli), BENCH_BORINGTUN (path of
 //! boringtun-cli; default target/bench-tools/bin/boringtun-cli),
 //! BENCH_PROFILE=1 (afterwards: an strace timeline of `sessionctl start`,
-//! a perf profile and `strace -c` of sessiond during an upload). LAB_BIN_SESSIOND / LAB_BIN_SESSIONCTL pick the
+//! a perf profile and `strace -c` of sessiond during an upload),
+//! BENCH_START_ONLY=1 (only start to first packet). LAB_BIN_SESSIOND / LAB_BIN_SESSIONCTL pick the
 //! daemon's binaries (scripts/bench points them at the release build).
 
 use std::io::{Read, Write};
@@ -129,6 +130,9 @@ struct Config {
     call_secs: u64,
     call_links: Vec<Option<String>>,
     call_only: bool,
+    /// BENCH_START_ONLY=1: only bring each system up and down (start to
+    /// first packet, setup command time, resident memory); no transfers.
+    start_only: bool,
     /// BENCH_TUN_QDISC: a qdisc (e.g. `fq_codel`, `cake`) put on sessiond's
     /// tunnel interface after each start, to measure that lever.
     tun_qdisc: Option<String>,
@@ -205,6 +209,7 @@ impl Config {
             call_secs: env_num("BENCH_CALL_SECS", 5, 1)?,
             call_links: call_links()?,
             call_only: std::env::var("BENCH_CALL_ONLY").is_ok_and(|v| v == "1"),
+            start_only: std::env::var("BENCH_START_ONLY").is_ok_and(|v| v == "1"),
             tun_qdisc: std::env::var("BENCH_TUN_QDISC")
                 .ok()
                 .filter(|q| !q.trim().is_empty()),
@@ -1622,6 +1627,10 @@ impl Bench<'_> {
         let lab = self.lab;
         let secs = self.cfg.secs;
         lab.reset_leaks()?;
+        if self.cfg.start_only {
+            sample.rss_mib = rss_mib(up.pid)?;
+            return Ok(());
+        }
         if self.cfg.call_only {
             self.measure_calls(&up.ifname, sample)?;
             sample.rss_mib = rss_mib(up.pid)?;
@@ -1952,6 +1961,9 @@ impl Bench<'_> {
             ));
         } else {
             report.push_str("strace is not installed: no timeline of `sessionctl start`.\n");
+        }
+        if self.cfg.start_only {
+            return Ok(report);
         }
 
         let (up, _, _) = self.up(System::Sessiongate, self.cfg.rounds + 1)?;
