@@ -738,6 +738,30 @@ impl Lab {
     }
 
     /// `spawn` with a label for the log file name.
+    /// A private D-Bus bus daemon in `ns` listening on `socket`, returned
+    /// once it accepts connections (the socket file exists from bind(),
+    /// before the daemon listens: a connection then is refused). Returns the
+    /// child (killed on drop) and the bus address.
+    pub fn private_bus(&self, ns: Ns, socket: &Path) -> Result<(LabChild, String)> {
+        let address = format!("unix:path={}", socket.display());
+        let child = self
+            .spawn_named(
+                ns,
+                "dbus-daemon",
+                &[
+                    "dbus-daemon",
+                    "--session",
+                    "--nofork",
+                    &format!("--address={address}"),
+                ],
+            )
+            .context("dbus-daemon (Debian package dbus-daemon)")?;
+        wait_until(Duration::from_secs(10), "the private bus to accept", || {
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        })?;
+        Ok((child, address))
+    }
+
     pub fn spawn_named(&self, ns: Ns, label: &str, args: &[&str]) -> Result<LabChild> {
         self.spawn_env(ns, label, args, &[])
     }

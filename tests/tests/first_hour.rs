@@ -528,26 +528,9 @@ fn a_degraded_recovered_and_ended_session_each_show_a_desktop_notification() {
 
     // A real session bus, only for this test, with the recorder on it.
     let bus_dir = tempfile::tempdir().expect("tempdir");
-    let bus = bus_dir.path().join("bus");
-    let address = format!("unix:path={}", bus.display());
-    let _dbus = lab
-        .spawn_named(
-            Ns::Client,
-            "dbus-daemon",
-            &[
-                "dbus-daemon",
-                "--session",
-                "--nofork",
-                &format!("--address={address}"),
-            ],
-        )
-        .expect("dbus-daemon (Debian package dbus-daemon)");
-    // Ready when it accepts: the socket file exists from bind(), before
-    // dbus-daemon listens (a connection then is refused; seen in CI).
-    wait_until(Duration::from_secs(10), "the session bus to accept", || {
-        std::os::unix::net::UnixStream::connect(&bus).is_ok()
-    })
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let (_dbus, address) = lab
+        .private_bus(Ns::Client, &bus_dir.path().join("bus"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let (_runtime, _connection, shown) =
         notification_service::serve(&address).unwrap_or_else(|e| panic!("notification service: {e:#}"));
 

@@ -179,21 +179,8 @@ fn a_wake_up_after_the_gateway_forgot_the_session_handshakes_again_at_once() {
     let mut daemon = lab.start_sessiond().expect("start sessiond");
 
     // A private bus standing in for the system bus, only for this test.
-    let bus = lab.tmp_dir().join("system_bus");
-    let address = format!("unix:path={}", bus.display());
-    let _dbus = lab
-        .spawn_named(
-            Ns::Client,
-            "dbus-daemon",
-            &[
-                "dbus-daemon",
-                "--session",
-                "--nofork",
-                &format!("--address={address}"),
-            ],
-        )
-        .expect("dbus-daemon (Debian package dbus-daemon)");
-    wait_until(Duration::from_secs(10), "the private bus socket", || bus.exists())
+    let (_dbus, address) = lab
+        .private_bus(Ns::Client, &lab.tmp_dir().join("system_bus"))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let logind = StandInLogind::start(&address).unwrap_or_else(|e| panic!("stand-in logind: {e:#}"));
     daemon.set_env(sessiond::sleep::TEST_BUS_ENV, &address);
