@@ -383,6 +383,22 @@ impl Fuzz<'_> {
                     })
                 })
                 .unwrap_or_else(|e| panic!("{e:#}"));
+                // A neighbour resolution the probes began while the link was
+                // down may still be running on its last retries (INCOMPLETE);
+                // when those run out it fails every packet queued behind it,
+                // including the first ones after the link is back ("No route
+                // to host"), as on any machine. Settled means none is left; a
+                // FAILED entry is fine, the next packet starts afresh.
+                let client = self.lab.ns_name(Ns::Client).to_string();
+                wait_until(
+                    SETTLE,
+                    "the client's neighbour resolutions begun while the link was down to end",
+                    || {
+                        util::output(&["ip", "-n", &client, "neigh", "show", "dev", addr::CLIENT_IF])
+                            .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("INCOMPLETE"))
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{e:#}"));
             }
             Action::Readdress(_) => self.configure_client_link(),
             Action::Flush if self.model.daemon_up && self.model.session.is_some() => {
