@@ -169,6 +169,8 @@ use serde_json::Value;
 mod build;
 mod conntrack;
 mod expr;
+#[cfg(test)]
+mod golden;
 mod guard;
 mod lan;
 mod learned;
