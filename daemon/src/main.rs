@@ -8,6 +8,7 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use sessiond::nft::NftRunner;
 use sessiond::server::{AccessPolicy, ControlSocket};
 use sessiond::session::{self, Paths};
 use sessiond::watcher::ProfileWatcher;
@@ -55,9 +56,13 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = forbid_core_dumps() {
         tracing::warn!("could not turn core dumps off: {e}");
     }
-    if args.nft_binary {
-        sessiond::nft::use_binary_only();
-    }
+    // The one way to nft for the whole process, handed to whatever writes
+    // the firewall.
+    let nft = if args.nft_binary {
+        NftRunner::binary_only()
+    } else {
+        NftRunner::in_process()
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -71,7 +76,7 @@ fn main() -> std::process::ExitCode {
     // first.
     if let Err(e) = sessiond::trust::check(&args.profiles, &args.state_dir) {
         tracing::error!("{e}");
-        match runtime.block_on(sessiond::session::lock_down_persisted(&args.state_dir)) {
+        match runtime.block_on(sessiond::session::lock_down_persisted(nft, &args.state_dir)) {
             Ok(Some(profile)) => tracing::error!(
                 "the session of profile {profile} stays locked down: fix the above and start sessiond again, then `sessionctl stop` ends it (or `nft delete table inet sessiongate` and `nft delete table netdev sessiongate` by hand)"
             ),
@@ -80,7 +85,7 @@ fn main() -> std::process::ExitCode {
         }
         return std::process::ExitCode::FAILURE;
     }
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, nft)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -109,13 +114,16 @@ fn forbid_core_dumps() -> std::io::Result<()> {
     Ok(())
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, nft: NftRunner) -> anyhow::Result<()> {
     let policy = AccessPolicy::for_group(&args.control_group);
-    let (mut machine, handle) = session::new(Paths {
-        profiles: args.profiles.clone(),
-        state_dir: args.state_dir.clone(),
-        resolv_conf: args.resolv_conf.clone(),
-    });
+    let (mut machine, handle) = session::new(
+        Paths {
+            profiles: args.profiles.clone(),
+            state_dir: args.state_dir.clone(),
+            resolv_conf: args.resolv_conf.clone(),
+        },
+        nft,
+    );
     // A persisted session is locked down before anything else happens.
     machine.resume().await?;
     let watcher = ProfileWatcher::start(&args.profiles, handle.clone())

@@ -1,14 +1,18 @@
-//! How nftables commands reach the kernel: in this process, through
-//! libnftables (the library the `nft` binary is a thin front end for), when
-//! it can be loaded; otherwise the caller runs `nft` itself.
+//! The way to nft: one [`NftRunner`] value, chosen once by sessiond's
+//! `--nft-binary`, that hands a command to libnftables in this process (the
+//! library the `nft` binary is a thin front end for) when it can be loaded,
+//! and otherwise runs the `nft` binary.
 //!
 //! # What this module owns, and what it must never do
 //!
-//! It owns one libnftables context for the whole process, behind a lock
-//! (libnftables is not thread-safe). It runs exactly the command text it is
-//! given and returns nft's own output or error words; it knows nothing about
-//! tables, rules or sessions (that is the firewall module's business), and it
-//! never runs anything on its own.
+//! It owns the runner: at most one libnftables context (behind a lock:
+//! libnftables is not thread-safe), shared by the runner's clones, and the
+//! spawning of `nft` with its timeout. It runs exactly the command text it
+//! is given and returns nft's own output or error words; it knows nothing
+//! about tables, rules or sessions (that is the firewall module's
+//! business), it never runs anything on its own, and it keeps no state
+//! outside the value (no process-wide globals: whoever built the runner
+//! decides which way it goes).
 //!
 //! # Why in process
 //!
@@ -21,11 +25,12 @@
 //! single transaction per call, so the behaviour is `nft -j -f -`'s.
 //!
 //! The library is opened at run time (`dlopen` of `libnftables.so.1`, which
-//! Debian's `nftables` package depends on), not linked, so a machine without
-//! it still builds and runs sessiond: [`Libnftables::get`] answers `None` and
-//! the firewall falls back to the binary. [`use_binary_only`] (sessiond's
-//! `--nft-binary`) asks for that fallback on purpose: for a libnftables that
-//! misbehaves, and so the lab can prove the fallback keeps every guarantee.
+//! Debian's `nftables` package depends on), not linked, and only at the
+//! runner's first command, so a machine without it still builds and runs
+//! sessiond (the runner falls back to the binary) and an idle daemon never
+//! maps it. [`NftRunner::binary_only`] (sessiond's `--nft-binary`) asks for
+//! that fallback on purpose: for a libnftables that misbehaves, and so the
+//! lab can prove the fallback keeps every guarantee.
 //!
 //! The context binds to the network namespace the process is in when it is
 //! first used; sessiond never changes namespace. A call blocks its thread
@@ -33,8 +38,12 @@
 //! a spawned `nft` it has no timeout, since there is no process to stop.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
 
 /// `NFT_CTX_DEFAULT` for `nft_ctx_new`.
 const NFT_CTX_DEFAULT: c_uint = 0;
@@ -49,8 +58,130 @@ type Buffer = unsafe extern "C" fn(*mut c_void) -> c_int;
 type GetBuffer = unsafe extern "C" fn(*mut c_void) -> *const c_char;
 type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
 
+/// How long one `nft` run may take before we give up on it.
+pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The way to nft, chosen once; clones share it (and its one libnftables
+/// context).
+#[derive(Clone)]
+pub struct NftRunner {
+    way: Arc<Way>,
+}
+
+struct Way {
+    /// `--nft-binary`: never load libnftables.
+    binary_only: bool,
+    /// The library, loaded at the first command; `None` when it is not
+    /// usable (or not wanted): the binary runs then.
+    library: OnceLock<Option<Libnftables>>,
+}
+
+/// One nft command, with JSON output.
+pub enum NftCommand<'a> {
+    /// A JSON batch, one transaction (what `nft -j -f -` reads).
+    Batch(&'a str),
+    /// A command line, e.g. `list table inet sessiongate`.
+    Line(&'a str),
+}
+
+/// nft could not be run at all (as opposed to nft refusing a command).
+#[derive(Debug)]
+pub enum NftFailure {
+    /// The binary could not be started or fed; the sentence says why.
+    Spawn(String),
+    /// The binary did not finish within [`NFT_TIMEOUT`] and was stopped.
+    Timeout,
+}
+
+impl NftRunner {
+    /// libnftables in this process when it loads, else the binary.
+    pub fn in_process() -> NftRunner {
+        NftRunner::with(false)
+    }
+
+    /// The `nft` binary for every command (sessiond's `--nft-binary`).
+    pub fn binary_only() -> NftRunner {
+        NftRunner::with(true)
+    }
+
+    fn with(binary_only: bool) -> NftRunner {
+        NftRunner {
+            way: Arc::new(Way {
+                binary_only,
+                library: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The runner's libnftables, loaded on first use; `None` when the
+    /// library is not installed, not usable (logged once) or not wanted.
+    fn library(&self) -> Option<&Libnftables> {
+        self.way
+            .library
+            .get_or_init(|| {
+                if self.way.binary_only {
+                    tracing::info!("firewall changes run the nft binary, as asked (--nft-binary)");
+                    return None;
+                }
+                Libnftables::open()
+            })
+            .as_ref()
+    }
+
+    /// Runs `command` through libnftables in process, or through the `nft`
+    /// binary (`nft -j -f -` for a batch). The outer error: nft could not
+    /// be run at all; the inner one: nft refused, in its words.
+    pub async fn run(&self, command: NftCommand<'_>) -> Result<Result<String, String>, NftFailure> {
+        if let Some(lib) = self.library() {
+            let (NftCommand::Batch(text) | NftCommand::Line(text)) = command;
+            return Ok(lib.run(text));
+        }
+        let mut nft = Command::new("nft");
+        nft.arg("-j")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let input = match command {
+            NftCommand::Batch(json) => {
+                nft.args(["-f", "-"]).stdin(Stdio::piped());
+                Some(json)
+            }
+            NftCommand::Line(line) => {
+                nft.args(line.split_whitespace()).stdin(Stdio::null());
+                None
+            }
+        };
+        let mut child = nft.spawn().map_err(|e| NftFailure::Spawn(e.to_string()))?;
+        let run = async {
+            if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+                stdin
+                    .write_all(input.as_bytes())
+                    .await
+                    .map_err(|e| NftFailure::Spawn(format!("writing the ruleset to nft failed: {e}")))?;
+                // Dropping stdin closes it: nft reads to the end, then commits.
+            }
+            child
+                .wait_with_output()
+                .await
+                .map_err(|e| NftFailure::Spawn(e.to_string()))
+        };
+        let out = tokio::time::timeout(NFT_TIMEOUT, run)
+            .await
+            .map_err(|_| NftFailure::Timeout)??;
+        if out.status.success() {
+            return Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Ok(Err(if stderr.trim().is_empty() {
+            format!("nft exited with {} and no message", out.status)
+        } else {
+            stderr.into_owned()
+        }))
+    }
+}
+
 /// A loaded libnftables with one context.
-pub struct Libnftables {
+struct Libnftables {
     context: Mutex<Context>,
 }
 
@@ -75,30 +206,7 @@ impl Drop for Context {
     }
 }
 
-static LIBNFTABLES: OnceLock<Option<Libnftables>> = OnceLock::new();
-static BINARY_ONLY: AtomicBool = AtomicBool::new(false);
-
-/// Never load libnftables in this process: every command runs the `nft`
-/// binary. Takes effect only before the first firewall change.
-pub fn use_binary_only() {
-    BINARY_ONLY.store(true, Ordering::Relaxed);
-}
-
 impl Libnftables {
-    /// The process's libnftables, loaded on first use; `None` when the
-    /// library is not installed or not usable (logged once).
-    pub fn get() -> Option<&'static Libnftables> {
-        LIBNFTABLES
-            .get_or_init(|| {
-                if BINARY_ONLY.load(Ordering::Relaxed) {
-                    tracing::info!("firewall changes run the nft binary, as asked (--nft-binary)");
-                    return None;
-                }
-                Libnftables::open()
-            })
-            .as_ref()
-    }
-
     fn open() -> Option<Libnftables> {
         match Context::open() {
             Ok(context) => Some(Libnftables {
@@ -114,7 +222,7 @@ impl Libnftables {
     /// Runs `command` (nft syntax or nft's JSON) as `nft -j -f -` would: one
     /// transaction. Returns nft's output (JSON for listings), or its error
     /// text.
-    pub fn run(&self, command: &str) -> Result<String, String> {
+    fn run(&self, command: &str) -> Result<String, String> {
         let command = CString::new(command).map_err(|_| "the nft command contains a NUL byte".to_string())?;
         // A panic elsewhere while holding the lock leaves nothing half-done
         // in the context (each call is complete), so a poisoned lock is fine.

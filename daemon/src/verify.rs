@@ -33,10 +33,12 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use rand_core::{OsRng, RngCore};
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, UdpSocket};
 
-use crate::firewall::{self, VERIFY_MARK};
+use crate::firewall::{Firewall, VERIFY_MARK};
 use crate::io_reason;
 use crate::session::{AllowedHost, Phase, StatusReport};
 
@@ -105,15 +107,17 @@ pub struct Report {
 /// Runs the probes one after another (the outside probes read the refuse
 /// counter around themselves, so they must not overlap). `Err` is the
 /// reply's message: there is no session.
-pub async fn run(status: StatusReport) -> Result<Report, String> {
+/// The firewall is the session's: the probes read its refuse counter and
+/// check its table is in place before sending.
+pub async fn run(firewall: Arc<Firewall>, status: StatusReport) -> Result<Report, String> {
     if status.phase == Phase::Idle {
         return Err(NEEDS_SESSION.to_string());
     }
     let probes = vec![
         allowed_host(&status).await,
-        outside_host(OUTSIDE_HOST, outside_target(&status.allowed, false)).await,
-        other_dns_server().await,
-        outside_host(IPV6_HOST, outside_target(&status.allowed, true)).await,
+        outside_host(&firewall, OUTSIDE_HOST, outside_target(&status.allowed, false)).await,
+        other_dns_server(&firewall).await,
+        outside_host(&firewall, IPV6_HOST, outside_target(&status.allowed, true)).await,
     ];
     let failed = probes.iter().filter(|p| p.result == Verdict::Fail).count();
     tracing::info!(
@@ -254,15 +258,15 @@ enum Attempt {
     TimedOut,
 }
 
-async fn outside_host(name: &'static str, target: Option<SocketAddr>) -> Probe {
+async fn outside_host(firewall: &Firewall, name: &'static str, target: Option<SocketAddr>) -> Probe {
     let fail = |evidence: String| Probe::new(name, Verdict::Fail, evidence);
     let Some(target) = target else {
         return fail("every documentation address it could use is inside the profile's allowlist".into());
     };
-    if let Some(problem) = firewall_missing().await {
+    if let Some(problem) = firewall_missing(firewall).await {
         return fail(problem);
     }
-    let before = match firewall::refused_packets().await {
+    let before = match firewall.refused_packets().await {
         Ok(n) => n,
         Err(e) => return fail(format!("cannot read the refuse counter ({e}); nothing was sent")),
     };
@@ -285,7 +289,7 @@ async fn outside_host(name: &'static str, target: Option<SocketAddr>) -> Probe {
         Ok(Err(e)) => Attempt::Failed(e),
         Err(_) => Attempt::TimedOut,
     };
-    let counted = match firewall::refused_packets().await {
+    let counted = match firewall.refused_packets().await {
         // A smaller value: the table was replaced meanwhile (a reload), its
         // counter started again from zero.
         Ok(after) if after >= before => after - before,
@@ -344,8 +348,8 @@ enum DnsAttempt {
 
 /// Why a blocking probe must not be sent: our table is not in place as
 /// applied (so a "blocked" result would prove nothing), or cannot be read.
-async fn firewall_missing() -> Option<String> {
-    match firewall::is_present().await {
+async fn firewall_missing(firewall: &Firewall) -> Option<String> {
+    match firewall.is_present().await {
         Ok(true) => None,
         Ok(false) => Some(
             "sessiongate's firewall table is not in place as applied (it is being put back); nothing was sent"
@@ -355,9 +359,9 @@ async fn firewall_missing() -> Option<String> {
     }
 }
 
-async fn other_dns_server() -> Probe {
+async fn other_dns_server(firewall: &Firewall) -> Probe {
     let fail = |evidence: String| Probe::new(OTHER_DNS, Verdict::Fail, evidence);
-    if let Some(problem) = firewall_missing().await {
+    if let Some(problem) = firewall_missing(firewall).await {
         return fail(problem);
     }
     let query = match dns_query() {

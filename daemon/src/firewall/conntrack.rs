@@ -9,8 +9,8 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use super::runner::NFT_TIMEOUT;
 use super::SESSION_CT_BIT;
+use crate::nft::NFT_TIMEOUT;
 
 /// Deletes every tracked flow that carries [`SESSION_CT_BIT`], IPv4 and
 /// IPv6, with the `conntrack` tool (package conntrack). Best effort: while

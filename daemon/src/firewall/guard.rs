@@ -1,8 +1,9 @@
 //! The tamper guard: `nft -j monitor` (and `ip -o monitor link`) wake the
 //! caller when something touches our tables, and the comparisons
-//! [`super::is_present`] makes against the last apply (the listing's
-//! fingerprint, the base chains, elements that are not this session's
-//! answers).
+//! [`is_present`](super::Firewall::is_present) makes against the last
+//! apply (the listing's fingerprint, the base chains, elements that are not
+//! this session's answers). It reaches nft through the firewall's own
+//! runner, and has no state outside its [`FirewallWatch`].
 //!
 //! It only watches and compares. It never writes our tables (the caller
 //! re-applies), and the only thing it writes at all is a throwaway table of
@@ -27,6 +28,7 @@ use super::runner::run_nft;
 use super::{
     FirewallError, LearnedKey, ALLOW4, ALLOW6, FORWARD, INPUT, KNOWN4, KNOWN6, OUTPUT, TABLE, TCP, UDP,
 };
+use crate::nft::NftRunner;
 
 /// The sets whose elements come and go with DNS answers and timeouts.
 const ANSWER_SETS: [&str; 4] = [ALLOW4, ALLOW6, KNOWN4, KNOWN6];
@@ -133,10 +135,12 @@ pub(super) fn has_base_chains(listing: &Value) -> bool {
 /// `nft flush ruleset`, `nft delete table inet sessiongate`) through
 /// `nft -j monitor`. The monitor is killed when the watch is dropped.
 pub struct FirewallWatch {
+    /// The firewall's way to nft (the start-up check writes through it).
+    nft: NftRunner,
     events: mpsc::Receiver<()>,
     monitor: Option<Child>,
     /// `ip -o monitor link`: an interface that appears needs its egress
-    /// chain (see [`is_present`]).
+    /// chain (see [`is_present`](super::Firewall::is_present)).
     links: Option<Child>,
     /// An event was taken off the channel but not reported yet (keeps
     /// `changed` cancel-safe).
@@ -168,9 +172,10 @@ const SYNC_TRIES: u32 = 250;
 impl FirewallWatch {
     /// Resolves when something changed our table, or every 500 ms while the
     /// monitor cannot run (events may have been missed, so the caller should
-    /// check [`is_present`] whenever this returns). Our own writes wake it
-    /// too; [`is_present`] then says all is well. Cancel-safe: dropping the
-    /// future (e.g. in `select!`) never loses a change.
+    /// check [`is_present`](super::Firewall::is_present) whenever this
+    /// returns). Our own writes wake it too; `is_present` then says all is
+    /// well. Cancel-safe: dropping the future (e.g. in `select!`) never
+    /// loses a change.
     pub async fn changed(&mut self) {
         if self.restart_at.is_some() {
             return self.restart().await;
@@ -214,7 +219,7 @@ impl FirewallWatch {
         };
         tokio::time::sleep_until(at).await;
         self.restart_at = None;
-        match spawn_monitor() {
+        match spawn_monitor(&self.nft) {
             Ok((child, links, events)) => {
                 if self.warned {
                     tracing::info!("the firewall tamper guard's nft monitor runs again");
@@ -236,15 +241,17 @@ impl FirewallWatch {
     }
 }
 
-/// Starts watching our table. Needs a tokio runtime (it spawns a task).
-pub fn watch() -> Result<FirewallWatch, FirewallError> {
+/// Starts watching our table; the start-up check runs through `nft`.
+/// Needs a tokio runtime (it spawns a task).
+pub(super) fn watch(nft: NftRunner) -> Result<FirewallWatch, FirewallError> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(FirewallError::Spawn(
             "the tamper guard needs a tokio runtime".into(),
         ));
     }
-    let (child, links, events) = spawn_monitor()?;
+    let (child, links, events) = spawn_monitor(&nft)?;
     Ok(FirewallWatch {
+        nft,
         events,
         monitor: Some(child),
         links,
@@ -257,16 +264,17 @@ pub fn watch() -> Result<FirewallWatch, FirewallError> {
 /// `nft -j monitor` (required) and `ip -o monitor link` (best effort: without
 /// it a new interface waits for the next check), both waking one channel.
 #[allow(clippy::type_complexity)]
-fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), FirewallError> {
+fn spawn_monitor(nft: &NftRunner) -> Result<(Child, Option<Child>, mpsc::Receiver<()>), FirewallError> {
     let (child, stdout) = spawn_monitor_process("nft", &["-j", "monitor"])?;
     let (tx, rx) = mpsc::channel(64);
+    let nft = nft.clone();
     // Weak: when nft monitor ends the channel must close (the watch then
     // restarts both), whatever the link monitor does.
     let link_tx = tx.downgrade();
     tokio::spawn(async move {
         let mut stdout = BufReader::new(stdout);
         let mut raw = Vec::new();
-        let mut sync = Some(tokio::spawn(prove_monitor_listens()));
+        let mut sync = Some(tokio::spawn(prove_monitor_listens(nft)));
         // Bytes, not `lines()`: nft 1.0.6 prints garbage (uninitialised
         // memory) for an element of an interval set with a concatenation,
         // and a line that is not UTF-8 would end `lines()` and with it the
@@ -314,7 +322,7 @@ fn spawn_monitor() -> Result<(Child, Option<Child>, mpsc::Receiver<()>), Firewal
 /// Adds and deletes [`SYNC_TABLE`] in one transaction until the monitor
 /// reports it (the caller aborts this task then). Not under the write lock:
 /// it never touches our tables.
-async fn prove_monitor_listens() {
+async fn prove_monitor_listens(nft: NftRunner) {
     let sync = Table {
         family: NfFamily::INet,
         name: SYNC_TABLE.into(),
@@ -324,7 +332,7 @@ async fn prove_monitor_listens() {
         let mut batch = Batch::new();
         batch.add(NfListObject::Table(sync.clone()));
         batch.delete(NfListObject::Table(sync.clone()));
-        if let Err(e) = run_nft(batch, "the tamper guard's start-up check").await {
+        if let Err(e) = run_nft(&nft, batch, "the tamper guard's start-up check").await {
             tracing::warn!("{e}");
         }
         tokio::time::sleep(SYNC_RETRY).await;
@@ -367,7 +375,8 @@ fn spawn_link_monitor(tx: mpsc::WeakSender<()>) -> Result<Child, FirewallError> 
 }
 
 /// Whether one line of `nft -j monitor` adds set elements to our table:
-/// ours (DNS answers) or someone else's, which [`is_present`] tells apart.
+/// ours (DNS answers) or someone else's, which [`is_present`](super::Firewall::is_present)
+/// tells apart.
 /// Deleted elements (timeouts, someone else's deletes) only close.
 pub(super) fn adds_elements_to_our_table(line: &str) -> bool {
     let Ok(Value::Object(event)) = serde_json::from_str::<Value>(line.trim()) else {

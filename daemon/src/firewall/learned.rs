@@ -18,7 +18,7 @@ use nftables::schema::{Element, NfListObject};
 use nftables::types::NfFamily;
 
 use super::expr::{canonical, concat, num, s};
-use super::{applied, LearnedAddress, LearnedKey, NamedEntry, ALLOW4, ALLOW6, KNOWN4, KNOWN6, TABLE};
+use super::{LearnedAddress, LearnedKey, NamedEntry, ALLOW4, ALLOW6, KNOWN4, KNOWN6, TABLE};
 
 /// Bounds of a DNS answer's timeout in the allow sets.
 const MIN_TIMEOUT_SECS: u64 = 1;
@@ -37,15 +37,18 @@ pub(super) fn narrow(
 }
 
 /// Every answer the `known` sets hold.
-pub(super) fn known_keys() -> Vec<LearnedKey> {
-    applied().sources.keys().copied().collect()
+pub(super) fn known_keys(sources: &BTreeMap<LearnedKey, BTreeSet<String>>) -> Vec<LearnedKey> {
+    sources.keys().copied().collect()
 }
 
-pub(super) fn unexpired_learned(now: Instant) -> Vec<LearnedAddress> {
-    let mut state = applied();
-    state.learned.retain(|_, expiry| *expiry > now);
-    state
-        .learned
+/// The answers that have not expired at `now`, with their remaining time
+/// (the expired ones are forgotten).
+pub(super) fn unexpired_learned(
+    learned: &mut BTreeMap<LearnedKey, Instant>,
+    now: Instant,
+) -> Vec<LearnedAddress> {
+    learned.retain(|_, expiry| *expiry > now);
+    learned
         .iter()
         .map(|(&(addr, proto, port), expiry)| LearnedAddress {
             addr,

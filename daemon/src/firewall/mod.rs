@@ -159,7 +159,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nftables::batch::Batch;
@@ -179,7 +178,7 @@ mod runner;
 #[cfg(test)]
 mod tests;
 
-pub use guard::{watch, FirewallWatch};
+pub use guard::FirewallWatch;
 
 use build::{build_table, validate, Inputs};
 use conntrack::forget_session_flows;
@@ -189,6 +188,8 @@ use lan::{connected_networks, connected_routes};
 use learned::{add_known, element_batch, known_keys, merge_learned, narrow, unexpired_learned};
 use link::{add_link_table, link_devices, link_table};
 use runner::{list_one, list_table, run_nft};
+
+use crate::nft::NftRunner;
 
 /// Our table's name (family inet).
 pub const TABLE: &str = "sessiongate";
@@ -325,15 +326,28 @@ pub enum FirewallError {
 }
 
 // ---------------------------------------------------------------------------
-// State shared by the calls of this process.
-
-/// Serialises every write to our table (and the bookkeeping that goes with
-/// it), so a DNS update cannot interleave with a replace.
-static WRITE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+// The owner.
 
 /// (address, protocol, port) of a learned address.
 type LearnedKey = (IpAddr, u8, u16);
 
+/// The kill switch of this process: our two tables in the kernel, the way
+/// to nft, and what this value last applied. The session owns it (through
+/// its effects); the DNS answer path, verify and the tamper guard share it
+/// by `Arc`. Every method takes `&self`: the writes are serialised inside.
+///
+/// Make one per process: two values would each believe their own books
+/// about the same kernel tables.
+pub struct Firewall {
+    nft: NftRunner,
+    /// What this value last applied. Held for the whole of every write, and
+    /// of every read that compares against it, so a DNS update cannot
+    /// interleave with a replace (nor land in a table an apply is about to
+    /// replace).
+    applied: tokio::sync::Mutex<Applied>,
+}
+
+#[derive(Default)]
 struct Applied {
     /// DNS answers in the allow sets: (address, proto, port) → expiry.
     learned: BTreeMap<LearnedKey, Instant>,
@@ -353,44 +367,35 @@ struct Applied {
     fingerprint: Option<String>,
 }
 
-static APPLIED: Mutex<Applied> = Mutex::new(Applied {
-    learned: BTreeMap::new(),
-    sources: BTreeMap::new(),
-    names: Vec::new(),
-    tunnel: None,
-    devices: Vec::new(),
-    fingerprint: None,
-});
+impl Firewall {
+    /// A firewall that has applied nothing yet and reaches nft through
+    /// `nft`. Changes nothing until it is told to.
+    pub fn new(nft: NftRunner) -> Firewall {
+        Firewall {
+            nft,
+            applied: tokio::sync::Mutex::new(Applied::default()),
+        }
+    }
 
-fn applied() -> std::sync::MutexGuard<'static, Applied> {
-    // The data stays consistent whatever panicked while holding it.
-    APPLIED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-// ---------------------------------------------------------------------------
-// The public operations.
-
-/// Replaces our whole table with the lockdown shape (`allow` = None) or the
-/// session shape, in one transaction: either the new table is in place or
-/// the old one still is. Works whether or not the table exists.
-pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), FirewallError> {
-    validate(lockdown, allow)?;
-    let lan = if lockdown.allow_lan {
-        connected_networks(&lockdown.tunnel_interface)
-    } else {
-        Vec::new()
-    };
-    let on_link = connected_routes(&lockdown.tunnel_interface);
-    let _write = WRITE_LOCK.lock().await;
-    // A lockdown that starts a session (nothing applied by this process
-    // since the last removal, or a daemon that resumes after a crash): no
-    // flow of an earlier session may go on into this one.
-    let fresh_start = allow.is_none() && applied().tunnel.is_none();
-    // Narrowing takes effect here, at once: answers for names or ports the
-    // new allowlist no longer holds are forgotten, so neither new nor
-    // established flows to them pass the new table.
-    let (learned, known) = {
-        let mut state = applied();
+    /// Replaces our whole table with the lockdown shape (`allow` = None) or
+    /// the session shape, in one transaction: either the new table is in
+    /// place or the old one still is. Works whether or not the table exists.
+    pub async fn apply(&self, lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), FirewallError> {
+        validate(lockdown, allow)?;
+        let lan = if lockdown.allow_lan {
+            connected_networks(&lockdown.tunnel_interface)
+        } else {
+            Vec::new()
+        };
+        let on_link = connected_routes(&lockdown.tunnel_interface);
+        let mut state = self.applied.lock().await;
+        // A lockdown that starts a session (nothing applied by this process
+        // since the last removal, or a daemon that resumes after a crash): no
+        // flow of an earlier session may go on into this one.
+        let fresh_start = allow.is_none() && state.tunnel.is_none();
+        // Narrowing takes effect here, at once: answers for names or ports the
+        // new allowlist no longer holds are forgotten, so neither new nor
+        // established flows to them pass the new table.
         match allow {
             Some(allow) => {
                 state.names = allow.names.clone();
@@ -408,69 +413,61 @@ pub async fn apply(lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(),
                 state.names.clear();
             }
         }
-        drop(state);
-        (unexpired_learned(Instant::now()), known_keys())
-    };
-    let inputs = Inputs {
-        lan,
-        on_link,
-        learned,
-        known,
-    };
-    // An interface that goes away between reading the list and the
-    // transaction fails the whole transaction (nothing changes): read the
-    // list again and retry then.
-    let mut attempts = 0;
-    loop {
-        let devices = link_devices(&lockdown.tunnel_interface);
-        let mut batch = build_table(lockdown, allow, &inputs);
-        // The link-level table, in the same transaction.
-        add_link_table(&mut batch, lockdown, &inputs, &devices);
-        // Until the new reference is taken, is_present checks the structure only.
-        {
-            let mut state = applied();
+        let inputs = Inputs {
+            lan,
+            on_link,
+            learned: unexpired_learned(&mut state.learned, Instant::now()),
+            known: known_keys(&state.sources),
+        };
+        // An interface that goes away between reading the list and the
+        // transaction fails the whole transaction (nothing changes): read the
+        // list again and retry then.
+        let mut attempts = 0;
+        loop {
+            let devices = link_devices(&lockdown.tunnel_interface);
+            let mut batch = build_table(lockdown, allow, &inputs);
+            // The link-level table, in the same transaction.
+            add_link_table(&mut batch, lockdown, &inputs, &devices);
+            // Until the new reference is taken, is_present checks the structure only.
             state.fingerprint = None;
             state.tunnel = Some(lockdown.tunnel_interface.clone());
             state.devices = devices.clone();
-        }
-        match run_nft(batch, "firewall table").await {
-            Ok(()) => break,
-            Err(e) if attempts < 2 && link_devices(&lockdown.tunnel_interface) != devices => {
-                tracing::debug!("the interfaces changed during a firewall change ({e}); trying again");
-                attempts += 1;
+            match run_nft(&self.nft, batch, "firewall table").await {
+                Ok(()) => break,
+                Err(e) if attempts < 2 && link_devices(&lockdown.tunnel_interface) != devices => {
+                    tracing::debug!("the interfaces changed during a firewall change ({e}); trying again");
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
+        state.fingerprint = match list_table(&self.nft).await {
+            Ok(Some(listing)) => Some(fingerprint(&listing)),
+            Ok(None) | Err(_) => None,
+        };
+        if fresh_start {
+            forget_session_flows().await;
+        }
+        Ok(())
     }
-    let fingerprint = match list_table().await {
-        Ok(Some(listing)) => Some(fingerprint(&listing)),
-        Ok(None) | Err(_) => None,
-    };
-    applied().fingerprint = fingerprint;
-    if fresh_start {
-        forget_session_flows().await;
-    }
-    Ok(())
-}
 
-/// Adds learned addresses (answers for the allowed name `name`) to the
-/// allow sets, each with its timeout, in one transaction. An address already
-/// there gets the later of its current and its new expiry. Entries whose
-/// name and port the allowlist in force does not hold are left out (an
-/// answer that arrives after a narrowing must not widen it again).
-pub async fn add_addresses(name: &str, entries: &[LearnedAddress]) -> Result<(), FirewallError> {
-    for entry in entries {
-        if entry.proto != TCP && entry.proto != UDP {
-            return Err(FirewallError::Invalid(format!(
-                "learned address {}: protocol {} is neither TCP (6) nor UDP (17)",
-                entry.addr, entry.proto
-            )));
+    /// Adds learned addresses (answers for the allowed name `name`) to the
+    /// allow sets, each with its timeout, in one transaction. An address
+    /// already there gets the later of its current and its new expiry.
+    /// Entries whose name and port the allowlist in force does not hold are
+    /// left out (an answer that arrives after a narrowing must not widen it
+    /// again).
+    pub async fn add_addresses(&self, name: &str, entries: &[LearnedAddress]) -> Result<(), FirewallError> {
+        for entry in entries {
+            if entry.proto != TCP && entry.proto != UDP {
+                return Err(FirewallError::Invalid(format!(
+                    "learned address {}: protocol {} is neither TCP (6) nor UDP (17)",
+                    entry.addr, entry.proto
+                )));
+            }
         }
-    }
-    let _write = WRITE_LOCK.lock().await;
-    let now = Instant::now();
-    let merged = {
-        let state = applied();
+        let mut state = self.applied.lock().await;
+        let now = Instant::now();
         let allowed: Vec<LearnedAddress> = entries
             .iter()
             .filter(|e| {
@@ -481,113 +478,109 @@ pub async fn add_addresses(name: &str, entries: &[LearnedAddress]) -> Result<(),
             })
             .copied()
             .collect();
-        merge_learned(&state.learned, &allowed, now)
-    };
-    if merged.is_empty() {
-        return Ok(());
+        let merged = merge_learned(&state.learned, &allowed, now);
+        if merged.is_empty() {
+            return Ok(());
+        }
+        let mut batch = element_batch(&merged);
+        let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.port)).collect();
+        add_known(&mut batch, &keys);
+        run_nft(&self.nft, batch, "allowlist update").await?;
+        state.learned.retain(|_, expiry| *expiry > now);
+        for entry in &merged {
+            let key = (entry.addr, entry.proto, entry.port);
+            state.learned.insert(key, now + entry.timeout);
+            state.sources.entry(key).or_default().insert(name.to_string());
+        }
+        Ok(())
     }
-    let mut batch = element_batch(&merged);
-    let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.port)).collect();
-    add_known(&mut batch, &keys);
-    run_nft(batch, "allowlist update").await?;
-    let mut state = applied();
-    state.learned.retain(|_, expiry| *expiry > now);
-    for entry in &merged {
-        let key = (entry.addr, entry.proto, entry.port);
-        state.learned.insert(key, now + entry.timeout);
-        state.sources.entry(key).or_default().insert(name.to_string());
-    }
-    Ok(())
-}
 
-/// Deletes our table. Already gone is fine.
-pub async fn remove() -> Result<(), FirewallError> {
-    let _write = WRITE_LOCK.lock().await;
-    // Adding the (empty) table first makes the delete succeed whether or
-    // not it exists, in one transaction.
-    let mut batch = Batch::new();
-    for table in [table(), link_table()] {
-        batch.add(NfListObject::Table(table.clone()));
-        batch.delete(NfListObject::Table(table));
+    /// Deletes our table. Already gone is fine.
+    pub async fn remove(&self) -> Result<(), FirewallError> {
+        let mut state = self.applied.lock().await;
+        // Adding the (empty) table first makes the delete succeed whether or
+        // not it exists, in one transaction.
+        let mut batch = Batch::new();
+        for table in [table(), link_table()] {
+            batch.add(NfListObject::Table(table.clone()));
+            batch.delete(NfListObject::Table(table));
+        }
+        run_nft(&self.nft, batch, "removal of the firewall table").await?;
+        *state = Applied::default();
+        // Then no flow of the session outlives it in connection tracking.
+        forget_session_flows().await;
+        Ok(())
     }
-    run_nft(batch, "removal of the firewall table").await?;
-    {
-        let mut state = applied();
-        state.learned.clear();
-        state.sources.clear();
-        state.names.clear();
-        state.tunnel = None;
-        state.devices.clear();
-        state.fingerprint = None;
-    }
-    // Then no flow of the session outlives it in connection tracking.
-    forget_session_flows().await;
-    Ok(())
-}
 
-/// Whether our table is in the kernel with the chains, rules and sets we
-/// last applied (or, if this process has not applied it, with its three
-/// base chains at policy drop).
-///
-/// With a reference, also every element of the sets that DNS answers fill
-/// must be one of this session's answers: an element someone else added (a
-/// host, a port) makes the table "damaged", and the caller's re-apply
-/// takes it out. The elements of the literal sets are part of the
-/// reference itself.
-pub async fn is_present() -> Result<bool, FirewallError> {
-    // No write in flight: our own element adds are in the books before we
-    // compare against them.
-    let _write = WRITE_LOCK.lock().await;
-    let Some(listing) = list_table().await? else {
-        return Ok(false);
-    };
-    if !has_base_chains(&listing) {
-        return Ok(false);
-    }
-    let (expected, foreign, tunnel, devices) = {
-        let state = applied();
-        (
-            state.fingerprint.clone(),
-            foreign_elements(&listing, &state.sources),
-            state.tunnel.clone(),
-            state.devices.clone(),
-        )
-    };
-    let Some(expected) = expected else {
-        return Ok(true);
-    };
-    if fingerprint(&listing) != expected {
-        return Ok(false);
-    }
-    if !foreign.is_empty() {
-        tracing::warn!(
-            "someone else added elements to the sessiongate firewall's sets: {}",
-            foreign.join(", ")
-        );
-        return Ok(false);
-    }
-    if let Some(tunnel) = tunnel {
-        let links = link_devices(&tunnel);
-        if devices != links {
-            tracing::info!(
-                "the network interfaces changed: the link-level table is put on {}",
-                links.join(", ")
+    /// Whether our table is in the kernel with the chains, rules and sets we
+    /// last applied (or, if this value has not applied it, with its three
+    /// base chains at policy drop).
+    ///
+    /// With a reference, also every element of the sets that DNS answers fill
+    /// must be one of this session's answers: an element someone else added (a
+    /// host, a port) makes the table "damaged", and the caller's re-apply
+    /// takes it out. The elements of the literal sets are part of the
+    /// reference itself.
+    pub async fn is_present(&self) -> Result<bool, FirewallError> {
+        // No write in flight: our own element adds are in the books before we
+        // compare against them.
+        let state = self.applied.lock().await;
+        let Some(listing) = list_table(&self.nft).await? else {
+            return Ok(false);
+        };
+        if !has_base_chains(&listing) {
+            return Ok(false);
+        }
+        let Some(expected) = &state.fingerprint else {
+            return Ok(true);
+        };
+        if fingerprint(&listing) != *expected {
+            return Ok(false);
+        }
+        let foreign = foreign_elements(&listing, &state.sources);
+        if !foreign.is_empty() {
+            tracing::warn!(
+                "someone else added elements to the sessiongate firewall's sets: {}",
+                foreign.join(", ")
             );
             return Ok(false);
         }
+        if let Some(tunnel) = &state.tunnel {
+            let links = link_devices(tunnel);
+            if state.devices != links {
+                tracing::info!(
+                    "the network interfaces changed: the link-level table is put on {}",
+                    links.join(", ")
+                );
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
-    Ok(true)
-}
 
-/// How many packets carrying [`VERIFY_MARK`] our table has refused at the
-/// end of its output chain since it was last replaced (the named counter
-/// `refused`). `sessionctl verify` reads it before and after a probe.
-pub async fn refused_packets() -> Result<u64, FirewallError> {
-    let listing = list_table()
-        .await?
-        .ok_or_else(|| FirewallError::Listing("the table is not in place".into()))?;
-    counter_packets(&listing, REFUSED_COUNTER)
-        .ok_or_else(|| FirewallError::Listing(format!("it has no counter {REFUSED_COUNTER:?}")))
+    /// How many packets carrying [`VERIFY_MARK`] our table has refused at the
+    /// end of its output chain since it was last replaced (the named counter
+    /// `refused`). `sessionctl verify` reads it before and after a probe.
+    pub async fn refused_packets(&self) -> Result<u64, FirewallError> {
+        let listing = list_table(&self.nft)
+            .await?
+            .ok_or_else(|| FirewallError::Listing("the table is not in place".into()))?;
+        counter_packets(&listing, REFUSED_COUNTER)
+            .ok_or_else(|| FirewallError::Listing(format!("it has no counter {REFUSED_COUNTER:?}")))
+    }
+
+    /// Whether any table of ours is in the kernel, whatever its shape (the
+    /// early-boot unit's lockdown has only the `inet` one).
+    pub async fn any_table_exists(&self) -> Result<bool, FirewallError> {
+        let _state = self.applied.lock().await;
+        Ok(list_one(&self.nft, "inet").await?.is_some() || list_one(&self.nft, "netdev").await?.is_some())
+    }
+
+    /// Starts the tamper guard on our tables (see [`FirewallWatch`]); it
+    /// reaches nft the way this firewall does. Needs a tokio runtime.
+    pub fn watch(&self) -> Result<FirewallWatch, FirewallError> {
+        guard::watch(self.nft.clone())
+    }
 }
 
 /// The packets of a named counter of our table in a listing.
@@ -598,11 +591,4 @@ fn counter_packets(listing: &Value, name: &str) -> Option<u64> {
         .filter_map(|item| item.get("counter"))
         .find(|c| c["family"] == "inet" && c["table"] == TABLE && c["name"] == name)
         .and_then(|c| c["packets"].as_u64())
-}
-
-/// Whether any table of ours is in the kernel, whatever its shape (the
-/// early-boot unit's lockdown has only the `inet` one).
-pub async fn any_table_exists() -> Result<bool, FirewallError> {
-    let _write = WRITE_LOCK.lock().await;
-    Ok(list_one("inet").await?.is_some() || list_one("netdev").await?.is_some())
 }

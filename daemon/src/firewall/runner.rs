@@ -1,29 +1,29 @@
-//! Running nft: one JSON batch is one transaction, handed to libnftables
-//! in process ([`crate::nft`]) or, when the library is missing, to
-//! `nft -j -f -`; and listing our tables back.
+//! The firewall's side of running nft: a batch of ours encoded and handed
+//! to the [`NftRunner`] (libnftables in process, or `nft -j -f -`; see
+//! [`crate::nft`]) as one transaction, our tables listed back, and nft's
+//! words turned into our errors.
 //!
-//! It owns the way to nft and nft's words in our errors. It never decides
-//! what goes into a batch (the builders do) and never holds the write lock
-//! (the public operations in the parent take it around every write).
-
-use std::process::Stdio;
-use std::time::Duration;
+//! It owns the encoding and nft's words in our errors. It never decides
+//! what goes into a batch (the builders do), never picks the way to nft
+//! (whoever built the runner did), and never holds the write lock (the
+//! [`super::Firewall`] takes it around every write).
 
 use nftables::batch::Batch;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
-use crate::nft::Libnftables;
+use crate::nft::{NftCommand, NftFailure, NftRunner};
 
 use super::{FirewallError, TABLE};
 
-/// How long one `nft` run may take before we give up on it.
-pub(super) const NFT_TIMEOUT: Duration = Duration::from_secs(10);
-pub(super) async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), FirewallError> {
+/// Runs `batch` as one transaction; `what` names it in errors.
+pub(super) async fn run_nft(
+    nft: &NftRunner,
+    batch: Batch<'_>,
+    what: &'static str,
+) -> Result<(), FirewallError> {
     let json =
         serde_json::to_string(&batch.to_nftables()).map_err(|e| FirewallError::Encode(e.to_string()))?;
-    nft(NftCommand::Batch(&json), what)
+    run(nft, NftCommand::Batch(&json), what)
         .await?
         .map(drop)
         .map_err(|error| FirewallError::Nft {
@@ -34,11 +34,11 @@ pub(super) async fn run_nft(batch: Batch<'_>, what: &'static str) -> Result<(), 
 
 /// `nft -j list table inet sessiongate` with the objects of `netdev
 /// sessiongate` appended; `None` when either table is missing.
-pub(super) async fn list_table() -> Result<Option<Value>, FirewallError> {
-    let Some(mut listing) = list_one("inet").await? else {
+pub(super) async fn list_table(nft: &NftRunner) -> Result<Option<Value>, FirewallError> {
+    let Some(mut listing) = list_one(nft, "inet").await? else {
         return Ok(None);
     };
-    let Some(link) = list_one("netdev").await? else {
+    let Some(link) = list_one(nft, "netdev").await? else {
         return Ok(None);
     };
     if let (Some(all), Some(more)) = (listing["nftables"].as_array_mut(), link["nftables"].as_array()) {
@@ -48,9 +48,15 @@ pub(super) async fn list_table() -> Result<Option<Value>, FirewallError> {
 }
 
 /// `nft -j list table FAMILY sessiongate`; `None` when it is missing.
-pub(super) async fn list_one(family: &str) -> Result<Option<Value>, FirewallError> {
+pub(super) async fn list_one(nft: &NftRunner, family: &str) -> Result<Option<Value>, FirewallError> {
     const WHAT: &str = "listing of the firewall table";
-    match nft(NftCommand::Line(&format!("list table {family} {TABLE}")), WHAT).await? {
+    match run(
+        nft,
+        NftCommand::Line(&format!("list table {family} {TABLE}")),
+        WHAT,
+    )
+    .await?
+    {
         Ok(out) => serde_json::from_str(&out)
             .map(Some)
             .map_err(|e| FirewallError::Listing(e.to_string())),
@@ -62,63 +68,16 @@ pub(super) async fn list_one(family: &str) -> Result<Option<Value>, FirewallErro
     }
 }
 
-/// One nft command, with JSON output.
-enum NftCommand<'a> {
-    /// A JSON batch, one transaction (what `nft -j -f -` reads).
-    Batch(&'a str),
-    /// A command line, e.g. `list table inet sessiongate`.
-    Line(&'a str),
-}
-
-/// Runs `command` through libnftables in process, or through the `nft`
-/// binary when the library is missing ([`crate::nft`]). The outer error:
-/// nft could not be run at all; the inner one: nft refused, in its words.
-async fn nft(command: NftCommand<'_>, what: &'static str) -> Result<Result<String, String>, FirewallError> {
-    if let Some(lib) = Libnftables::get() {
-        let (NftCommand::Batch(text) | NftCommand::Line(text)) = command;
-        return Ok(lib.run(text));
-    }
-    let mut nft = Command::new("nft");
-    nft.arg("-j")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let input = match command {
-        NftCommand::Batch(json) => {
-            nft.args(["-f", "-"]).stdin(Stdio::piped());
-            Some(json)
-        }
-        NftCommand::Line(line) => {
-            nft.args(line.split_whitespace()).stdin(Stdio::null());
-            None
-        }
-    };
-    let mut child = nft.spawn().map_err(|e| FirewallError::Spawn(e.to_string()))?;
-    let run = async {
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin
-                .write_all(input.as_bytes())
-                .await
-                .map_err(|e| FirewallError::Spawn(format!("writing the ruleset to nft failed: {e}")))?;
-            // Dropping stdin closes it: nft reads to the end, then commits.
-        }
-        child
-            .wait_with_output()
-            .await
-            .map_err(|e| FirewallError::Spawn(e.to_string()))
-    };
-    let out = tokio::time::timeout(NFT_TIMEOUT, run)
-        .await
-        .map_err(|_| FirewallError::Timeout(what))??;
-    if out.status.success() {
-        return Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()));
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    Ok(Err(if stderr.trim().is_empty() {
-        format!("nft exited with {} and no message", out.status)
-    } else {
-        stderr.into_owned()
-    }))
+/// One command through the runner, its failure to run in our words.
+async fn run(
+    nft: &NftRunner,
+    command: NftCommand<'_>,
+    what: &'static str,
+) -> Result<Result<String, String>, FirewallError> {
+    nft.run(command).await.map_err(|failure| match failure {
+        NftFailure::Spawn(reason) => FirewallError::Spawn(reason),
+        NftFailure::Timeout => FirewallError::Timeout(what),
+    })
 }
 
 /// nft's own words: its `Error:` lines, each once (it repeats one per

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::build::{build, build_table, validate, Inputs};
 use super::guard::{
-    adds_elements_to_our_table, fingerprint, foreign_elements, has_base_chains, touches_our_table, watch,
+    adds_elements_to_our_table, fingerprint, foreign_elements, has_base_chains, touches_our_table,
 };
 use super::lan::{mask, normalize_nets, parse_route_v4, parse_route_v6};
 use super::learned::{clamp_timeout, element_batch, merge_learned, narrow};
@@ -676,16 +676,21 @@ fn mapped_endpoint_is_matched_as_ipv4() {
 #[test]
 fn futures_are_send() {
     fn send<T: Send>(_: T) {}
+    fn shared<T: Send + Sync>(_: &T) {}
     let allow = session();
-    send(apply(&lockdown(), Some(&allow)));
-    send(add_addresses("meet.test", &[]));
-    send(remove());
-    send(is_present());
+    let firewall = Firewall::new(NftRunner::binary_only());
+    shared(&firewall);
+    send(firewall.apply(&lockdown(), Some(&allow)));
+    send(firewall.add_addresses("meet.test", &[]));
+    send(firewall.remove());
+    send(firewall.is_present());
+    send(firewall.refused_packets());
+    send(firewall.any_table_exists());
 }
 
 #[test]
 fn watch_needs_a_runtime() {
-    assert!(watch().is_err());
+    assert!(Firewall::new(NftRunner::binary_only()).watch().is_err());
 }
 
 #[test]

@@ -21,7 +21,8 @@ use futures::FutureExt;
 use super::status::StatusReport;
 use super::Paths;
 use crate::dns::{AnswerSink, StubConfig, StubResolver};
-use crate::firewall::{self, Allowlist, FirewallWatch, Lockdown};
+use crate::firewall::{Allowlist, Firewall, FirewallWatch, Lockdown};
+use crate::nft::NftRunner;
 use crate::profile::{Host, Profile};
 use crate::resolvconf::{Pinned, ResolverFile};
 use crate::routing::{self, RouteConfig, Routes};
@@ -66,6 +67,9 @@ pub trait Effects {
     async fn firewall_present(&mut self) -> Result<bool, String>;
     /// Whether any table of ours exists at all, in any shape.
     async fn firewall_exists(&mut self) -> Result<bool, String>;
+    /// The firewall the DNS answer sink adds answered addresses to (beside
+    /// the loop, hence shared).
+    fn answer_firewall(&self) -> Arc<Firewall>;
     fn start_guard(&mut self);
     fn stop_guard(&mut self);
     /// Resolves when the guard saw a change of the ruleset; never without a
@@ -149,13 +153,18 @@ pub struct SystemEffects {
     resolv_conf: PathBuf,
     store: SessionStore,
     resolver_file: ResolverFile,
+    /// The process's one firewall: the machine's calls, the DNS answer
+    /// sink, verify and the tamper guard all go through it.
+    firewall: Arc<Firewall>,
     /// Watches our nftables table while a session runs (tamper guard).
     guard: Option<FirewallWatch>,
 }
 
 impl SystemEffects {
-    pub fn new(paths: &Paths) -> SystemEffects {
+    /// The real side effects; the firewall reaches nft through `nft`.
+    pub fn new(paths: &Paths, nft: NftRunner) -> SystemEffects {
         SystemEffects {
+            firewall: Arc::new(Firewall::new(nft)),
             profiles: paths.profiles.clone(),
             resolv_conf: paths.resolv_conf.clone(),
             store: SessionStore::new(&paths.state_dir),
@@ -204,26 +213,33 @@ impl Effects for SystemEffects {
     }
 
     async fn apply_firewall(&mut self, lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), String> {
-        firewall::apply(lockdown, allow).await.map_err(|e| e.to_string())
+        self.firewall
+            .apply(lockdown, allow)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn remove_firewall(&mut self) -> Result<(), String> {
-        firewall::remove().await.map_err(|e| e.to_string())
+        self.firewall.remove().await.map_err(|e| e.to_string())
     }
 
     async fn firewall_present(&mut self) -> Result<bool, String> {
-        firewall::is_present().await.map_err(|e| e.to_string())
+        self.firewall.is_present().await.map_err(|e| e.to_string())
     }
 
     async fn firewall_exists(&mut self) -> Result<bool, String> {
-        firewall::any_table_exists().await.map_err(|e| e.to_string())
+        self.firewall.any_table_exists().await.map_err(|e| e.to_string())
+    }
+
+    fn answer_firewall(&self) -> Arc<Firewall> {
+        self.firewall.clone()
     }
 
     fn start_guard(&mut self) {
         if self.guard.is_some() {
             return;
         }
-        match firewall::watch() {
+        match self.firewall.watch() {
             Ok(w) => self.guard = Some(w),
             Err(e) => tracing::error!("cannot watch the firewall for tampering: {e}"),
         }
@@ -374,7 +390,7 @@ impl Effects for SystemEffects {
     }
 
     fn verify(&self, status: StatusReport) -> BoxFuture<'static, Result<verify::Report, String>> {
-        verify::run(status).boxed()
+        verify::run(self.firewall.clone(), status).boxed()
     }
 }
 

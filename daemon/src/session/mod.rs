@@ -50,7 +50,8 @@ pub use cause::{Cause, Step};
 pub use effects::{Effects, SystemEffects, TunnelView};
 pub use status::{AllowedHost, Phase, Snapshot, StatusReport};
 
-use crate::firewall::{self, Allowlist};
+use crate::firewall::{Allowlist, Firewall};
+use crate::nft::NftRunner;
 use crate::profile::Profile;
 use crate::store::SessionStore;
 use crate::{sleep, verify};
@@ -240,10 +241,11 @@ pub struct SessionMachine<E: Effects = SystemEffects> {
     verifying: Option<Verifying>,
 }
 
-/// Creates the state machine and its handle. Call [`SessionMachine::resume`]
-/// before serving clients, then [`SessionMachine::run`].
-pub fn new(paths: Paths) -> (SessionMachine, SessionHandle) {
-    with_effects(SystemEffects::new(&paths))
+/// Creates the state machine and its handle; its firewall reaches nft
+/// through `nft`. Call [`SessionMachine::resume`] before serving clients,
+/// then [`SessionMachine::run`].
+pub fn new(paths: Paths, nft: NftRunner) -> (SessionMachine, SessionHandle) {
+    with_effects(SystemEffects::new(&paths, nft))
 }
 
 /// The machine on other side effects (the unit tests' recorder).
@@ -278,12 +280,17 @@ pub fn with_effects<E: Effects>(effects: E) -> (SessionMachine<E>, SessionHandle
 /// (which are what the check distrusts). A lockdown from a state file someone
 /// else could have written is still a lockdown: it lets out nothing but the
 /// tunnel's marked UDP to one endpoint. Returns the persisted profile's name
-/// when it locked down.
-pub async fn lock_down_persisted(state_dir: &std::path::Path) -> anyhow::Result<Option<String>> {
+/// when it locked down. No session machine (and so no other firewall) runs
+/// in such a process.
+pub async fn lock_down_persisted(
+    nft: NftRunner,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Option<String>> {
     let Some(persisted) = SessionStore::new(state_dir).load()? else {
         return Ok(None);
     };
-    firewall::apply(&idle::lockdown_of_persisted(&persisted), None)
+    Firewall::new(nft)
+        .apply(&idle::lockdown_of_persisted(&persisted), None)
         .await
         .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;
     Ok(Some(persisted.profile))

@@ -102,7 +102,8 @@ async fn start_stub<E: Effects>(
 ) -> Result<E::Stub, String> {
     // Answers go to the firewall and to the tunnel's own filter.
     let tunnel = locked.tunnel.as_ref().map(|t| ctx.effects.tunnel_filter(t));
-    let sink = Arc::new(AllowSink::new(profile, ctx.snapshot.clone(), tunnel));
+    let firewall = ctx.effects.answer_firewall();
+    let sink = Arc::new(AllowSink::new(profile, firewall, ctx.snapshot.clone(), tunnel));
     ctx.effects
         .start_stub(profile, sink)
         .await

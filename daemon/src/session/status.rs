@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::cause::Cause;
 use super::effects::TunnelView;
 use crate::dns::{Addresses, AnswerSink};
-use crate::firewall::{self, LearnedAddress};
+use crate::firewall::{self, Firewall, LearnedAddress};
 use crate::profile::{Host, Profile};
 use crate::tunnel::{AllowFilter, TunnelStats};
 
@@ -128,6 +128,7 @@ pub(crate) fn allowed_hosts(profile: &Profile) -> Vec<AllowedHost> {
 /// the answer.
 pub(crate) struct AllowSink {
     ports: HashMap<String, (Vec<u16>, Vec<u16>)>,
+    firewall: Arc<Firewall>,
     snapshot: Arc<watch::Sender<Snapshot>>,
     /// The tunnel's own filter, which learns the same answers.
     tunnel: Option<AllowFilter>,
@@ -136,6 +137,7 @@ pub(crate) struct AllowSink {
 impl AllowSink {
     pub(crate) fn new(
         profile: &Profile,
+        firewall: Arc<Firewall>,
         snapshot: Arc<watch::Sender<Snapshot>>,
         tunnel: Option<AllowFilter>,
     ) -> AllowSink {
@@ -149,6 +151,7 @@ impl AllowSink {
         }
         AllowSink {
             ports,
+            firewall,
             snapshot,
             tunnel,
         }
@@ -173,7 +176,7 @@ impl AnswerSink for AllowSink {
                     }));
                 }
             }
-            if let Err(e) = firewall::add_addresses(name, &learned).await {
+            if let Err(e) = self.firewall.add_addresses(name, &learned).await {
                 tracing::warn!("could not add answered addresses to the allowlist: {e}");
                 return;
             }

@@ -16,7 +16,8 @@ use tokio::sync::{oneshot, watch};
 use super::stage::Stage;
 use super::*;
 use crate::dns::AnswerSink;
-use crate::firewall::{Allowlist, Lockdown};
+use crate::firewall::{Allowlist, Firewall, Lockdown};
+use crate::nft::NftRunner;
 use crate::store::PersistedSession;
 use crate::tunnel::filter::{decide, Verdict};
 use crate::tunnel::{AllowFilter, TunnelStats};
@@ -102,6 +103,9 @@ struct Recorder {
     tunnel: Option<AllowFilter>,
     /// The DNS answer sink of the stub last started.
     sink: Option<Arc<dyn AnswerSink>>,
+    /// A real firewall for the answer sink that never applies anything: it
+    /// holds no allowed names, so it drops every answer before nft.
+    answer_firewall: Arc<Firewall>,
 }
 
 impl Recorder {
@@ -123,6 +127,7 @@ impl Recorder {
             verify_done: true,
             tunnel: None,
             sink: None,
+            answer_firewall: Arc::new(Firewall::new(NftRunner::binary_only())),
         }
     }
 
@@ -195,6 +200,9 @@ impl Effects for Recorder {
     async fn firewall_exists(&mut self) -> Result<bool, String> {
         self.call("firewall exists")?;
         Ok(self.table != Table::Absent)
+    }
+    fn answer_firewall(&self) -> Arc<Firewall> {
+        self.answer_firewall.clone()
     }
     fn start_guard(&mut self) {
         self.calls.push("guard on".into());
