@@ -194,19 +194,117 @@ pub(super) fn build(
 }
 
 /// The whole table as one batch: add, delete and add the table (replaces
-/// it whether or not it exists), then its sets, chains and rules.
+/// it whether or not it exists), then its counter and sets, then its
+/// chains with their rules, one rule group after the other in the order
+/// packets meet them.
 pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs: &Inputs) -> Batch<'static> {
-    let lan = inputs.lan.as_slice();
-    let connected = inputs.on_link.as_slice();
-    let learned = inputs.learned.as_slice();
-    let tun = lockdown.tunnel_interface.as_str();
-    let endpoint = SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port());
-    let v6_tunnel = allow.is_some_and(|a| a.tunnel_has_ipv6);
-
+    let shape = Shape::new(lockdown, allow, inputs);
     let mut batch = Batch::new();
+    replace_the_table(&mut batch);
+    add_the_verify_counter(&mut batch);
+    add_the_sets(&mut batch, &shape);
+    put_back_remembered_answers(&mut batch, &shape);
+
+    let groups: [RuleGroup; 14] = [
+        loopback,
+        tunnel_udp,
+        tunnel_path_mtu_errors,
+        dhcp,
+        neighbour_discovery,
+        tunnel_mss_clamp,
+        pinned_resolvers,
+        dns_refused_elsewhere,
+        allowlist,
+        established_flows_still_allowed,
+        icmp_errors_about_flows,
+        pinned_resolver_answers,
+        lan,
+        refuse_the_rest,
+    ];
+    let mut chains = Chains::new();
+    for group in groups {
+        group(&shape, &mut chains);
+    }
+    let postrouting = postrouting_repeats_output(&chains.output);
+
+    let mut all = vec![chains.refuse];
+    all.extend(dns_redirect_chain(&shape));
+    all.extend([chains.output, chains.input, chains.forward, postrouting]);
+    add_chains(&mut batch, &all);
+    batch
+}
+
+/// What every rule group reads: the shape asked for, and what the apply
+/// read from the machine and from its books.
+struct Shape<'a> {
+    lockdown: &'a Lockdown,
+    /// `None`: the lockdown shape.
+    allow: Option<&'a Allowlist>,
+    inputs: &'a Inputs,
+    /// The tunnel interface's name.
+    tun: &'a str,
+    /// The peer, an IPv4-mapped address as IPv4.
+    endpoint: SocketAddr,
+    /// The session shape with an IPv6 tunnel address.
+    v6_tunnel: bool,
+}
+
+impl<'a> Shape<'a> {
+    fn new(lockdown: &'a Lockdown, allow: Option<&'a Allowlist>, inputs: &'a Inputs) -> Shape<'a> {
+        Shape {
+            lockdown,
+            allow,
+            inputs,
+            tun: lockdown.tunnel_interface.as_str(),
+            endpoint: SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port()),
+            v6_tunnel: allow.is_some_and(|a| a.tunnel_has_ipv6),
+        }
+    }
+
+    /// The pinned resolvers the tunnel can reach, each once, sorted.
+    fn pinned_servers(&self, allow: &Allowlist) -> Vec<IpAddr> {
+        let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
+        servers
+            .into_iter()
+            .filter(|a| a.is_ipv4() || self.v6_tunnel)
+            .collect()
+    }
+}
+
+/// The filter chains the rule groups add to (`forward` stays empty: a
+/// session machine forwards nothing).
+struct Chains {
+    output: ChainSpec,
+    input: ChainSpec,
+    forward: ChainSpec,
+    refuse: ChainSpec,
+}
+
+impl Chains {
+    fn new() -> Chains {
+        let filter = |hook| Some((hook, NfChainType::Filter, 0));
+        Chains {
+            output: ChainSpec::new(OUTPUT, filter(NfHook::Output)),
+            input: ChainSpec::new(INPUT, filter(NfHook::Input)),
+            forward: ChainSpec::new(FORWARD, filter(NfHook::Forward)),
+            refuse: ChainSpec::new(REFUSE, None),
+        }
+    }
+}
+
+/// One group of rules, named for what it lets through or refuses.
+type RuleGroup = fn(&Shape, &mut Chains);
+
+/// Add, delete, add: the delete is valid whether or not the table exists,
+/// and the whole replace is one transaction.
+fn replace_the_table(batch: &mut Batch<'static>) {
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
     batch.add(NfListObject::Table(table()));
+}
+
+/// The named counter of refused verify probes (see [`refuse_the_rest`]).
+fn add_the_verify_counter(batch: &mut Batch<'static>) {
     batch.add(NfListObject::Counter(CounterObject {
         family: NfFamily::INet,
         table: TABLE.into(),
@@ -215,7 +313,13 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
         packets: None,
         bytes: None,
     }));
+}
 
+/// The answer sets (timeout), the `known` sets and the literal sets
+/// (interval, filled from the profile in the session shape), all of
+/// `address . protocol . port`, in both shapes.
+fn add_the_sets(batch: &mut Batch<'static>, shape: &Shape) {
+    let allow = shape.allow;
     for (name, ty, flag, elems) in [
         (ALLOW4, SetType::Ipv4Addr, Some(SetFlag::Timeout), None),
         (ALLOW6, SetType::Ipv6Addr, Some(SetFlag::Timeout), None),
@@ -253,38 +357,40 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
             comment: None,
         })));
     }
-    // DNS answers remembered from before this replace (session shape only).
-    if allow.is_some() {
-        for (set, v6) in [(ALLOW4, false), (ALLOW6, true)] {
-            let elems: Vec<_> = learned
-                .iter()
-                .filter(|e| e.addr.is_ipv6() == v6)
-                .map(learned_elem)
-                .collect();
-            if !elems.is_empty() {
-                batch.add(NfListObject::Element(Element {
-                    family: NfFamily::INet,
-                    table: TABLE.into(),
-                    name: set.into(),
-                    elem: Cow::Owned(elems),
-                }));
-            }
-        }
-        add_known(&mut batch, &inputs.known);
+}
+
+/// DNS answers remembered from before this replace (session shape only).
+fn put_back_remembered_answers(batch: &mut Batch<'static>, shape: &Shape) {
+    if shape.allow.is_none() {
+        return;
     }
+    for (set, v6) in [(ALLOW4, false), (ALLOW6, true)] {
+        let elems: Vec<_> = shape
+            .inputs
+            .learned
+            .iter()
+            .filter(|e| e.addr.is_ipv6() == v6)
+            .map(learned_elem)
+            .collect();
+        if !elems.is_empty() {
+            batch.add(NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: set.into(),
+                elem: Cow::Owned(elems),
+            }));
+        }
+    }
+    add_known(batch, &shape.inputs.known);
+}
 
-    let filter = |hook| Some((hook, NfChainType::Filter, 0));
-    let mut output = ChainSpec::new(OUTPUT, filter(NfHook::Output));
-    let mut input = ChainSpec::new(INPUT, filter(NfHook::Input));
-    let forward = ChainSpec::new(FORWARD, filter(NfHook::Forward));
-    let mut refuse_chain = ChainSpec::new(REFUSE, None);
-
-    // Loopback, by interface and by address (redirected packets keep the
-    // output interface routed before nat). The address rules stay out of
-    // `postrouting`, where the real device is known: a socket bound to
-    // another interface (SO_BINDTODEVICE, unprivileged) sends a loopback
-    // destination out of that interface, e.g. through the tunnel.
-    let loopback_by_address = [
+/// Loopback to 127.0.0.0/8 and ::1, by address: redirected packets keep
+/// the output interface routed before nat. These stay out of
+/// `postrouting`, where the real device is known: a socket bound to
+/// another interface (SO_BINDTODEVICE, unprivileged) sends a loopback
+/// destination out of that interface, e.g. through the tunnel.
+fn loopback_by_address() -> [Vec<Statement<'static>>; 2] {
+    [
         vec![
             eq(
                 payload("ip", "daddr"),
@@ -293,30 +399,46 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
             accept(),
         ],
         vec![eq(payload("ip6", "daddr"), s("::1")), accept()],
-    ];
-    output.push(vec![eq(meta(MetaKey::Oifname), s("lo")), accept()]);
-    for rule in &loopback_by_address {
-        output.push(rule.clone());
-    }
-    input.push(vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]);
+    ]
+}
 
-    // The tunnel's own UDP: mark and address and port.
-    output.push(vec![
-        eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
+/// Loopback, by interface and by address (see [`loopback_by_address`]).
+fn loopback(_: &Shape, chains: &mut Chains) {
+    chains
+        .output
+        .push(vec![eq(meta(MetaKey::Oifname), s("lo")), accept()]);
+    for rule in loopback_by_address() {
+        chains.output.push(rule);
+    }
+    chains
+        .input
+        .push(vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]);
+}
+
+/// The tunnel's own UDP: mark and address and port out; the endpoint's
+/// replies in (address and port, conntrack `established`).
+fn tunnel_udp(shape: &Shape, chains: &mut Chains) {
+    let endpoint = shape.endpoint;
+    chains.output.push(vec![
+        eq(meta(MetaKey::Mark), num(shape.lockdown.fwmark)),
         eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
         eq(payload("udp", "dport"), num(endpoint.port())),
         accept(),
     ]);
-    input.push(vec![
+    chains.input.push(vec![
         eq(payload(ip(&endpoint.ip()), "saddr"), s(endpoint.ip().to_string())),
         eq(payload("udp", "sport"), num(endpoint.port())),
         is_in(ct_state(), set_of(vec![s("established")])),
         accept(),
     ]);
-    // Path MTU errors about the tunnel's own UDP (from any router on the
-    // path, which conntrack relates to that flow only): without them a link
-    // smaller than ours is a black hole for full-sized datagrams. See
-    // tunnel.rs for the outer don't-fragment policy that goes with it.
+}
+
+/// Path MTU errors about the tunnel's own UDP (from any router on the
+/// path, which conntrack relates to that flow only): without them a link
+/// smaller than ours is a black hole for full-sized datagrams. See
+/// tunnel.rs for the outer don't-fragment policy that goes with it.
+fn tunnel_path_mtu_errors(shape: &Shape, chains: &mut Chains) {
+    let endpoint = shape.endpoint;
     let too_big = if endpoint.is_ipv4() {
         vec![
             eq(payload("icmp", "type"), s("destination-unreachable")),
@@ -325,7 +447,7 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
     } else {
         vec![eq(payload("icmpv6", "type"), s("packet-too-big"))]
     };
-    input.push(
+    chains.input.push(
         too_big
             .into_iter()
             .chain([
@@ -346,22 +468,26 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
             ])
             .collect(),
     );
+}
 
-    // DHCP and DHCPv6 keep the lease: only to the link (broadcast, on-link
-    // servers, the DHCPv6 multicast group, link-local), never through the
-    // tunnel, and only replies from there (see [`dhcp_rules`]).
-    let (dhcp_out, dhcp_in) = dhcp_rules(tun, connected);
-    output.rules.extend(dhcp_out);
-    input.rules.extend(dhcp_in);
+/// DHCP and DHCPv6 keep the lease: only to the link (broadcast, on-link
+/// servers, the DHCPv6 multicast group, link-local), never through the
+/// tunnel, and only replies from there (see [`dhcp_rules`]).
+fn dhcp(shape: &Shape, chains: &mut Chains) {
+    let (dhcp_out, dhcp_in) = dhcp_rules(shape.tun, &shape.inputs.on_link);
+    chains.output.rules.extend(dhcp_out);
+    chains.input.rules.extend(dhcp_in);
+}
 
-    // IPv6 neighbour discovery, on-link only.
-    output.push(vec![
+/// IPv6 neighbour discovery, on-link only.
+fn neighbour_discovery(shape: &Shape, chains: &mut Chains) {
+    chains.output.push(vec![
         icmpv6_types(&["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]),
         on_link(),
-        to_the_link_v6(connected),
+        to_the_link_v6(&shape.inputs.on_link),
         accept(),
     ]);
-    input.push(vec![
+    chains.input.push(vec![
         icmpv6_types(&[
             "nd-router-advert",
             "nd-neighbor-solicit",
@@ -371,187 +497,226 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
         on_link(),
         accept(),
     ]);
+}
 
-    // TCP through the tunnel announces no larger segments than the route
-    // there carries (the tunnel's MTU), for both ends of the connection.
-    if allow.is_some() {
-        output.push(vec![
-            eq(meta(MetaKey::Oifname), s(tun)),
-            is_in(payload("tcp", "flags"), s("syn")),
-            Statement::Mangle(nftables::stmt::Mangle {
-                key: Expression::Named(NamedExpression::TcpOption(nftables::expr::TcpOption {
-                    name: "maxseg".into(),
-                    field: Some("size".into()),
-                })),
-                value: Expression::Named(NamedExpression::RT(nftables::expr::RT {
-                    key: nftables::expr::RTKey::MTU,
-                    family: None,
-                })),
-            }),
-        ]);
+/// TCP through the tunnel announces no larger segments than the route
+/// there carries (the tunnel's MTU), for both ends of the connection
+/// (session shape only).
+fn tunnel_mss_clamp(shape: &Shape, chains: &mut Chains) {
+    if shape.allow.is_none() {
+        return;
     }
+    chains.output.push(vec![
+        eq(meta(MetaKey::Oifname), s(shape.tun)),
+        is_in(payload("tcp", "flags"), s("syn")),
+        Statement::Mangle(nftables::stmt::Mangle {
+            key: Expression::Named(NamedExpression::TcpOption(nftables::expr::TcpOption {
+                name: "maxseg".into(),
+                field: Some("size".into()),
+            })),
+            value: Expression::Named(NamedExpression::RT(nftables::expr::RT {
+                key: nftables::expr::RTKey::MTU,
+                family: None,
+            })),
+        }),
+    ]);
+}
 
-    // The pinned resolvers, through the tunnel only, before DNS is refused.
-    // With the stub, only its own (marked) packets: the redirect is NAT,
-    // decided once per conntrack entry, so a local program that binds the
-    // stub's last upstream source port meets the stub's unredirected entry
-    // and would otherwise reach the pinned resolver past the stub.
-    if let Some(allow) = allow {
-        let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
-        for server in servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
-            let mut rule = vec![eq(meta(MetaKey::Oifname), s(tun))];
-            if let Some(redirect) = &allow.dns_redirect {
-                rule.push(eq(meta(MetaKey::Mark), num(redirect.stub_mark)));
-            }
-            rule.extend([
-                eq(payload(ip(server), "daddr"), s(server.to_string())),
-                tcp_or_udp(),
-                eq(payload("th", "dport"), num(53u32)),
-                accept(),
-            ]);
-            output.push(rule);
+/// The pinned resolvers, through the tunnel only, before DNS is refused.
+/// With the stub, only its own (marked) packets: the redirect is NAT,
+/// decided once per conntrack entry, so a local program that binds the
+/// stub's last upstream source port meets the stub's unredirected entry
+/// and would otherwise reach the pinned resolver past the stub.
+fn pinned_resolvers(shape: &Shape, chains: &mut Chains) {
+    let Some(allow) = shape.allow else { return };
+    for server in shape.pinned_servers(allow) {
+        let mut rule = vec![eq(meta(MetaKey::Oifname), s(shape.tun))];
+        if let Some(redirect) = &allow.dns_redirect {
+            rule.push(eq(meta(MetaKey::Mark), num(redirect.stub_mark)));
         }
+        rule.extend([
+            eq(payload(ip(&server), "daddr"), s(server.to_string())),
+            tcp_or_udp(),
+            eq(payload("th", "dport"), num(53u32)),
+            accept(),
+        ]);
+        chains.output.push(rule);
     }
+}
 
-    // DNS anywhere else, and DNS-over-TLS/QUIC anywhere: refused before any
-    // allowlist or LAN rule can accept it.
-    output.push(vec![
+/// DNS anywhere else, and DNS-over-TLS/QUIC anywhere: refused before any
+/// allowlist or LAN rule can accept it.
+fn dns_refused_elsewhere(_: &Shape, chains: &mut Chains) {
+    chains.output.push(vec![
         tcp_or_udp(),
         is_in(payload("th", "dport"), set_of(vec![num(53u32), num(853u32)])),
         refuse(),
     ]);
+}
 
-    if let Some(allow) = allow {
-        let mut families = vec![("ip", ALLOW4, ALLOW4_NETS, KNOWN4)];
-        if allow.tunnel_has_ipv6 {
-            families.push(("ip6", ALLOW6, ALLOW6_NETS, KNOWN6));
-        }
-        for &(family, dynamic, literal, _) in &families {
-            for set in [dynamic, literal] {
-                output.push(vec![
-                    eq(meta(MetaKey::Oifname), s(tun)),
-                    is_in(
-                        concat(vec![
-                            payload(family, "daddr"),
-                            meta(MetaKey::L4proto),
-                            payload("th", "dport"),
-                        ]),
-                        s(format!("@{set}")),
-                    ),
-                    accept(),
-                ]);
-            }
-        }
-        // Established flows pass only while the allowlist in force still
-        // holds what admitted them: the far end's address, protocol and
-        // port must be in a literal set or among the still-allowed answers
-        // (`known*`, which outlive a TTL but not a narrowing). Only flows
-        // we opened get this far (input drops new connections), so on the
-        // way out the far end is the destination, on the way in the source.
-        // (nft cannot put `ct original proto-dst` in a concatenation.)
-        for &(family, _, literal, known) in &families {
-            for set in [known, literal] {
-                let far_end = |addr: &'static str, port: &'static str| {
-                    is_in(
-                        concat(vec![
-                            payload(family, addr),
-                            meta(MetaKey::L4proto),
-                            payload("th", port),
-                        ]),
-                        s(format!("@{set}")),
-                    )
-                };
-                output.push(vec![
-                    eq(meta(MetaKey::Oifname), s(tun)),
-                    is_in(ct_state(), set_of(vec![s("established")])),
-                    far_end("daddr", "dport"),
-                    accept(),
-                ]);
-                input.push(vec![
-                    eq(meta(MetaKey::Iifname), s(tun)),
-                    is_in(ct_state(), set_of(vec![s("established")])),
-                    far_end("saddr", "sport"),
-                    accept(),
-                ]);
-            }
-        }
-        // ICMP errors about those flows (path MTU, unreachable) come back
-        // through the tunnel; conntrack marks them related only when they
-        // quote a flow it tracks.
-        for errors in icmp_errors() {
-            input.push(vec![
-                eq(meta(MetaKey::Iifname), s(tun)),
-                is_in(ct_state(), set_of(vec![s("related")])),
-                errors,
-                accept(),
-            ]);
-        }
-        // The pinned resolvers' answers.
-        let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
-        for server in servers.iter().filter(|a| a.is_ipv4() || v6_tunnel) {
-            input.push(vec![
-                eq(meta(MetaKey::Iifname), s(tun)),
-                eq(payload(ip(server), "saddr"), s(server.to_string())),
-                tcp_or_udp(),
-                eq(payload("th", "sport"), num(53u32)),
-                established(),
+/// (family, answer set, literal set, known set) of the families the
+/// session shape opens: IPv4, and IPv6 when the tunnel has an address.
+fn allowed_families(allow: &Allowlist) -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
+    let mut families = vec![("ip", ALLOW4, ALLOW4_NETS, KNOWN4)];
+    if allow.tunnel_has_ipv6 {
+        families.push(("ip6", ALLOW6, ALLOW6_NETS, KNOWN6));
+    }
+    families
+}
+
+/// New flows through the tunnel to what the allowlist holds: the answer
+/// sets, then the literal sets (session shape only).
+fn allowlist(shape: &Shape, chains: &mut Chains) {
+    let Some(allow) = shape.allow else { return };
+    for (family, dynamic, literal, _) in allowed_families(allow) {
+        for set in [dynamic, literal] {
+            chains.output.push(vec![
+                eq(meta(MetaKey::Oifname), s(shape.tun)),
+                is_in(
+                    concat(vec![
+                        payload(family, "daddr"),
+                        meta(MetaKey::L4proto),
+                        payload("th", "dport"),
+                    ]),
+                    s(format!("@{set}")),
+                ),
                 accept(),
             ]);
         }
     }
+}
 
-    if lockdown.allow_lan {
-        for (family, v6) in [("ip", false), ("ip6", true)] {
-            let nets: Vec<Expression<'static>> = lan
-                .iter()
-                .filter(|(a, _)| a.is_ipv6() == v6)
-                .map(|&n| net(n))
-                .collect();
-            if nets.is_empty() {
-                continue;
-            }
-            // Outside the tunnel only: a LAN range with no route in the
-            // main table (link-local, SSDP, or a socket bound to the
-            // tunnel) would otherwise go through the tunnel to the gateway.
-            output.push(vec![
-                ne(meta(MetaKey::Oifname), s(tun)),
-                is_in(payload(family, "daddr"), set_of(nets.clone())),
+/// Established flows pass only while the allowlist in force still holds
+/// what admitted them: the far end's address, protocol and port must be in
+/// a literal set or among the still-allowed answers (`known*`, which
+/// outlive a TTL but not a narrowing). Only flows we opened get this far
+/// (input drops new connections), so on the way out the far end is the
+/// destination, on the way in the source. (nft cannot put `ct original
+/// proto-dst` in a concatenation.) Session shape only.
+fn established_flows_still_allowed(shape: &Shape, chains: &mut Chains) {
+    let Some(allow) = shape.allow else { return };
+    for (family, _, literal, known) in allowed_families(allow) {
+        for set in [known, literal] {
+            let far_end = |addr: &'static str, port: &'static str| {
+                is_in(
+                    concat(vec![
+                        payload(family, addr),
+                        meta(MetaKey::L4proto),
+                        payload("th", port),
+                    ]),
+                    s(format!("@{set}")),
+                )
+            };
+            chains.output.push(vec![
+                eq(meta(MetaKey::Oifname), s(shape.tun)),
+                is_in(ct_state(), set_of(vec![s("established")])),
+                far_end("daddr", "dport"),
                 accept(),
             ]);
-            input.push(vec![
-                ne(meta(MetaKey::Iifname), s(tun)),
-                is_in(payload(family, "saddr"), set_of(nets.clone())),
-                is_in(payload(family, "daddr"), set_of(nets)),
+            chains.input.push(vec![
+                eq(meta(MetaKey::Iifname), s(shape.tun)),
+                is_in(ct_state(), set_of(vec![s("established")])),
+                far_end("saddr", "sport"),
                 accept(),
             ]);
         }
     }
+}
 
-    // Whatever is left goes out loudly refused; verify's probes are counted.
-    output.push(vec![
+/// ICMP errors about those flows (path MTU, unreachable) come back through
+/// the tunnel; conntrack marks them related only when they quote a flow it
+/// tracks (session shape only).
+fn icmp_errors_about_flows(shape: &Shape, chains: &mut Chains) {
+    if shape.allow.is_none() {
+        return;
+    }
+    for errors in icmp_errors() {
+        chains.input.push(vec![
+            eq(meta(MetaKey::Iifname), s(shape.tun)),
+            is_in(ct_state(), set_of(vec![s("related")])),
+            errors,
+            accept(),
+        ]);
+    }
+}
+
+/// The pinned resolvers' answers, through the tunnel (session shape only).
+fn pinned_resolver_answers(shape: &Shape, chains: &mut Chains) {
+    let Some(allow) = shape.allow else { return };
+    for server in shape.pinned_servers(allow) {
+        chains.input.push(vec![
+            eq(meta(MetaKey::Iifname), s(shape.tun)),
+            eq(payload(ip(&server), "saddr"), s(server.to_string())),
+            tcp_or_udp(),
+            eq(payload("th", "sport"), num(53u32)),
+            established(),
+            accept(),
+        ]);
+    }
+}
+
+/// The LAN under `allow_lan`, outside the tunnel only: a LAN range with no
+/// route in the main table (link-local, SSDP, or a socket bound to the
+/// tunnel) would otherwise go through the tunnel to the gateway. In only
+/// when source *and* destination are LAN addresses.
+fn lan(shape: &Shape, chains: &mut Chains) {
+    if !shape.lockdown.allow_lan {
+        return;
+    }
+    for (family, v6) in [("ip", false), ("ip6", true)] {
+        let nets: Vec<Expression<'static>> = shape
+            .inputs
+            .lan
+            .iter()
+            .filter(|(a, _)| a.is_ipv6() == v6)
+            .map(|&n| net(n))
+            .collect();
+        if nets.is_empty() {
+            continue;
+        }
+        chains.output.push(vec![
+            ne(meta(MetaKey::Oifname), s(shape.tun)),
+            is_in(payload(family, "daddr"), set_of(nets.clone())),
+            accept(),
+        ]);
+        chains.input.push(vec![
+            ne(meta(MetaKey::Iifname), s(shape.tun)),
+            is_in(payload(family, "saddr"), set_of(nets.clone())),
+            is_in(payload(family, "daddr"), set_of(nets)),
+            accept(),
+        ]);
+    }
+}
+
+/// Whatever is left goes out loudly refused (TCP with a reset, the rest
+/// with ICMP admin-prohibited); verify's probes are counted first.
+fn refuse_the_rest(_: &Shape, chains: &mut Chains) {
+    chains.output.push(vec![
         eq(meta(MetaKey::Mark), num(VERIFY_MARK)),
         Statement::Counter(Counter::Named(REFUSED_COUNTER.into())),
         refuse(),
     ]);
-    output.push(vec![refuse()]);
-    refuse_chain.push(vec![
+    chains.output.push(vec![refuse()]);
+    chains.refuse.push(vec![
         eq(meta(MetaKey::L4proto), s("tcp")),
         Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
     ]);
-    refuse_chain.push(vec![Statement::Reject(Some(Reject::new(
+    chains.refuse.push(vec![Statement::Reject(Some(Reject::new(
         Some(RejectType::ICMPX),
         Some(RejectCode::AdminProhibited),
     )))]);
+}
 
-    // The same rules once more where the real output device is known:
-    // another table's nat (a `dnat` after our filter, as Docker and
-    // kube-proxy do) or route chain (a new mark) can send a packet that
-    // `output` saw going to `lo` or the tunnel somewhere else. `reject` is
-    // not allowed in postrouting, so refusals drop here; verify's counter
-    // stays in `output` alone.
-    let mut postrouting = ChainSpec::new(POSTROUTING, filter(NfHook::Postrouting));
-    // Tag every flow of the session (see SESSION_CT_BIT); a packet dropped
-    // below leaves no tracked flow behind anyway.
+/// The same rules once more where the real output device is known:
+/// another table's nat (a `dnat` after our filter, as Docker and
+/// kube-proxy do) or route chain (a new mark) can send a packet that
+/// `output` saw going to `lo` or the tunnel somewhere else. `reject` is
+/// not allowed in postrouting, so refusals drop here; verify's counter
+/// stays in `output` alone. First, every flow of the session is tagged
+/// (see SESSION_CT_BIT); a packet dropped below leaves no tracked flow
+/// behind anyway.
+fn postrouting_repeats_output(output: &ChainSpec) -> ChainSpec {
+    let mut postrouting = ChainSpec::new(POSTROUTING, Some((NfHook::Postrouting, NfChainType::Filter, 0)));
     postrouting.push(vec![Statement::Mangle(nftables::stmt::Mangle {
         key: ct_mark(),
         value: Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::OR(vec![
@@ -559,6 +724,7 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
             num(SESSION_CT_BIT),
         ]))),
     })]);
+    let loopback_by_address = loopback_by_address();
     for rule in &output.rules {
         if rule.iter().any(|st| matches!(st, Statement::Counter(_))) || loopback_by_address.contains(rule) {
             continue;
@@ -572,30 +738,35 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
                 .collect(),
         );
     }
+    postrouting
+}
 
-    // Room for the stub: every DNS packet but the stub's own to the stub.
-    let mut chains = vec![refuse_chain];
-    if let Some(redirect) = allow.and_then(|a| a.dns_redirect) {
-        let mut nat = ChainSpec::new(DNS_REDIRECT, Some((NfHook::Output, NfChainType::NAT, -100)));
-        nat.push(vec![
-            eq(meta(MetaKey::Mark), num(redirect.stub_mark)),
-            Statement::Return(None),
-        ]);
-        nat.push(vec![
-            tcp_or_udp(),
-            eq(payload("th", "dport"), num(53u32)),
-            Statement::Redirect(Some(NAT {
-                addr: None,
-                family: None,
-                port: Some(num(redirect.port)),
-                flags: None,
-            })),
-        ]);
-        chains.push(nat);
-    }
-    chains.extend([output, input, forward, postrouting]);
+/// Room for the stub: every DNS packet but the stub's own to the stub (a
+/// nat chain before filtering; session shape with the stub only).
+fn dns_redirect_chain(shape: &Shape) -> Option<ChainSpec> {
+    let redirect = shape.allow.and_then(|a| a.dns_redirect)?;
+    let mut nat = ChainSpec::new(DNS_REDIRECT, Some((NfHook::Output, NfChainType::NAT, -100)));
+    nat.push(vec![
+        eq(meta(MetaKey::Mark), num(redirect.stub_mark)),
+        Statement::Return(None),
+    ]);
+    nat.push(vec![
+        tcp_or_udp(),
+        eq(payload("th", "dport"), num(53u32)),
+        Statement::Redirect(Some(NAT {
+            addr: None,
+            family: None,
+            port: Some(num(redirect.port)),
+            flags: None,
+        })),
+    ]);
+    Some(nat)
+}
 
-    for chain in &chains {
+/// Every chain, then every chain's rules (base filter chains drop by
+/// policy; the nat chain accepts).
+fn add_chains(batch: &mut Batch<'static>, chains: &[ChainSpec]) {
+    for chain in chains {
         batch.add(NfListObject::Chain(Chain {
             family: NfFamily::INet,
             table: TABLE.into(),
@@ -610,7 +781,7 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
             ..Default::default()
         }));
     }
-    for chain in &chains {
+    for chain in chains {
         for rule in &chain.rules {
             batch.add(NfListObject::Rule(Rule {
                 family: NfFamily::INet,
@@ -621,7 +792,6 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
             }));
         }
     }
-    batch
 }
 
 /// The profile's literal networks as interval-set elements, without
