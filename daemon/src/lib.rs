@@ -11,7 +11,9 @@
 //! - `store`: the persisted session, which survives crashes and reboots;
 //! - `tunnel`: WireGuard (boringtun) on a TUN device;
 //! - `routing`: addresses and the full-tunnel policy routes;
-//! - `firewall` and [`nft`]: the nftables kill switch and the way to nft;
+//! - `firewall` and [`nft`]: the nftables kill switch (one `Firewall` value,
+//!   owned by the session) and the one way to nft (`nft::NftRunner`, built
+//!   once by the binary);
 //! - [`dns`]: the pinned DNS stub; `resolvconf`: the resolver file;
 //! - `verify`: active probes of the boundary; [`watcher`]: profile reloads.
 //!

@@ -1,10 +1,16 @@
 //! The `inet sessiongate` table's two shapes, lockdown and session, built as
 //! one batch that adds, deletes and adds the table (see the parent's top
-//! comment for the rules, in order).
+//! comment for the rules, in order). [`build_table`] reads as the list of
+//! rule groups in the order packets meet them; each group is one small
+//! function named for what it lets through or refuses, adding its rules to
+//! `output`, `input` and `refuse`; `postrouting` repeats `output` at the end.
+//! A group that belongs to the session shape only returns at once in the
+//! lockdown.
 //!
 //! It owns the rule order and the validation of what goes into it. It is
 //! pure: it never reads the machine (its [`Inputs`] are read by the
-//! caller) and never runs nft.
+//! caller) and never runs nft. A change of any rule shows in the golden
+//! batches (`golden.rs`).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -169,7 +175,7 @@ impl ChainSpec {
 pub(super) struct Inputs {
     /// `allow_lan`'s networks (empty without it).
     pub(super) lan: Vec<(IpAddr, u8)>,
-    /// The directly connected subnets (see [`connected_routes`]).
+    /// The directly connected subnets (see `lan::connected_routes`).
     pub(super) on_link: Vec<(IpAddr, u8)>,
     /// Unexpired answers to put back, with their remaining time.
     pub(super) learned: Vec<LearnedAddress>,

@@ -375,9 +375,9 @@ fn spawn_link_monitor(tx: mpsc::WeakSender<()>) -> Result<Child, FirewallError> 
 }
 
 /// Whether one line of `nft -j monitor` adds set elements to our table:
-/// ours (DNS answers) or someone else's, which [`is_present`](super::Firewall::is_present)
-/// tells apart.
-/// Deleted elements (timeouts, someone else's deletes) only close.
+/// ours (DNS answers) or someone else's, which
+/// [`is_present`](super::Firewall::is_present) tells apart. Deleted
+/// elements (timeouts, someone else's deletes) only close.
 pub(super) fn adds_elements_to_our_table(line: &str) -> bool {
     let Ok(Value::Object(event)) = serde_json::from_str::<Value>(line.trim()) else {
         return false;

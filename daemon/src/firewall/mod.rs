@@ -1,6 +1,6 @@
 //! The kill switch: two nftables tables, `inet sessiongate` and `netdev
 //! sessiongate`, replaced as a whole in one atomic transaction each time
-//! their shape changes.
+//! their shape changes, by one value, [`Firewall`].
 //!
 //! # What this module owns, and what it must never do
 //!
@@ -9,9 +9,14 @@
 //! own, in writes and in reads), and it
 //! never removes its table from a `Drop` or a panic path: the table is kernel
 //! state that outlives a crashed daemon, which is what keeps the machine
-//! closed until `sessionctl stop` ([`remove`] is the only way out). Every
-//! change is one nftables transaction (one libnftables call, or one
-//! `nft -j -f -` run): either all of it is in the kernel or none of it is.
+//! closed until `sessionctl stop` ([`Firewall::remove`] is the only way
+//! out). Every change is one nftables transaction (one libnftables call, or
+//! one `nft -j -f -` run): either all of it is in the kernel or none of it
+//! is. It keeps no process-wide state: what was applied lives in the
+//! [`Firewall`] value, which the session creates from the daemon's
+//! [`NftRunner`] and owns (through its effects seam), and shares by `Arc`
+//! with the DNS answer path, verify and the tamper guard. It decides no
+//! order: the session machine says when to apply, add or remove.
 //!
 //! # Shapes
 //!
@@ -28,10 +33,11 @@
 //! *Verify counter*: both shapes hold a named counter, `refused`; the output
 //! rule just before the final refusal counts there the packets that carry
 //! [`VERIFY_MARK`] (the probes of `sessionctl verify`, nothing else), so
-//! [`refused_packets`] can prove that a probe was refused by this table and
-//! not by the far end. The rule changes no verdict.
+//! [`Firewall::refused_packets`] can prove that a probe was refused by this
+//! table and not by the far end. The rule changes no verdict.
 //!
-//! *Lockdown* ([`apply`] with `None`), in rule order:
+//! *Lockdown* ([`Firewall::apply`] with `None`), in rule order (each group
+//! one function of `build`, named after it):
 //! - output: `oifname lo`, and loopback by address too (127.0.0.0/8, ::1:
 //!   after a nat `redirect` the output interface is still the one routed
 //!   before nat ran, so `oifname lo` alone would miss redirected DNS); the
@@ -50,13 +56,13 @@
 //!   replies from link-local addresses, neither through the tunnel;
 //!   neighbour discovery; the LAN when `allow_lan`.
 //!
-//! *Session* ([`apply`] with `Some`): lockdown plus, through `oifname` of the
-//! tunnel only (a name, so the table can go up before the interface exists):
+//! *Session* ([`Firewall::apply`] with `Some`): lockdown plus, through
+//! `oifname` of the tunnel only (a name, so the table can go up before the interface exists):
 //! - the pinned DNS servers on TCP/UDP 53 (before the 53/853 refusal);
 //! - `daddr . l4proto . dport` in four named sets: `allow4_nets`/`allow6_nets`
 //!   (flags interval: the profile's literal addresses and CIDRs, fixed at
 //!   apply time) and `allow4`/`allow6` (flags timeout: addresses from DNS
-//!   answers, added by [`add_addresses`] with a timeout). Two kinds of set
+//!   answers, added by [`Firewall::add_addresses`] with a timeout). Two kinds of set
 //!   because the kernel refuses an element that overlaps an interval already
 //!   in the set (`File exists`), which would fail a whole DNS update whenever
 //!   an answer falls inside a literal CIDR;
@@ -97,13 +103,13 @@
 //!
 //! *LAN* (`allow_lan`): the directly connected subnets are read from the
 //! routing table (`/proc/net/route`, `/proc/net/ipv6_route`) at every
-//! [`apply`], leaving out the tunnel interface, `lo`, gateway routes and any
+//! [`Firewall::apply`], leaving out the tunnel interface, `lo`, gateway routes and any
 //! /0, plus link-local (169.254.0.0/16, fe80::/10), link-local multicast
 //! (224.0.0.0/24, ff02::/16), SSDP (239.255.255.250) and broadcast. Output
 //! may go to those; input is accepted only when source *and* destination are
 //! LAN addresses, so a neighbour cannot probe the tunnel's address through
 //! the physical interface (CVE-2019-14899). A subnet that appears later is
-//! closed until the next [`apply`] (fail closed).
+//! closed until the next [`Firewall::apply`] (fail closed).
 //!
 //! # DNS redirect (the stub)
 //!
@@ -117,21 +123,23 @@
 //!
 //! # DNS answers and re-applies
 //!
-//! [`add_addresses`] remembers what it added (in this process) with the
-//! expiry and the name it answered, and every session-shape [`apply`] puts
+//! [`Firewall::add_addresses`] remembers what it added (in the value) with
+//! the expiry and the name it answered, and every session-shape apply puts
 //! the unexpired ones back with their remaining time, so replacing the
 //! table (tamper guard, shape change) does not close a host the stub
 //! already answered for; but only those whose name and port the new
 //! [`Allowlist::names`] still holds: a reload that narrows closes at once,
 //! for new and established flows alike. A lockdown
-//! [`apply`] and [`remove`] forget them: a new session never inherits the
-//! last one's answers. All writes go through one lock, so an update cannot
-//! land in a table that a concurrent apply is about to replace.
+//! apply and [`Firewall::remove`] forget them: a new session never inherits
+//! the last one's answers. Every write holds the value's one lock (around
+//! what it applied) from start to end, so an update cannot land in a table
+//! that a concurrent apply is about to replace.
 //!
 //! # Tamper guard
 //!
-//! [`watch`] runs `nft -j monitor` as a child and wakes on any event about
-//! our table except deleted set elements; [`is_present`] then says whether
+//! [`Firewall::watch`] runs `nft -j monitor` as a child and wakes on any
+//! event about our table except deleted set elements;
+//! [`Firewall::is_present`] then says whether
 //! the table still has the chains, rules and sets we last applied (a
 //! listing taken right after each apply, without handles and without the
 //! elements of the answer sets, is the reference), and whether every
@@ -139,23 +147,30 @@
 //! or port someone else adds is taken out by the caller's re-apply).
 //!
 //! The `nftables` crate builds the batches; they go to the kernel through
-//! libnftables in process ([`crate::nft`]; a change is then about 1 ms
-//! instead of a 16 ms `nft` spawn), or by running `nft -j -f -` ourselves
-//! when the library is missing. Either way nft's own error message reaches
+//! the value's [`NftRunner`] (the daemon's one way to nft, [`crate::nft`]):
+//! libnftables in process (a change is then about 1 ms instead of a 16 ms
+//! `nft` spawn), or `nft -j -f -` when the library is missing or
+//! `--nft-binary` asks for it. Either way nft's own error message reaches
 //! the user (the crate's helper drops stderr).
 //!
 //! # Modules
 //!
-//! This module is the owner: the public operations, the one write lock and
-//! what this process last applied. The parts, each pure or with one job:
-//! - `build`: the `inet` table's shapes and rule order (pure);
+//! This module is the policy and the owner: the types that say what a shape
+//! allows ([`Lockdown`], [`Allowlist`], ...), and [`Firewall`], the public
+//! operations over the one lock and what the value last applied. The parts,
+//! each pure or with one job:
+//! - `build`: the `inet` table's shapes, one function per rule group, and
+//!   `build_table` the list of them in order (pure);
 //! - `link`: the `netdev` table's egress chains and their interfaces;
 //! - `expr`: the expression and statement helpers both are made of;
 //! - `lan`: the directly connected subnets, from `/proc`;
 //! - `learned`: DNS answers as set elements, merged and narrowed;
 //! - `guard`: the tamper guard's monitor and its comparisons;
-//! - `runner`: the way to nft (libnftables, or the binary) and listings;
-//! - `conntrack`: deleting the session's tracked flows.
+//! - `runner`: our batches and listings through the [`NftRunner`], nft's
+//!   words in our errors;
+//! - `conntrack`: deleting the session's tracked flows;
+//! - `tests` and `golden` (unit tests only): the shapes' rules, and every
+//!   batch byte for byte against `golden/`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -219,7 +234,8 @@ const FORWARD: &str = "forward";
 const POSTROUTING: &str = "postrouting";
 const REFUSE: &str = "refuse";
 const DNS_REDIRECT: &str = "dns_redirect";
-/// The named counter of refused verify probes (see [`refused_packets`]).
+/// The named counter of refused verify probes (see
+/// [`Firewall::refused_packets`]).
 pub const REFUSED_COUNTER: &str = "refused";
 /// SO_MARK of `sessionctl verify`'s blocked-traffic probes ("SI"). Neither
 /// the tunnel's nor the DNS stub's mark, so the probes are routed and
@@ -229,9 +245,9 @@ pub const VERIFY_MARK: u32 = 0x5349;
 
 /// The conntrack mark bit our `postrouting` chain sets on every flow that
 /// leaves during a session (tunnel, endpoint, loopback alike), so that
-/// [`remove`] and a fresh lockdown can delete exactly the session's flows.
-/// One bit, OR-ed in: whatever else another program keeps in the ct mark
-/// stays.
+/// [`Firewall::remove`] and a fresh lockdown can delete exactly the
+/// session's flows. One bit, OR-ed in: whatever else another program keeps
+/// in the ct mark stays.
 pub const SESSION_CT_BIT: u32 = 0x4000_0000;
 
 /// The always-on part of the table.
