@@ -306,3 +306,49 @@ unsafe fn buffer_text(text: *const c_char) -> String {
     // SAFETY: per this function's contract.
     unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_only_never_loads_the_library_and_clones_share_the_way() {
+        let runner = NftRunner::binary_only();
+        let clone = runner.clone();
+        assert!(runner.library().is_none());
+        assert!(Arc::ptr_eq(&runner.way, &clone.way));
+        assert!(clone.way.binary_only);
+        assert!(!NftRunner::in_process().way.binary_only);
+    }
+
+    /// The firewall and the way to nft keep their state in values (the
+    /// session's `Firewall`, the daemon's `NftRunner`): a process-wide
+    /// `static` or `thread_local!` here would bring back the globals they
+    /// replaced.
+    #[test]
+    fn no_process_wide_state_in_the_firewall_or_the_runner() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![src.join("nft.rs")];
+        for entry in std::fs::read_dir(src.join("firewall")).expect("firewall/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("source");
+            for (n, line) in text.lines().enumerate() {
+                let code = line.trim_start();
+                let code = code.strip_prefix("pub(crate) ").unwrap_or(code);
+                let code = code.strip_prefix("pub(super) ").unwrap_or(code);
+                let code = code.strip_prefix("pub ").unwrap_or(code);
+                assert!(
+                    !code.starts_with("static ") && !code.starts_with("thread_local!"),
+                    "{}:{}: {line}",
+                    file.display(),
+                    n + 1
+                );
+            }
+        }
+    }
+}
