@@ -3,8 +3,10 @@
 //! and its allow filter, routes, DNS stub, resolver file, verify's probes)
 //! is one call of
 //! [`Effects`]. [`SystemEffects`] does them by delegating to the modules
-//! that own each; the unit tests use a recorder instead, so the order of
-//! every transition is tested without root.
+//! that own each; it owns the session's one [`Firewall`] value and lends
+//! it (by `Arc`) to the DNS answer sink, verify and the tamper guard. The
+//! unit tests use a recorder instead, so the order of every transition is
+//! tested without root.
 //!
 //! What it must never do: decide anything. Each call does exactly one thing
 //! and reports how it went; order, retries and what a failure means are the
