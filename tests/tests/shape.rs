@@ -1,10 +1,11 @@
 //! Padding and cover traffic against an observer on the path (issue 19),
-//! and the three shapes against the lab's unchanged wireguard-go gateway.
+//! the three shapes against the lab's unchanged wireguard-go gateway, and
+//! the way back shaped by this workspace's gateway (sessiongate-gateway).
 //!
 //! The observer (lab::observer) sits on the router, on its interface toward
 //! the client, where the local network or the provider would: it sees the
-//! size and kernel arrival time of every WireGuard datagram toward the
-//! gateway. "The call" is lab::observer::CallFlow (audio 50 packets/s of
+//! size and kernel time of every WireGuard datagram toward the gateway, and
+//! of every one the gateway sends back. "The call" is lab::observer::CallFlow (audio 50 packets/s of
 //! 120 bytes, video 2.5 Mbit/s in 30 frames/s bursts, echoed back by the
 //! video host); "no call" is its background of one small packet every
 //! 250 ms. Windows are 5 s (spec) and 10 s (cover); `SHAPE_LONG=1` makes
@@ -16,8 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lab::observer::{gaps_ms, ks_distance, sizes, CallFlow, Observer, Seen, WG_DATA_OVERHEAD};
-use lab::{addr, wait_until, Daemon, Lab, Ns};
+use lab::observer::{gaps_ms, ks_distance, sizes, CallFlow, Direction, Observer, Seen, WG_DATA_OVERHEAD};
+use lab::{addr, wait_until, Daemon, GatewayProgram, Lab, Ns};
 
 /// The lab profile's tunnel MTU (the default).
 const MTU: usize = 1420;
@@ -72,10 +73,13 @@ fn window(short: u64) -> Duration {
     }
 }
 
-/// What the observer saw in a window without a call and one with.
+/// What the observer saw in a window without a call and one with, toward
+/// the gateway and back.
 struct Windows {
     quiet: Vec<Seen>,
     call: Vec<Seen>,
+    quiet_back: Vec<Seen>,
+    call_back: Vec<Seen>,
     /// The call's packets sent in its window, and echoes received.
     sent: u64,
     echoed: u64,
@@ -86,31 +90,49 @@ struct Windows {
 }
 
 impl Windows {
+    /// KS distances (sizes, gaps) toward the gateway.
     fn distances(&self) -> (f64, f64) {
-        (
-            ks_distance(&sizes(&self.quiet), &sizes(&self.call)),
-            ks_distance(&gaps_ms(&self.quiet), &gaps_ms(&self.call)),
-        )
+        distances(&self.quiet, &self.call)
+    }
+
+    /// KS distances (sizes, gaps) of the way back.
+    fn distances_back(&self) -> (f64, f64) {
+        distances(&self.quiet_back, &self.call_back)
     }
 
     fn describe(&self, shape: &str) -> String {
-        let (d_size, d_gap) = self.distances();
         format!(
-            "{shape}: quiet window {} datagrams, call window {} datagrams; KS distance sizes {d_size:.3}, \
-             gaps (1 ms bins) {d_gap:.3}; call packets sent {} echoed {}; sessiond CPU {:.2} s quiet, {:.2} s call\n  \
-             quiet sizes {}\n  call sizes {}\n  quiet gaps {}\n  call gaps {}",
-            self.quiet.len(),
-            self.call.len(),
+            "{shape}: call packets sent {} echoed {}; sessiond CPU {:.2} s quiet, {:.2} s call\n\
+             toward the gateway: {}\nback to the client: {}",
             self.sent,
             self.echoed,
             self.cpu_quiet,
             self.cpu_call,
-            histogram(&sizes(&self.quiet)),
-            histogram(&sizes(&self.call)),
-            histogram(&gaps_ms(&self.quiet)),
-            histogram(&gaps_ms(&self.call)),
+            describe_direction(&self.quiet, &self.call),
+            describe_direction(&self.quiet_back, &self.call_back),
         )
     }
+}
+
+fn distances(quiet: &[Seen], call: &[Seen]) -> (f64, f64) {
+    (
+        ks_distance(&sizes(quiet), &sizes(call)),
+        ks_distance(&gaps_ms(quiet), &gaps_ms(call)),
+    )
+}
+
+fn describe_direction(quiet: &[Seen], call: &[Seen]) -> String {
+    let (d_size, d_gap) = distances(quiet, call);
+    format!(
+        "quiet window {} datagrams, call window {} datagrams; KS distance sizes {d_size:.3}, \
+         gaps (1 ms bins) {d_gap:.3}\n  quiet sizes {}\n  call sizes {}\n  quiet gaps {}\n  call gaps {}",
+        quiet.len(),
+        call.len(),
+        histogram(&sizes(quiet)),
+        histogram(&sizes(call)),
+        histogram(&gaps_ms(quiet)),
+        histogram(&gaps_ms(call)),
+    )
 }
 
 /// The five most common values and their shares, for the failure message.
@@ -152,6 +174,7 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
 /// Records a window of background only, then a window with the call.
 fn observe(lab: &Lab, daemon: &Daemon, window: Duration) -> Windows {
     let observer = Observer::start(lab).expect("start the observer");
+    let back = Observer::start_looking(lab, Direction::ToClient).expect("start the observer of the way back");
     let flow = CallFlow::start(lab, ECHO_PORT).expect("start the call generator");
     // The background goes through the tunnel before the quiet window opens.
     wait_until(Duration::from_secs(5), "the background on the path", || {
@@ -159,9 +182,11 @@ fn observe(lab: &Lab, daemon: &Daemon, window: Duration) -> Windows {
     })
     .expect("background seen by the observer");
     observer.clear();
+    back.clear();
     let cpu0 = cpu_seconds(daemon.pid());
     std::thread::sleep(window);
     let quiet = observer.take();
+    let quiet_back = back.take();
     let cpu_quiet = cpu_seconds(daemon.pid()) - cpu0;
 
     flow.call();
@@ -174,9 +199,11 @@ fn observe(lab: &Lab, daemon: &Daemon, window: Duration) -> Windows {
         flow.echoed.load(Ordering::Relaxed),
     );
     observer.clear();
+    back.clear();
     let cpu0 = cpu_seconds(daemon.pid());
     std::thread::sleep(window);
     let call = observer.take();
+    let call_back = back.take();
     let cpu_call = cpu_seconds(daemon.pid()) - cpu0;
     let (sent, echoed) = (
         flow.sent.load(Ordering::Relaxed) - sent0,
@@ -186,6 +213,8 @@ fn observe(lab: &Lab, daemon: &Daemon, window: Duration) -> Windows {
     Windows {
         quiet,
         call,
+        quiet_back,
+        call_back,
         sent,
         echoed,
         cpu_quiet,
@@ -264,6 +293,75 @@ fn an_observer_on_the_path_tells_a_call_in_spec_mode_but_not_under_cover() {
         cover.sent,
         cover.echoed,
         daemon.log()
+    );
+    // What a standard gateway leaves visible: nothing beside wireguard-go
+    // re-pads or re-times what it encrypts, so the way back still shows
+    // the call (the workspace's gateway covers it: the test below).
+    let (d_size, d_gap) = cover.distances_back();
+    assert!(
+        d_size > 0.3 && d_gap > 0.3,
+        "with wireguard-go as the gateway the way back should still show the call:\n{}",
+        cover.describe("cover")
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// Data datagrams of `seen` whose size is not the envelope's.
+fn off_envelope(seen: &[&[Seen]]) -> Vec<usize> {
+    seen.iter()
+        .flat_map(|s| data_lengths(s))
+        .filter(|&len| len != MTU + WG_DATA_OVERHEAD)
+        .collect()
+}
+
+/// The gateway side built from this workspace, in place of wireguard-go:
+/// the cover session works through it, and the way back is shaped too.
+#[test]
+fn the_workspace_gateway_covers_the_way_back_too() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::with_gateway(GatewayProgram::Sessiongate { shape: "cover" })
+        .unwrap_or_else(|e| panic!("lab setup failed: {e:#}"));
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    start_session(&lab, &daemon, "cover");
+    assert_eq!(
+        lab.probe_tcp(Ns::Client, addr::HOST_V4, 443),
+        Ok(format!("peer={}", addr::GATEWAY_V4)),
+        "TCP to the video host through sessiongate-gateway\n{}\n{}",
+        daemon.log(),
+        lab.gateway_log()
+    );
+
+    let cover = observe(&lab, &daemon, window(10));
+    println!("{}", cover.describe("cover through sessiongate-gateway"));
+    for (way, seen) in [
+        ("toward the gateway", [&cover.quiet[..], &cover.call[..]]),
+        (
+            "back to the client",
+            [&cover.quiet_back[..], &cover.call_back[..]],
+        ),
+    ] {
+        let odd = off_envelope(&seen);
+        assert!(
+            odd.is_empty(),
+            "{way}: {} data packets not of the envelope's size, such as {:?}",
+            odd.len(),
+            &odd[..odd.len().min(10)]
+        );
+    }
+    let (d_size, d_gap) = cover.distances();
+    let (d_size_back, d_gap_back) = cover.distances_back();
+    assert!(
+        d_size < 0.05 && d_gap < 0.05 && d_size_back < 0.05 && d_gap_back < 0.05,
+        "under cover on both sides the call should not stand out either way:\n{}",
+        cover.describe("cover through sessiongate-gateway")
+    );
+    assert!(
+        cover.echoed * 10 >= cover.sent * 9,
+        "the call lost more than 10% of its packets: {} sent, {} echoed\n{}",
+        cover.sent,
+        cover.echoed,
+        lab.gateway_log()
     );
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
