@@ -183,7 +183,9 @@ impl Gateway {
         };
         let padded = shape::pad_in_place(packet, len, peer.shape, self.mtu);
         if let Some(cover) = &peer.cover {
-            let mut buf = cover.buffer(self.wire_len);
+            // Room for the datagram even if the device handed over more
+            // than the MTU (boringtun panics on a short buffer).
+            let mut buf = cover.buffer((padded + WG_OVERHEAD).max(self.wire_len));
             let (kind, size) = match peer.tunn.encapsulate(&packet[..padded], &mut buf) {
                 TunnResult::WriteToNetwork(d) => (d.first().copied(), d.len()),
                 TunnResult::Err(e) => {
