@@ -284,8 +284,9 @@ fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket) {
 /// on a busy machine a normal thread wakes late and the gaps between slots
 /// change with the load, which a call adds to. The thread sleeps between
 /// slots and sends one datagram per wake, so it cannot crowd out others.
-/// Needs CAP_SYS_NICE; without it (the shipped unit has
-/// `RestrictRealtime=yes`) the envelope runs at normal priority.
+/// Needs CAP_SYS_NICE (the shipped unit grants it, with
+/// `RestrictRealtime=no`) or an RLIMIT_RTPRIO of at least 1; refused, the
+/// envelope runs at normal priority.
 fn raise_priority() {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: changes only the calling thread's scheduling; `param` is a
