@@ -172,7 +172,7 @@ impl Gateway {
         let Some(dst) = Tunn::dst_address(&packet[..len]) else {
             return;
         };
-        let Some(i) = peer_for(&self.peers, dst) else {
+        let Some(i) = longest_match(self.peers.iter().map(|p| &p.allowed_ips[..]), dst) else {
             tracing::debug!("no client has the address {dst}; dropped a packet");
             return;
         };
@@ -383,12 +383,11 @@ fn udp_clone(udp: &UdpSocket) -> std::io::Result<std::net::UdpSocket> {
     Ok(std::net::UdpSocket::from(udp.as_fd().try_clone_to_owned()?))
 }
 
-/// The peer whose allowed IPs hold `dst` most specifically.
-fn peer_for(peers: &[Peer], dst: IpAddr) -> Option<usize> {
-    peers
-        .iter()
+/// Which of the peers' allowed-IP lists holds `dst` most specifically.
+fn longest_match<'a>(lists: impl Iterator<Item = &'a [Prefix]>, dst: IpAddr) -> Option<usize> {
+    lists
         .enumerate()
-        .flat_map(|(i, p)| p.allowed_ips.iter().map(move |a| (i, a)))
+        .flat_map(|(i, list)| list.iter().map(move |a| (i, a)))
         .filter(|(_, a)| a.contains(dst))
         .max_by_key(|(_, a)| a.len)
         .map(|(i, _)| i)
@@ -445,6 +444,20 @@ fn is_device_gone(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_packet_goes_to_the_most_specific_peer() {
+        let p = |t: &str| Prefix::parse(t).expect("prefix");
+        let lists = [
+            vec![p("192.0.2.64/26")],
+            vec![p("192.0.2.66/32"), p("2001:db8:66::2/128")],
+        ];
+        let find = |ip: &str| longest_match(lists.iter().map(|l| &l[..]), ip.parse().expect("ip"));
+        assert_eq!(find("192.0.2.66"), Some(1));
+        assert_eq!(find("192.0.2.67"), Some(0));
+        assert_eq!(find("2001:db8:66::2"), Some(1));
+        assert_eq!(find("203.0.113.10"), None);
+    }
 
     #[test]
     fn session_indices_find_their_peer() {
