@@ -370,6 +370,38 @@ fn the_workspace_gateway_covers_the_way_back_too() {
         cover.echoed,
         lab.gateway_log()
     );
+
+    // The client moves to another network and its old address goes away:
+    // the gateway follows it (its envelope and the answers go to the new
+    // address), or nothing would come back.
+    lab.add_roaming_link().expect("roaming link");
+    lab.ip_batch(
+        Ns::Client,
+        &[
+            format!(
+                "route replace default via {} dev {}",
+                addr::ROUTER_ROAM_V4,
+                addr::ROAM_CLIENT_IF
+            ),
+            format!("addr del {}/26 dev {}", addr::CLIENT_V4, addr::CLIENT_IF),
+        ],
+    )
+    .expect("move to the other network");
+    wait_until(
+        Duration::from_secs(20),
+        "answers from the video host after the move",
+        || {
+            lab.probe_udp(Ns::Client, addr::HOST_V4, ECHO_PORT)
+                == Ok(format!("peer={} probe", addr::GATEWAY_V4))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", daemon.log(), lab.gateway_log()));
+    assert!(
+        lab.gateway_log()
+            .contains(&format!("is at {}:", addr::ROAM_CLIENT_V4)),
+        "the gateway did not log the client's new address:\n{}",
+        lab.gateway_log()
+    );
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
