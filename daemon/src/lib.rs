@@ -34,6 +34,9 @@ pub mod session;
 pub mod sleep;
 pub(crate) mod store;
 pub(crate) mod tunnel;
+/// The traffic shapes (padding, cover envelope, decoys), shared with the
+/// gateway side built from this workspace (daemon/gateway).
+pub use tunnel::shape;
 pub(crate) mod verify;
 pub mod watcher;
 

@@ -923,6 +923,10 @@ impl Driver {
                     return Decrypted::Packet(packet.len());
                 }
                 TunnResult::Done => return Decrypted::Nothing,
+                // A decoy from a gateway that shapes its side too
+                // (sessiongate-gateway in cover mode): authentic, so the
+                // peer is alive, but nothing for the device.
+                TunnResult::Err(e) if shape::is_authentic_decoy(datagram, &e) => return Decrypted::Nothing,
                 TunnResult::Err(e) => {
                     tracing::debug!("dropped a datagram from the endpoint: {e:?}");
                     return Decrypted::Rejected;

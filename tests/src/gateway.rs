@@ -1,7 +1,8 @@
 //! The WireGuard side of the lab: the gateway's wireguard-go (Debian's, set up
-//! with `wg`), its NAT towards the internet, its peers, killing and restarting
-//! it, and a plain wireguard-go client in the client namespace for harness
-//! tests. Owns the gateway's key, interface and peer list.
+//! with `wg`), or on request this workspace's sessiongate-gateway
+//! ([`GatewayProgram`]), its NAT towards the internet, its peers, killing and
+//! restarting it, and a plain wireguard-go client in the client namespace for
+//! harness tests. Owns the gateway's key, interface and peer list.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,6 +11,51 @@ use anyhow::{bail, Context, Result};
 
 use crate::lab::{addr, lock, write_file_mode, Lab, LabChild, Ns, SETUP_TIMEOUT};
 use crate::util::{self, wait_until};
+
+/// Which WireGuard program the lab's gateway runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayProgram {
+    /// Debian's wireguard-go, configured with `wg` (every lab but those
+    /// that ask otherwise).
+    WireguardGo,
+    /// This workspace's `sessiongate-gateway`, every client with this
+    /// `shape` ("spec", "pad" or "cover"). It has no wg control socket:
+    /// `gateway_wg_show` fails, and adding a peer restarts it.
+    Sessiongate { shape: &'static str },
+}
+
+/// Writes sessiongate-gateway's configuration for the lab (same key, port,
+/// interface name and addresses as the wireguard-go gateway) and starts
+/// it; returns once the process runs (`configure_gateway` waits for its
+/// interface).
+fn start_sessiongate_gateway(lab: &Lab, shape: &str) -> Result<LabChild> {
+    let ifname = lab.gateway_ifname();
+    let peers = lock(&lab.gateway).peers.clone();
+    let mut config = format!(
+        "private_key_file = \"{}\"\nlisten_port = {}\ninterface = \"{ifname}\"\n\
+         address = [\"{}/26\", \"{}/64\"]\n",
+        lab.gw_key_file.display(),
+        addr::WG_PORT,
+        addr::GATEWAY_TUN_V4,
+        addr::GATEWAY_TUN_V6,
+    );
+    for (public, allowed) in &peers {
+        let allowed: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+        config.push_str(&format!(
+            "\n[[peer]]\npublic_key = \"{public}\"\nallowed_ips = [{}]\nshape = \"{shape}\"\n",
+            allowed.join(", ")
+        ));
+    }
+    let path = lab.tmp.path().join("sessiongate-gateway.toml");
+    write_file_mode(&path, &config, 0o600)?;
+    let binary = util::find_binary("sessiongate-gateway")?;
+    let (binary, path) = (binary.to_string_lossy(), path.to_string_lossy());
+    lab.spawn_named(
+        Ns::Gateway,
+        &format!("sessiongate-gateway-{ifname}"),
+        &[&binary, "--config", &path],
+    )
+}
 
 /// Makes a private key with `wg genkey`, writes it to `path` (mode 0600) and
 /// returns the public key.
@@ -86,10 +132,18 @@ impl Lab {
         lock(&self.gateway).child.clone()
     }
 
-    /// Everything wireguard-go on the gateway logged (all runs of it).
+    /// What the gateway runs.
+    pub fn gateway_program(&self) -> GatewayProgram {
+        lock(&self.gateway).program
+    }
+
+    /// Everything the gateway's WireGuard logged (all runs of it).
     pub fn gateway_log(&self) -> String {
         let dir = self.tmp.path();
-        let prefix = format!("wireguard-go-{}.", self.gateway_ifname());
+        let prefix = match self.gateway_program() {
+            GatewayProgram::WireguardGo => format!("wireguard-go-{}.", self.gateway_ifname()),
+            GatewayProgram::Sessiongate { .. } => format!("sessiongate-gateway-{}.", self.gateway_ifname()),
+        };
         let mut logs: Vec<_> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
@@ -103,7 +157,10 @@ impl Lab {
 
     pub(crate) fn start_gateway_process(&self) -> Result<()> {
         let ifname = self.gateway_ifname();
-        let child = start_wireguard_go(self, Ns::Gateway, &ifname)?;
+        let child = match self.gateway_program() {
+            GatewayProgram::WireguardGo => start_wireguard_go(self, Ns::Gateway, &ifname)?,
+            GatewayProgram::Sessiongate { shape } => start_sessiongate_gateway(self, shape)?,
+        };
         lock(&self.gateway).child = Some(child);
         Ok(())
     }
@@ -117,6 +174,22 @@ impl Lab {
             (gw.child.clone(), gw.peers.clone())
         };
         let child = child.context("the gateway's wireguard-go is not running")?;
+        if let GatewayProgram::Sessiongate { .. } = self.gateway_program() {
+            // It brings its interface up with its addresses itself.
+            let mut exited = false;
+            wait_until(SETUP_TIMEOUT, &format!("sessiongate-gateway's {ifname}"), || {
+                if !child.is_running() {
+                    exited = true;
+                    return true;
+                }
+                self.exec(Ns::Gateway, &["ip", "-4", "addr", "show", "dev", &ifname, "up"])
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(addr::GATEWAY_TUN_V4))
+            })?;
+            if exited {
+                bail!("sessiongate-gateway exited: {}", child.log().trim());
+            }
+            return Ok(());
+        }
         wait_wireguard_go(self, Ns::Gateway, &ifname, &child)?;
         let key = self.gw_key_file.to_string_lossy().into_owned();
         let port = addr::WG_PORT.to_string();
@@ -153,6 +226,12 @@ impl Lab {
             gw.child.as_ref().is_some_and(|c| c.is_running())
         };
         if running {
+            if let GatewayProgram::Sessiongate { .. } = self.gateway_program() {
+                // No control socket: it reads its peers at start.
+                return self
+                    .restart_gateway()
+                    .context("restarting sessiongate-gateway with a new peer");
+            }
             let ifname = self.gateway_ifname();
             let list = allowed.join(",");
             self.exec_ok(

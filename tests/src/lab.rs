@@ -223,6 +223,8 @@ struct Resources {
 pub(crate) struct GatewayState {
     pub(crate) child: Option<LabChild>,
     pub(crate) peers: Vec<(String, Vec<String>)>,
+    /// What runs there; fixed when the lab is built.
+    pub(crate) program: crate::gateway::GatewayProgram,
 }
 
 /// The whole lab. All methods take `&self`; it may be shared by threads.
@@ -267,6 +269,16 @@ impl Lab {
     /// failed setup cleans up. Not for normal use.
     #[doc(hidden)]
     pub fn new_with_fault(fault: Option<&'static str>) -> Result<Lab> {
+        Self::create(fault, crate::gateway::GatewayProgram::WireguardGo)
+    }
+
+    /// `new`, with `program` as the gateway's WireGuard instead of
+    /// wireguard-go (e.g. this workspace's sessiongate-gateway).
+    pub fn with_gateway(program: crate::gateway::GatewayProgram) -> Result<Lab> {
+        Self::create(None, program)
+    }
+
+    fn create(fault: Option<&'static str>, program: crate::gateway::GatewayProgram) -> Result<Lab> {
         if !util::is_root() {
             bail!("the lab needs root (CAP_NET_ADMIN) to create network namespaces: run the tests as root");
         }
@@ -289,6 +301,7 @@ impl Lab {
             gateway: Mutex::new(GatewayState {
                 child: None,
                 peers: Vec::new(),
+                program,
             }),
             gw_key_file,
             gw_public_key,

@@ -22,7 +22,7 @@ pub mod sysfuzz;
 pub mod util;
 
 pub use daemon::{Daemon, ProfileFiles, DAEMON_TUN_IF};
-pub use gateway::PlainClient;
+pub use gateway::{GatewayProgram, PlainClient};
 pub use lab::{addr, DnsReply, Lab, LabChild, Ns};
 pub use meter::TunnelFlow;
 pub use util::{wait_for, wait_until};

@@ -2,9 +2,10 @@
 //!
 //! [`Observer`] records what the local network or the provider sees of the
 //! tunnel: the size and arrival time of every WireGuard datagram the client
-//! sends toward the gateway, taken by a packet socket (AF_PACKET) in the
-//! router's namespace on its interface toward the client, with the kernel's
-//! receive timestamps (the recorder's own scheduling does not move them).
+//! sends toward the gateway (or, with [`Direction::ToClient`], the gateway
+//! sends back), taken by a packet socket (AF_PACKET) in the router's
+//! namespace on its interface toward the client, with the kernel's
+//! timestamps (the recorder's own scheduling does not move them).
 //! [`ks_distance`] is the two-sample Kolmogorov-Smirnov distance the shape
 //! test compares windows with. [`CallFlow`] is a call-shaped UDP generator
 //! (audio 50 packets/s of 120 bytes, video 2.5 Mbit/s in 30 frames/s
@@ -40,7 +41,18 @@ pub struct Seen {
 /// the Poly1305 tag (16).
 pub const WG_DATA_OVERHEAD: usize = 32;
 
-/// Records client->gateway WireGuard datagrams on the router until dropped.
+/// Which way the observer looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// What the client sends toward the gateway (arriving at the router).
+    ToGateway,
+    /// What the gateway sends back to the client (the router sending it on
+    /// toward the client).
+    ToClient,
+}
+
+/// Records WireGuard datagrams of one direction between client and gateway
+/// on the router's interface toward the client, until dropped.
 pub struct Observer {
     seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
@@ -51,6 +63,11 @@ impl Observer {
     /// Starts recording on the router's interface toward the client; returns
     /// once the socket is open (packets from then on are recorded).
     pub fn start(lab: &Lab) -> Result<Observer> {
+        Self::start_looking(lab, Direction::ToGateway)
+    }
+
+    /// `start`, for the datagrams of `direction`.
+    pub fn start_looking(lab: &Lab, direction: Direction) -> Result<Observer> {
         let router = lab.ns_name(Ns::Router).to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -58,8 +75,8 @@ impl Observer {
         let thread = {
             let (seen, stop) = (seen.clone(), stop.clone());
             std::thread::spawn(move || -> Result<()> {
-                let socket =
-                    enter_namespace(&router).and_then(|()| open_packet_socket(addr::ROUTER_CLIENT_IF));
+                let socket = enter_namespace(&router)
+                    .and_then(|()| open_packet_socket(addr::ROUTER_CLIENT_IF, direction));
                 let socket = match socket {
                     Ok(s) => {
                         let _ = ready_tx.send(Ok(()));
@@ -70,7 +87,7 @@ impl Observer {
                         return Err(e);
                     }
                 };
-                record(&socket, &seen, &stop)
+                record(&socket, &seen, &stop, direction)
             })
         };
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
@@ -118,9 +135,15 @@ pub fn enter_namespace(name: &str) -> Result<()> {
 }
 
 /// A raw AF_PACKET socket for IPv4 on `interface`, with kernel timestamps and
-/// a 100 ms receive timeout (so the thread sees `stop`).
-fn open_packet_socket(interface: &str) -> Result<OwnedFd> {
-    let proto = (libc::ETH_P_IP as u16).to_be();
+/// a 100 ms receive timeout (so the thread sees `stop`). Only a socket for
+/// every protocol (ETH_P_ALL) sees what the router sends: the kernel hands
+/// outgoing packets to those taps alone.
+fn open_packet_socket(interface: &str, direction: Direction) -> Result<OwnedFd> {
+    let proto = match direction {
+        Direction::ToGateway => libc::ETH_P_IP as u16,
+        Direction::ToClient => libc::ETH_P_ALL as u16,
+    }
+    .to_be();
     // SAFETY: plain socket(2); the descriptor is owned at once.
     let fd = unsafe {
         libc::socket(
@@ -200,8 +223,8 @@ fn set_int(socket: &OwnedFd, level: i32, name: i32, value: i32) -> Result<()> {
     Ok(())
 }
 
-/// Receives until `stop`, keeping client->gateway WireGuard datagrams.
-fn record(socket: &OwnedFd, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool) -> Result<()> {
+/// Receives until `stop`, keeping the WireGuard datagrams of `direction`.
+fn record(socket: &OwnedFd, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool, direction: Direction) -> Result<()> {
     let gateway: Ipv4Addr = addr::GATEWAY_V4.parse().context("gateway address")?;
     let mut packet = vec![0u8; 65_536];
     // u64s: the control buffer must be aligned for cmsghdr.
@@ -230,8 +253,8 @@ fn record(socket: &OwnedFd, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool) -> Resul
                 _ => return Err(e).context("receiving on the packet socket"),
             }
         }
-        // Only what arrives from the client (not what the router sends).
-        if from.sll_pkttype == libc::PACKET_OUTGOING {
+        // What arrives from the client, or what the router sends to it.
+        if (from.sll_pkttype == libc::PACKET_OUTGOING) != (direction == Direction::ToClient) {
             continue;
         }
         let Some(at) = timestamp(&msg) else { continue };
@@ -240,10 +263,18 @@ fn record(socket: &OwnedFd, seen: &Mutex<Vec<Seen>>, stop: &AtomicBool) -> Resul
         let Some((vnet, frame)) = packet[..n as usize].split_at_checked(VNET_HDR_LEN) else {
             continue;
         };
+        // IPv4 only (the socket toward the client takes every protocol).
+        if frame.get(12..14) != Some(&[0x08, 0x00][..]) {
+            continue;
+        }
         let Some(ip) = frame.get(ETHERNET_HDR_LEN..) else {
             continue;
         };
-        if let Some((len, kind)) = wireguard_to(ip, gateway, addr::WG_PORT) {
+        let datagram = match direction {
+            Direction::ToGateway => wireguard_to(ip, gateway, addr::WG_PORT),
+            Direction::ToClient => wireguard_from(ip, gateway, addr::WG_PORT),
+        };
+        if let Some((len, kind)) = datagram {
             let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
             for len in on_the_wire(vnet, len) {
                 seen.push(Seen { at, len, kind });
@@ -305,6 +336,24 @@ pub fn wireguard_to(ip: &[u8], gateway: Ipv4Addr, port: u16) -> Option<(usize, u
         return None;
     }
     // From the IP length: a GSO train's UDP length field is not its size.
+    let ip_len = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+    Some((ip_len.checked_sub(header + 8)?, udp[8]))
+}
+
+/// The UDP payload length and first byte of an IPv4 UDP packet from
+/// `gateway:port`, or None for anything else.
+pub fn wireguard_from(ip: &[u8], gateway: Ipv4Addr, port: u16) -> Option<(usize, u8)> {
+    if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != libc::IPPROTO_UDP as u8 {
+        return None;
+    }
+    let header = usize::from(ip[0] & 0x0f) * 4;
+    if Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]) != gateway || ip.len() < header + 9 {
+        return None;
+    }
+    let udp = &ip[header..];
+    if u16::from_be_bytes([udp[0], udp[1]]) != port {
+        return None;
+    }
     let ip_len = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
     Some((ip_len.checked_sub(header + 8)?, udp[8]))
 }
@@ -538,6 +587,15 @@ mod tests {
         assert_eq!(wireguard_to(&ip, gw, 51820), Some((148, 1)));
         assert_eq!(wireguard_to(&ip, gw, 53), None);
         assert_eq!(wireguard_to(&ip, Ipv4Addr::new(198, 51, 100, 3), 51820), None);
+        // The other way: from the gateway's port to the client.
+        let mut back = ip.clone();
+        back[12..16].copy_from_slice(&[198, 51, 100, 2]);
+        back[16..20].copy_from_slice(&[192, 0, 2, 2]);
+        back[20..22].copy_from_slice(&51820u16.to_be_bytes());
+        back[22..24].copy_from_slice(&40000u16.to_be_bytes());
+        assert_eq!(wireguard_from(&back, gw, 51820), Some((148, 1)));
+        assert_eq!(wireguard_to(&back, gw, 51820), None);
+        assert_eq!(wireguard_from(&ip, gw, 51820), None);
         ip[9] = 6;
         assert_eq!(wireguard_to(&ip, gw, 51820), None);
         assert_eq!(wireguard_to(&ip[..10], gw, 51820), None);

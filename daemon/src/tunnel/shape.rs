@@ -22,6 +22,10 @@
 //! probabilistic defence (DAITA-like bursts and delays) would be the time to
 //! take maybenot.
 //!
+//! The gateway side built from this workspace (daemon/gateway,
+//! `sessiongate-gateway`) shapes the other direction with the same padding,
+//! envelope and decoys, one envelope per client.
+//!
 //! This module owns the padding rule of each shape, the cover queue and the
 //! decoy. It never decides whether a packet may be sent (the allow filter
 //! decides before a packet gets here) and never touches keys, the socket,
@@ -109,8 +113,9 @@ pub struct CoverShared {
     pub missed: AtomicU64,
 }
 
-#[derive(Default)]
 struct CoverQueues {
+    /// Where the slots go; the gateway side moves it when a client roams.
+    endpoint: SocketAddr,
     real: VecDeque<Vec<u8>>,
     decoys: VecDeque<Vec<u8>>,
     /// Sent datagrams' buffers, for reuse.
@@ -139,7 +144,7 @@ impl CoverSender {
         mtu: usize,
     ) -> std::io::Result<CoverSender> {
         let shared = Arc::new(CoverShared {
-            queues: Mutex::new(CoverQueues::default()),
+            queues: Mutex::new(CoverQueues::new(endpoint)),
             stop: AtomicBool::new(false),
             decoys_low: Notify::new(),
             dropped: AtomicU64::new(0),
@@ -149,7 +154,7 @@ impl CoverSender {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("sg-cover".into())
-                .spawn(move || send_slots(&shared, &socket, endpoint))?
+                .spawn(move || send_slots(&shared, &socket))?
         };
         Ok(CoverSender {
             shared,
@@ -193,7 +198,41 @@ impl CoverSender {
     pub fn push_decoy(&self, datagram: Vec<u8>) {
         self.shared.lock().decoys.push_back(datagram);
     }
+
+    /// Sends the next slots to `endpoint` (the gateway side follows a
+    /// client that moved to another network; the client's own endpoint
+    /// never changes during a session).
+    pub fn set_endpoint(&self, endpoint: SocketAddr) {
+        self.shared.lock().endpoint = endpoint;
+    }
 }
+
+impl CoverQueues {
+    fn new(endpoint: SocketAddr) -> CoverQueues {
+        CoverQueues {
+            endpoint,
+            real: VecDeque::new(),
+            decoys: VecDeque::new(),
+            spare: Vec::new(),
+        }
+    }
+}
+
+/// Whether `datagram`, which boringtun answered with `error`, was an
+/// authentic decoy from the peer: a data message (type 4, reserved bytes
+/// zero, long enough to carry a tag) that decrypted, whose plaintext then
+/// failed only the IP header check. boringtun reports a failed
+/// authentication, a replay or an unknown session with other errors, and
+/// `InvalidPacket` for a data message only after decrypting it. An
+/// authentic decoy proves the peer alive like a keepalive does.
+pub fn is_authentic_decoy(datagram: &[u8], error: &boringtun::noise::errors::WireGuardError) -> bool {
+    datagram.len() > DATA_OVERHEAD
+        && datagram[..4] == [4, 0, 0, 0]
+        && matches!(error, boringtun::noise::errors::WireGuardError::InvalidPacket)
+}
+
+/// WireGuard's overhead on a data message: type, receiver, counter, tag.
+const DATA_OVERHEAD: usize = 32;
 
 impl Drop for CoverSender {
     /// Stops the thread and waits for it (at most one period), so nothing
@@ -209,7 +248,7 @@ impl Drop for CoverSender {
 /// The sender thread: one slot every [`COVER_INTERVAL`] on an absolute
 /// schedule (a late slot is made up at once, so the rate per second stays
 /// constant), until told to stop.
-fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket, endpoint: SocketAddr) {
+fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket) {
     raise_priority();
     let mut next = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
@@ -220,10 +259,10 @@ fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket, endpoint: Sock
         } else if now - next > COVER_INTERVAL * MAX_LATE_SLOTS {
             next = now;
         }
-        let (datagram, low) = {
+        let (datagram, low, endpoint) = {
             let mut q = shared.lock();
             let datagram = q.real.pop_front().or_else(|| q.decoys.pop_front());
-            (datagram, q.decoys.len() < DECOY_RESERVE / 2)
+            (datagram, q.decoys.len() < DECOY_RESERVE / 2, q.endpoint)
         };
         if low {
             shared.decoys_low.notify_one();
@@ -245,8 +284,9 @@ fn send_slots(shared: &CoverShared, socket: &std::net::UdpSocket, endpoint: Sock
 /// on a busy machine a normal thread wakes late and the gaps between slots
 /// change with the load, which a call adds to. The thread sleeps between
 /// slots and sends one datagram per wake, so it cannot crowd out others.
-/// Needs CAP_SYS_NICE; without it (the shipped unit has
-/// `RestrictRealtime=yes`) the envelope runs at normal priority.
+/// Needs CAP_SYS_NICE (the shipped unit grants it, with
+/// `RestrictRealtime=no`) or an RLIMIT_RTPRIO of at least 1; refused, the
+/// envelope runs at normal priority.
 fn raise_priority() {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: changes only the calling thread's scheduling; `param` is a
@@ -356,10 +396,17 @@ mod tests {
         }
         let decoy = send(&mut client, &vec![0u8; mtu]);
         assert_eq!(decoy.len(), mtu + 32);
-        assert!(matches!(
-            gateway.decapsulate(None, &decoy, &mut out),
-            TunnResult::Err(_)
-        ));
+        match gateway.decapsulate(None, &decoy, &mut out) {
+            TunnResult::Err(e) => assert!(is_authentic_decoy(&decoy, &e), "a decoy: {e:?}"),
+            _ => panic!("the decoy came out as a packet"),
+        }
+        // A forged one (a flipped bit in the ciphertext) is not a decoy.
+        let mut forged = send(&mut client, &vec![0u8; mtu]);
+        forged[40] ^= 1;
+        match gateway.decapsulate(None, &forged, &mut out) {
+            TunnResult::Err(e) => assert!(!is_authentic_decoy(&forged, &e), "forged: {e:?}"),
+            _ => panic!("the forged decoy came out as a packet"),
+        }
         let after = send(&mut client, &packet[..96]);
         assert!(
             matches!(gateway.decapsulate(None, &after, &mut out), TunnResult::WriteToTunnelV4(p, _) if p.len() == 84),
@@ -404,7 +451,7 @@ mod tests {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let sender = CoverSender {
             shared: Arc::new(CoverShared {
-                queues: Mutex::new(CoverQueues::default()),
+                queues: Mutex::new(CoverQueues::new(socket.local_addr().expect("addr"))),
                 stop: AtomicBool::new(true),
                 decoys_low: Notify::new(),
                 dropped: AtomicU64::new(0),
