@@ -460,12 +460,43 @@ impl<E: Effects> SessionMachine<E> {
 
     pub(crate) async fn on_health(&mut self) {
         let stage = std::mem::take(&mut self.stage);
+        let path_changes_before = match &stage {
+            Stage::Open(o) => Some(o.path_changes_seen),
+            _ => None,
+        };
         self.stage = match stage {
             Stage::Open(o) => open::on_health(&mut self.ctx, o),
             Stage::Blocked(b) => blocked::on_health(&mut self.ctx, b).await,
             other => other,
         };
+        if let (Stage::Open(o), Some(before)) = (&self.stage, path_changes_before) {
+            if o.path_changes_seen > before {
+                self.refresh_networks().await;
+            }
+        }
         self.ctx.publish_stage(&self.stage);
+    }
+
+    /// The way to the gateway changed (another network, a new lease): the
+    /// firewall reads the directly connected subnets only when it is
+    /// applied, so the same shape goes in again. Otherwise `allow_lan`
+    /// would still open the old network's subnet (reachable now only
+    /// through the new router, in clear) and keep the new one closed, and
+    /// DHCP renewals to the new subnet's server would be refused.
+    async fn refresh_networks(&mut self) {
+        let Some((_, allow)) = self.stage.firewall_shape(&self.ctx.effects) else {
+            return;
+        };
+        let Some(locked) = self.stage.locked() else {
+            return;
+        };
+        let lockdown = locked.lockdown.clone();
+        match self.ctx.effects.apply_firewall(&lockdown, allow.as_ref()).await {
+            Ok(()) => tracing::info!("the network changed: the firewall now knows the new local subnets"),
+            // The table in force stays (a transaction): closed to the new
+            // subnets, which is the safe side.
+            Err(e) => tracing::warn!("could not bring the firewall's local subnets up to date: {e}"),
+        }
     }
 
     fn start_verify(&mut self, reply: Responder) {
