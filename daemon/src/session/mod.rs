@@ -34,6 +34,7 @@ mod connecting;
 mod effects;
 mod idle;
 mod open;
+mod portal;
 mod stage;
 mod status;
 mod stop;
@@ -48,6 +49,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use cause::{Cause, Step};
 pub use effects::{Effects, SystemEffects, TunnelView};
+pub use portal::PortalReport;
 pub use status::{AllowedHost, Phase, Snapshot, StatusReport};
 
 use crate::firewall::{self, Allowlist};
@@ -72,6 +74,8 @@ pub enum Outcome {
     Refused(String),
     /// Failed after something changed; the cause says where it stands.
     Failed { cause: Option<Cause>, message: String },
+    /// `portal`: the namespace is open.
+    Portal(PortalReport),
 }
 
 pub(crate) type Responder = oneshot::Sender<Outcome>;
@@ -90,6 +94,12 @@ pub enum Command {
     },
     /// Something in the profiles directory changed (hot reload).
     ProfilesChanged,
+    /// `portal`, from the user `uid` (the socket's peer credentials).
+    Portal {
+        request: sessiongate_common::control::PortalRequest,
+        uid: u32,
+        reply: Responder,
+    },
 }
 
 /// What the tasks beside the loop report.
@@ -133,6 +143,11 @@ impl SessionHandle {
 
     pub async fn verify(&self) -> Outcome {
         self.ask(|reply| Command::Verify { reply }).await
+    }
+
+    /// `portal` for the user `uid`.
+    pub async fn portal(&self, request: sessiongate_common::control::PortalRequest, uid: u32) -> Outcome {
+        self.ask(|reply| Command::Portal { request, uid, reply }).await
     }
 
     /// Asks the state machine to look at the profiles again. Never blocks:
@@ -238,6 +253,8 @@ pub struct SessionMachine<E: Effects = SystemEffects> {
     ctx: Ctx<E>,
     stage: Stage<E>,
     verifying: Option<Verifying>,
+    /// The captive-portal namespace, while it is open.
+    portal: Option<portal::OpenPortal>,
 }
 
 /// Creates the state machine and its handle. Call [`SessionMachine::resume`]
@@ -263,6 +280,7 @@ pub fn with_effects<E: Effects>(effects: E) -> (SessionMachine<E>, SessionHandle
             },
             stage: Stage::Idle,
             verifying: None,
+            portal: None,
         },
         SessionHandle {
             commands: cmd_tx,
@@ -329,6 +347,7 @@ impl<E: Effects> SessionMachine<E> {
                     // looking after the tunnel.
                     ping_watchdog();
                     self.on_health().await;
+                    self.on_portal_timer().await;
                     // The guard's backstop: should its monitor ever miss a
                     // change, the table is back within a tick all the same.
                     self.on_firewall_changed().await
@@ -353,6 +372,13 @@ impl<E: Effects> SessionMachine<E> {
                         )),
                     );
                 }
+                // The portal was for getting onto this network; the
+                // session's lockdown starts without its exception.
+                if self.portal.is_some() {
+                    if let Err(e) = self.close_portal().await {
+                        tracing::error!("could not remove the portal namespace: {e}");
+                    }
+                }
                 self.stage = idle::start(&mut self.ctx, *profile, reply).await;
             }
             Command::Stop { reply } => {
@@ -368,6 +394,7 @@ impl<E: Effects> SessionMachine<E> {
                 self.stage = stop::stop(&mut self.ctx, stage, reply).await;
             }
             Command::Verify { reply } => self.start_verify(reply),
+            Command::Portal { request, uid, reply } => self.on_portal(request, uid, reply).await,
             Command::ProfilesChanged => {
                 let stage = std::mem::take(&mut self.stage);
                 self.stage = open::reload(&mut self.ctx, stage).await;
