@@ -354,6 +354,13 @@ impl<E: Effects> SessionMachine<E> {
                 }
             }
         }
+        // The portal namespace lives only as long as this sessiond (its
+        // timer is here): it goes, and its exception with it.
+        if self.portal.is_some() {
+            if let Err(e) = self.close_portal().await {
+                tracing::error!("could not remove the portal namespace: {e}");
+            }
+        }
         if let Some(name) = self.stage.name() {
             tracing::warn!(
                 "sessiond is exiting during the session of profile {name}; the lockdown stays until sessiond resumes it or `sessionctl stop`"
