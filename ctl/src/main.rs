@@ -279,7 +279,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ));
             let result = ask(socket, &request, Duration::from_secs(30))?;
             print_json_or(json, &result, |v| {
-                v["message"].as_str().unwrap_or("done").to_string()
+                let message = v["message"].as_str().unwrap_or("done").to_string();
+                if v["url"].is_string() && v["browser_pid"].is_null() {
+                    format!("{message}.\nNo browser was started there: give `--browser PROGRAM` to have one started as you.")
+                } else {
+                    message
+                }
             });
             Ok(())
         }
@@ -1059,6 +1064,15 @@ mod tests {
                 .contains("wait, it reconnects by itself"),
             "{text}"
         );
+        // The gateway not answering may be a hotel's login page.
+        assert!(
+            text.contains("  Portal?   if this network has a login page"),
+            "{text}"
+        );
+        degraded["cause"] = json!({"reason": "no_handshake"});
+        assert!(describe_status(&degraded).contains("sessionctl portal --during-session"));
+        degraded["cause"] = json!({"reason": "resumed_from_sleep"});
+        assert!(!describe_status(&degraded).contains("Portal?"));
         // The advice follows the cause, not the wording of the problem.
         degraded["problem"] = "cannot resume: gone".into();
         degraded["cause"] = json!({"reason": "cannot_resume"});
