@@ -283,25 +283,21 @@ async fn set_up(plan: &PortalPlan) -> Result<(), PortalError> {
     ])
     .await?;
     run_stdin(&["ip", "netns", "exec", ns, "nft", "-f", "-"], &table(plan)).await?;
+    // Made right inside the namespace: it never appears in sessiond's own,
+    // where the tamper guard would put a chain on it for a moment.
     let parent = plan.uplink.interface.as_str();
-    let ipvlan = run(&[
-        "ip", "link", "add", LINK, "link", parent, "type", "ipvlan", "mode", "l2",
-    ])
-    .await;
-    if let Err(e) = ipvlan {
+    let child = |kind: &'static str, mode: &'static str| {
+        [
+            "ip", "link", "add", LINK, "link", parent, "netns", ns, "type", kind, "mode", mode,
+        ]
+    };
+    if let Err(e) = run(&child("ipvlan", "l2")).await {
         // A kernel without ipvlan (CONFIG_IPVLAN unset): a macvlan child
         // works on Ethernet, with a MAC of its own (see the module comment).
         tracing::warn!(
             "portal: no ipvlan here ({e}); using a macvlan child with its own MAC address, so a portal that admits devices by MAC admits that one, not this machine"
         );
-        run(&[
-            "ip", "link", "add", LINK, "link", parent, "type", "macvlan", "mode", "private",
-        ])
-        .await?;
-    }
-    if let Err(e) = run(&["ip", "link", "set", LINK, "netns", ns]).await {
-        let _ = run(&["ip", "link", "del", LINK]).await;
-        return Err(e);
+        run(&child("macvlan", "private")).await?;
     }
     let address = format!("{}/{}", plan.address, plan.uplink.prefix);
     run(&["ip", "-n", ns, "addr", "add", &address, "dev", LINK]).await?;
