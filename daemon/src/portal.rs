@@ -73,6 +73,8 @@ pub const MAX_SECONDS: u64 = 900;
 const PROBE_WAIT: Duration = Duration::from_millis(300);
 /// How many candidate addresses are probed before giving up.
 const MAX_CANDIDATES: usize = 16;
+/// Said when the kernel refuses what the namespace needs.
+const SANDBOXED: &str = " (sessiond is not allowed to make network namespaces here: the shipped systemd unit's sandbox does not grant it yet)";
 /// The display variables a browser may be given.
 pub const DISPLAY_VARIABLES: &[&str] = &[
     "DISPLAY",
@@ -242,7 +244,17 @@ pub async fn create(namespace: &str, uplink: Uplink, dns: Ipv4Addr) -> Result<Po
         let taken = tokio::task::spawn_blocking(move || arp::in_use(&interface, candidate, PROBE_WAIT))
             .await
             .map_err(|e| PortalError::Setup(e.to_string()))?
-            .map_err(|e| PortalError::Setup(format!("ARP probe on {}: {e}", uplink.interface)))?;
+            .map_err(|e| {
+                let unsupported = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EPERM | libc::EACCES)
+                );
+                PortalError::Setup(format!(
+                    "ARP probe on {}: {e}{}",
+                    uplink.interface,
+                    if unsupported { SANDBOXED } else { "" }
+                ))
+            })?;
         if !taken {
             address = Some(candidate);
             break;
@@ -258,7 +270,14 @@ pub async fn create(namespace: &str, uplink: Uplink, dns: Ipv4Addr) -> Result<Po
     };
     if let Err(e) = set_up(&plan).await {
         let _ = remove(namespace).await;
-        return Err(e);
+        return Err(match e {
+            PortalError::Setup(text)
+                if text.contains("Operation not permitted") || text.contains("Permission denied") =>
+            {
+                PortalError::Setup(format!("{text}{SANDBOXED}"))
+            }
+            other => other,
+        });
     }
     Ok(plan)
 }
