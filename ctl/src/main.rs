@@ -102,6 +102,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open this network's login page (hotel, café) in a namespace of its own.
+    ///
+    /// sessiond makes a network namespace that reaches only the local
+    /// network's web and DNS servers (TCP 80/443/53, UDP 53) and the DNS
+    /// server the network gave, on an address of its own on the same
+    /// subnet, for a limited time (5 minutes unless --seconds says
+    /// otherwise); nothing else on the machine changes, and a running
+    /// session's firewall stays as it is, with one named exception for that
+    /// namespace's traffic. With --browser, sessiond starts that program
+    /// there as you (never as root), with the login page's address as its
+    /// last argument; use a separate profile, e.g. `--browser chromium
+    /// --browser-arg=--user-data-dir=/tmp/portal-profile`. During a session
+    /// it is refused unless you say --during-session.
+    Portal {
+        /// Open it although a session is running (the session stays locked down).
+        #[arg(long)]
+        during_session: bool,
+        /// Remove the namespace now, with whatever runs in it.
+        #[arg(long, conflicts_with_all = ["during_session", "seconds", "browser"])]
+        close: bool,
+        /// How long the namespace stays, in seconds (at most 900).
+        #[arg(long, value_name = "SECONDS")]
+        seconds: Option<u64>,
+        /// The browser to start in the namespace, as you.
+        #[arg(long, value_name = "PROGRAM")]
+        browser: Option<String>,
+        /// An argument for the browser, before the page's address (repeat it).
+        #[arg(
+            long = "browser-arg",
+            value_name = "ARG",
+            allow_hyphen_values = true,
+            requires = "browser"
+        )]
+        browser_args: Vec<String>,
+        /// Print sessiond's answer as one line of JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn a wg-quick config into a profile and a 0600 key file.
     Import {
         /// The wg-quick configuration file (e.g. the practice's wg0.conf).
@@ -224,6 +262,32 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Audit { profile, json } => run_audit(socket, profile.as_deref(), json),
+        Command::Portal {
+            during_session,
+            close,
+            seconds,
+            browser,
+            browser_args,
+            json,
+        } => {
+            let request = Request::Portal(portal_request(
+                during_session,
+                close,
+                seconds,
+                browser,
+                browser_args,
+            ));
+            let result = ask(socket, &request, Duration::from_secs(30))?;
+            print_json_or(json, &result, |v| {
+                let message = v["message"].as_str().unwrap_or("done").to_string();
+                if v["url"].is_string() && v["browser_pid"].is_null() {
+                    format!("{message}.\nNo browser was started there: give `--browser PROGRAM` to have one started as you.")
+                } else {
+                    message
+                }
+            });
+            Ok(())
+        }
         Command::Import {
             wg_conf,
             name,
@@ -389,6 +453,53 @@ fn roff(text: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The portal request: the browser as an absolute path (sessiond runs it
+/// with a bare PATH), and this session's display variables for it.
+fn portal_request(
+    during_session: bool,
+    close: bool,
+    seconds: Option<u64>,
+    browser: Option<String>,
+    browser_args: Vec<String>,
+) -> control::PortalRequest {
+    let browser = browser
+        .map(|program| {
+            let path = if program.contains('/') {
+                Some(PathBuf::from(&program))
+            } else {
+                std::env::var_os("PATH").and_then(|paths| {
+                    std::env::split_paths(&paths)
+                        .map(|dir| dir.join(&program))
+                        .find(|candidate| candidate.is_file())
+                })
+            };
+            let program = path
+                .and_then(|p| std::fs::canonicalize(p).ok())
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or(program);
+            std::iter::once(program).chain(browser_args).collect()
+        })
+        .unwrap_or_default();
+    let env = [
+        "DISPLAY",
+        "WAYLAND_DISPLAY",
+        "XAUTHORITY",
+        "XDG_RUNTIME_DIR",
+        "DBUS_SESSION_BUS_ADDRESS",
+        "LANG",
+    ]
+    .iter()
+    .filter_map(|name| std::env::var(name).ok().map(|value| (name.to_string(), value)))
+    .collect();
+    control::PortalRequest {
+        close,
+        during_session,
+        seconds,
+        browser,
+        env,
+    }
 }
 
 fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, Failure> {
@@ -756,6 +867,9 @@ fn describe_status(v: &Value) -> String {
     if let Some(pending) = v["pending"].as_str() {
         lines.push(format!("  Pending:  {pending}"));
     }
+    if serde_json::from_value::<Cause>(v["cause"].clone()).is_ok_and(|c| c.may_be_a_portal()) {
+        lines.push(format!("  Portal?   {}", sessiongate_common::cause::PORTAL_HINT));
+    }
     // A network change or wake-up the tunnel got over by itself.
     if let Some(recovered) = v["last_recovery"].as_str() {
         lines.push(format!("  Lately:   {recovered}"));
@@ -950,6 +1064,15 @@ mod tests {
                 .contains("wait, it reconnects by itself"),
             "{text}"
         );
+        // The gateway not answering may be a hotel's login page.
+        assert!(
+            text.contains("  Portal?   if this network has a login page"),
+            "{text}"
+        );
+        degraded["cause"] = json!({"reason": "no_handshake"});
+        assert!(describe_status(&degraded).contains("sessionctl portal --during-session"));
+        degraded["cause"] = json!({"reason": "resumed_from_sleep"});
+        assert!(!describe_status(&degraded).contains("Portal?"));
         // The advice follows the cause, not the wording of the problem.
         degraded["problem"] = "cannot resume: gone".into();
         degraded["cause"] = json!({"reason": "cannot_resume"});

@@ -27,6 +27,7 @@ pub use sessiongate_common::{control, import, io_reason, keys, profile, trust};
 pub mod dns;
 pub(crate) mod firewall;
 pub mod nft;
+pub mod portal;
 pub(crate) mod resolvconf;
 pub(crate) mod routing;
 pub mod server;

@@ -202,7 +202,7 @@ impl Context {
                 if allowed {
                     match self.read_request(&mut stream).await {
                         Ok(Request::Watch) => return self.stream_status(stream).await,
-                        Ok(request) => self.dispatch(request).await,
+                        Ok(request) => self.dispatch(request, uid).await,
                         Err(reply) => reply,
                     }
                 } else {
@@ -286,7 +286,7 @@ impl Context {
         parse_request(&line).map_err(|message| Reply::error(ErrorKind::BadRequest, message))
     }
 
-    async fn dispatch(&self, request: Request) -> Reply {
+    async fn dispatch(&self, request: Request, uid: u32) -> Reply {
         match request {
             Request::Status => Reply::ok(self.session.status()),
             Request::Profiles => self.list_profiles().await,
@@ -306,6 +306,7 @@ impl Context {
             // cancels a start that waits and a verify that probes.
             Request::Stop => reply_to(self.session.stop().await),
             Request::Verify => reply_to(self.session.verify().await),
+            Request::Portal(portal) => reply_to(self.session.portal(portal, uid).await),
             // Answered by `stream_status` before it gets here.
             Request::Watch => Reply::ok(self.session.status()),
         }
@@ -374,6 +375,7 @@ fn reply_to(outcome: Outcome) -> Reply {
         Outcome::Started(status) => Reply::ok(status),
         Outcome::Stopped(message) => Reply::ok(serde_json::json!({ "message": message })),
         Outcome::Verified(report) => Reply::ok(report),
+        Outcome::Portal(report) => Reply::ok(report),
         Outcome::Refused(message) | Outcome::Failed { message, .. } => {
             Reply::error(ErrorKind::Failed, message)
         }

@@ -224,3 +224,122 @@ fn a_wake_up_after_the_gateway_forgot_the_session_handshakes_again_at_once() {
     println!("status: {}", status_field(&daemon, "last_recovery"));
     lab.assert_no_leaks();
 }
+
+/// With `allow_lan`, the local network after a move is the new one: a host
+/// on the new subnet answers, and the firewall no longer opens the old
+/// subnet (which now could only be reached through the new router).
+#[test]
+fn with_allow_lan_the_local_network_follows_a_move() {
+    let lab = lab();
+    let files = lab
+        .write_profile("lan", |t| {
+            t.replace(
+                &format!("host = \"{}\"", addr::MEET_NAME),
+                &format!("host = \"{}\"", addr::HOST_V4),
+            )
+            .replace("[options]", "[options]\nallow_lan = true")
+        })
+        .expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    // The other network's link exists (the Wi-Fi card is there) but has no
+    // address yet: the session starts on the old network alone.
+    lab.add_roaming_link().expect("add the roaming link");
+    lab.ip_batch(
+        Ns::Client,
+        &[
+            format!("addr flush dev {}", addr::ROAM_CLIENT_IF),
+            format!(
+                "addr add {}/64 dev {} nodad",
+                addr::ROAM_CLIENT_V6,
+                addr::ROAM_CLIENT_IF
+            ),
+        ],
+    )
+    .expect("take the new network's IPv4 address away");
+    // A host on the new network: its router, serving TCP 8080.
+    let _lan_host = lab
+        .spawn_named(
+            Ns::Router,
+            "lan-host",
+            &[&lab.labhost_path().to_string_lossy(), "serve", "--tcp", "8080"],
+        )
+        .expect("lan host");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lan"]).expect("start the session");
+    assert!(host_answers(&lab), "no traffic before the move\n{}", daemon.log());
+    let old_lan = format!("{}/26", "192.0.2.0");
+    let new_lan = format!("{}/26", "192.0.2.192");
+    let link_table = || {
+        lab.exec_ok(Ns::Client, &["nft", "list", "table", "netdev", "sessiongate"])
+            .unwrap_or_else(|e| format!("{e:#}"))
+    };
+    assert!(link_table().contains(&old_lan), "{}", link_table());
+    wait_until(Duration::from_secs(10), "the new network's host in reach", || {
+        lab.probe_tcp_timeout(
+            Ns::Client,
+            addr::ROUTER_CLIENT_V4,
+            8080,
+            Duration::from_millis(300),
+        )
+        .is_ok()
+    })
+    .expect("the old network's host answers before the move");
+    lab.reset_all_leaks().expect("reset leaks");
+
+    // Move: the new lease, the default route through it, the old network gone.
+    lab.ip_batch(
+        Ns::Client,
+        &[
+            format!(
+                "addr add {}/26 dev {}",
+                addr::ROAM_CLIENT_V4,
+                addr::ROAM_CLIENT_IF
+            ),
+            format!(
+                "route replace default via {} dev {}",
+                addr::ROUTER_ROAM_V4,
+                addr::ROAM_CLIENT_IF
+            ),
+            format!("addr del {}/26 dev {}", addr::CLIENT_V4, addr::CLIENT_IF),
+            format!("link set {} down", addr::CLIENT_IF),
+        ],
+    )
+    .expect("move to the other network");
+    wait_until(Duration::from_secs(20), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    lab.assert_no_leaks();
+
+    // The new network's host answers (its subnet is the LAN now)...
+    wait_until(
+        Duration::from_secs(10),
+        "the new network's host to answer",
+        || {
+            lab.probe_tcp_timeout(Ns::Client, addr::ROUTER_ROAM_V4, 8080, Duration::from_millis(300))
+                == Ok(format!("peer={}", addr::ROAM_CLIENT_V4))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", link_table(), daemon.log()));
+    // ...the old network's address is refused, and the firewall holds the
+    // new subnet, not the old one, at the link level too.
+    let old = lab.probe_tcp_timeout(
+        Ns::Client,
+        addr::ROUTER_CLIENT_V4,
+        8080,
+        Duration::from_millis(500),
+    );
+    assert!(old.is_err(), "the old network's host answered: {old:?}");
+    let table = link_table();
+    assert!(table.contains(&new_lan) && !table.contains(&old_lan), "{table}");
+    // Only the LAN probes went out in clear, all to the new network's host.
+    let destinations = lab.leak_destinations().expect("leak destinations");
+    assert!(
+        destinations.iter().all(|d| d.contains(addr::ROUTER_ROAM_V4)),
+        "{}",
+        lab.leak_report()
+    );
+    lab.reset_leaks().expect("reset leaks");
+    lab.assert_no_leaks();
+}

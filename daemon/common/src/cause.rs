@@ -65,7 +65,18 @@ impl Cause {
             Cause::Resuming | Cause::PeerLost | Cause::NetworkChanged | Cause::ResumedFromSleep
         )
     }
+
+    /// Whether the gateway never answered, which on a hotel or café network
+    /// is most often its login page holding everything back. sessiond
+    /// never probes for a portal itself (that would send in clear from
+    /// the machine); `status` suggests `sessionctl portal` instead.
+    pub fn may_be_a_portal(&self) -> bool {
+        matches!(self, Cause::NoHandshake | Cause::PeerLost | Cause::NetworkChanged)
+    }
 }
+
+/// `status`'s one sentence after the gateway did not answer.
+pub const PORTAL_HINT: &str = "if this network has a login page (hotel, café), open it with `sessionctl portal --during-session --browser BROWSER`: it runs apart from the session, which stays locked down";
 
 /// `status`'s sentence while the tunnel handshakes again after a network
 /// change.
@@ -97,5 +108,7 @@ mod tests {
             serde_json::json!({"reason": "resumed_from_sleep"})
         );
         assert!(!Cause::ReloadFailed.clears_by_itself());
+        assert!(Cause::NoHandshake.may_be_a_portal());
+        assert!(!Cause::ResumedFromSleep.may_be_a_portal());
     }
 }

@@ -38,6 +38,37 @@ pub enum Request {
     /// Follow the session: the current status, then each new one, one
     /// `{"ok": STATUS}` line each, for as long as the client listens.
     Watch,
+    /// A captive portal's login page, in a network namespace of its own
+    /// that reaches only the local network's web and DNS servers, for a
+    /// limited time (see the daemon's portal.rs).
+    Portal(PortalRequest),
+}
+
+/// What `sessionctl portal` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalRequest {
+    /// Remove the portal namespace now (and what runs in it).
+    #[serde(default)]
+    pub close: bool,
+    /// Open it although a session is running, in so many words: the
+    /// session's firewall stays, with one named exception for the
+    /// namespace's own traffic to the local network.
+    #[serde(default)]
+    pub during_session: bool,
+    /// How long the namespace stays (seconds; the daemon's default when
+    /// absent, never more than its maximum).
+    #[serde(default)]
+    pub seconds: Option<u64>,
+    /// A program and its arguments to run in the namespace as the calling
+    /// user, with the login page's address appended; empty: none.
+    #[serde(default)]
+    pub browser: Vec<String>,
+    /// The caller's display variables for that program (DISPLAY,
+    /// WAYLAND_DISPLAY, XAUTHORITY, XDG_RUNTIME_DIR, ...; the daemon keeps
+    /// only those it knows).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
 }
 
 /// Why a request failed; decides `sessionctl`'s exit code.
@@ -140,7 +171,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     Ok(request)
 }
 
-const KNOWN_COMMANDS: &[&str] = &["status", "start", "stop", "profiles", "check", "verify", "watch"];
+const KNOWN_COMMANDS: &[&str] = &[
+    "status", "start", "stop", "profiles", "check", "verify", "watch", "portal",
+];
 
 /// The control group's name unless `sessiond --control-group` says
 /// otherwise; the sysusers snippet creates it.
@@ -316,10 +349,25 @@ mod tests {
             Request::Check {
                 profile: "lab".into(),
             },
+            Request::Portal(PortalRequest {
+                during_session: true,
+                seconds: Some(60),
+                browser: vec!["/usr/bin/chromium".into(), "--incognito".into()],
+                env: vec![("DISPLAY".into(), ":0".into())],
+                ..Default::default()
+            }),
         ] {
             let line = serde_json::to_string(&r).expect("encode");
             assert_eq!(parse_request(line.as_bytes()), Ok(r));
         }
+        assert_eq!(
+            parse_request(br#"{"cmd":"portal","close":true}"#),
+            Ok(Request::Portal(PortalRequest {
+                close: true,
+                ..Default::default()
+            }))
+        );
+        assert!(parse_request(br#"{"cmd":"portal","as_user":0}"#).is_err());
         assert_eq!(
             parse_request(br#"{"cmd":"start","profile":"x"}"#),
             Ok(Request::Start { profile: "x".into() })

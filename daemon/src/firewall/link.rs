@@ -7,7 +7,7 @@
 //! runs nft itself.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use nftables::batch::Batch;
 use nftables::expr::{Expression, MetaKey};
@@ -18,7 +18,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use super::build::{dhcp_rules, Inputs};
 use super::expr::{
     accept, canonical, eq, icmpv6_types, ip, is_in, meta, ne, net, num, on_link, payload, s, set_of,
-    to_the_link_v6,
+    tcp_or_udp, to_the_link_v6,
 };
 use super::{Lockdown, TABLE};
 
@@ -156,6 +156,67 @@ pub(super) fn add_link_table(
                 family: NfFamily::NetDev,
                 table: TABLE.into(),
                 chain: name.clone().into(),
+                expr: Cow::Owned(rule.clone()),
+                ..Default::default()
+            }));
+        }
+    }
+}
+
+/// The one named exception of the link-level table: the captive-portal
+/// namespace's own traffic (an ipvlan child of a physical interface, which
+/// shares its MAC, so only its IPv4 source address tells it apart), to the
+/// local network's web and DNS servers and to the DNS server the network
+/// gave. Nothing of this namespace's own matches it: its packets met the
+/// `inet` table first, which lets none of them out in clear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalException {
+    /// The portal namespace's address.
+    pub source: std::net::Ipv4Addr,
+    /// The local network's subnet (address, prefix length).
+    pub lan: (std::net::Ipv4Addr, u8),
+    /// The DNS server the network gave (maybe outside the subnet).
+    pub dns: std::net::Ipv4Addr,
+}
+
+/// TCP ports the portal namespace may use on the local network: DNS, HTTP
+/// and HTTPS (a login page).
+pub const PORTAL_TCP_PORTS: [u16; 3] = [53, 80, 443];
+
+/// Appends the portal exception to each egress chain of the link-level
+/// table that [`add_link_table`] put in `batch` (after its rules: every
+/// rule there accepts, and the policy drops what none accepted).
+pub(super) fn add_portal_exception(batch: &mut Batch<'static>, devices: &[String], portal: &PortalException) {
+    let from_portal = || eq(payload("ip", "saddr"), s(portal.source.to_string()));
+    let lan = net((IpAddr::V4(portal.lan.0), portal.lan.1));
+    let tcp_ports = set_of(PORTAL_TCP_PORTS.iter().map(|&p| num(p)).collect());
+    let rules: Vec<Vec<Statement<'static>>> = vec![
+        vec![
+            from_portal(),
+            eq(payload("ip", "daddr"), lan.clone()),
+            is_in(payload("tcp", "dport"), tcp_ports),
+            accept(),
+        ],
+        vec![
+            from_portal(),
+            eq(payload("ip", "daddr"), lan),
+            eq(payload("udp", "dport"), num(53u32)),
+            accept(),
+        ],
+        vec![
+            from_portal(),
+            eq(payload("ip", "daddr"), s(portal.dns.to_string())),
+            tcp_or_udp(),
+            eq(payload("th", "dport"), num(53u32)),
+            accept(),
+        ],
+    ];
+    for index in 0..devices.len() {
+        for rule in &rules {
+            batch.add(NfListObject::Rule(Rule {
+                family: NfFamily::NetDev,
+                table: TABLE.into(),
+                chain: format!("egress{index}").into(),
                 expr: Cow::Owned(rule.clone()),
                 ..Default::default()
             }));

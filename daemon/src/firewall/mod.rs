@@ -201,7 +201,8 @@ use expr::table;
 use guard::{fingerprint, foreign_elements, has_base_chains};
 use lan::{connected_networks, connected_routes};
 use learned::{add_known, element_batch, known_keys, merge_learned, narrow, unexpired_learned};
-use link::{add_link_table, link_devices, link_table};
+pub use link::PortalException;
+use link::{add_link_table, add_portal_exception, link_devices, link_table};
 use runner::{list_one, list_table, run_nft};
 
 use crate::nft::NftRunner;
@@ -397,6 +398,18 @@ impl Firewall {
     /// the session shape, in one transaction: either the new table is in
     /// place or the old one still is. Works whether or not the table exists.
     pub async fn apply(&self, lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), FirewallError> {
+        self.apply_with_portal(lockdown, allow, None).await
+    }
+
+    /// [`Firewall::apply`], with the captive-portal namespace's traffic let
+    /// through the link-level table as its one named exception (see
+    /// [`PortalException`]); the `inet` table is the same either way.
+    pub async fn apply_with_portal(
+        &self,
+        lockdown: &Lockdown,
+        allow: Option<&Allowlist>,
+        portal: Option<&PortalException>,
+    ) -> Result<(), FirewallError> {
         validate(lockdown, allow)?;
         let lan = if lockdown.allow_lan {
             connected_networks(&lockdown.tunnel_interface)
@@ -444,6 +457,9 @@ impl Firewall {
             let mut batch = build_table(lockdown, allow, &inputs);
             // The link-level table, in the same transaction.
             add_link_table(&mut batch, lockdown, &inputs, &devices);
+            if let Some(portal) = portal {
+                add_portal_exception(&mut batch, &devices, portal);
+            }
             // Until the new reference is taken, is_present checks the structure only.
             state.fingerprint = None;
             state.tunnel = Some(lockdown.tunnel_interface.clone());

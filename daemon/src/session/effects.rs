@@ -23,8 +23,9 @@ use futures::FutureExt;
 use super::status::StatusReport;
 use super::Paths;
 use crate::dns::{AnswerSink, StubConfig, StubResolver};
-use crate::firewall::{Allowlist, Firewall, FirewallWatch, Lockdown};
+use crate::firewall::{Allowlist, Firewall, FirewallWatch, Lockdown, PortalException};
 use crate::nft::NftRunner;
+use crate::portal::{self, PortalPlan};
 use crate::profile::{Host, Profile};
 use crate::resolvconf::{Pinned, ResolverFile};
 use crate::routing::{self, RouteConfig, Routes};
@@ -119,6 +120,24 @@ pub trait Effects {
 
     /// Runs verify's probes beside the machine's loop.
     fn verify(&self, status: StatusReport) -> BoxFuture<'static, Result<verify::Report, String>>;
+
+    /// Sets up the captive-portal namespace with its own table and
+    /// address, its link still down (see portal.rs).
+    async fn create_portal(&mut self) -> Result<PortalPlan, String>;
+    /// The link-level exception every later firewall apply carries.
+    fn set_portal_exception(&mut self, exception: Option<PortalException>);
+    /// Brings the portal namespace's link up.
+    async fn bring_up_portal(&mut self, plan: &PortalPlan) -> Result<(), String>;
+    /// Runs `program` in the portal namespace as the user `uid`.
+    fn start_portal_browser(
+        &mut self,
+        plan: &PortalPlan,
+        uid: u32,
+        program: &[String],
+        env: &[(String, String)],
+    ) -> Result<u32, String>;
+    /// Removes the portal namespace and what runs in it (none is fine).
+    async fn remove_portal(&mut self) -> Result<(), String>;
 }
 
 impl TunnelView for TunnelMonitor {
@@ -160,6 +179,9 @@ pub struct SystemEffects {
     firewall: Arc<Firewall>,
     /// Watches our nftables table while a session runs (tamper guard).
     guard: Option<FirewallWatch>,
+    state_dir: PathBuf,
+    /// The captive-portal namespace's exception in the link-level table.
+    portal_exception: Option<PortalException>,
 }
 
 impl SystemEffects {
@@ -172,6 +194,8 @@ impl SystemEffects {
             store: SessionStore::new(&paths.state_dir),
             resolver_file: ResolverFile::new(&paths.resolv_conf, &paths.state_dir),
             guard: None,
+            state_dir: paths.state_dir.clone(),
+            portal_exception: None,
         }
     }
 }
@@ -216,7 +240,7 @@ impl Effects for SystemEffects {
 
     async fn apply_firewall(&mut self, lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), String> {
         self.firewall
-            .apply(lockdown, allow)
+            .apply_with_portal(lockdown, allow, self.portal_exception.as_ref())
             .await
             .map_err(|e| e.to_string())
     }
@@ -393,6 +417,47 @@ impl Effects for SystemEffects {
 
     fn verify(&self, status: StatusReport) -> BoxFuture<'static, Result<verify::Report, String>> {
         verify::run(self.firewall.clone(), status).boxed()
+    }
+
+    async fn create_portal(&mut self) -> Result<PortalPlan, String> {
+        let uplink = portal::find_uplink().await.map_err(|e| e.to_string())?;
+        // The resolver the network gave: the pre-session copy while a
+        // session has the file pointed at the stub.
+        let backup = self.state_dir.join("resolv.conf.orig");
+        let text = std::fs::read_to_string(&backup)
+            .or_else(|_| std::fs::read_to_string(&self.resolv_conf))
+            .unwrap_or_default();
+        let dns = portal::parse_dns_server(&text).unwrap_or(uplink.gateway);
+        let namespace = portal::namespace();
+        // A namespace left by an earlier run goes first.
+        portal::remove(&namespace).await.map_err(|e| e.to_string())?;
+        portal::create(&namespace, uplink, dns)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_portal_exception(&mut self, exception: Option<PortalException>) {
+        self.portal_exception = exception;
+    }
+
+    async fn bring_up_portal(&mut self, plan: &PortalPlan) -> Result<(), String> {
+        portal::bring_up(plan).await.map_err(|e| e.to_string())
+    }
+
+    fn start_portal_browser(
+        &mut self,
+        plan: &PortalPlan,
+        uid: u32,
+        program: &[String],
+        env: &[(String, String)],
+    ) -> Result<u32, String> {
+        portal::start_browser(plan, uid, program, env).map_err(|e| e.to_string())
+    }
+
+    async fn remove_portal(&mut self) -> Result<(), String> {
+        portal::remove(&portal::namespace())
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -34,6 +34,7 @@ mod connecting;
 mod effects;
 mod idle;
 mod open;
+mod portal;
 mod stage;
 mod status;
 mod stop;
@@ -48,6 +49,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use cause::{Cause, Step};
 pub use effects::{Effects, SystemEffects, TunnelView};
+pub use portal::PortalReport;
 pub use status::{AllowedHost, Phase, Snapshot, StatusReport};
 
 use crate::firewall::{Allowlist, Firewall};
@@ -73,6 +75,8 @@ pub enum Outcome {
     Refused(String),
     /// Failed after something changed; the cause says where it stands.
     Failed { cause: Option<Cause>, message: String },
+    /// `portal`: the namespace is open.
+    Portal(PortalReport),
 }
 
 pub(crate) type Responder = oneshot::Sender<Outcome>;
@@ -91,6 +95,12 @@ pub enum Command {
     },
     /// Something in the profiles directory changed (hot reload).
     ProfilesChanged,
+    /// `portal`, from the user `uid` (the socket's peer credentials).
+    Portal {
+        request: sessiongate_common::control::PortalRequest,
+        uid: u32,
+        reply: Responder,
+    },
 }
 
 /// What the tasks beside the loop report.
@@ -134,6 +144,11 @@ impl SessionHandle {
 
     pub async fn verify(&self) -> Outcome {
         self.ask(|reply| Command::Verify { reply }).await
+    }
+
+    /// `portal` for the user `uid`.
+    pub async fn portal(&self, request: sessiongate_common::control::PortalRequest, uid: u32) -> Outcome {
+        self.ask(|reply| Command::Portal { request, uid, reply }).await
     }
 
     /// Asks the state machine to look at the profiles again. Never blocks:
@@ -239,6 +254,8 @@ pub struct SessionMachine<E: Effects = SystemEffects> {
     ctx: Ctx<E>,
     stage: Stage<E>,
     verifying: Option<Verifying>,
+    /// The captive-portal namespace, while it is open.
+    portal: Option<portal::OpenPortal>,
 }
 
 /// Creates the state machine and its handle; its firewall reaches nft
@@ -265,6 +282,7 @@ pub fn with_effects<E: Effects>(effects: E) -> (SessionMachine<E>, SessionHandle
             },
             stage: Stage::Idle,
             verifying: None,
+            portal: None,
         },
         SessionHandle {
             commands: cmd_tx,
@@ -336,10 +354,18 @@ impl<E: Effects> SessionMachine<E> {
                     // looking after the tunnel.
                     ping_watchdog();
                     self.on_health().await;
+                    self.on_portal_timer().await;
                     // The guard's backstop: should its monitor ever miss a
                     // change, the table is back within a tick all the same.
                     self.on_firewall_changed().await
                 }
+            }
+        }
+        // The portal namespace lives only as long as this sessiond (its
+        // timer is here): it goes, and its exception with it.
+        if self.portal.is_some() {
+            if let Err(e) = self.close_portal().await {
+                tracing::error!("could not remove the portal namespace: {e}");
             }
         }
         if let Some(name) = self.stage.name() {
@@ -360,6 +386,13 @@ impl<E: Effects> SessionMachine<E> {
                         )),
                     );
                 }
+                // The portal was for getting onto this network; the
+                // session's lockdown starts without its exception.
+                if self.portal.is_some() {
+                    if let Err(e) = self.close_portal().await {
+                        tracing::error!("could not remove the portal namespace: {e}");
+                    }
+                }
                 self.stage = idle::start(&mut self.ctx, *profile, reply).await;
             }
             Command::Stop { reply } => {
@@ -375,6 +408,7 @@ impl<E: Effects> SessionMachine<E> {
                 self.stage = stop::stop(&mut self.ctx, stage, reply).await;
             }
             Command::Verify { reply } => self.start_verify(reply),
+            Command::Portal { request, uid, reply } => self.on_portal(request, uid, reply).await,
             Command::ProfilesChanged => {
                 let stage = std::mem::take(&mut self.stage);
                 self.stage = open::reload(&mut self.ctx, stage).await;
@@ -467,12 +501,43 @@ impl<E: Effects> SessionMachine<E> {
 
     pub(crate) async fn on_health(&mut self) {
         let stage = std::mem::take(&mut self.stage);
+        let path_changes_before = match &stage {
+            Stage::Open(o) => Some(o.path_changes_seen),
+            _ => None,
+        };
         self.stage = match stage {
             Stage::Open(o) => open::on_health(&mut self.ctx, o),
             Stage::Blocked(b) => blocked::on_health(&mut self.ctx, b).await,
             other => other,
         };
+        if let (Stage::Open(o), Some(before)) = (&self.stage, path_changes_before) {
+            if o.path_changes_seen > before {
+                self.refresh_networks().await;
+            }
+        }
         self.ctx.publish_stage(&self.stage);
+    }
+
+    /// The way to the gateway changed (another network, a new lease): the
+    /// firewall reads the directly connected subnets only when it is
+    /// applied, so the same shape goes in again. Otherwise `allow_lan`
+    /// would still open the old network's subnet (reachable now only
+    /// through the new router, in clear) and keep the new one closed, and
+    /// DHCP renewals to the new subnet's server would be refused.
+    async fn refresh_networks(&mut self) {
+        let Some((_, allow)) = self.stage.firewall_shape(&self.ctx.effects) else {
+            return;
+        };
+        let Some(locked) = self.stage.locked() else {
+            return;
+        };
+        let lockdown = locked.lockdown.clone();
+        match self.ctx.effects.apply_firewall(&lockdown, allow.as_ref()).await {
+            Ok(()) => tracing::info!("the network changed: the firewall now knows the new local subnets"),
+            // The table in force stays (a transaction): closed to the new
+            // subnets, which is the safe side.
+            Err(e) => tracing::warn!("could not bring the firewall's local subnets up to date: {e}"),
+        }
     }
 
     fn start_verify(&mut self, reply: Responder) {

@@ -142,6 +142,45 @@ impl Recorder {
 }
 
 impl Effects for Recorder {
+    async fn create_portal(&mut self) -> Result<crate::portal::PortalPlan, String> {
+        self.call("portal create")?;
+        Ok(crate::portal::PortalPlan {
+            namespace: "sgportal".into(),
+            uplink: crate::portal::Uplink {
+                interface: "eth0".into(),
+                gateway: "192.0.2.1".parse().expect("address"),
+                own: "192.0.2.2".parse().expect("address"),
+                prefix: 26,
+            },
+            address: "192.0.2.61".parse().expect("address"),
+            dns: "192.0.2.1".parse().expect("address"),
+        })
+    }
+    fn set_portal_exception(&mut self, exception: Option<crate::firewall::PortalException>) {
+        self.calls.push(
+            match exception {
+                Some(_) => "portal exception on",
+                None => "portal exception off",
+            }
+            .into(),
+        );
+    }
+    async fn bring_up_portal(&mut self, _plan: &crate::portal::PortalPlan) -> Result<(), String> {
+        self.call("portal up")
+    }
+    fn start_portal_browser(
+        &mut self,
+        _plan: &crate::portal::PortalPlan,
+        _uid: u32,
+        _program: &[String],
+        _env: &[(String, String)],
+    ) -> Result<u32, String> {
+        self.call("portal browser")?;
+        Ok(4242)
+    }
+    async fn remove_portal(&mut self) -> Result<(), String> {
+        self.call("portal remove")
+    }
     type Tunnel = AllowFilter;
     type Routes = ();
     type Stub = ();
@@ -750,6 +789,10 @@ async fn a_network_change_degrades_until_the_new_handshake_is_answered() {
     m.ctx.effects.roam.path_changes.store(1, Ordering::SeqCst);
     m.on_health().await;
     assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::NetworkChanged)));
+    // The same shape goes in again, so the firewall reads the new local
+    // subnets (allow_lan, DHCP); the tunnel's filter is left as it is.
+    assert_eq!(calls(&m), ["firewall allowlist"]);
+    m.ctx.effects.calls.clear();
     assert!(handle
         .status()
         .problem
@@ -769,7 +812,7 @@ async fn a_network_change_degrades_until_the_new_handshake_is_answered() {
     m.ctx.effects.reachable.store(false, Ordering::SeqCst);
     m.on_health().await;
     assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::PeerLost)));
-    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+    assert_eq!(calls(&m), ["firewall allowlist"]);
 }
 
 #[tokio::test]
@@ -1242,4 +1285,92 @@ async fn a_late_handshake_and_a_resume_open_the_tunnel_with_the_firewall() {
     handshake(&m);
     settle(&mut m).await;
     assert!(tunnel_admits(&m, PINNED_DNS, UDP, 53));
+}
+
+fn portal_request(during_session: bool) -> sessiongate_common::control::PortalRequest {
+    sessiongate_common::control::PortalRequest {
+        during_session,
+        seconds: Some(60),
+        ..Default::default()
+    }
+}
+
+async fn ask_portal(m: &mut Machine, request: sessiongate_common::control::PortalRequest) -> Outcome {
+    let (tx, mut rx) = oneshot::channel();
+    m.on_command(Command::Portal {
+        request,
+        uid: 1000,
+        reply: tx,
+    })
+    .await;
+    answered(&mut rx)
+}
+
+#[tokio::test]
+async fn the_portal_is_refused_during_a_session_unless_asked_in_so_many_words() {
+    let (mut m, _handle) = active().await;
+    let refused = ask_portal(&mut m, portal_request(false)).await;
+    assert!(
+        matches!(&refused, Outcome::Refused(why) if why.contains("--during-session")),
+        "{refused:?}"
+    );
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+    // Asked for: the namespace is set up with its link down, the
+    // exception goes into the session's firewall, then the link comes up.
+    let opened = ask_portal(&mut m, portal_request(true)).await;
+    assert!(matches!(opened, Outcome::Portal(_)), "{opened:?}");
+    assert_eq!(
+        calls(&m),
+        [
+            "portal remove",
+            "portal create",
+            "portal exception on",
+            "firewall allowlist",
+            "portal up"
+        ]
+    );
+    forget(&mut m);
+    // Closing: the namespace goes before the exception is withdrawn.
+    let closed = ask_portal(
+        &mut m,
+        sessiongate_common::control::PortalRequest {
+            close: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(matches!(closed, Outcome::Stopped(_)), "{closed:?}");
+    assert_eq!(
+        calls(&m),
+        ["portal remove", "portal exception off", "firewall allowlist"]
+    );
+}
+
+#[tokio::test]
+async fn a_portal_that_cannot_come_up_is_removed_and_its_exception_withdrawn() {
+    let (mut m, _handle) = active().await;
+    m.ctx.effects.fail.insert("portal up");
+    let failed = ask_portal(&mut m, portal_request(true)).await;
+    assert!(matches!(failed, Outcome::Failed { .. }), "{failed:?}");
+    assert_eq!(
+        calls(&m)[calls(&m).len() - 3..],
+        ["portal remove", "portal exception off", "firewall allowlist"]
+    );
+    assert!(m.portal.is_none());
+}
+
+#[tokio::test]
+async fn without_a_session_the_portal_opens_without_touching_any_firewall() {
+    let (mut m, _handle) = machine();
+    let opened = ask_portal(&mut m, portal_request(false)).await;
+    assert!(matches!(opened, Outcome::Portal(_)), "{opened:?}");
+    assert_eq!(
+        calls(&m),
+        [
+            "portal remove",
+            "portal create",
+            "portal exception on",
+            "portal up"
+        ]
+    );
 }
