@@ -300,16 +300,18 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
     }
     input.push(vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]);
 
-    // The tunnel's own UDP: mark and address and port.
+    // The tunnel's own UDP (or its TCP to the relay): mark and address
+    // and port.
+    let outer = lockdown.endpoint_protocol.nft_name();
     output.push(vec![
         eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
         eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
-        eq(payload("udp", "dport"), num(endpoint.port())),
+        eq(payload(outer, "dport"), num(endpoint.port())),
         accept(),
     ]);
     input.push(vec![
         eq(payload(ip(&endpoint.ip()), "saddr"), s(endpoint.ip().to_string())),
-        eq(payload("udp", "sport"), num(endpoint.port())),
+        eq(payload(outer, "sport"), num(endpoint.port())),
         is_in(ct_state(), set_of(vec![s("established")])),
         accept(),
     ]);
