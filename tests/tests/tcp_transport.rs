@@ -161,3 +161,55 @@ fn without_the_tcp_transport_a_network_that_blocks_udp_gets_no_session() {
     daemon.ctl_ok(&["stop"]).expect("stop");
     lab.assert_no_leaks();
 }
+
+#[test]
+fn over_tcp_moving_to_another_network_connects_to_the_relay_again() {
+    let lab = lab();
+    profile_with_transport(&lab, "tcp");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    lab.add_roaming_link().expect("add the roaming link");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start over TCP: {e:#}\n{}", daemon.log()));
+    assert!(host_answers(&lab), "no traffic before the move\n{}", daemon.log());
+    lab.reset_all_leaks().expect("reset leaks");
+
+    // The laptop leaves this network for another: the TCP connection to
+    // the relay is bound to an address that is gone.
+    lab.ip_batch(
+        Ns::Client,
+        &[
+            format!(
+                "route replace default via {} dev {}",
+                addr::ROUTER_ROAM_V4,
+                addr::ROAM_CLIENT_IF
+            ),
+            format!("addr del {}/26 dev {}", addr::CLIENT_V4, addr::CLIENT_IF),
+            format!("addr del {}/64 dev {}", addr::CLIENT_V6, addr::CLIENT_IF),
+            format!("link set {} down", addr::CLIENT_IF),
+        ],
+    )
+    .expect("move to the other network");
+    lab::wait_until(Duration::from_secs(20), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let s = status(&daemon);
+    assert_eq!(s["tunnel"]["transport"], "tcp", "{s:#}");
+    assert!(s["tunnel"]["path_changes"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    // The relay saw a connection from the new address.
+    let relay_peers = lab
+        .exec_ok(
+            Ns::Gateway,
+            &["ss", "-Htn", "state", "established", "sport", "= :443"],
+        )
+        .expect("ss");
+    assert!(
+        relay_peers.contains(&format!("{}:", addr::ROAM_CLIENT_V4)),
+        "no connection to the relay from the new address: {relay_peers}"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
+}
