@@ -7,6 +7,11 @@
 //! equal-sized datagrams with UDP GSO and receives with recvmmsg and UDP GRO
 //! (quinn-udp). Buffers are allocated once per tunnel.
 //!
+//! Where a network blocks UDP the datagrams can go over TCP to a relay
+//! beside the gateway instead ([`transport`]): the socket then sends them
+//! to an in-process forwarder on the loopback, and the batching above is
+//! unchanged.
+//!
 //! This module owns the tunnel's packets, its timers and its view of the
 //! peer's health. It never decides *when* a tunnel exists (the session state
 //! machine does) and never touches addresses, routes or the firewall.
