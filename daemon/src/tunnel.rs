@@ -7,6 +7,11 @@
 //! equal-sized datagrams with UDP GSO and receives with recvmmsg and UDP GRO
 //! (quinn-udp). Buffers are allocated once per tunnel.
 //!
+//! Where a network blocks UDP the datagrams can go over TCP to a relay
+//! beside the gateway instead ([`transport`]): the socket then sends them
+//! to an in-process forwarder on the loopback, and the batching above is
+//! unchanged.
+//!
 //! This module owns the tunnel's packets, its timers and its view of the
 //! peer's health. It never decides *when* a tunnel exists (the session state
 //! machine does) and never touches addresses, routes or the firewall.
@@ -37,10 +42,13 @@ use crate::keys::Key;
 
 pub mod filter;
 pub mod shape;
+pub mod transport;
 
 pub use filter::AllowFilter;
 use filter::Verdict;
 use shape::{CoverSender, CoverShared, TrafficShape};
+pub use transport::OuterTransport;
+use transport::TcpForwarder;
 
 /// How often boringtun's timers run (it asks for about every 250 ms).
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -81,6 +89,8 @@ pub struct TunnelConfig {
     pub fwmark: u32,
     /// Padding and timing of what is sent (see [`shape`]).
     pub shape: TrafficShape,
+    /// UDP straight to `endpoint`, or TCP to a relay (see [`transport`]).
+    pub transport: OuterTransport,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +99,8 @@ pub enum TunnelError {
     CreateInterface { interface: String, reason: String },
     #[error("could not open the tunnel's UDP socket: {0}")]
     Socket(String),
+    #[error("could not start the tunnel's TCP transport: {0}")]
+    Transport(String),
 }
 
 /// A snapshot of the tunnel for `status` and for the health check.
@@ -111,6 +123,17 @@ pub struct TunnelStats {
     /// default route: Wi-Fi to Ethernet, a new lease) and the tunnel
     /// handshook again from there.
     pub path_changes: u64,
+    /// How the encrypted datagrams travel: `udp`, or `tcp` to a relay
+    /// (a network that blocks UDP).
+    pub transport: OuterProtocol,
+}
+
+/// How the encrypted datagrams travel now, as `status` shows it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OuterProtocol {
+    Udp,
+    Tcp,
 }
 
 /// Counters the packet task updates and `status` reads, without a lock.
@@ -130,6 +153,8 @@ struct Shared {
     /// Asks the packet task for a fresh handshake at once (after a resume
     /// from sleep the peer may have forgotten the session).
     rehandshake: tokio::sync::Notify,
+    /// Whether the datagrams go over TCP to a relay now.
+    over_tcp: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -149,6 +174,12 @@ pub struct Tunnel {
     monitor: TunnelMonitor,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// Hands the packet task a TCP transport to switch to.
+    to_tcp: tokio::sync::mpsc::UnboundedSender<TcpForwarder>,
+    /// The packet task's UDP socket, which a TCP forwarder answers.
+    udp_local: SocketAddr,
+    fwmark: u32,
+    cover: bool,
 }
 
 /// A read-only view of a running tunnel, cheap to clone, for status and the
@@ -179,6 +210,23 @@ impl Tunnel {
             })?;
         let udp = bind_marked_socket(config.endpoint, config.fwmark)
             .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
+        let udp_local = udp
+            .local_addr()
+            .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
+        let forwarder = match config.transport {
+            OuterTransport::Udp => None,
+            OuterTransport::Tcp { relay } => {
+                if config.shape == TrafficShape::Cover {
+                    return Err(TunnelError::Transport(
+                        "cover traffic needs UDP to the gateway".into(),
+                    ));
+                }
+                Some(
+                    TcpForwarder::start(relay, config.fwmark, udp_local.is_ipv6(), udp_local.port())
+                        .map_err(|e| TunnelError::Transport(crate::io_reason(&e)))?,
+                )
+            }
+        };
         let udp_state = quinn_udp::UdpSocketState::new((&udp).into())
             .map_err(|e| TunnelError::Socket(crate::io_reason(&e)))?;
         // After quinn-udp, which sets IP_PMTUDISC_PROBE (DF, path MTU
@@ -210,8 +258,16 @@ impl Tunnel {
             forced_ms: AtomicU64::new(0),
             answered_ms: AtomicU64::new(0),
             rehandshake: tokio::sync::Notify::new(),
+            over_tcp: std::sync::atomic::AtomicBool::new(forwarder.is_some()),
         });
         let (handshake_tx, handshake_rx) = watch::channel(None);
+        let (to_tcp, switch) = tokio::sync::mpsc::unbounded_channel();
+        // Over TCP the datagrams go to the forwarder, and the way out that
+        // matters for roaming is the one to the relay.
+        let (send_to, path_target) = match &forwarder {
+            Some(f) => (f.local_addr(), f.relay()),
+            None => (config.endpoint, config.endpoint),
+        };
         let (stop_tx, stop_rx) = oneshot::channel();
         // Lockdown until the session machine says otherwise.
         let filter = AllowFilter::new();
@@ -220,9 +276,12 @@ impl Tunnel {
             device,
             udp,
             udp_state,
-            endpoint: config.endpoint,
+            endpoint: send_to,
             fwmark: config.fwmark,
-            path: way_out(config.endpoint, config.fwmark),
+            path: way_out(path_target, config.fwmark),
+            path_target,
+            forwarder,
+            switch,
             shared: shared.clone(),
             handshake: handshake_tx,
             last_rx: Instant::now(),
@@ -247,7 +306,34 @@ impl Tunnel {
             },
             stop: Some(stop_tx),
             task: Some(task),
+            to_tcp,
+            udp_local,
+            fwmark: config.fwmark,
+            cover: config.shape == TrafficShape::Cover,
         })
+    }
+
+    /// Moves the tunnel's datagrams to TCP through the relay at `relay`
+    /// (the network did not pass UDP to the gateway): the packet task
+    /// sends to the forwarder from now on and handshakes again through it.
+    /// The firewall must admit the TCP flow first (the session machine
+    /// puts that lockdown in place before it asks).
+    pub fn use_tcp(&self, relay: SocketAddr) -> Result<(), TunnelError> {
+        if self.cover {
+            return Err(TunnelError::Transport(
+                "cover traffic needs UDP to the gateway".into(),
+            ));
+        }
+        let forwarder = TcpForwarder::start(
+            relay,
+            self.fwmark,
+            self.udp_local.is_ipv6(),
+            self.udp_local.port(),
+        )
+        .map_err(|e| TunnelError::Transport(crate::io_reason(&e)))?;
+        self.to_tcp
+            .send(forwarder)
+            .map_err(|_| TunnelError::Transport("the tunnel's packet task has ended".into()))
     }
 
     pub fn monitor(&self) -> TunnelMonitor {
@@ -299,6 +385,11 @@ impl TunnelMonitor {
             peer_reachable: keys_valid && heard_lately,
             refused_packets: self.filter.refused(),
             path_changes: self.shared.path_changes.load(Ordering::Relaxed),
+            transport: if self.shared.over_tcp.load(Ordering::Relaxed) {
+                OuterProtocol::Tcp
+            } else {
+                OuterProtocol::Udp
+            },
         }
     }
 
@@ -421,6 +512,13 @@ struct Driver {
     /// The source address the kernel picks for the endpoint now (`None`:
     /// no route); a change means the machine moved to another network.
     path: Option<IpAddr>,
+    /// Whose way out `path` is: the endpoint, or over TCP the relay
+    /// (`endpoint` is then the forwarder on the loopback).
+    path_target: SocketAddr,
+    /// The TCP transport, when the datagrams go through a relay.
+    forwarder: Option<TcpForwarder>,
+    /// A TCP transport to switch to (see [`Tunnel::use_tcp`]).
+    switch: tokio::sync::mpsc::UnboundedReceiver<TcpForwarder>,
     shared: Arc<Shared>,
     handshake: watch::Sender<Option<Instant>>,
     last_rx: Instant,
@@ -661,6 +759,18 @@ impl Driver {
                     self.send_initiation(&mut buf.timer).await;
                 }
                 _ = decoys_low(cover.as_deref()) => self.make_decoys(buf.wire_len).await,
+                Some(forwarder) = self.switch.recv() => {
+                    tracing::info!(
+                        "the tunnel's datagrams go over TCP to the relay {} from now on; handshaking again through it",
+                        forwarder.relay()
+                    );
+                    self.endpoint = forwarder.local_addr();
+                    self.path_target = forwarder.relay();
+                    self.path = way_out(self.path_target, self.fwmark);
+                    self.forwarder = Some(forwarder);
+                    self.shared.over_tcp.store(true, Ordering::Relaxed);
+                    self.send_initiation(&mut buf.timer).await;
+                }
             }
         }
     }
@@ -1004,15 +1114,18 @@ impl Driver {
     /// address; the handshake makes the gateway learn it and proves the
     /// path. The endpoint is an address: nothing is looked up here.
     async fn follow_path(&mut self, dst: &mut [u8]) {
-        let now = way_out(self.endpoint, self.fwmark);
+        let now = way_out(self.path_target, self.fwmark);
         if now == self.path {
             return;
         }
         let before = std::mem::replace(&mut self.path, now);
         if now.is_some() {
+            if let Some(forwarder) = &self.forwarder {
+                forwarder.reconnect();
+            }
             tracing::info!(
                 "the way to {} changed (from {} to {}); handshaking again",
-                self.endpoint,
+                self.path_target,
                 before.map_or("no route".to_string(), |a| a.to_string()),
                 now.map_or("no route".to_string(), |a| a.to_string()),
             );

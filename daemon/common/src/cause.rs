@@ -54,6 +54,13 @@ pub enum Cause {
     Cancelled,
     /// The network is back but the persisted session could not be removed.
     StoreNotCleared,
+    /// The gateway did not answer over UDP (`transport = "auto"`); the
+    /// tunnel now tries TCP through the relay and traffic stays blocked
+    /// until the gateway answers there.
+    TryingTcp,
+    /// The session runs over TCP through the relay because the gateway did
+    /// not answer over UDP: protected, but slower under loss.
+    UdpUnanswered,
 }
 
 impl Cause {
@@ -62,7 +69,11 @@ impl Cause {
     pub fn clears_by_itself(&self) -> bool {
         matches!(
             self,
-            Cause::Resuming | Cause::PeerLost | Cause::NetworkChanged | Cause::ResumedFromSleep
+            Cause::Resuming
+                | Cause::PeerLost
+                | Cause::NetworkChanged
+                | Cause::ResumedFromSleep
+                | Cause::TryingTcp
         )
     }
 
@@ -81,6 +92,20 @@ pub const PORTAL_HINT: &str = "if this network has a login page (hotel, café), 
 /// `status`'s sentence while the tunnel handshakes again after a network
 /// change.
 pub const NETWORK_CHANGED: &str = "the network changed; the tunnel is handshaking again from the new address and traffic stays blocked until it answers";
+/// `status`'s sentence while the tunnel tries TCP after UDP went
+/// unanswered.
+pub fn trying_tcp(port: u16) -> String {
+    format!(
+        "the gateway did not answer over UDP; trying TCP port {port}, traffic stays blocked until it answers"
+    )
+}
+
+/// `status`'s sentence for a session that runs over TCP because UDP went
+/// unanswered.
+pub fn udp_unanswered(port: u16) -> String {
+    format!("the gateway did not answer over UDP; using TCP port {port} (slower)")
+}
+
 /// `status`'s sentence while the tunnel handshakes again after a resume.
 pub const RESUMED_FROM_SLEEP: &str = "the computer woke from sleep; the tunnel is handshaking again with the gateway and traffic stays blocked until it answers";
 
@@ -110,5 +135,13 @@ mod tests {
         assert!(!Cause::ReloadFailed.clears_by_itself());
         assert!(Cause::NoHandshake.may_be_a_portal());
         assert!(!Cause::ResumedFromSleep.may_be_a_portal());
+        assert_eq!(
+            serde_json::to_value(Cause::UdpUnanswered).expect("encode"),
+            serde_json::json!({"reason": "udp_unanswered"})
+        );
+        assert_eq!(
+            udp_unanswered(443),
+            "the gateway did not answer over UDP; using TCP port 443 (slower)"
+        );
     }
 }

@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::fs;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -86,6 +86,8 @@ struct ProfileFile {
     audit: AuditSection,
     #[serde(default)]
     privacy: PrivacySection,
+    #[serde(default)]
+    gateway: GatewaySection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +141,16 @@ struct OptionsSection {
 #[serde(deny_unknown_fields)]
 struct AuditSection {
     ca: Option<String>,
+}
+
+/// `[gateway]`: how the tunnel reaches the gateway (UDP, or TCP through a
+/// relay where a network blocks UDP).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewaySection {
+    /// Read as text so a misspelt choice gets our message with the choices.
+    transport: Option<String>,
+    tcp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,6 +257,33 @@ impl TrafficShape {
     }
 }
 
+/// How the tunnel's encrypted datagrams reach the gateway (`[gateway]
+/// transport`; the cost of TCP is in the README's travelling-therapists
+/// section).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP to the peer's endpoint, as WireGuard does.
+    #[default]
+    Udp,
+    /// Always TCP to the relay at `relay` (an address, never a name: the
+    /// relay is found without a lookup in clear).
+    Tcp { relay: SocketAddr },
+    /// UDP first; TCP to `relay` if the gateway does not answer over UDP.
+    Auto { relay: SocketAddr },
+}
+
+impl Transport {
+    pub const CHOICES: &'static str = "\"udp\", \"tcp\" or \"auto\"";
+
+    /// The relay, unless the transport is UDP only.
+    pub fn relay(self) -> Option<SocketAddr> {
+        match self {
+            Transport::Udp => None,
+            Transport::Tcp { relay } | Transport::Auto { relay } => Some(relay),
+        }
+    }
+}
+
 impl FromStr for TrafficShape {
     type Err = String;
 
@@ -318,6 +357,8 @@ pub struct Profile {
     pub audit_ca: Option<PathBuf>,
     /// `[privacy] shape`: how the tunnel shapes what it sends.
     pub shape: TrafficShape,
+    /// `[gateway] transport` and `tcp_endpoint`.
+    pub transport: Transport,
 }
 
 impl Profile {
@@ -587,6 +628,7 @@ impl Validator<'_> {
             None => TrafficShape::default(),
             Some(text) => text.parse().map_err(|m| self.err("privacy.shape", m))?,
         };
+        let transport = self.transport(&file.gateway, shape)?;
         Ok(Profile {
             name: self.name.to_string(),
             path: PathBuf::new(),
@@ -598,7 +640,57 @@ impl Validator<'_> {
             handshake_timeout: Duration::from_secs(handshake_timeout_secs),
             audit_ca,
             shape,
+            transport,
         })
+    }
+
+    /// `[gateway]`: `transport` is one of three; TCP needs `tcp_endpoint`
+    /// as an address and port (no name: it would have to be looked up in
+    /// clear), and cover traffic, which is a UDP stream of its own, cannot
+    /// go over TCP.
+    fn transport(&self, gateway: &GatewaySection, shape: TrafficShape) -> Result<Transport, ProfileError> {
+        let relay = match &gateway.tcp_endpoint {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                self.err(
+                    "gateway.tcp_endpoint",
+                    format!("{text:?} is not an address and port (such as \"198.51.100.2:443\"); the relay is given by address so that nothing is looked up outside the tunnel"),
+                )
+            })?),
+        };
+        if relay.is_some_and(|r| r.port() == 0) {
+            return Err(self.err("gateway.tcp_endpoint", "port 0 is out of range 1-65535"));
+        }
+        let transport = match (gateway.transport.as_deref(), relay) {
+            (None | Some("udp"), None) => Transport::Udp,
+            (None | Some("udp"), Some(_)) => {
+                return Err(self.err(
+                    "gateway.tcp_endpoint",
+                    "is only used with transport = \"tcp\" or \"auto\"; set one of them or remove it",
+                ));
+            }
+            (Some("tcp" | "auto"), None) => {
+                return Err(self.err(
+                    "gateway.tcp_endpoint",
+                    "is missing: TCP needs the address and port of the relay beside the gateway (such as \"198.51.100.2:443\")",
+                ));
+            }
+            (Some("tcp"), Some(relay)) => Transport::Tcp { relay },
+            (Some("auto"), Some(relay)) => Transport::Auto { relay },
+            (Some(other), _) => {
+                return Err(self.err(
+                    "gateway.transport",
+                    format!("{other:?} is not a transport; use {}", Transport::CHOICES),
+                ));
+            }
+        };
+        if transport != Transport::Udp && shape == TrafficShape::Cover {
+            return Err(self.err(
+                "gateway.transport",
+                "cover traffic (privacy.shape = \"cover\") needs UDP to the gateway; use transport = \"udp\" or another shape",
+            ));
+        }
+        Ok(transport)
     }
 
     /// `[audit] ca`: a readable file of PEM certificates (a relative path
@@ -1031,6 +1123,68 @@ tcp = [5349]
         );
         let e = err(&format!("{}\n[audit]\ncaa = \"x\"\n", good()));
         assert!(e.contains("unknown field `caa`"), "{e}");
+    }
+
+    #[test]
+    fn the_gateway_transport_is_udp_tcp_or_auto_and_tcp_needs_a_relay_address() {
+        assert_eq!(check(&good()).expect("valid").transport, Transport::Udp);
+        let with = |section: &str| format!("{}\n[gateway]\n{section}\n", good());
+        let relay: SocketAddr = "198.51.100.2:443".parse().expect("address");
+        assert_eq!(
+            check(&with("transport = \"auto\"\ntcp_endpoint = \"198.51.100.2:443\""))
+                .expect("valid")
+                .transport,
+            Transport::Auto { relay }
+        );
+        assert_eq!(
+            check(&with("transport = \"tcp\"\ntcp_endpoint = \"198.51.100.2:443\""))
+                .expect("valid")
+                .transport,
+            Transport::Tcp { relay }
+        );
+        assert_eq!(
+            check(&with("transport = \"udp\"")).expect("valid").transport,
+            Transport::Udp
+        );
+        let e = err(&with("transport = \"quic\""));
+        assert_eq!(
+            e,
+            "profile p: gateway.transport: \"quic\" is not a transport; use \"udp\", \"tcp\" or \"auto\""
+        );
+        let e = err(&with("transport = \"auto\""));
+        assert!(
+            e.starts_with("profile p: gateway.tcp_endpoint: is missing"),
+            "{e}"
+        );
+        let e = err(&with(
+            "transport = \"tcp\"\ntcp_endpoint = \"relay.practice.test:443\"",
+        ));
+        assert!(
+            e.starts_with(
+                "profile p: gateway.tcp_endpoint: \"relay.practice.test:443\" is not an address and port"
+            ),
+            "{e}"
+        );
+        let e = err(&with("transport = \"tcp\"\ntcp_endpoint = \"198.51.100.2:0\""));
+        assert_eq!(
+            e,
+            "profile p: gateway.tcp_endpoint: port 0 is out of range 1-65535"
+        );
+        let e = err(&with("tcp_endpoint = \"198.51.100.2:443\""));
+        assert!(
+            e.starts_with("profile p: gateway.tcp_endpoint: is only used with"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{}\n[privacy]\nshape = \"cover\"\n",
+            with("transport = \"auto\"\ntcp_endpoint = \"198.51.100.2:443\"")
+        ));
+        assert!(
+            e.starts_with("profile p: gateway.transport: cover traffic"),
+            "{e}"
+        );
+        let e = err(&with("relay = \"198.51.100.2:443\""));
+        assert!(e.contains("unknown field `relay`"), "{e}");
     }
 
     #[test]

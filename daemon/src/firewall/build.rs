@@ -421,19 +421,21 @@ fn loopback(_: &Shape, chains: &mut Chains) {
         .push(vec![eq(meta(MetaKey::Iifname), s("lo")), accept()]);
 }
 
-/// The tunnel's own UDP: mark and address and port out; the endpoint's
-/// replies in (address and port, conntrack `established`).
+/// The tunnel's own UDP (or its TCP to the relay): mark and address and
+/// port out; the endpoint's replies in (address and port, conntrack
+/// `established`).
 fn tunnel_udp(shape: &Shape, chains: &mut Chains) {
     let endpoint = shape.endpoint;
+    let outer = shape.lockdown.endpoint_protocol.nft_name();
     chains.output.push(vec![
         eq(meta(MetaKey::Mark), num(shape.lockdown.fwmark)),
         eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
-        eq(payload("udp", "dport"), num(endpoint.port())),
+        eq(payload(outer, "dport"), num(endpoint.port())),
         accept(),
     ]);
     chains.input.push(vec![
         eq(payload(ip(&endpoint.ip()), "saddr"), s(endpoint.ip().to_string())),
-        eq(payload("udp", "sport"), num(endpoint.port())),
+        eq(payload(outer, "sport"), num(endpoint.port())),
         is_in(ct_state(), set_of(vec![s("established")])),
         accept(),
     ]);

@@ -32,6 +32,7 @@ fn lockdown(endpoint: &str, allow_lan: bool) -> Lockdown {
         fwmark: 0x5347,
         tunnel_interface: "sg0".into(),
         allow_lan,
+        endpoint_protocol: super::EndpointProtocol::Udp,
     }
 }
 

@@ -79,7 +79,10 @@ pub(super) fn add_link_table(
     rules.push(vec![
         eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
         eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),
-        eq(payload("udp", "dport"), num(endpoint.port())),
+        eq(
+            payload(lockdown.endpoint_protocol.nft_name(), "dport"),
+            num(endpoint.port()),
+        ),
         accept(),
     ]);
     // The rest of a tunnel datagram that this machine fragmented (its own

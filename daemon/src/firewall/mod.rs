@@ -262,6 +262,28 @@ pub struct Lockdown {
     pub tunnel_interface: String,
     /// Let the directly connected subnets through (read at apply time).
     pub allow_lan: bool,
+    /// The tunnel's own flow to `endpoint`: UDP to the gateway, or TCP to
+    /// a relay beside it where the network blocks UDP (`endpoint` is then
+    /// the relay). Only that one flow is let out, never both.
+    pub endpoint_protocol: EndpointProtocol,
+}
+
+/// The protocol of the tunnel's own flow to the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointProtocol {
+    #[default]
+    Udp,
+    Tcp,
+}
+
+impl EndpointProtocol {
+    /// nftables' name for it.
+    pub(crate) fn nft_name(self) -> &'static str {
+        match self {
+            EndpointProtocol::Udp => "udp",
+            EndpointProtocol::Tcp => "tcp",
+        }
+    }
 }
 
 /// One literal allowlist entry: a network and its ports.

@@ -26,6 +26,7 @@ fn lockdown() -> Lockdown {
         fwmark: 0x5347,
         tunnel_interface: "sg0".into(),
         allow_lan: false,
+        endpoint_protocol: EndpointProtocol::Udp,
     }
 }
 
@@ -671,6 +672,29 @@ fn mapped_endpoint_is_matched_as_ipv4() {
     let out = rules(&objects(&mapped, None, &[]), OUTPUT);
     let rule = &out[position(&out, "198.51.100.2")];
     assert!(rule.contains(r#"{"field":"daddr","protocol":"ip"}"#), "{rule}");
+}
+
+#[test]
+fn over_tcp_the_lockdown_lets_out_the_marked_tcp_to_the_relay_and_no_udp_to_it() {
+    let relay = Lockdown {
+        endpoint: SocketAddr::from(([198, 51, 100, 2], 443)),
+        endpoint_protocol: EndpointProtocol::Tcp,
+        ..lockdown()
+    };
+    let out = rules(&objects(&relay, None, &[]), OUTPUT);
+    let to_relay: Vec<_> = out.iter().filter(|r| r.contains("198.51.100.2")).collect();
+    assert_eq!(to_relay.len(), 1, "{to_relay:#?}");
+    let rule = to_relay[0];
+    assert!(
+        rule.contains(r#"{"field":"dport","protocol":"tcp"}"#)
+            && rule.contains("443")
+            && rule.contains(&0x5347.to_string()),
+        "{rule}"
+    );
+    assert!(!rule.contains(r#""protocol":"udp""#), "{rule}");
+    let input = rules(&objects(&relay, None, &[]), INPUT);
+    let back = &input[position(&input, "198.51.100.2")];
+    assert!(back.contains(r#"{"field":"sport","protocol":"tcp"}"#), "{back}");
 }
 
 #[test]

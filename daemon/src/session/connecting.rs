@@ -4,21 +4,34 @@
 //! as an event; `stop`, `status` and the tamper guard are served meanwhile.
 //!
 //! Next: the handshake opens the allowlist (→ open); the timeout blocks
-//! (→ blocked, no handshake); `stop` cancels (see `stop.rs`).
+//! (→ blocked, no handshake); `stop` cancels (see `stop.rs`). With
+//! `transport = "auto"`, UDP that gets no handshake within [`UDP_TRY`]
+//! moves the session to TCP through the relay: first the lockdown (the
+//! relay's TCP replaces the gateway's UDP as the one way out), then the
+//! tunnel, then a fresh wait with the whole timeout (→ connecting).
 //!
-//! Never: wait for the handshake inside the machine's loop.
+//! Never: wait for the handshake inside the machine's loop; let the tunnel
+//! try TCP before the firewall admits exactly that flow.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::FutureExt;
 
-use super::cause::Cause;
+use super::cause::{Cause, Step};
 use super::effects::Effects;
 use super::idle::fail;
 use super::open;
-use super::stage::{Connecting, Locked, Stage, Task, Waiter};
+use super::stage::{lockdown_over_tcp, Connecting, Locked, Stage, Task, Waiter};
 use super::{Ctx, Event};
+use crate::firewall::EndpointProtocol;
+use crate::profile::Transport;
+
+/// How long `transport = "auto"` gives UDP before it tries TCP: WireGuard
+/// sends its first handshake at once and the next after 5 s, and a gateway
+/// that hears it answers in a round trip; at most half the handshake
+/// timeout, so a short one still leaves TCP its turn.
+pub(crate) const UDP_TRY: Duration = Duration::from_secs(5);
 
 impl<E: Effects> Connecting<E> {
     /// Starts the waits: the handshake, and for a client's start its
@@ -38,6 +51,20 @@ impl<E: Effects> Connecting<E> {
                 async move {
                     handshake.await;
                     Event::Handshake(id)
+                }
+                .boxed()
+            }));
+        }
+        let relay = locked.profile.as_ref().and_then(|p| match p.transport {
+            Transport::Auto { relay } => Some(relay),
+            Transport::Udp | Transport::Tcp { .. } => None,
+        });
+        if relay.is_some() && locked.lockdown.endpoint_protocol == EndpointProtocol::Udp {
+            let udp_try = timeout.map_or(UDP_TRY, |t| UDP_TRY.min(t / 2));
+            waits.push(Task::spawn(ctx, |_| {
+                async move {
+                    tokio::time::sleep(udp_try).await;
+                    Event::UdpUnanswered(id)
                 }
                 .boxed()
             }));
@@ -66,13 +93,72 @@ pub(crate) async fn on_handshake<E: Effects>(ctx: &mut Ctx<E>, connecting: Conne
     open::open_allowlist(ctx, connecting.locked, connecting.waiter).await
 }
 
+/// `transport = "auto"` and UDP got no handshake: the lockdown moves to
+/// the relay's TCP, then the tunnel does, then the wait starts again with
+/// the whole timeout. A failure on the way keeps the machine locked down.
+pub(crate) async fn on_udp_unanswered<E: Effects>(ctx: &mut Ctx<E>, connecting: Connecting<E>) -> Stage<E> {
+    let Connecting {
+        mut locked,
+        waiter,
+        endpoint,
+        timeout,
+        ..
+    } = connecting;
+    let Some(relay) = locked.profile.as_ref().and_then(|p| p.transport.relay()) else {
+        return fail(
+            ctx,
+            locked,
+            waiter,
+            Cause::StartFailed { step: Step::Tunnel },
+            "internal error: no relay",
+        );
+    };
+    tracing::warn!("no handshake from {endpoint} over UDP; trying TCP through the relay {relay}");
+    let over_tcp = lockdown_over_tcp(&locked.lockdown, relay);
+    if let Err(e) = ctx.effects.apply_firewall(&over_tcp, None).await {
+        let message =
+            format!("could not let the tunnel's TCP to the relay {relay} through the lockdown: {e}");
+        return fail(
+            ctx,
+            locked,
+            waiter,
+            Cause::StartFailed { step: Step::Tunnel },
+            &message,
+        );
+    }
+    locked.lockdown = over_tcp;
+    let moved = match &locked.tunnel {
+        Some(tunnel) => ctx.effects.tunnel_use_tcp(tunnel, relay),
+        None => Err("internal error: no tunnel".to_string()),
+    };
+    if let Err(message) = moved {
+        return fail(
+            ctx,
+            locked,
+            waiter,
+            Cause::StartFailed { step: Step::Tunnel },
+            &message,
+        );
+    }
+    Stage::Connecting(Connecting::new(ctx, locked, waiter, endpoint, timeout))
+}
+
 pub(crate) fn on_timeout<E: Effects>(ctx: &mut Ctx<E>, connecting: Connecting<E>) -> Stage<E> {
     let endpoint = connecting.endpoint;
-    let message = format!(
-        "no handshake from {endpoint} within {} s: check the peer's public key and that UDP {} reaches it",
-        connecting.timeout.unwrap_or_default().as_secs(),
-        endpoint.port()
-    );
+    let lockdown = &connecting.locked.lockdown;
+    let message = match lockdown.endpoint_protocol {
+        EndpointProtocol::Udp => format!(
+            "no handshake from {endpoint} within {} s: check the peer's public key and that UDP {} reaches it",
+            connecting.timeout.unwrap_or_default().as_secs(),
+            endpoint.port()
+        ),
+        EndpointProtocol::Tcp => format!(
+            "no handshake from {endpoint} through the TCP relay {} within {} s: check the peer's public key, that TCP {} reaches the relay and that the relay forwards to the gateway",
+            lockdown.endpoint,
+            connecting.timeout.unwrap_or_default().as_secs(),
+            lockdown.endpoint.port()
+        ),
+    };
     fail(
         ctx,
         connecting.locked,

@@ -26,11 +26,11 @@ use crate::dns::{AnswerSink, StubConfig, StubResolver};
 use crate::firewall::{Allowlist, Firewall, FirewallWatch, Lockdown, PortalException};
 use crate::nft::NftRunner;
 use crate::portal::{self, PortalPlan};
-use crate::profile::{Host, Profile};
+use crate::profile::{Host, Profile, Transport};
 use crate::resolvconf::{Pinned, ResolverFile};
 use crate::routing::{self, RouteConfig, Routes};
 use crate::store::{PersistedSession, SessionStore};
-use crate::tunnel::{AllowFilter, Tunnel, TunnelConfig, TunnelMonitor, TunnelStats};
+use crate::tunnel::{AllowFilter, OuterTransport, Tunnel, TunnelConfig, TunnelMonitor, TunnelStats};
 use crate::verify;
 use crate::{DNS_STUB_MARK, ROUTE_TABLE, TUNNEL_FWMARK};
 
@@ -82,6 +82,9 @@ pub trait Effects {
     async fn start_tunnel(&mut self, profile: &Profile, endpoint: SocketAddr)
         -> Result<Self::Tunnel, String>;
     fn tunnel_view(&self, tunnel: &Self::Tunnel) -> Arc<dyn TunnelView>;
+    /// Moves the tunnel's datagrams to TCP through the relay at `relay`
+    /// (the firewall admits that flow already).
+    fn tunnel_use_tcp(&mut self, tunnel: &Self::Tunnel, relay: SocketAddr) -> Result<(), String>;
     /// Tells the tunnel what it may encrypt, whatever the firewall says:
     /// nothing but its own handshakes and keepalives (`None`, which is
     /// also where a new tunnel starts) or what `allow` admits.
@@ -294,6 +297,11 @@ impl Effects for SystemEffects {
             mtu: t.mtu,
             fwmark: TUNNEL_FWMARK,
             shape: profile.shape,
+            transport: match profile.transport {
+                Transport::Tcp { relay } => OuterTransport::Tcp { relay },
+                // `auto` starts on UDP; the session machine moves it.
+                Transport::Udp | Transport::Auto { .. } => OuterTransport::Udp,
+            },
         })
         .await
         .map_err(|e| e.to_string())
@@ -301,6 +309,10 @@ impl Effects for SystemEffects {
 
     fn tunnel_view(&self, tunnel: &Tunnel) -> Arc<dyn TunnelView> {
         Arc::new(tunnel.monitor())
+    }
+
+    fn tunnel_use_tcp(&mut self, tunnel: &Tunnel, relay: SocketAddr) -> Result<(), String> {
+        tunnel.use_tcp(relay).map_err(|e| e.to_string())
     }
 
     fn set_tunnel_allow(&mut self, tunnel: &Tunnel, allow: Option<&Allowlist>) {

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use super::cause::{Cause, Step};
 use super::effects::Effects;
-use super::stage::{lockdown_of, stays_locked, Blocked, Connecting, Locked, Stage, Waiter};
+use super::stage::{
+    lockdown_of, lockdown_over_tcp, stays_locked, Blocked, Connecting, Locked, Stage, Waiter,
+};
 use super::status::{allowed_hosts, Phase, Snapshot};
 use super::{answer, Ctx, Outcome, Responder};
-use crate::firewall::Lockdown;
-use crate::profile::Profile;
+use crate::firewall::{EndpointProtocol, Lockdown};
+use crate::profile::{Profile, Transport};
 use crate::store::PersistedSession;
 use crate::TUNNEL_FWMARK;
 
@@ -28,6 +30,9 @@ pub(crate) fn lockdown_of_persisted(persisted: &PersistedSession) -> Lockdown {
         fwmark: TUNNEL_FWMARK,
         tunnel_interface: persisted.interface.clone(),
         allow_lan: persisted.allow_lan,
+        // A session over TCP is put back on TCP once its profile is read
+        // (see `resume`); until then the persisted endpoint's UDP.
+        endpoint_protocol: EndpointProtocol::Udp,
     }
 }
 
@@ -245,7 +250,19 @@ pub(crate) async fn resume<E: Effects>(ctx: &mut Ctx<E>) -> anyhow::Result<Stage
             ..Snapshot::idle()
         }
     });
-    let locked = Locked::new(&name, lockdown, Some(profile));
+    // `transport = "tcp"`: the relay's TCP instead of the gateway's UDP
+    // before the tunnel starts (`auto` starts on UDP again).
+    let wanted = match profile.transport {
+        Transport::Tcp { relay } => lockdown_over_tcp(&lockdown, relay),
+        Transport::Udp | Transport::Auto { .. } => lockdown.clone(),
+    };
+    if wanted != lockdown {
+        ctx.effects
+            .apply_firewall(&wanted, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;
+    }
+    let locked = Locked::new(&name, wanted, Some(profile));
     Ok(bring_up(
         ctx,
         locked,

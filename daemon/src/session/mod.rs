@@ -7,7 +7,9 @@
 //! - `idle.rs` — start: persist the session → lockdown firewall → tunnel →
 //!   routes → connecting; and resume after a restart;
 //! - `connecting.rs` — the first handshake (or its timeout) arrives as an
-//!   event → open the allowlist with the DNS stub → open;
+//!   event → open the allowlist with the DNS stub → open; with `transport
+//!   = "auto"`, UDP unanswered → lockdown on the relay's TCP → tunnel over
+//!   TCP → connecting again;
 //! - `open.rs` — names resolved → pin the resolver file → active; the peer
 //!   lost and back (health); a hot reload of the profile;
 //! - `blocked.rs` — locked down with a cause;
@@ -107,6 +109,8 @@ pub enum Command {
 pub(crate) enum Event {
     Handshake(u64),
     HandshakeTimeout(u64),
+    /// `transport = "auto"`: UDP got no handshake in its time.
+    UdpUnanswered(u64),
     NamesResolved(u64),
     Verified(u64, Result<verify::Report, String>),
 }
@@ -425,6 +429,9 @@ impl<E: Effects> SessionMachine<E> {
             }
             (Event::HandshakeTimeout(id), Stage::Connecting(c)) if c.id == id => {
                 connecting::on_timeout(&mut self.ctx, c)
+            }
+            (Event::UdpUnanswered(id), Stage::Connecting(c)) if c.id == id => {
+                connecting::on_udp_unanswered(&mut self.ctx, c).await
             }
             (Event::NamesResolved(id), Stage::Open(o))
                 if o.resolving.as_ref().is_some_and(|t| t.id == id) =>

@@ -247,7 +247,9 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
             return stage;
         }
     };
-    let tunnel_changed = !(edited.tunnel == current.tunnel && edited.allow_lan == current.allow_lan);
+    let tunnel_changed = !(edited.tunnel == current.tunnel
+        && edited.allow_lan == current.allow_lan
+        && edited.transport == current.transport);
     let pending = tunnel_changed.then(|| {
         "the profile's tunnel section changed; it takes effect at the next `sessionctl start`".to_string()
     });

@@ -25,8 +25,8 @@ use super::cause::Cause;
 use super::effects::{Effects, TunnelView};
 use super::status::Phase;
 use super::{Ctx, Event, Responder};
-use crate::firewall::{AllowEntry, Allowlist, DnsRedirect, Lockdown, NamedEntry};
-use crate::profile::{Host, Profile};
+use crate::firewall::{AllowEntry, Allowlist, DnsRedirect, EndpointProtocol, Lockdown, NamedEntry};
+use crate::profile::{Host, Profile, Transport};
 use crate::{DNS_STUB_MARK, TUNNEL_FWMARK};
 
 pub(crate) enum Stage<E: Effects> {
@@ -221,9 +221,19 @@ impl<E: Effects> Stage<E> {
         let resuming = |text: &str| (Phase::Degraded, Some(Cause::Resuming), Some(text.to_string()));
         match self {
             Stage::Idle => (Phase::Idle, None, None),
-            Stage::Connecting(c) => match c.waiter {
-                Waiter::Client(_) => (Phase::Starting, None, None),
-                Waiter::Resume => resuming(RESUMING),
+            Stage::Connecting(c) => match (&c.waiter, fell_back_to_tcp(&c.locked)) {
+                (Waiter::Client(_), None) => (Phase::Starting, None, None),
+                (Waiter::Client(_), Some(port)) => (
+                    Phase::Starting,
+                    Some(Cause::TryingTcp),
+                    Some(super::cause::trying_tcp(port)),
+                ),
+                (Waiter::Resume, None) => resuming(RESUMING),
+                (Waiter::Resume, Some(port)) => (
+                    Phase::Degraded,
+                    Some(Cause::TryingTcp),
+                    Some(super::cause::trying_tcp(port)),
+                ),
             },
             Stage::Open(o) => match (&o.opening, &o.recovering, &o.peer_lost) {
                 (Some(Waiter::Client(_)), _, _) => (Phase::Starting, None, None),
@@ -236,21 +246,58 @@ impl<E: Effects> Stage<E> {
                     Some(r.cause.clone()),
                     Some(r.sentence().to_string()),
                 ),
-                (None, None, None) => (Phase::Active, None, None),
+                (None, None, None) => match fell_back_to_tcp(&o.locked) {
+                    None => (Phase::Active, None, None),
+                    // Protected, but `status` says why it is slower.
+                    Some(port) => (
+                        Phase::Active,
+                        Some(Cause::UdpUnanswered),
+                        Some(super::cause::udp_unanswered(port)),
+                    ),
+                },
             },
             Stage::Blocked(b) => (Phase::Degraded, Some(b.cause.clone()), Some(b.problem.clone())),
         }
     }
 }
 
-/// The lockdown for a profile whose endpoint resolved to `endpoint`.
+/// The lockdown for a profile whose endpoint resolved to `endpoint`: its
+/// UDP, or with `transport = "tcp"` only the TCP to the relay (`auto`
+/// starts on UDP; see [`lockdown_over_tcp`]).
 pub(crate) fn lockdown_of(profile: &Profile, endpoint: SocketAddr) -> Lockdown {
-    Lockdown {
+    let udp = Lockdown {
         endpoint,
         fwmark: TUNNEL_FWMARK,
         tunnel_interface: profile.tunnel.interface.clone(),
         allow_lan: profile.allow_lan,
+        endpoint_protocol: EndpointProtocol::Udp,
+    };
+    match profile.transport {
+        Transport::Tcp { relay } => lockdown_over_tcp(&udp, relay),
+        Transport::Udp | Transport::Auto { .. } => udp,
     }
+}
+
+/// The same lockdown with the tunnel's TCP to `relay` as its one way out,
+/// instead of its UDP to the gateway.
+pub(crate) fn lockdown_over_tcp(lockdown: &Lockdown, relay: SocketAddr) -> Lockdown {
+    Lockdown {
+        endpoint: relay,
+        endpoint_protocol: EndpointProtocol::Tcp,
+        ..lockdown.clone()
+    }
+}
+
+/// Over TCP after UDP went unanswered (`transport = "auto"`): the relay's
+/// port, for `status`'s sentence. `None` on UDP, and when the profile
+/// asks for TCP outright (nothing to explain then).
+pub(crate) fn fell_back_to_tcp<E: Effects>(locked: &Locked<E>) -> Option<u16> {
+    let auto = locked
+        .profile
+        .as_ref()
+        .is_some_and(|p| matches!(p.transport, Transport::Auto { .. }));
+    (auto && locked.lockdown.endpoint_protocol == EndpointProtocol::Tcp)
+        .then_some(locked.lockdown.endpoint.port())
 }
 
 /// The firewall's allowlist for a profile: literal addresses now; names join

@@ -55,6 +55,7 @@ impl TunnelView for FakeView {
             peer_reachable: self.reachable.load(Ordering::SeqCst),
             refused_packets: 0,
             path_changes: self.roam.path_changes.load(Ordering::SeqCst),
+            transport: crate::tunnel::OuterProtocol::Udp,
         }
     }
 
@@ -281,6 +282,9 @@ impl Effects for Recorder {
     }
     fn tunnel_filter(&self, tunnel: &AllowFilter) -> AllowFilter {
         tunnel.clone()
+    }
+    fn tunnel_use_tcp(&mut self, _tunnel: &AllowFilter, _relay: SocketAddr) -> Result<(), String> {
+        self.call("tunnel over tcp")
     }
     async fn stop_tunnel(&mut self, _tunnel: AllowFilter) {
         self.calls.push("tunnel down".into());
@@ -1373,4 +1377,99 @@ async fn without_a_session_the_portal_opens_without_touching_any_firewall() {
             "portal up"
         ]
     );
+}
+
+fn auto_profile() -> Profile {
+    let text = format!(
+        r#"
+[tunnel]
+private_key = "{PRIV}"
+address = ["192.0.2.66/32"]
+[tunnel.peer]
+public_key = "{PEER}"
+endpoint = "198.51.100.2:51820"
+[dns]
+servers = ["192.0.2.65"]
+[[allow]]
+host = "meet.test"
+tcp = [443]
+[gateway]
+transport = "auto"
+tcp_endpoint = "198.51.100.2:443"
+"#
+    );
+    crate::profile::parse("lab", &text, Path::new("/nonexistent"), 0o600).expect("test profile")
+}
+
+async fn start_auto(m: &mut Machine) -> oneshot::Receiver<Outcome> {
+    let (reply, rx) = oneshot::channel();
+    m.on_command(Command::Start {
+        profile: Box::new(auto_profile()),
+        reply,
+    })
+    .await;
+    settle(m).await;
+    rx
+}
+
+fn connecting_id(m: &Machine) -> u64 {
+    let Stage::Connecting(c) = &m.stage else {
+        panic!("not connecting")
+    };
+    c.id
+}
+
+#[tokio::test]
+async fn auto_moves_the_lockdown_to_the_relay_before_the_tunnel_goes_over_tcp() {
+    let (mut m, handle) = machine();
+    let mut rx = start_auto(&mut m).await;
+    let udp = m.stage.locked().expect("locked").lockdown.clone();
+    assert_eq!(udp.endpoint_protocol, crate::firewall::EndpointProtocol::Udp);
+    forget(&mut m);
+    let first = connecting_id(&m);
+    m.on_event(Event::UdpUnanswered(first)).await;
+    assert_eq!(calls(&m), ["firewall lockdown", "tunnel over tcp"]);
+    let tcp = m.stage.locked().expect("locked").lockdown.clone();
+    assert_eq!(tcp.endpoint, "198.51.100.2:443".parse().expect("address"));
+    assert_eq!(tcp.endpoint_protocol, crate::firewall::EndpointProtocol::Tcp);
+    assert_eq!(table(&m), Table::Lockdown);
+    assert_eq!(phase(&handle), (Phase::Starting, Some(Cause::TryingTcp)));
+    assert!(rx.try_recv().is_err(), "start answered before the handshake");
+    // A late UDP timer of the first wait changes nothing.
+    forget(&mut m);
+    m.on_event(Event::UdpUnanswered(first)).await;
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(matches!(answered(&mut rx), Outcome::Started(_)));
+    assert_eq!(phase(&handle), (Phase::Active, Some(Cause::UdpUnanswered)));
+    assert_eq!(
+        handle.status().problem.as_deref(),
+        Some("the gateway did not answer over UDP; using TCP port 443 (slower)")
+    );
+}
+
+#[tokio::test]
+async fn a_tunnel_that_cannot_go_over_tcp_stays_locked_down() {
+    let (mut m, handle) = machine();
+    let mut rx = start_auto(&mut m).await;
+    m.ctx.effects.fail.insert("tunnel over tcp");
+    m.on_event(Event::UdpUnanswered(connecting_id(&m))).await;
+    match answered(&mut rx) {
+        Outcome::Failed { cause, .. } => assert_eq!(cause, Some(Cause::StartFailed { step: Step::Tunnel })),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(table(&m), Table::Lockdown);
+    assert_eq!(phase(&handle).0, Phase::Degraded);
+}
+
+#[tokio::test]
+async fn a_udp_profile_never_tries_tcp() {
+    let (mut m, _handle) = machine();
+    let _rx = start(&mut m).await;
+    let Stage::Connecting(c) = &m.stage else {
+        panic!("not connecting")
+    };
+    // The handshake wait and the start's deadline, no UDP timer.
+    assert_eq!(c._waits.len(), 2);
 }

@@ -26,7 +26,10 @@
 //! boringtun-cli; default target/bench-tools/bin/boringtun-cli),
 //! BENCH_PROFILE=1 (afterwards: an strace timeline of `sessionctl start`,
 //! a perf profile and `strace -c` of sessiond during an upload),
-//! BENCH_START_ONLY=1 (only start to first packet). LAB_BIN_SESSIOND / LAB_BIN_SESSIONCTL pick the
+//! BENCH_START_ONLY=1 (only start to first packet), BENCH_TRANSPORT=tcp
+//! (sessiongate's datagrams over TCP port 443 through the lab's relay
+//! beside the gateway, as on a network that blocks UDP; the other systems
+//! stay on UDP). LAB_BIN_SESSIOND / LAB_BIN_SESSIONCTL pick the
 //! daemon's binaries (scripts/bench points them at the release build).
 
 use std::io::{Read, Write};
@@ -2208,7 +2211,32 @@ fn run() -> Result<()> {
     let sockets = SocketCleanup {
         paths: Mutex::new(Vec::new()),
     };
-    let profile = lab.write_profile("bench", bench_profile_toml)?;
+    // BENCH_TRANSPORT=tcp: the cost of a network that blocks UDP.
+    let over_tcp = match std::env::var("BENCH_TRANSPORT").as_deref() {
+        Err(_) | Ok("udp") => false,
+        Ok("tcp") => true,
+        Ok(other) => bail!("BENCH_TRANSPORT: `{other}` is neither `udp` nor `tcp`"),
+    };
+    let _relay = if over_tcp {
+        eprintln!(
+            "bench: sessiongate over TCP through the relay {}",
+            lab::relay::RELAY_ENDPOINT
+        );
+        Some(lab.start_tcp_relay()?)
+    } else {
+        None
+    };
+    let profile = lab.write_profile("bench", |t| {
+        let t = bench_profile_toml(t);
+        if over_tcp {
+            format!(
+                "{t}\n[gateway]\ntransport = \"tcp\"\ntcp_endpoint = \"{}\"\n",
+                lab::relay::RELAY_ENDPOINT
+            )
+        } else {
+            t
+        }
+    })?;
     if !profile
         .toml
         .contains(&format!("tcp = [{PROBE_TCP_PORT}, {IPERF_PORT}]"))
