@@ -702,7 +702,14 @@ fn describe_status(v: &Value) -> String {
                 .flatten()
                 .filter_map(|a| a["host"].as_str())
                 .collect();
-            let only = if hosts.is_empty() {
+            // The gateway-enforced kind: the machine keeps everything in
+            // the tunnel, the gateway decides what gets further.
+            let by_gateway = v["allowed"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|h| h["gateway_enforced"] == true));
+            let only = if by_gateway {
+                "everything (the gateway, not this machine, enforces the allowlist)".to_string()
+            } else if hosts.is_empty() {
                 "nothing".to_string()
             } else {
                 format!("only {}", and_list(&hosts))
@@ -773,14 +780,27 @@ fn describe_status(v: &Value) -> String {
             bytes(t["tx_bytes"].as_u64().unwrap_or(0)),
         ));
     }
+    if v["allowed"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|h| h["gateway_enforced"] == true))
+    {
+        lines.push(
+            "  Enforced: by the practice's gateway, not this machine: this profile is gateway-enforced, so every address goes into the tunnel (DNS stays pinned, nothing leaves outside the tunnel) and the machine trusts the gateway to refuse what the allowlist below does not hold"
+                .to_string(),
+        );
+    }
     for a in v["allowed"].as_array().into_iter().flatten() {
         let ports = |proto: &str| {
             let list: Vec<String> = a[proto]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(Value::as_u64)
-                .map(|p| p.to_string())
+                // A port is a number, a range the string "FIRST-LAST".
+                .filter_map(|p| {
+                    p.as_u64()
+                        .map(|n| n.to_string())
+                        .or_else(|| p.as_str().map(String::from))
+                })
                 .collect();
             (!list.is_empty()).then(|| format!("{proto} {}", list.join(",")))
         };

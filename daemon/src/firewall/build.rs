@@ -7,7 +7,7 @@
 //! caller) and never runs nft.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use nftables::batch::Batch;
@@ -23,10 +23,10 @@ use super::expr::{
     meta, ne, net, num, on_link, payload, refuse, s, set_of, table, tcp_or_udp, to_the_link_v6,
 };
 use super::lan::normalize_nets;
-use super::learned::{add_known, learned_elem};
+use super::learned::{add_known, by_allow_set, learned_elem, name_ranges, range_set_name};
 use super::{
-    Allowlist, FirewallError, LearnedAddress, LearnedKey, Lockdown, ALLOW4, ALLOW4_NETS, ALLOW6, ALLOW6_NETS,
-    DNS_REDIRECT, FORWARD, INPUT, KNOWN4, KNOWN6, OUTPUT, POSTROUTING, REFUSE, REFUSED_COUNTER,
+    Allowlist, FirewallError, LearnedAddress, LearnedKey, Lockdown, PortRange, ALLOW4, ALLOW4_NETS, ALLOW6,
+    ALLOW6_NETS, DNS_REDIRECT, FORWARD, INPUT, KNOWN4, KNOWN6, OUTPUT, POSTROUTING, REFUSE, REFUSED_COUNTER,
     SESSION_CT_BIT, TABLE, TCP, UDP, VERIFY_MARK,
 };
 
@@ -253,22 +253,37 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
             comment: None,
         })));
     }
+    // The answer sets of the names' port ranges: addresses only, the rules
+    // below match the range (see learned.rs for why not one interval set).
+    let ranges = allow.map(|a| name_ranges(&a.names)).unwrap_or_default();
+    for &(proto, ports) in &ranges {
+        for (v6, known) in [(false, false), (true, false), (false, true), (true, true)] {
+            batch.add(NfListObject::Set(Box::new(Set {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: range_set_name(v6, known, proto, ports).into(),
+                handle: None,
+                set_type: SetTypeValue::Single(if v6 { SetType::Ipv6Addr } else { SetType::Ipv4Addr }),
+                policy: None,
+                flags: (!known).then(|| HashSet::from([SetFlag::Timeout])),
+                elem: None,
+                timeout: None,
+                gc_interval: None,
+                size: None,
+                comment: None,
+            })));
+        }
+    }
     // DNS answers remembered from before this replace (session shape only).
     if allow.is_some() {
-        for (set, v6) in [(ALLOW4, false), (ALLOW6, true)] {
-            let elems: Vec<_> = learned
-                .iter()
-                .filter(|e| e.addr.is_ipv6() == v6)
-                .map(learned_elem)
-                .collect();
-            if !elems.is_empty() {
-                batch.add(NfListObject::Element(Element {
-                    family: NfFamily::INet,
-                    table: TABLE.into(),
-                    name: set.into(),
-                    elem: Cow::Owned(elems),
-                }));
-            }
+        for (set, entries) in by_allow_set(learned) {
+            let elems: Vec<_> = entries.into_iter().map(learned_elem).collect();
+            batch.add(NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: set.into(),
+                elem: Cow::Owned(elems),
+            }));
         }
         add_known(&mut batch, &inputs.known);
     }
@@ -441,6 +456,22 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
                     accept(),
                 ]);
             }
+            // A name's port range: its answers, on the ports of the range.
+            for &(proto, ports) in &ranges {
+                output.push(vec![
+                    eq(meta(MetaKey::Oifname), s(tun)),
+                    eq(meta(MetaKey::L4proto), num(proto)),
+                    eq(payload("th", "dport"), port_range(ports)),
+                    is_in(
+                        payload(family, "daddr"),
+                        s(format!(
+                            "@{}",
+                            range_set_name(family == "ip6", false, proto, ports)
+                        )),
+                    ),
+                    accept(),
+                ]);
+            }
         }
         // Established flows pass only while the allowlist in force still
         // holds what admitted them: the far end's address, protocol and
@@ -471,6 +502,52 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
                     eq(meta(MetaKey::Iifname), s(tun)),
                     is_in(ct_state(), set_of(vec![s("established")])),
                     far_end("saddr", "sport"),
+                    accept(),
+                ]);
+            }
+            for &(proto, ports) in &ranges {
+                let known_set = s(format!(
+                    "@{}",
+                    range_set_name(family == "ip6", true, proto, ports)
+                ));
+                output.push(vec![
+                    eq(meta(MetaKey::Oifname), s(tun)),
+                    is_in(ct_state(), set_of(vec![s("established")])),
+                    eq(meta(MetaKey::L4proto), num(proto)),
+                    eq(payload("th", "dport"), port_range(ports)),
+                    is_in(payload(family, "daddr"), known_set.clone()),
+                    accept(),
+                ]);
+                input.push(vec![
+                    eq(meta(MetaKey::Iifname), s(tun)),
+                    is_in(ct_state(), set_of(vec![s("established")])),
+                    eq(meta(MetaKey::L4proto), num(proto)),
+                    eq(payload("th", "sport"), port_range(ports)),
+                    is_in(payload(family, "saddr"), known_set),
+                    accept(),
+                ]);
+            }
+        }
+        // The gateway-enforced kind: any TCP/UDP into the tunnel and its
+        // replies (the DNS refusal above comes first); the gateway enforces
+        // the allowlist.
+        if allow.gateway_enforces {
+            for &(family, ..) in &families {
+                let nfproto = eq(
+                    meta(MetaKey::Nfproto),
+                    s(if family == "ip6" { "ipv6" } else { "ipv4" }),
+                );
+                output.push(vec![
+                    eq(meta(MetaKey::Oifname), s(tun)),
+                    nfproto.clone(),
+                    tcp_or_udp(),
+                    accept(),
+                ]);
+                input.push(vec![
+                    eq(meta(MetaKey::Iifname), s(tun)),
+                    nfproto,
+                    tcp_or_udp(),
+                    is_in(ct_state(), set_of(vec![s("established")])),
                     accept(),
                 ]);
             }
@@ -624,22 +701,80 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
     batch
 }
 
+/// A port, or a range of ports, as the right side of a match.
+fn port_range(ports: PortRange) -> Expression<'static> {
+    if ports.is_single() {
+        num(ports.first)
+    } else {
+        Expression::Range(Box::new(nftables::expr::Range {
+            range: [num(ports.first), num(ports.last)],
+        }))
+    }
+}
+
 /// The profile's literal networks as interval-set elements, without
 /// overlaps (nft refuses them) for one address family.
+///
+/// Ports and ranges of several entries can overlap (a /24 on 50000-60000
+/// and one address of it on 55000): the ports are cut at every entry's
+/// boundaries into pieces no entry splits, each piece gets the networks of
+/// the entries holding it (less those inside another), and neighbouring
+/// pieces with the same networks are joined again. So no two elements
+/// share an address and a port.
 fn static_elements(allow: &Allowlist, v6: bool) -> Vec<Expression<'static>> {
-    let mut by_port: BTreeMap<(u8, u16), Vec<(IpAddr, u8)>> = BTreeMap::new();
-    for entry in allow.rules.iter().filter(|e| e.net.0.is_ipv6() == v6) {
-        for (proto, ports) in [(TCP, &entry.tcp), (UDP, &entry.udp)] {
-            for &port in ports {
-                by_port.entry((proto, port)).or_default().push(entry.net);
+    let mut elems = Vec::new();
+    for proto in [TCP, UDP] {
+        let entries: Vec<((IpAddr, u8), PortRange)> = allow
+            .rules
+            .iter()
+            .filter(|e| e.net.0.is_ipv6() == v6)
+            .flat_map(|e| {
+                let list = if proto == TCP { &e.tcp } else { &e.udp };
+                list.iter().map(move |&r| (e.net, r))
+            })
+            .collect();
+        for (ports, nets) in port_pieces(&entries) {
+            for n in nets {
+                elems.push(concat(vec![net(n), num(proto), port_range(ports)]));
             }
         }
     }
-    let mut elems = Vec::new();
-    for ((proto, port), nets) in by_port {
-        for n in normalize_nets(nets) {
-            elems.push(concat(vec![net(n), num(proto), num(port)]));
+    elems
+}
+
+/// The pieces of the port space `entries` cover, each with its networks
+/// (normalized), neighbours with the same networks joined; in port order.
+pub(super) fn port_pieces(entries: &[((IpAddr, u8), PortRange)]) -> Vec<(PortRange, Vec<(IpAddr, u8)>)> {
+    // Every place a piece may start: an entry's first port, or the port
+    // after its last.
+    let mut cuts: BTreeSet<u32> = BTreeSet::new();
+    for &(_, r) in entries {
+        cuts.insert(u32::from(r.first));
+        cuts.insert(u32::from(r.last) + 1);
+    }
+    let cuts: Vec<u32> = cuts.into_iter().collect();
+    let mut pieces: Vec<(PortRange, Vec<(IpAddr, u8)>)> = Vec::new();
+    for pair in cuts.windows(2) {
+        let (first, last) = (pair[0], pair[1] - 1);
+        let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(last)) else {
+            continue;
+        };
+        let nets: Vec<(IpAddr, u8)> = entries
+            .iter()
+            .filter(|(_, r)| r.first <= first && last <= r.last)
+            .map(|&(n, _)| n)
+            .collect();
+        if nets.is_empty() {
+            continue;
+        }
+        let mut nets = normalize_nets(nets);
+        nets.sort();
+        match pieces.last_mut() {
+            Some((prev, prev_nets)) if u32::from(prev.last) + 1 == u32::from(first) && *prev_nets == nets => {
+                prev.last = last;
+            }
+            _ => pieces.push((PortRange { first, last }, nets)),
         }
     }
-    elems
+    pieces
 }

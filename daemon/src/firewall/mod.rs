@@ -166,6 +166,8 @@ use nftables::batch::Batch;
 use nftables::schema::NfListObject;
 use serde_json::Value;
 
+pub use crate::profile::PortRange;
+
 mod build;
 mod conntrack;
 mod expr;
@@ -244,12 +246,12 @@ pub struct Lockdown {
     pub allow_lan: bool,
 }
 
-/// One literal allowlist entry: a network and its ports.
+/// One literal allowlist entry: a network and its ports and port ranges.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowEntry {
     pub net: (IpAddr, u8),
-    pub tcp: Vec<u16>,
-    pub udp: Vec<u16>,
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
 }
 
 /// Where the DNS stub listens and how its own upstream queries are marked,
@@ -267,15 +269,18 @@ pub struct DnsRedirect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamedEntry {
     pub name: String,
-    pub tcp: Vec<u16>,
-    pub udp: Vec<u16>,
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
 }
 
 impl NamedEntry {
-    fn allows(&self, proto: u8, port: u16) -> bool {
+    /// Whether this name lists exactly `ports` (a port, or a range as a
+    /// whole) for `proto`: answers are learned per listed entry, and a
+    /// range's answers live in that range's own sets.
+    fn allows(&self, proto: u8, ports: PortRange) -> bool {
         match proto {
-            TCP => self.tcp.contains(&port),
-            UDP => self.udp.contains(&port),
+            TCP => self.tcp.contains(&ports),
+            UDP => self.udp.contains(&ports),
             _ => false,
         }
     }
@@ -293,6 +298,12 @@ pub struct Allowlist {
     /// Without an IPv6 tunnel address all IPv6 but loopback is refused.
     pub tunnel_has_ipv6: bool,
     pub dns_redirect: Option<DnsRedirect>,
+    /// The gateway-enforced kind (`[gateway] enforces_allowlist`): every
+    /// TCP and UDP packet may go into the tunnel, to any address and port,
+    /// and the practice's gateway enforces the allowlist. DNS stays pinned
+    /// (53 and 853 are refused before this rule), nothing leaves off the
+    /// tunnel, and IPv6 only with an IPv6 tunnel address.
+    pub gateway_enforces: bool,
 }
 
 /// A learned address (from a DNS answer) for one protocol and port.
@@ -301,7 +312,9 @@ pub struct LearnedAddress {
     pub addr: IpAddr,
     /// [`TCP`] or [`UDP`].
     pub proto: u8,
-    pub port: u16,
+    /// One port (the `allow4`/`allow6` sets) or a range as the name lists
+    /// it (that range's own sets, see [`range_set_name`]).
+    pub ports: PortRange,
     /// How long the address stays in the set (clamped to 1 s ..= 1 day).
     pub timeout: Duration,
 }
@@ -329,8 +342,8 @@ pub enum FirewallError {
 /// it), so a DNS update cannot interleave with a replace.
 static WRITE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// (address, protocol, port) of a learned address.
-type LearnedKey = (IpAddr, u8, u16);
+/// (address, protocol, port or range) of a learned address.
+type LearnedKey = (IpAddr, u8, PortRange);
 
 struct Applied {
     /// DNS answers in the allow sets: (address, proto, port) → expiry.
@@ -475,7 +488,7 @@ pub async fn add_addresses(name: &str, entries: &[LearnedAddress]) -> Result<(),
                 state
                     .names
                     .iter()
-                    .any(|n| n.name == name && n.allows(e.proto, e.port))
+                    .any(|n| n.name == name && n.allows(e.proto, e.ports))
             })
             .copied()
             .collect();
@@ -485,13 +498,13 @@ pub async fn add_addresses(name: &str, entries: &[LearnedAddress]) -> Result<(),
         return Ok(());
     }
     let mut batch = element_batch(&merged);
-    let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.port)).collect();
+    let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.ports)).collect();
     add_known(&mut batch, &keys);
     run_nft(batch, "allowlist update").await?;
     let mut state = applied();
     state.learned.retain(|_, expiry| *expiry > now);
     for entry in &merged {
-        let key = (entry.addr, entry.proto, entry.port);
+        let key = (entry.addr, entry.proto, entry.ports);
         state.learned.insert(key, now + entry.timeout);
         state.sources.entry(key).or_default().insert(name.to_string());
     }
