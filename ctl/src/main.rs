@@ -494,7 +494,10 @@ fn check(socket: &Path, targets: &[String], profiles_dir: Option<&Path>) -> Resu
             check_name(socket, target, profiles_dir)
         };
         match checked {
-            Ok(name) => println!("profile {name} is valid"),
+            Ok((name, false)) => println!("profile {name} is valid"),
+            Ok((name, true)) => println!(
+                "profile {name} is valid; it is gateway-enforced: during its sessions this machine sends every address into the tunnel and trusts the practice's gateway, not itself, to enforce the allowlist (DNS stays pinned and nothing leaves outside the tunnel)"
+            ),
             Err(message) => {
                 eprintln!("sessionctl: {message}");
                 failed += 1;
@@ -510,11 +513,14 @@ fn check(socket: &Path, targets: &[String], profiles_dir: Option<&Path>) -> Resu
     ))
 }
 
-fn check_file(path: &Path) -> Result<String, String> {
-    Profile::load(path).map(|p| p.name).map_err(|e| e.to_string())
+/// The profile's name, and whether it is of the gateway-enforced kind.
+fn check_file(path: &Path) -> Result<(String, bool), String> {
+    Profile::load(path)
+        .map(|p| (p.name, p.gateway_enforces_allowlist))
+        .map_err(|e| e.to_string())
 }
 
-fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<String, String> {
+fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<(String, bool), String> {
     sessiongate_common::profile::check_profile_name(name)?;
     let mut refused_by_daemon = None;
     if profiles_dir.is_none() {
@@ -522,7 +528,12 @@ fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<
             profile: name.to_string(),
         };
         match control::call(socket, &request, Duration::from_secs(10)) {
-            Ok(Reply::Ok(result)) => return Ok(result["profile"].as_str().unwrap_or(name).to_string()),
+            Ok(Reply::Ok(result)) => {
+                return Ok((
+                    result["profile"].as_str().unwrap_or(name).to_string(),
+                    result["gateway_enforces_allowlist"] == true,
+                ))
+            }
             Ok(Reply::Error { message, .. }) => return Err(message),
             // Not ours to ask: the profiles directory is root's too, so
             // this refusal (which names the group and the fix) is the
@@ -925,6 +936,30 @@ mod tests {
                        "peer_reachable": true},
             "allowed": [{"host": "meet.test", "addresses": ["203.0.113.10"], "tcp": [443], "udp": [10000]}]
         })
+    }
+
+    #[test]
+    fn status_shows_port_ranges_and_who_enforces_a_gateway_enforced_allowlist() {
+        let mut ranges = active();
+        ranges["allowed"][0]["udp"] = json!([7882, "50000-60000"]);
+        assert!(
+            describe_status(&ranges)
+                .contains("  Allowed:  meet.test = 203.0.113.10 (tcp 443; udp 7882,50000-60000)"),
+            "{}",
+            describe_status(&ranges)
+        );
+        assert!(!describe_status(&ranges).contains("gateway"));
+        let mut gateway = active();
+        gateway["allowed"][0]["gateway_enforced"] = json!(true);
+        let text = describe_status(&gateway);
+        assert_eq!(
+            text.lines().next(),
+            Some("Protected: everything (the gateway, not this machine, enforces the allowlist) through 198.51.100.2:51820, handshake 8 s ago.")
+        );
+        assert!(
+            text.contains("  Enforced: by the practice's gateway, not this machine"),
+            "{text}"
+        );
     }
 
     #[test]
