@@ -196,3 +196,65 @@ fn the_gateway_enforces_the_allowlist_of_a_gateway_enforced_profile() {
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// A name's range has answer sets of its own (`allow4_udp_40000_40010`,
+/// addresses only); an address someone else adds there is noticed by the
+/// tamper guard and taken out, like one added to the shared sets. Seen
+/// failing with the guard's element check skipping the range sets (the
+/// foreign addresses stayed: "timed out waiting for the foreign elements
+/// gone").
+#[test]
+fn an_address_someone_adds_to_a_range_set_is_taken_out() {
+    let lab = lab();
+    let _echo = udp_echo(&lab, &[40005]);
+    let profile = write_profile(
+        &lab,
+        &format!(
+            "[[allow]]\nhost = \"{}\"\ntcp = [443]\nudp = [\"40000-40010\"]\n",
+            addr::MEET_NAME
+        ),
+        "",
+    );
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.set_tunnel_allowed_profile(&profile)
+        .expect("the inside meter follows the profile");
+    lab.reset_all_leaks().expect("reset the meters");
+    assert_eq!(resolve(&lab, addr::MEET_NAME), [addr::HOST_V4]);
+    assert_eq!(reached(&lab, addr::HOST_V4, &[40005]), [40005]);
+    for (set, element) in [
+        ("allow4_udp_40000_40010", format!("{} timeout 1h", addr::OTHER_V4)),
+        ("known4_udp_40000_40010", addr::OTHER_V4.to_string()),
+    ] {
+        lab.exec_ok(
+            Ns::Client,
+            &[
+                "nft",
+                "add",
+                "element",
+                "inet",
+                "sessiongate",
+                set,
+                &format!("{{ {element} }}"),
+            ],
+        )
+        .expect("add a foreign element");
+    }
+    wait_until(Duration::from_secs(5), "the foreign elements gone", || {
+        let listing = lab
+            .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
+            .unwrap_or_default();
+        listing.contains("allow4_udp_40000_40010") && !listing.contains(addr::OTHER_V4)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert_eq!(reached(&lab, addr::OTHER_V4, &[40005]), Vec::<u16>::new());
+    // Our own answer is back.
+    wait_until(
+        Duration::from_secs(5),
+        "meet.test open again on its range",
+        || reached(&lab, addr::HOST_V4, &[40005]) == [40005],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
