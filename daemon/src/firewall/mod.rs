@@ -59,7 +59,15 @@
 //!   answers, added by [`add_addresses`] with a timeout). Two kinds of set
 //!   because the kernel refuses an element that overlaps an interval already
 //!   in the set (`File exists`), which would fail a whole DNS update whenever
-//!   an answer falls inside a literal CIDR;
+//!   an answer falls inside a literal CIDR. A literal entry's port range is
+//!   an interval element of `allow*_nets` (overlapping entries are cut
+//!   into pieces first, see `build::port_pieces`); a name's port range has
+//!   sets of its own holding addresses only (`allow4_udp_50000_60000`,
+//!   timeout, and `known4_udp_50000_60000`; see `learned` for why not one
+//!   interval set), matched by rules that name the range;
+//! - the gateway-enforced kind ([`Allowlist::gateway_enforces`]): any
+//!   TCP/UDP out through the tunnel and its established replies in, after
+//!   the 53/853 refusal (IPv6 only with an IPv6 tunnel address);
 //! - established flows both ways on the tunnel, but only while the far
 //!   end's `address . protocol . port` is in `allow*_nets` or in
 //!   `known4`/`known6` (every answer of this session whose name and port
