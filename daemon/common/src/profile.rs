@@ -150,7 +150,13 @@ impl<'de> Deserialize<'de> for PortSpec {
                 Ok(PortSpec::Number(i64::try_from(v).unwrap_or(i64::MAX)))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortSpec, E> {
-                Ok(PortSpec::Text(v.to_string()))
+                // Only a range is written as a string; a lone port is a
+                // number (`tcp = [443]`, not `tcp = ["443"]`).
+                if v.contains('-') {
+                    Ok(PortSpec::Text(v.to_string()))
+                } else {
+                    Err(E::invalid_type(serde::de::Unexpected::Str(v), &self))
+                }
             }
         }
         deserializer.deserialize_any(Visitor)
@@ -1297,8 +1303,15 @@ tcp = [5349]
 
     #[test]
     fn port_ranges_are_read_and_checked() {
-        let p = check(&good().replace("udp = [10000]", "udp = [7882, \"50000-60000\", \"10000\"]"))
-            .expect("valid");
+        // A lone port is a number, as it always was.
+        let e = err(&good().replace("udp = [10000]", "udp = [\"10000\"]"));
+        assert!(e.starts_with("profile p: allow[0].udp[0] (line "), "{e}");
+        assert!(
+            e.contains("invalid type: string \"10000\", expected a port (a whole number)"),
+            "{e}"
+        );
+        let p =
+            check(&good().replace("udp = [10000]", "udp = [7882, \"50000-60000\", 10000]")).expect("valid");
         assert_eq!(
             p.allow[0].udp,
             vec![
@@ -1315,7 +1328,7 @@ tcp = [5349]
             ("[\"50000-70000\"]", "port 70000 is out of range 1-65535"),
             ("[\"0-10\"]", "port 0 is out of range 1-65535"),
             ("[\"50000-\"]", "\"50000-\" is not a port or a range of ports; write a port such as 443 or a range such as \"50000-60000\""),
-            ("[\"ten\"]", "\"ten\" is not a port or a range of ports; write a port such as 443 or a range such as \"50000-60000\""),
+            ("[\"ten-eleven\"]", "\"ten-eleven\" is not a port or a range of ports; write a port such as 443 or a range such as \"50000-60000\""),
             ("[\"50000-60000\", 55555]", "50000-60000 and 55555 overlap; list each port once"),
             ("[\"50000-60000\", \"59000-61000\"]", "50000-60000 and 59000-61000 overlap; list each port once"),
         ] {
