@@ -605,7 +605,10 @@ fn check(socket: &Path, targets: &[String], profiles_dir: Option<&Path>) -> Resu
             check_name(socket, target, profiles_dir)
         };
         match checked {
-            Ok(name) => println!("profile {name} is valid"),
+            Ok((name, false)) => println!("profile {name} is valid"),
+            Ok((name, true)) => println!(
+                "profile {name} is valid; it is gateway-enforced: during its sessions this machine sends every address into the tunnel and trusts the practice's gateway, not itself, to enforce the allowlist (DNS stays pinned and nothing leaves outside the tunnel)"
+            ),
             Err(message) => {
                 eprintln!("sessionctl: {message}");
                 failed += 1;
@@ -621,11 +624,14 @@ fn check(socket: &Path, targets: &[String], profiles_dir: Option<&Path>) -> Resu
     ))
 }
 
-fn check_file(path: &Path) -> Result<String, String> {
-    Profile::load(path).map(|p| p.name).map_err(|e| e.to_string())
+/// The profile's name, and whether it is of the gateway-enforced kind.
+fn check_file(path: &Path) -> Result<(String, bool), String> {
+    Profile::load(path)
+        .map(|p| (p.name, p.gateway_enforces_allowlist))
+        .map_err(|e| e.to_string())
 }
 
-fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<String, String> {
+fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<(String, bool), String> {
     sessiongate_common::profile::check_profile_name(name)?;
     let mut refused_by_daemon = None;
     if profiles_dir.is_none() {
@@ -633,7 +639,12 @@ fn check_name(socket: &Path, name: &str, profiles_dir: Option<&Path>) -> Result<
             profile: name.to_string(),
         };
         match control::call(socket, &request, Duration::from_secs(10)) {
-            Ok(Reply::Ok(result)) => return Ok(result["profile"].as_str().unwrap_or(name).to_string()),
+            Ok(Reply::Ok(result)) => {
+                return Ok((
+                    result["profile"].as_str().unwrap_or(name).to_string(),
+                    result["gateway_enforces_allowlist"] == true,
+                ))
+            }
             Ok(Reply::Error { message, .. }) => return Err(message),
             // Not ours to ask: the profiles directory is root's too, so
             // this refusal (which names the group and the fix) is the
@@ -813,7 +824,14 @@ fn describe_status(v: &Value) -> String {
                 .flatten()
                 .filter_map(|a| a["host"].as_str())
                 .collect();
-            let only = if hosts.is_empty() {
+            // The gateway-enforced kind: the machine keeps everything in
+            // the tunnel, the gateway decides what gets further.
+            let by_gateway = v["allowed"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|h| h["gateway_enforced"] == true));
+            let only = if by_gateway {
+                "everything (the gateway, not this machine, enforces the allowlist)".to_string()
+            } else if hosts.is_empty() {
                 "nothing".to_string()
             } else {
                 format!("only {}", and_list(&hosts))
@@ -887,14 +905,27 @@ fn describe_status(v: &Value) -> String {
             bytes(t["tx_bytes"].as_u64().unwrap_or(0)),
         ));
     }
+    if v["allowed"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|h| h["gateway_enforced"] == true))
+    {
+        lines.push(
+            "  Enforced: by the practice's gateway, not this machine: this profile is gateway-enforced, so every address goes into the tunnel (DNS stays pinned, nothing leaves outside the tunnel) and the machine trusts the gateway to refuse what the allowlist below does not hold"
+                .to_string(),
+        );
+    }
     for a in v["allowed"].as_array().into_iter().flatten() {
         let ports = |proto: &str| {
             let list: Vec<String> = a[proto]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(Value::as_u64)
-                .map(|p| p.to_string())
+                // A port is a number, a range the string "FIRST-LAST".
+                .filter_map(|p| {
+                    p.as_u64()
+                        .map(|n| n.to_string())
+                        .or_else(|| p.as_str().map(String::from))
+                })
                 .collect();
             (!list.is_empty()).then(|| format!("{proto} {}", list.join(",")))
         };
@@ -1019,6 +1050,30 @@ mod tests {
                        "peer_reachable": true},
             "allowed": [{"host": "meet.test", "addresses": ["203.0.113.10"], "tcp": [443], "udp": [10000]}]
         })
+    }
+
+    #[test]
+    fn status_shows_port_ranges_and_who_enforces_a_gateway_enforced_allowlist() {
+        let mut ranges = active();
+        ranges["allowed"][0]["udp"] = json!([7882, "50000-60000"]);
+        assert!(
+            describe_status(&ranges)
+                .contains("  Allowed:  meet.test = 203.0.113.10 (tcp 443; udp 7882,50000-60000)"),
+            "{}",
+            describe_status(&ranges)
+        );
+        assert!(!describe_status(&ranges).contains("gateway"));
+        let mut gateway = active();
+        gateway["allowed"][0]["gateway_enforced"] = json!(true);
+        let text = describe_status(&gateway);
+        assert_eq!(
+            text.lines().next(),
+            Some("Protected: everything (the gateway, not this machine, enforces the allowlist) through 198.51.100.2:51820, handshake 8 s ago.")
+        );
+        assert!(
+            text.contains("  Enforced: by the practice's gateway, not this machine"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -293,9 +293,12 @@ impl Context {
             Request::Check { profile } => match self.load_profile(&profile).await {
                 // `audit_ca` for `sessionctl audit`, which may not read the
                 // profile file itself (it runs as the calling user).
-                Ok(p) => {
-                    Reply::ok(serde_json::json!({"profile": p.name, "valid": true, "audit_ca": p.audit_ca}))
-                }
+                Ok(p) => Reply::ok(serde_json::json!({
+                    "profile": p.name,
+                    "valid": true,
+                    "audit_ca": p.audit_ca,
+                    "gateway_enforces_allowlist": p.gateway_enforces_allowlist,
+                })),
                 Err(reply) => reply,
             },
             Request::Start { profile } => match self.load_profile(&profile).await {

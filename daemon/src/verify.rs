@@ -67,6 +67,8 @@ const OUTSIDE_V6: [Ipv6Addr; 2] = [
     Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1),
 ];
 const OUTSIDE_PORT: u16 = 443;
+/// The evidence of an outside probe not sent in the gateway-enforced kind.
+const GATEWAY_ENFORCED: &str = "not probed: this profile is gateway-enforced, so this machine sends every address into the tunnel and the practice's gateway, not this machine, refuses hosts outside the allowlist";
 /// A resolver nobody pins, and a name no profile allows.
 const DNS_SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 53)), 53);
 const DNS_NAME: &str = "verify.sessiongate.invalid.";
@@ -113,11 +115,26 @@ pub async fn run(firewall: Arc<Firewall>, status: StatusReport) -> Result<Report
     if status.phase == Phase::Idle {
         return Err(NEEDS_SESSION.to_string());
     }
+    // The gateway-enforced kind sends every address into the tunnel by
+    // design: an outside host is the gateway's to refuse, not this
+    // machine's, so the probes that prove this machine refuses are not sent.
+    let gateway_enforced = status.allowed.iter().any(|h| h.gateway_enforced);
+    let outside = |name: &'static str, v6: bool| {
+        let target = outside_target(&status.allowed, v6);
+        let firewall = &firewall;
+        async move {
+            if gateway_enforced {
+                Probe::new(name, Verdict::Pass, GATEWAY_ENFORCED)
+            } else {
+                outside_host(firewall, name, target).await
+            }
+        }
+    };
     let probes = vec![
         allowed_host(&status).await,
-        outside_host(&firewall, OUTSIDE_HOST, outside_target(&status.allowed, false)).await,
+        outside(OUTSIDE_HOST, false).await,
         other_dns_server(&firewall).await,
-        outside_host(&firewall, IPV6_HOST, outside_target(&status.allowed, true)).await,
+        outside(IPV6_HOST, true).await,
     ];
     let failed = probes.iter().filter(|p| p.result == Verdict::Fail).count();
     tracing::info!(
@@ -198,7 +215,7 @@ fn judge_allowed(target: SocketAddr, from: IpAddr, interface: &str, local: &[IpA
 fn allowed_target(allowed: &[AllowedHost], tunnel_addrs: &[IpAddr]) -> Option<SocketAddr> {
     let candidates: Vec<SocketAddr> = allowed
         .iter()
-        .filter_map(|h| h.tcp.first().map(|port| (h, *port)))
+        .filter_map(|h| h.tcp.first().map(|ports| (h, ports.first)))
         .flat_map(|(h, port)| {
             h.addresses
                 .iter()
@@ -537,8 +554,12 @@ mod tests {
         AllowedHost {
             host: name.into(),
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
-            tcp: tcp.to_vec(),
-            udp: vec![10000],
+            tcp: tcp
+                .iter()
+                .map(|&p| crate::profile::PortRange::single(p))
+                .collect(),
+            udp: vec![crate::profile::PortRange::single(10000)],
+            gateway_enforced: false,
         }
     }
 

@@ -142,10 +142,16 @@ fn check_valid_profile(p: &profile::Profile) {
             !(rule.tcp.is_empty() && rule.udp.is_empty()),
             "an allow rule without ports: {rule:?}"
         );
-        assert!(
-            !rule.tcp.contains(&0) && !rule.udp.contains(&0),
-            "port 0 accepted: {rule:?}"
-        );
+        for list in [&rule.tcp, &rule.udp] {
+            for (i, r) in list.iter().enumerate() {
+                assert!(r.first != 0, "port 0 accepted: {rule:?}");
+                assert!(r.first <= r.last, "a backwards range accepted: {rule:?}");
+                assert!(
+                    !list[..i].iter().any(|o| o.overlaps(r)),
+                    "overlapping ports accepted: {rule:?}"
+                );
+            }
+        }
         match &rule.host {
             Host::Name(name) => {
                 assert!(profile::check_hostname(name).is_ok(), "host {name:?} accepted");

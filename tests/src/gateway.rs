@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::lab::{addr, lock, write_file_mode, Lab, LabChild, Ns, SETUP_TIMEOUT};
+use crate::meter::{parse_profile, TunnelFlow};
 use crate::util::{self, wait_until};
 
 /// Which WireGuard program the lab's gateway runs.
@@ -116,7 +117,106 @@ fn wait_wireguard_go(lab: &Lab, ns: Ns, ifname: &str, child: &LabChild) -> Resul
     Ok(())
 }
 
+/// The gateway's own allowlist (the gateway-enforced kind): nft table
+/// `inet labgatewayfilter` in the gateway namespace.
+const GATEWAY_FILTER_TABLE: &str = "labgatewayfilter";
+
+/// The forward filter of a practice gateway that enforces a profile's
+/// allowlist: from the tunnel, only `flows` pass; the rest is refused
+/// (TCP with a reset, the rest with ICMP admin-prohibited) and counted in
+/// `refused`. Traffic for the gateway itself (the pinned resolver) is not
+/// forwarded and not filtered here.
+fn gateway_filter_ruleset(wg_if: &str, flows: &[TunnelFlow]) -> String {
+    let elems = |v6: bool| -> String {
+        let list: Vec<String> = flows
+            .iter()
+            .filter(|f| f.net.contains(':') == v6)
+            .map(|f| {
+                let ports = if f.port == f.last_port {
+                    f.port.to_string()
+                } else {
+                    format!("{}-{}", f.port, f.last_port)
+                };
+                format!("{} . {} . {ports}", f.net, f.proto)
+            })
+            .collect();
+        if list.is_empty() {
+            String::new()
+        } else {
+            format!("\n\t\telements = {{ {} }}", list.join(", "))
+        }
+    };
+    format!(
+        r#"table inet {GATEWAY_FILTER_TABLE} {{
+	counter refused {{
+	}}
+	set allowed4 {{
+		type ipv4_addr . inet_proto . inet_service
+		flags interval{}
+	}}
+	set allowed6 {{
+		type ipv6_addr . inet_proto . inet_service
+		flags interval{}
+	}}
+	chain forward {{
+		type filter hook forward priority filter; policy accept;
+		iifname != "{wg_if}" accept
+		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @allowed4 accept
+		meta l4proto {{ tcp, udp }} ip6 daddr . meta l4proto . th dport @allowed6 accept
+		counter name refused meta l4proto tcp reject with tcp reset
+		counter name refused reject with icmpx admin-prohibited
+	}}
+}}
+"#,
+        elems(false),
+        elems(true)
+    )
+}
+
 impl Lab {
+    /// Makes the gateway enforce a profile's allowlist itself (its TOML
+    /// text): the allowed hosts on their ports and ranges, names resolved
+    /// with the pinned resolver's current answers. What a practice gateway
+    /// does for a gateway-enforced profile. Replaces an earlier one.
+    pub fn install_gateway_allowlist(&self, profile_toml: &str) -> Result<()> {
+        let followed = parse_profile(profile_toml)?;
+        let flows: Vec<TunnelFlow> = self
+            .flows_of(&followed)
+            .into_iter()
+            .filter(|f| f.port != 53)
+            .collect();
+        let script = format!(
+            "table inet {GATEWAY_FILTER_TABLE} {{}}\ndelete table inet {GATEWAY_FILTER_TABLE}\n{}",
+            gateway_filter_ruleset(&self.gateway_ifname(), &flows)
+        );
+        self.exec_stdin(Ns::Gateway, &["nft", "-f", "-"], script.as_bytes())
+            .context("installing the gateway's allowlist")?;
+        Ok(())
+    }
+
+    /// Packets from the tunnel the gateway's allowlist refused.
+    pub fn gateway_refused(&self) -> Result<u64> {
+        let out = self.exec_ok(
+            Ns::Gateway,
+            &[
+                "nft",
+                "-j",
+                "list",
+                "counter",
+                "inet",
+                GATEWAY_FILTER_TABLE,
+                "refused",
+            ],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parsing nft -j output")?;
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|item| item.get("counter")?.get("packets")?.as_u64())
+            .with_context(|| format!("no counter in nft output: {out}"))
+    }
+
     /// The gateway's wireguard-go interface (`wg{id}`).
     pub fn gateway_ifname(&self) -> String {
         format!("wg{}", self.id)

@@ -32,6 +32,15 @@
 //! above, and ICMP errors that conntrack relates to a flow it has seen (an
 //! error about an allowed flow carries nothing new; an error about a
 //! forbidden flow follows a packet that was counted already).
+//! Ports in the allowed list may be ranges (`udp = ["50000-60000"]`).
+//!
+//! *After the gateway's filter* (`meter_tunnel_after_gateway_filter`): for
+//! the gateway-enforced kind, where the machine sends everything into the
+//! tunnel by design and the gateway's own filter (gateway.rs) enforces
+//! the allowlist, the inside meter moves from `prerouting` to what the
+//! gateway lets through: forwarded packets from the tunnel in
+//! `postrouting` (what leaves toward the internet) and packets from the
+//! tunnel for the gateway itself in `input`.
 
 use std::net::IpAddr;
 
@@ -141,26 +150,82 @@ fn tunnel_ruleset(wg_if: &str) -> String {
 }
 
 /// One destination the inside meter lets pass: an address or network, a
-/// protocol and a port.
+/// protocol and a port or range of ports (`port..=last_port`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TunnelFlow {
     /// Address with prefix length, e.g. `203.0.113.10/32`.
     pub net: String,
     /// "tcp" or "udp".
     pub proto: &'static str,
+    /// The first port.
     pub port: u16,
+    /// The last port (`port` for a single one).
+    pub last_port: u16,
 }
 
 impl std::fmt::Display for TunnelFlow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}/{}", self.net, self.proto, self.port)
+        write!(f, "{} {}/{}", self.net, self.proto, self.ports())
     }
 }
 
 impl TunnelFlow {
+    /// One port.
+    pub fn new(net: &str, proto: &'static str, port: u16) -> TunnelFlow {
+        TunnelFlow {
+            net: net.to_string(),
+            proto,
+            port,
+            last_port: port,
+        }
+    }
+
     fn is_ipv6(&self) -> bool {
         self.net.contains(':')
     }
+
+    /// `PORT` or `FIRST-LAST`, as nft writes them.
+    fn ports(&self) -> String {
+        if self.port == self.last_port {
+            self.port.to_string()
+        } else {
+            format!("{}-{}", self.port, self.last_port)
+        }
+    }
+
+    /// Whether `other` adds nothing to this one (the same network and
+    /// protocol, its ports inside these).
+    fn covers(&self, other: &TunnelFlow) -> bool {
+        self.net == other.net
+            && self.proto == other.proto
+            && self.port <= other.port
+            && other.last_port <= self.last_port
+    }
+}
+
+/// A port list's entries as (first, last) without 53 and 853 (the
+/// product refuses those whatever the list says), so a range that holds
+/// them comes out in pieces.
+fn without_dns_ports(ranges: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let mut out = Vec::new();
+    for &(first, last) in ranges {
+        let mut start = u32::from(first);
+        let end = u32::from(last);
+        for dns in DNS_PORTS.map(u32::from) {
+            if (start..=end).contains(&dns) {
+                if dns > start {
+                    out.push((start, dns - 1));
+                }
+                start = dns + 1;
+            }
+        }
+        if start <= end {
+            out.push((start, end));
+        }
+    }
+    out.into_iter()
+        .filter_map(|(a, b)| Some((u16::try_from(a).ok()?, u16::try_from(b).ok()?)))
+        .collect()
 }
 
 /// A host of a profile's `[[allow]]` as the meter sees it.
@@ -170,10 +235,14 @@ enum AllowedHost {
     Net(String),
 }
 
+/// A port list as (first, last) pairs.
+type PortList = Vec<(u16, u16)>;
+
 /// What the tunnel meter follows: a profile's allow rules and DNS servers.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct FollowedProfile {
-    rules: Vec<(AllowedHost, Vec<u16>, Vec<u16>)>,
+    /// Each `[[allow]]`: its host, TCP and UDP ports as (first, last).
+    rules: Vec<(AllowedHost, PortList, PortList)>,
     dns_servers: Vec<String>,
 }
 
@@ -192,17 +261,23 @@ fn as_net(text: &str) -> Option<String> {
     Some(format!("{ip}/{prefix}"))
 }
 
-fn parse_profile(toml_text: &str) -> Result<FollowedProfile> {
+pub(crate) fn parse_profile(toml_text: &str) -> Result<FollowedProfile> {
     let doc: toml::Table = toml_text.parse().context("the profile is not valid TOML")?;
-    let ports = |v: Option<&toml::Value>| -> Result<Vec<u16>> {
+    // A port (a number or its text) or a range "FIRST-LAST".
+    let port_of = |p: &toml::Value| -> Option<(u16, u16)> {
+        if let Some(n) = p.as_integer() {
+            let n = u16::try_from(n).ok()?;
+            return Some((n, n));
+        }
+        let text = p.as_str()?;
+        let (a, b) = text.split_once('-').unwrap_or((text, text));
+        Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+    };
+    let ports = |v: Option<&toml::Value>| -> Result<PortList> {
         v.and_then(toml::Value::as_array)
             .into_iter()
             .flatten()
-            .map(|p| {
-                p.as_integer()
-                    .and_then(|n| u16::try_from(n).ok())
-                    .with_context(|| format!("{p} is not a port"))
-            })
+            .map(|p| port_of(p).with_context(|| format!("{p} is not a port or a range of ports")))
             .collect()
     };
     let mut rules = Vec::new();
@@ -247,6 +322,24 @@ impl Lab {
             tunnel_ruleset(&wg_if).as_bytes(),
         )
         .context("installing the tunnel leak meter")?;
+        Ok(())
+    }
+
+    /// Moves the inside meter after the gateway's filter (see the module
+    /// comment): it then counts what the gateway lets out of the tunnel,
+    /// not what the machine sends into it.
+    pub fn meter_tunnel_after_gateway_filter(&self) -> Result<()> {
+        let wg_if = self.gateway_ifname();
+        let script = format!(
+            "flush chain inet {TUNNEL_TABLE} watch_tunnel\n\
+             delete chain inet {TUNNEL_TABLE} watch_tunnel\n\
+             add chain inet {TUNNEL_TABLE} watch_leaving {{ type filter hook postrouting priority filter; policy accept; }}\n\
+             add rule inet {TUNNEL_TABLE} watch_leaving iifname \"{wg_if}\" jump check\n\
+             add chain inet {TUNNEL_TABLE} watch_local {{ type filter hook input priority filter; policy accept; }}\n\
+             add rule inet {TUNNEL_TABLE} watch_local iifname \"{wg_if}\" jump check\n"
+        );
+        self.exec_stdin(Ns::Gateway, &["nft", "-f", "-"], script.as_bytes())
+            .context("moving the tunnel leak meter after the gateway's filter")?;
         Ok(())
     }
 
@@ -389,7 +482,7 @@ impl Lab {
         Ok(())
     }
 
-    fn flows_of(&self, profile: &FollowedProfile) -> Vec<TunnelFlow> {
+    pub(crate) fn flows_of(&self, profile: &FollowedProfile) -> Vec<TunnelFlow> {
         let mut flows = Vec::new();
         for (host, tcp, udp) in &profile.rules {
             let nets: Vec<String> = match host {
@@ -404,11 +497,12 @@ impl Lab {
                 for (proto, ports) in [("tcp", tcp), ("udp", udp)] {
                     // DNS and DNS-over-TLS only to the pinned servers on 53,
                     // whatever the allow list says (as the product does).
-                    for &port in ports.iter().filter(|p| !DNS_PORTS.contains(p)) {
+                    for (port, last_port) in without_dns_ports(ports) {
                         flows.push(TunnelFlow {
                             net: net.clone(),
                             proto,
                             port,
+                            last_port,
                         });
                     }
                 }
@@ -416,11 +510,7 @@ impl Lab {
         }
         for server in &profile.dns_servers {
             for proto in ["tcp", "udp"] {
-                flows.push(TunnelFlow {
-                    net: server.clone(),
-                    proto,
-                    port: 53,
-                });
+                flows.push(TunnelFlow::new(server, proto, 53));
             }
         }
         flows
@@ -434,9 +524,13 @@ pub(crate) struct TunnelMeterState {
     followed: Option<FollowedProfile>,
 }
 
+/// Sorted, without flows another one covers (an interval set refuses
+/// overlapping elements).
 fn sorted(mut flows: Vec<TunnelFlow>) -> Vec<TunnelFlow> {
     flows.sort();
     flows.dedup();
+    let all = flows.clone();
+    flows.retain(|f| !all.iter().any(|o| o != f && o.covers(f)));
     flows
 }
 
@@ -448,7 +542,7 @@ fn write_allowed(lab: &Lab, flows: &[TunnelFlow]) -> Result<()> {
         let elems: Vec<String> = flows
             .iter()
             .filter(|f| f.is_ipv6() == v6)
-            .map(|f| format!("{} . {} . {}", f.net, f.proto, f.port))
+            .map(|f| format!("{} . {} . {}", f.net, f.proto, f.ports()))
             .collect();
         if !elems.is_empty() {
             script.push_str(&format!(

@@ -62,6 +62,7 @@ fn every_template_under_profiles_passes_check_with_its_key_made_by_keygen() {
         "nextcloud-talk-hpb",
         "element-call",
         "janus",
+        "signal-gateway",
         "client",
         "lab",
     ] {
@@ -91,8 +92,34 @@ fn every_template_under_profiles_passes_check_with_its_key_made_by_keygen() {
             "profiles/{name}.toml does not pass check: {}",
             text(&out.stderr)
         );
-        assert_eq!(text(&out.stdout).trim(), format!("profile {name} is valid"));
+        let said = text(&out.stdout);
+        if name == "signal-gateway" {
+            // The gateway-enforced kind says plainly who enforces the list.
+            assert!(
+                said.starts_with(&format!("profile {name} is valid; it is gateway-enforced:"))
+                    && said.contains("trusts the practice's gateway, not itself, to enforce the allowlist"),
+                "{said}"
+            );
+        } else {
+            assert_eq!(said.trim(), format!("profile {name} is valid"));
+        }
     }
+}
+
+/// The templates that want port ranges list them, as ranges.
+#[test]
+fn element_call_and_janus_list_their_media_ranges() {
+    let found = templates();
+    let body = |name: &str| {
+        found
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_else(|| panic!("no profiles/{name}.toml"))
+    };
+    assert!(body("element-call").contains(r#"udp = [7882, "50000-60000", 3478]"#));
+    assert!(body("janus").contains(r#"udp = ["20000-40000"]"#));
+    assert!(body("signal-gateway").contains("[gateway]\nenforces_allowlist = true"));
 }
 
 #[test]

@@ -58,8 +58,10 @@ pub struct Report {
 pub struct Allowed {
     pub host: String,
     pub addresses: Vec<String>,
+    /// TCP ports to probe (single ports; a range is not probed port by port).
     pub tcp: Vec<u16>,
-    pub udp: Vec<u16>,
+    /// UDP ports and ranges as status gives them (`10000`, `50000-60000`).
+    pub udp: Vec<String>,
 }
 
 impl Allowed {
@@ -89,7 +91,16 @@ impl Allowed {
                         .map(str::to_string)
                         .collect(),
                     tcp: ports(a, "tcp"),
-                    udp: ports(a, "udp"),
+                    udp: a["udp"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| {
+                            p.as_u64()
+                                .map(|n| n.to_string())
+                                .or_else(|| p.as_str().map(str::to_string))
+                        })
+                        .collect(),
                 })
             })
             .collect()
@@ -194,7 +205,7 @@ impl HostAudit<'_> {
                 ),
             );
         } else if !self.entry.udp.is_empty() {
-            let list: Vec<String> = self.entry.udp.iter().map(u16::to_string).collect();
+            let list = self.entry.udp.clone();
             self.line(
                 None,
                 "udp",
@@ -577,11 +588,11 @@ mod tests {
     #[test]
     fn the_text_report_marks_findings_and_ends_with_a_verdict() {
         let status = serde_json::json!({"state": "active", "profile": "p", "allowed": [
-            {"host": "meet.test", "addresses": ["203.0.113.10"], "tcp": [443], "udp": [10000]}]});
+            {"host": "meet.test", "addresses": ["203.0.113.10"], "tcp": [443], "udp": [10000, "50000-60000"]}]});
         let allowed = Allowed::from_status(&status);
         assert_eq!(
             (allowed[0].tcp.clone(), allowed[0].udp.clone()),
-            (vec![443], vec![10000])
+            (vec![443], vec!["10000".to_string(), "50000-60000".to_string()])
         );
         let mut report = Report {
             profile: "p".into(),

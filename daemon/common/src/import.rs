@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::keys::Key;
-use crate::profile::{self, decode_key, parse_endpoint, IpCidr};
+use crate::profile::{self, decode_key, parse_endpoint, IpCidr, PortRange};
 
-/// An `--allow HOST:PORT/PROTO` argument.
+/// An `--allow HOST:PORT/PROTO` (or `HOST:LOW-HIGH/PROTO`) argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowArg {
     pub host: String,
-    pub port: u16,
+    pub ports: PortRange,
     pub tcp: bool,
 }
 
@@ -33,15 +33,13 @@ impl std::str::FromStr for AllowArg {
         };
         let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| format!("--allow {text:?}: port {port:?} is out of range 1-65535"))?;
+        let ports = port
+            .parse::<PortRange>()
+            .map_err(|m| format!("--allow {text:?}: {m}"))?;
         if host.is_empty() {
             return Err(bad());
         }
-        Ok(AllowArg { host, port, tcp })
+        Ok(AllowArg { host, ports, tcp })
     }
 }
 
@@ -208,17 +206,29 @@ pub fn import(
         let _ = writeln!(out, "# sessionctl import {note}.");
     }
     let _ = writeln!(out, "\n[dns]\nservers = [{}]", list(&servers));
-    let mut hosts: BTreeMap<&str, (Vec<u16>, Vec<u16>)> = BTreeMap::new();
+    let mut hosts: BTreeMap<&str, (Vec<PortRange>, Vec<PortRange>)> = BTreeMap::new();
     for a in allow {
         let entry = hosts.entry(a.host.as_str()).or_default();
         let ports = if a.tcp { &mut entry.0 } else { &mut entry.1 };
-        if !ports.contains(&a.port) {
-            ports.push(a.port);
+        if !ports.contains(&a.ports) {
+            ports.push(a.ports);
         }
     }
     for (host, (tcp, udp)) in hosts {
         let _ = writeln!(out, "\n[[allow]]\nhost = {}", q(host));
-        let show = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        // A port as a number, a range as the string "LOW-HIGH".
+        let show = |p: &[PortRange]| {
+            p.iter()
+                .map(|r| {
+                    if r.is_single() {
+                        r.to_string()
+                    } else {
+                        format!("\"{r}\"")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         if !tcp.is_empty() {
             let _ = writeln!(out, "tcp = [{}]", show(&tcp));
         }
@@ -340,6 +350,7 @@ PersistentKeepalive = 25
             "meet.practice.example:443/tcp",
             "meet.practice.example:10000/udp",
             "turn.practice.example:3478/udp",
+            "meet.practice.example:50000-60000/udp",
         ]
         .iter()
         .map(|a| a.parse().expect("allow"))
@@ -372,8 +383,22 @@ PersistentKeepalive = 25
         assert_eq!(p.dns_servers.len(), 1);
         assert_eq!(p.tunnel.peer.persistent_keepalive, Some(25));
         assert_eq!(p.allow.len(), 2);
-        assert_eq!(p.allow[0].tcp, vec![443]);
-        assert_eq!(p.allow[0].udp, vec![10000]);
+        assert_eq!(p.allow[0].tcp, vec![PortRange::single(443)]);
+        assert_eq!(
+            p.allow[0].udp,
+            vec![
+                PortRange::single(10000),
+                PortRange {
+                    first: 50000,
+                    last: 60000
+                }
+            ]
+        );
+        assert!(
+            imported.profile.contains("udp = [10000, \"50000-60000\"]"),
+            "{}",
+            imported.profile
+        );
     }
 
     #[test]
@@ -491,5 +516,15 @@ PersistentKeepalive = 25
         assert!("meet.example:443".parse::<AllowArg>().is_err());
         assert!("meet.example:70000/udp".parse::<AllowArg>().is_err());
         assert!("meet.example:443/icmp".parse::<AllowArg>().is_err());
+        assert_eq!(
+            "meet.example:50000-60000/udp"
+                .parse::<AllowArg>()
+                .map(|a| a.ports.to_string()),
+            Ok("50000-60000".into())
+        );
+        assert_eq!(
+            "meet.example:60000-50000/udp".parse::<AllowArg>().err().as_deref(),
+            Some("--allow \"meet.example:60000-50000/udp\": the range \"60000-50000\" runs backwards; write the lower port first, as \"50000-60000\"")
+        );
     }
 }

@@ -121,9 +121,46 @@ struct DnsSection {
 struct AllowSection {
     host: String,
     #[serde(default)]
-    tcp: Vec<i64>,
+    tcp: Vec<PortSpec>,
     #[serde(default)]
-    udp: Vec<i64>,
+    udp: Vec<PortSpec>,
+}
+
+/// One entry of an `[[allow]]` port list as written: a port number, or a
+/// string holding a port or a range `"LOW-HIGH"`. Read wide (a number as
+/// `i64`, any string) so that a wrong value gets our message, not serde's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PortSpec {
+    Number(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port (a whole number) or a range of ports such as \"50000-60000\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortSpec, E> {
+                Ok(PortSpec::Number(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortSpec, E> {
+                Ok(PortSpec::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortSpec, E> {
+                // Only a range is written as a string; a lone port is a
+                // number (`tcp = [443]`, not `tcp = ["443"]`).
+                if v.contains('-') {
+                    Ok(PortSpec::Text(v.to_string()))
+                } else {
+                    Err(E::invalid_type(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,13 +181,18 @@ struct AuditSection {
 }
 
 /// `[gateway]`: how the tunnel reaches the gateway (UDP, or TCP through a
-/// relay where a network blocks UDP).
+/// relay where a network blocks UDP), and what the practice's gateway does
+/// for this profile.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GatewaySection {
     /// Read as text so a misspelt choice gets our message with the choices.
     transport: Option<String>,
     tcp_endpoint: Option<String>,
+    /// The gateway, not this machine, enforces the allowlist (see
+    /// [`Profile::gateway_enforces_allowlist`]).
+    #[serde(default)]
+    enforces_allowlist: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,11 +339,127 @@ impl FromStr for TrafficShape {
     }
 }
 
+/// A port, or an inclusive range of ports (`first..=last`), as an
+/// `[[allow]]` entry lists it. On the wire (status) a single port is a
+/// number and a range the string `"FIRST-LAST"`, so clients that know
+/// only single ports read those as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// One port.
+    pub const fn single(port: u16) -> PortRange {
+        PortRange {
+            first: port,
+            last: port,
+        }
+    }
+
+    /// The range `first..=last`; None when it runs backwards.
+    pub fn new(first: u16, last: u16) -> Option<PortRange> {
+        (first <= last).then_some(PortRange { first, last })
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.first == self.last
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Whether the two share at least one port.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+
+    /// How many ports it holds.
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Never true: a range holds at least one port (for clippy's `len`).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_single() {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    /// `"PORT"` or `"LOW-HIGH"`, each port 1-65535, LOW <= HIGH.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let port = |part: &str| -> Result<u16, String> {
+            let part = part.trim();
+            let n: u64 = part.parse().map_err(|_| {
+                format!("{text:?} is not a port or a range of ports; write a port such as 443 or a range such as \"50000-60000\"")
+            })?;
+            u16::try_from(n)
+                .ok()
+                .filter(|p| *p >= 1)
+                .ok_or_else(|| format!("port {n} is out of range 1-65535"))
+        };
+        match text.split_once('-') {
+            None => Ok(PortRange::single(port(text)?)),
+            Some((low, high)) => {
+                let (low, high) = (port(low)?, port(high)?);
+                PortRange::new(low, high).ok_or_else(|| {
+                    format!(
+                        "the range {text:?} runs backwards; write the lower port first, as \"{high}-{low}\""
+                    )
+                })
+            }
+        }
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.is_single() {
+            serializer.serialize_u16(self.first)
+        } else {
+            serializer.collect_str(self)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match PortSpec::deserialize(deserializer)? {
+            PortSpec::Number(n) => u16::try_from(n)
+                .ok()
+                .filter(|p| *p >= 1)
+                .map(PortRange::single)
+                .ok_or_else(|| D::Error::custom(format!("port {n} is out of range 1-65535"))),
+            PortSpec::Text(text) => text.parse().map_err(D::Error::custom),
+        }
+    }
+}
+
+/// Whether `port` is in any of `ranges`.
+pub fn ports_contain(ranges: &[PortRange], port: u16) -> bool {
+    ranges.iter().any(|r| r.contains(port))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowRule {
     pub host: Host,
-    pub tcp: Vec<u16>,
-    pub udp: Vec<u16>,
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
 }
 
 /// The peer's endpoint as written: a name or an address, and a port. A name is
@@ -359,6 +517,13 @@ pub struct Profile {
     pub shape: TrafficShape,
     /// `[gateway] transport` and `tcp_endpoint`.
     pub transport: Transport,
+    /// `[gateway] enforces_allowlist`: the gateway-enforced kind. This
+    /// machine then sends every TCP and UDP packet (any address, any port)
+    /// into the tunnel and trusts the practice's gateway to enforce the
+    /// allowlist; DNS stays pinned and the kill switch still refuses
+    /// everything off the tunnel. For services that hand out addresses
+    /// outside DNS (Signal's call relays).
+    pub gateway_enforces_allowlist: bool,
 }
 
 impl Profile {
@@ -641,6 +806,7 @@ impl Validator<'_> {
             audit_ca,
             shape,
             transport,
+            gateway_enforces_allowlist: file.gateway.enforces_allowlist,
         })
     }
 
@@ -835,18 +1001,32 @@ impl Validator<'_> {
                 format!("{} lists no tcp or udp port, so it would allow nothing", a.host),
             ));
         }
-        let ports = |proto: &str, list: &[i64]| -> Result<Vec<u16>, ProfileError> {
-            let mut out = Vec::with_capacity(list.len());
-            for &p in list {
-                if !(1..=65535).contains(&p) {
+        let ports = |proto: &str, list: &[PortSpec]| -> Result<Vec<PortRange>, ProfileError> {
+            let field = format!("{field}.{proto}");
+            let mut out: Vec<PortRange> = Vec::with_capacity(list.len());
+            for spec in list {
+                let range = match spec {
+                    PortSpec::Number(p) => u16::try_from(*p)
+                        .ok()
+                        .filter(|p| *p >= 1)
+                        .map(PortRange::single)
+                        .ok_or_else(|| format!("port {p} is out of range 1-65535")),
+                    PortSpec::Text(text) => text.parse::<PortRange>(),
+                }
+                .map_err(|m| self.err(&field, m))?;
+                // The same port twice is harmless and kept once; two
+                // different entries that share ports are a mistake (and
+                // would be overlapping elements in the firewall's sets).
+                if out.contains(&range) {
+                    continue;
+                }
+                if let Some(other) = out.iter().find(|o| o.overlaps(&range)) {
                     return Err(self.err(
-                        format!("{field}.{proto}"),
-                        format!("port {p} is out of range 1-65535"),
+                        &field,
+                        format!("{other} and {range} overlap; list each port once"),
                     ));
                 }
-                if !out.contains(&(p as u16)) {
-                    out.push(p as u16);
-                }
+                out.push(range);
             }
             Ok(out)
         };
@@ -1269,10 +1449,78 @@ tcp = [5349]
     }
 
     #[test]
+    fn port_ranges_are_read_and_checked() {
+        // A lone port is a number, as it always was.
+        let e = err(&good().replace("udp = [10000]", "udp = [\"10000\"]"));
+        assert!(e.starts_with("profile p: allow[0].udp[0] (line "), "{e}");
+        assert!(
+            e.contains("invalid type: string \"10000\", expected a port (a whole number)"),
+            "{e}"
+        );
+        let p =
+            check(&good().replace("udp = [10000]", "udp = [7882, \"50000-60000\", 10000]")).expect("valid");
+        assert_eq!(
+            p.allow[0].udp,
+            vec![
+                PortRange::single(7882),
+                PortRange {
+                    first: 50000,
+                    last: 60000
+                },
+                PortRange::single(10000)
+            ]
+        );
+        for (ports, message) in [
+            ("[\"60000-50000\"]", "the range \"60000-50000\" runs backwards; write the lower port first, as \"50000-60000\""),
+            ("[\"50000-70000\"]", "port 70000 is out of range 1-65535"),
+            ("[\"0-10\"]", "port 0 is out of range 1-65535"),
+            ("[\"50000-\"]", "\"50000-\" is not a port or a range of ports; write a port such as 443 or a range such as \"50000-60000\""),
+            ("[\"ten-eleven\"]", "\"ten-eleven\" is not a port or a range of ports; write a port such as 443 or a range such as \"50000-60000\""),
+            ("[\"50000-60000\", 55555]", "50000-60000 and 55555 overlap; list each port once"),
+            ("[\"50000-60000\", \"59000-61000\"]", "50000-60000 and 59000-61000 overlap; list each port once"),
+        ] {
+            let e = err(&good().replace("udp = [10000]", &format!("udp = {ports}")));
+            assert_eq!(e, format!("profile p: allow[0].udp: {message}"), "{ports}");
+        }
+        // The same port twice is kept once; a range of one port is a port.
+        let p =
+            check(&good().replace("udp = [10000]", "udp = [10000, 10000, \"7882-7882\"]")).expect("valid");
+        assert_eq!(
+            p.allow[0].udp,
+            vec![PortRange::single(10000), PortRange::single(7882)]
+        );
+        // On the wire a port stays a number and a range is a string.
+        assert_eq!(
+            serde_json::to_string(&p.allow[0].udp).ok(),
+            Some("[10000,7882]".into())
+        );
+        assert_eq!(
+            serde_json::to_string(&[PortRange {
+                first: 50000,
+                last: 60000
+            }])
+            .ok(),
+            Some("[\"50000-60000\"]".into())
+        );
+    }
+
+    #[test]
+    fn the_gateway_enforced_kind_is_read() {
+        assert!(!check(&good()).expect("valid").gateway_enforces_allowlist);
+        let p = check(&format!("{}[gateway]\nenforces_allowlist = true\n", good())).expect("valid");
+        assert!(p.gateway_enforces_allowlist);
+        let e = err(&format!("{}[gateway]\nenforces = true\n", good()));
+        assert!(e.contains("unknown field `enforces`"), "{e}");
+    }
+
+    #[test]
     fn type_errors_name_the_field_path() {
-        let e = err(&good().replace("tcp = [443]", "tcp = [\"443\"]"));
+        let e = err(&good().replace("tcp = [443]", "tcp = [true]"));
         assert!(e.starts_with("profile p: allow[0].tcp[0] (line "), "{e}");
-        assert!(e.contains("expected a whole number"), "{e}");
+        assert!(
+            e.contains("expected a port (a whole number) or a range of ports"),
+            "{e}"
+        );
         let e = err(&good().replace("persistent_keepalive = 25", "persistent_keepalive = \"25\""));
         assert!(
             e.starts_with("profile p: tunnel.peer.persistent_keepalive (line "),

@@ -13,7 +13,7 @@
 //! batches (`golden.rs`).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use nftables::batch::Batch;
@@ -29,10 +29,10 @@ use super::expr::{
     meta, ne, net, num, on_link, payload, refuse, s, set_of, table, tcp_or_udp, to_the_link_v6,
 };
 use super::lan::normalize_nets;
-use super::learned::{add_known, learned_elem};
+use super::learned::{add_known, by_allow_set, learned_elem, name_ranges, range_set_name};
 use super::{
-    Allowlist, FirewallError, LearnedAddress, LearnedKey, Lockdown, ALLOW4, ALLOW4_NETS, ALLOW6, ALLOW6_NETS,
-    DNS_REDIRECT, FORWARD, INPUT, KNOWN4, KNOWN6, OUTPUT, POSTROUTING, REFUSE, REFUSED_COUNTER,
+    Allowlist, FirewallError, LearnedAddress, LearnedKey, Lockdown, PortRange, ALLOW4, ALLOW4_NETS, ALLOW6,
+    ALLOW6_NETS, DNS_REDIRECT, FORWARD, INPUT, KNOWN4, KNOWN6, OUTPUT, POSTROUTING, REFUSE, REFUSED_COUNTER,
     SESSION_CT_BIT, TABLE, TCP, UDP, VERIFY_MARK,
 };
 
@@ -211,7 +211,7 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
     add_the_sets(&mut batch, &shape);
     put_back_remembered_answers(&mut batch, &shape);
 
-    let groups: [RuleGroup; 14] = [
+    let groups: [RuleGroup; 15] = [
         loopback,
         tunnel_udp,
         tunnel_path_mtu_errors,
@@ -222,6 +222,7 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
         dns_refused_elsewhere,
         allowlist,
         established_flows_still_allowed,
+        gateway_enforces_the_allowlist,
         icmp_errors_about_flows,
         pinned_resolver_answers,
         lan,
@@ -253,6 +254,9 @@ struct Shape<'a> {
     endpoint: SocketAddr,
     /// The session shape with an IPv6 tunnel address.
     v6_tunnel: bool,
+    /// The names' port ranges, each with sets of its own (see learned.rs
+    /// for why not one interval set).
+    ranges: BTreeSet<(u8, PortRange)>,
 }
 
 impl<'a> Shape<'a> {
@@ -264,6 +268,7 @@ impl<'a> Shape<'a> {
             tun: lockdown.tunnel_interface.as_str(),
             endpoint: SocketAddr::new(canonical(lockdown.endpoint.ip()), lockdown.endpoint.port()),
             v6_tunnel: allow.is_some_and(|a| a.tunnel_has_ipv6),
+            ranges: allow.map(|a| name_ranges(&a.names)).unwrap_or_default(),
         }
     }
 
@@ -363,6 +368,26 @@ fn add_the_sets(batch: &mut Batch<'static>, shape: &Shape) {
             comment: None,
         })));
     }
+    // The answer sets of the names' port ranges: addresses only, the rules
+    // match the range (see learned.rs for why not one interval set).
+    for &(proto, ports) in &shape.ranges {
+        for (v6, known) in [(false, false), (true, false), (false, true), (true, true)] {
+            batch.add(NfListObject::Set(Box::new(Set {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: range_set_name(v6, known, proto, ports).into(),
+                handle: None,
+                set_type: SetTypeValue::Single(if v6 { SetType::Ipv6Addr } else { SetType::Ipv4Addr }),
+                policy: None,
+                flags: (!known).then(|| HashSet::from([SetFlag::Timeout])),
+                elem: None,
+                timeout: None,
+                gc_interval: None,
+                size: None,
+                comment: None,
+            })));
+        }
+    }
 }
 
 /// DNS answers remembered from before this replace (session shape only).
@@ -370,22 +395,14 @@ fn put_back_remembered_answers(batch: &mut Batch<'static>, shape: &Shape) {
     if shape.allow.is_none() {
         return;
     }
-    for (set, v6) in [(ALLOW4, false), (ALLOW6, true)] {
-        let elems: Vec<_> = shape
-            .inputs
-            .learned
-            .iter()
-            .filter(|e| e.addr.is_ipv6() == v6)
-            .map(learned_elem)
-            .collect();
-        if !elems.is_empty() {
-            batch.add(NfListObject::Element(Element {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                name: set.into(),
-                elem: Cow::Owned(elems),
-            }));
-        }
+    for (set, entries) in by_allow_set(&shape.inputs.learned) {
+        let elems: Vec<_> = entries.into_iter().map(learned_elem).collect();
+        batch.add(NfListObject::Element(Element {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: set.into(),
+            elem: Cow::Owned(elems),
+        }));
     }
     add_known(batch, &shape.inputs.known);
 }
@@ -591,6 +608,22 @@ fn allowlist(shape: &Shape, chains: &mut Chains) {
                 accept(),
             ]);
         }
+        // A name's port range: its answers, on the ports of the range.
+        for &(proto, ports) in &shape.ranges {
+            chains.output.push(vec![
+                eq(meta(MetaKey::Oifname), s(shape.tun)),
+                eq(meta(MetaKey::L4proto), num(proto)),
+                eq(payload("th", "dport"), port_range(ports)),
+                is_in(
+                    payload(family, "daddr"),
+                    s(format!(
+                        "@{}",
+                        range_set_name(family == "ip6", false, proto, ports)
+                    )),
+                ),
+                accept(),
+            ]);
+        }
     }
 }
 
@@ -628,6 +661,56 @@ fn established_flows_still_allowed(shape: &Shape, chains: &mut Chains) {
                 accept(),
             ]);
         }
+        for &(proto, ports) in &shape.ranges {
+            let known_set = s(format!(
+                "@{}",
+                range_set_name(family == "ip6", true, proto, ports)
+            ));
+            chains.output.push(vec![
+                eq(meta(MetaKey::Oifname), s(shape.tun)),
+                is_in(ct_state(), set_of(vec![s("established")])),
+                eq(meta(MetaKey::L4proto), num(proto)),
+                eq(payload("th", "dport"), port_range(ports)),
+                is_in(payload(family, "daddr"), known_set.clone()),
+                accept(),
+            ]);
+            chains.input.push(vec![
+                eq(meta(MetaKey::Iifname), s(shape.tun)),
+                is_in(ct_state(), set_of(vec![s("established")])),
+                eq(meta(MetaKey::L4proto), num(proto)),
+                eq(payload("th", "sport"), port_range(ports)),
+                is_in(payload(family, "saddr"), known_set),
+                accept(),
+            ]);
+        }
+    }
+}
+
+/// The gateway-enforced kind: any TCP/UDP into the tunnel and its replies
+/// (the DNS refusal comes first); the gateway enforces the allowlist.
+fn gateway_enforces_the_allowlist(shape: &Shape, chains: &mut Chains) {
+    let Some(allow) = shape.allow else { return };
+    if !allow.gateway_enforces {
+        return;
+    }
+    for (family, ..) in allowed_families(allow) {
+        let nfproto = eq(
+            meta(MetaKey::Nfproto),
+            s(if family == "ip6" { "ipv6" } else { "ipv4" }),
+        );
+        chains.output.push(vec![
+            eq(meta(MetaKey::Oifname), s(shape.tun)),
+            nfproto.clone(),
+            tcp_or_udp(),
+            accept(),
+        ]);
+        chains.input.push(vec![
+            eq(meta(MetaKey::Iifname), s(shape.tun)),
+            nfproto,
+            tcp_or_udp(),
+            is_in(ct_state(), set_of(vec![s("established")])),
+            accept(),
+        ]);
     }
 }
 
@@ -802,22 +885,80 @@ fn add_chains(batch: &mut Batch<'static>, chains: &[ChainSpec]) {
     }
 }
 
+/// A port, or a range of ports, as the right side of a match.
+fn port_range(ports: PortRange) -> Expression<'static> {
+    if ports.is_single() {
+        num(ports.first)
+    } else {
+        Expression::Range(Box::new(nftables::expr::Range {
+            range: [num(ports.first), num(ports.last)],
+        }))
+    }
+}
+
 /// The profile's literal networks as interval-set elements, without
 /// overlaps (nft refuses them) for one address family.
+///
+/// Ports and ranges of several entries can overlap (a /24 on 50000-60000
+/// and one address of it on 55000): the ports are cut at every entry's
+/// boundaries into pieces no entry splits, each piece gets the networks of
+/// the entries holding it (less those inside another), and neighbouring
+/// pieces with the same networks are joined again. So no two elements
+/// share an address and a port.
 fn static_elements(allow: &Allowlist, v6: bool) -> Vec<Expression<'static>> {
-    let mut by_port: BTreeMap<(u8, u16), Vec<(IpAddr, u8)>> = BTreeMap::new();
-    for entry in allow.rules.iter().filter(|e| e.net.0.is_ipv6() == v6) {
-        for (proto, ports) in [(TCP, &entry.tcp), (UDP, &entry.udp)] {
-            for &port in ports {
-                by_port.entry((proto, port)).or_default().push(entry.net);
+    let mut elems = Vec::new();
+    for proto in [TCP, UDP] {
+        let entries: Vec<((IpAddr, u8), PortRange)> = allow
+            .rules
+            .iter()
+            .filter(|e| e.net.0.is_ipv6() == v6)
+            .flat_map(|e| {
+                let list = if proto == TCP { &e.tcp } else { &e.udp };
+                list.iter().map(move |&r| (e.net, r))
+            })
+            .collect();
+        for (ports, nets) in port_pieces(&entries) {
+            for n in nets {
+                elems.push(concat(vec![net(n), num(proto), port_range(ports)]));
             }
         }
     }
-    let mut elems = Vec::new();
-    for ((proto, port), nets) in by_port {
-        for n in normalize_nets(nets) {
-            elems.push(concat(vec![net(n), num(proto), num(port)]));
+    elems
+}
+
+/// The pieces of the port space `entries` cover, each with its networks
+/// (normalized), neighbours with the same networks joined; in port order.
+pub(super) fn port_pieces(entries: &[((IpAddr, u8), PortRange)]) -> Vec<(PortRange, Vec<(IpAddr, u8)>)> {
+    // Every place a piece may start: an entry's first port, or the port
+    // after its last.
+    let mut cuts: BTreeSet<u32> = BTreeSet::new();
+    for &(_, r) in entries {
+        cuts.insert(u32::from(r.first));
+        cuts.insert(u32::from(r.last) + 1);
+    }
+    let cuts: Vec<u32> = cuts.into_iter().collect();
+    let mut pieces: Vec<(PortRange, Vec<(IpAddr, u8)>)> = Vec::new();
+    for pair in cuts.windows(2) {
+        let (first, last) = (pair[0], pair[1] - 1);
+        let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(last)) else {
+            continue;
+        };
+        let nets: Vec<(IpAddr, u8)> = entries
+            .iter()
+            .filter(|(_, r)| r.first <= first && last <= r.last)
+            .map(|&(n, _)| n)
+            .collect();
+        if nets.is_empty() {
+            continue;
+        }
+        let mut nets = normalize_nets(nets);
+        nets.sort();
+        match pieces.last_mut() {
+            Some((prev, prev_nets)) if u32::from(prev.last) + 1 == u32::from(first) && *prev_nets == nets => {
+                prev.last = last;
+            }
+            _ => pieces.push((PortRange { first, last }, nets)),
         }
     }
-    elems
+    pieces
 }

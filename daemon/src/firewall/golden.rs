@@ -41,24 +41,24 @@ fn allowlist(tunnel_has_ipv6: bool, dns_redirect: Option<DnsRedirect>) -> Allowl
         rules: vec![
             AllowEntry {
                 net: (v4(203, 0, 113, 10), 32),
-                tcp: vec![443],
-                udp: vec![10000],
+                tcp: vec![PortRange::single(443)],
+                udp: vec![PortRange::single(10000)],
             },
             AllowEntry {
                 net: (v4(203, 0, 113, 0), 24),
-                tcp: vec![443, 8443],
+                tcp: vec![PortRange::single(443), PortRange::single(8443)],
                 udp: vec![],
             },
             AllowEntry {
                 net: (v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10]), 128),
-                tcp: vec![443],
-                udp: vec![3478],
+                tcp: vec![PortRange::single(443)],
+                udp: vec![PortRange::single(3478)],
             },
         ],
         names: vec![NamedEntry {
             name: "meet.test".into(),
-            tcp: vec![443],
-            udp: vec![10000],
+            tcp: vec![PortRange::single(443)],
+            udp: vec![PortRange::single(10000)],
         }],
         dns_servers: vec![
             v4(192, 0, 2, 53),
@@ -67,6 +67,7 @@ fn allowlist(tunnel_has_ipv6: bool, dns_redirect: Option<DnsRedirect>) -> Allowl
         ],
         tunnel_has_ipv6,
         dns_redirect,
+        gateway_enforces: false,
     }
 }
 
@@ -96,14 +97,21 @@ fn inputs(lan: bool, learned: bool) -> Inputs {
                 .map(|&(addr, proto, port)| LearnedAddress {
                     addr,
                     proto,
-                    port,
+                    ports: PortRange::single(port),
                     timeout: Duration::from_millis(299_500),
                 })
                 .collect()
         } else {
             Vec::new()
         },
-        known: if learned { answers.to_vec() } else { Vec::new() },
+        known: if learned {
+            answers
+                .iter()
+                .map(|&(a, p, port)| (a, p, PortRange::single(port)))
+                .collect()
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -24,14 +24,23 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use super::expr::canonical;
+use super::learned::parse_range_set_name;
 use super::runner::run_nft;
 use super::{
-    FirewallError, LearnedKey, ALLOW4, ALLOW6, FORWARD, INPUT, KNOWN4, KNOWN6, OUTPUT, TABLE, TCP, UDP,
+    FirewallError, LearnedKey, PortRange, ALLOW4, ALLOW6, FORWARD, INPUT, KNOWN4, KNOWN6, OUTPUT, TABLE, TCP,
+    UDP,
 };
 use crate::nft::NftRunner;
 
 /// The sets whose elements come and go with DNS answers and timeouts.
 const ANSWER_SETS: [&str; 4] = [ALLOW4, ALLOW6, KNOWN4, KNOWN6];
+
+/// Whether `name` is one of the answer sets: the four shared ones, or a
+/// port range's own (`allow4_udp_50000_60000`, see learned.rs).
+fn is_answer_set(name: &Value) -> bool {
+    ANSWER_SETS.iter().any(|set| name == *set)
+        || name.as_str().is_some_and(|n| parse_range_set_name(n).is_some())
+}
 
 /// The elements of the answer sets in `listing` that are not answers of
 /// this session (`sources`), as text; an element we cannot read counts.
@@ -42,20 +51,20 @@ pub(super) fn foreign_elements(
     let mut foreign = Vec::new();
     for item in listing["nftables"].as_array().into_iter().flatten() {
         let Some(set) = item.get("set") else { continue };
-        if set["family"] != "inet"
-            || set["table"] != TABLE
-            || !ANSWER_SETS.iter().any(|name| set["name"] == *name)
-        {
+        if set["family"] != "inet" || set["table"] != TABLE || !is_answer_set(&set["name"]) {
             continue;
         }
+        let range = set["name"].as_str().and_then(parse_range_set_name);
         for elem in set["elem"].as_array().into_iter().flatten() {
-            // {"concat": [...]}, or {"elem": {"val": {"concat": [...]}, "timeout": ..}}
-            let parts = elem.get("concat").or_else(|| {
-                elem.get("elem")
-                    .and_then(|e| e.get("val"))
-                    .and_then(|v| v.get("concat"))
-            });
-            let key = parts.and_then(|p| learned_key_of(p.as_array()?));
+            // {"concat": [...]} or "ADDR", or either as {"elem": {"val": ..., "timeout": ..}}
+            let val = elem.get("elem").and_then(|e| e.get("val")).unwrap_or(elem);
+            let key = match range {
+                None => val.get("concat").and_then(|p| learned_key_of(p.as_array()?)),
+                Some((proto, ports)) => val
+                    .as_str()
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                    .map(|addr| (canonical(addr), proto, ports)),
+            };
             if !key.is_some_and(|k| sources.contains_key(&k)) {
                 foreign.push(format!("{}: {elem}", set["name"].as_str().unwrap_or("?")));
             }
@@ -74,7 +83,7 @@ fn learned_key_of(parts: &[Value]) -> Option<LearnedKey> {
         other => u8::try_from(other.as_u64()?).ok()?,
     };
     let port = u16::try_from(port.as_u64()?).ok()?;
-    Some((canonical(addr), proto, port))
+    Some((canonical(addr), proto, PortRange::single(port)))
 }
 
 /// The listed objects of our table that the tamper guard compares: every
@@ -89,7 +98,7 @@ pub(super) fn fingerprint(listing: &Value) -> String {
                 continue;
             }
             let mut body = body.clone();
-            let answers = ANSWER_SETS.iter().any(|name| body["name"] == *name);
+            let answers = is_answer_set(&body["name"]);
             if let Some(fields) = body.as_object_mut() {
                 fields.remove("handle");
                 // The literal sets' elements are fixed at apply: part of

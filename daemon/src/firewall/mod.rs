@@ -65,7 +65,15 @@
 //!   answers, added by [`Firewall::add_addresses`] with a timeout). Two kinds of set
 //!   because the kernel refuses an element that overlaps an interval already
 //!   in the set (`File exists`), which would fail a whole DNS update whenever
-//!   an answer falls inside a literal CIDR;
+//!   an answer falls inside a literal CIDR. A literal entry's port range is
+//!   an interval element of `allow*_nets` (overlapping entries are cut
+//!   into pieces first, see `build::port_pieces`); a name's port range has
+//!   sets of its own holding addresses only (`allow4_udp_50000_60000`,
+//!   timeout, and `known4_udp_50000_60000`; see `learned` for why not one
+//!   interval set), matched by rules that name the range;
+//! - the gateway-enforced kind ([`Allowlist::gateway_enforces`]): any
+//!   TCP/UDP out through the tunnel and its established replies in, after
+//!   the 53/853 refusal (IPv6 only with an IPv6 tunnel address);
 //! - established flows both ways on the tunnel, but only while the far
 //!   end's `address . protocol . port` is in `allow*_nets` or in
 //!   `known4`/`known6` (every answer of this session whose name and port
@@ -180,6 +188,8 @@ use nftables::batch::Batch;
 use nftables::schema::NfListObject;
 use serde_json::Value;
 
+pub use crate::profile::PortRange;
+
 mod build;
 mod conntrack;
 mod expr;
@@ -286,12 +296,12 @@ impl EndpointProtocol {
     }
 }
 
-/// One literal allowlist entry: a network and its ports.
+/// One literal allowlist entry: a network and its ports and port ranges.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowEntry {
     pub net: (IpAddr, u8),
-    pub tcp: Vec<u16>,
-    pub udp: Vec<u16>,
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
 }
 
 /// Where the DNS stub listens and how its own upstream queries are marked,
@@ -309,15 +319,18 @@ pub struct DnsRedirect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamedEntry {
     pub name: String,
-    pub tcp: Vec<u16>,
-    pub udp: Vec<u16>,
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
 }
 
 impl NamedEntry {
-    fn allows(&self, proto: u8, port: u16) -> bool {
+    /// Whether this name lists exactly `ports` (a port, or a range as a
+    /// whole) for `proto`: answers are learned per listed entry, and a
+    /// range's answers live in that range's own sets.
+    fn allows(&self, proto: u8, ports: PortRange) -> bool {
         match proto {
-            TCP => self.tcp.contains(&port),
-            UDP => self.udp.contains(&port),
+            TCP => self.tcp.contains(&ports),
+            UDP => self.udp.contains(&ports),
             _ => false,
         }
     }
@@ -335,6 +348,12 @@ pub struct Allowlist {
     /// Without an IPv6 tunnel address all IPv6 but loopback is refused.
     pub tunnel_has_ipv6: bool,
     pub dns_redirect: Option<DnsRedirect>,
+    /// The gateway-enforced kind (`[gateway] enforces_allowlist`): every
+    /// TCP and UDP packet may go into the tunnel, to any address and port,
+    /// and the practice's gateway enforces the allowlist. DNS stays pinned
+    /// (53 and 853 are refused before this rule), nothing leaves off the
+    /// tunnel, and IPv6 only with an IPv6 tunnel address.
+    pub gateway_enforces: bool,
 }
 
 /// A learned address (from a DNS answer) for one protocol and port.
@@ -343,7 +362,9 @@ pub struct LearnedAddress {
     pub addr: IpAddr,
     /// [`TCP`] or [`UDP`].
     pub proto: u8,
-    pub port: u16,
+    /// One port (the `allow4`/`allow6` sets) or a range as the name lists
+    /// it (that range's own sets, see [`range_set_name`]).
+    pub ports: PortRange,
     /// How long the address stays in the set (clamped to 1 s ..= 1 day).
     pub timeout: Duration,
 }
@@ -367,8 +388,8 @@ pub enum FirewallError {
 // ---------------------------------------------------------------------------
 // The owner.
 
-/// (address, protocol, port) of a learned address.
-type LearnedKey = (IpAddr, u8, u16);
+/// (address, protocol, port or range) of a learned address.
+type LearnedKey = (IpAddr, u8, PortRange);
 
 /// The kill switch of this process: our two tables in the kernel, the way
 /// to nft, and what this value last applied. The session owns it (through
@@ -528,7 +549,7 @@ impl Firewall {
                 state
                     .names
                     .iter()
-                    .any(|n| n.name == name && n.allows(e.proto, e.port))
+                    .any(|n| n.name == name && n.allows(e.proto, e.ports))
             })
             .copied()
             .collect();
@@ -537,12 +558,12 @@ impl Firewall {
             return Ok(());
         }
         let mut batch = element_batch(&merged);
-        let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.port)).collect();
+        let keys: Vec<LearnedKey> = merged.iter().map(|e| (e.addr, e.proto, e.ports)).collect();
         add_known(&mut batch, &keys);
         run_nft(&self.nft, batch, "allowlist update").await?;
         state.learned.retain(|_, expiry| *expiry > now);
         for entry in &merged {
-            let key = (entry.addr, entry.proto, entry.port);
+            let key = (entry.addr, entry.proto, entry.ports);
             state.learned.insert(key, now + entry.timeout);
             state.sources.entry(key).or_default().insert(name.to_string());
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nftables::batch::Batch;
 use serde_json::Value;
 
-use super::build::{build, build_table, validate, Inputs};
+use super::build::{build, build_table, port_pieces, validate, Inputs};
 use super::guard::{
     adds_elements_to_our_table, fingerprint, foreign_elements, has_base_chains, touches_our_table,
 };
@@ -39,12 +39,12 @@ fn session() -> Allowlist {
         rules: vec![
             AllowEntry {
                 net: (v4(203, 0, 113, 10), 32),
-                tcp: vec![443],
-                udp: vec![10000],
+                tcp: vec![p(443)],
+                udp: vec![p(10000)],
             },
             AllowEntry {
                 net: (v4(203, 0, 113, 0), 24),
-                tcp: vec![443],
+                tcp: vec![p(443)],
                 udp: vec![],
             },
         ],
@@ -55,7 +55,13 @@ fn session() -> Allowlist {
         ],
         tunnel_has_ipv6: false,
         dns_redirect: None,
+        gateway_enforces: false,
     }
+}
+
+/// One port.
+fn p(port: u16) -> PortRange {
+    PortRange::single(port)
 }
 
 /// The batch as JSON values.
@@ -535,24 +541,24 @@ fn connected_routes_from_proc() {
 fn learned_addresses_keep_the_later_expiry() {
     let now = Instant::now();
     let addr = v4(203, 0, 113, 80);
-    let known = BTreeMap::from([((addr, TCP, 443), now + Duration::from_secs(300))]);
+    let known = BTreeMap::from([((addr, TCP, p(443)), now + Duration::from_secs(300))]);
     let entries = [
         LearnedAddress {
             addr,
             proto: TCP,
-            port: 443,
+            ports: p(443),
             timeout: Duration::from_secs(60),
         },
         LearnedAddress {
             addr: v4(203, 0, 113, 81),
             proto: UDP,
-            port: 10000,
+            ports: p(10000),
             timeout: Duration::from_millis(1500),
         },
         LearnedAddress {
             addr: v4(203, 0, 113, 81),
             proto: UDP,
-            port: 10000,
+            ports: p(10000),
             timeout: Duration::ZERO,
         },
     ];
@@ -573,13 +579,13 @@ fn element_batch_adds_deletes_and_adds_per_family() {
         LearnedAddress {
             addr: v4(203, 0, 113, 80),
             proto: TCP,
-            port: 443,
+            ports: p(443),
             timeout: Duration::from_secs(30),
         },
         LearnedAddress {
             addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80)),
             proto: UDP,
-            port: 10000,
+            ports: p(10000),
             timeout: Duration::from_secs(30),
         },
     ]);
@@ -795,22 +801,22 @@ fn interface_names_are_checked() {
 fn narrowing_forgets_answers_of_removed_names_and_ports_but_not_expired_ones() {
     let meet = |tcp: Vec<u16>| NamedEntry {
         name: "meet.test".into(),
-        tcp,
+        tcp: tcp.into_iter().map(p).collect(),
         udp: vec![],
     };
     let now = Instant::now();
     let host = v4(203, 0, 113, 10);
-    let mut learned = BTreeMap::from([((host, TCP, 443), now + Duration::from_secs(60))]);
+    let mut learned = BTreeMap::from([((host, TCP, p(443)), now + Duration::from_secs(60))]);
     let mut sources = BTreeMap::from([
-        ((host, TCP, 443), BTreeSet::from(["meet.test".to_string()])),
+        ((host, TCP, p(443)), BTreeSet::from(["meet.test".to_string()])),
         // Expired from `learned`, still known: its flows go on.
-        ((host, TCP, 9000), BTreeSet::from(["meet.test".to_string()])),
+        ((host, TCP, p(9000)), BTreeSet::from(["meet.test".to_string()])),
     ]);
     narrow(&mut learned, &mut sources, &[meet(vec![443, 9000])]);
     assert_eq!(sources.len(), 2);
     assert_eq!(learned.len(), 1);
     narrow(&mut learned, &mut sources, &[meet(vec![9000])]);
-    assert_eq!(sources.keys().collect::<Vec<_>>(), [&(host, TCP, 9000)]);
+    assert_eq!(sources.keys().collect::<Vec<_>>(), [&(host, TCP, p(9000))]);
     assert!(learned.is_empty());
     narrow(&mut learned, &mut sources, &[]);
     assert!(sources.is_empty());
@@ -916,8 +922,8 @@ fn elements_that_are_not_our_answers_are_foreign() {
             .map(|k| (*k, BTreeSet::from(["meet.test".to_string()])))
             .collect()
     };
-    let meet = (v4(203, 0, 113, 10), TCP, 443);
-    let meet6 = ("2001:db8::10".parse().expect("v6"), UDP, 10000);
+    let meet = (v4(203, 0, 113, 10), TCP, p(443));
+    let meet6 = ("2001:db8::10".parse().expect("v6"), UDP, p(10000));
     let foreign = foreign_elements(&listing, &ours(&[meet, meet6]));
     assert_eq!(foreign.len(), 1, "{foreign:?}");
     assert!(foreign[0].contains("203.0.113.20"), "{foreign:?}");
@@ -976,4 +982,173 @@ lo:       0       0    0    0    0     0          0         0        0       0  
     assert!(touches_our_table(
         r#"{"delete": {"chain": {"family": "netdev", "table": "sessiongate", "name": "egress0"}}}"#
     ));
+}
+
+#[test]
+fn overlapping_literal_ports_and_ranges_become_pieces_no_entry_splits() {
+    let range = PortRange {
+        first: 50000,
+        last: 60000,
+    };
+    let net24 = (v4(203, 0, 113, 0), 24);
+    let inside = (v4(203, 0, 113, 5), 32);
+    let outside = (v4(198, 51, 100, 7), 32);
+    let pieces = port_pieces(&[
+        (net24, range),
+        (inside, p(55000)),
+        (outside, p(55000)),
+        (inside, p(443)),
+    ]);
+    let r = |first, last| PortRange { first, last };
+    assert_eq!(
+        pieces,
+        vec![
+            (p(443), vec![inside]),
+            // The /24 alone; 55000 also has the outside address (the /32
+            // inside the /24 goes); then the /24 again.
+            (r(50000, 54999), vec![net24]),
+            (p(55000), vec![outside, net24]),
+            (r(55001, 60000), vec![net24]),
+        ]
+    );
+    // Neighbouring pieces with the same networks are joined.
+    let joined = port_pieces(&[(net24, r(100, 199)), (net24, r(200, 300)), (inside, p(150))]);
+    assert_eq!(joined, vec![(r(100, 300), vec![net24])]);
+    // The top of the port space does not overflow.
+    assert_eq!(
+        port_pieces(&[(net24, r(65000, 65535))]),
+        vec![(r(65000, 65535), vec![net24])]
+    );
+}
+
+#[test]
+fn a_names_port_range_gets_its_own_answer_sets_and_rules() {
+    let range = PortRange {
+        first: 50000,
+        last: 60000,
+    };
+    let mut allow = session();
+    allow.names = vec![NamedEntry {
+        name: "meet.test".into(),
+        tcp: vec![p(443)],
+        udp: vec![p(7882), range],
+    }];
+    allow.rules[0].udp.push(range);
+    let objs = objects(&lockdown(), Some(&allow), &[]);
+    let sets: Vec<&Value> = objs.iter().filter_map(|o| o["add"].get("set")).collect();
+    for (name, ty, flags) in [
+        (
+            "allow4_udp_50000_60000",
+            "ipv4_addr",
+            Some(serde_json::json!(["timeout"])),
+        ),
+        (
+            "allow6_udp_50000_60000",
+            "ipv6_addr",
+            Some(serde_json::json!(["timeout"])),
+        ),
+        ("known4_udp_50000_60000", "ipv4_addr", None),
+        ("known6_udp_50000_60000", "ipv6_addr", None),
+    ] {
+        let set = sets
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no set {name}"));
+        assert_eq!(set["type"], ty, "{name}");
+        assert_eq!(set.get("flags").cloned(), flags, "{name}");
+    }
+    // Single ports stay in the shared sets: no set of their own.
+    assert!(!sets
+        .iter()
+        .any(|s| s["name"].as_str().is_some_and(|n| n.contains("7882"))));
+    let out = rules(&objs, OUTPUT);
+    let new = &out[position(&out, "@allow4_udp_50000_60000")];
+    assert!(
+        new.contains(r#"{"range":[50000,60000]}"#) && new.contains("sg0"),
+        "{new}"
+    );
+    assert!(position(&out, "@allow4_udp_50000_60000") > position(&out, "853"));
+    let established_in = rules(&objs, INPUT);
+    let back = &established_in[position(&established_in, "@known4_udp_50000_60000")];
+    assert!(back.contains("sport") && back.contains("established"), "{back}");
+    // The literal range is one interval element.
+    let nets4 = sets.iter().find(|s| s["name"] == ALLOW4_NETS).expect("set");
+    assert!(
+        nets4["elem"].to_string().contains(r#"{"range":[50000,60000]}"#),
+        "{}",
+        nets4["elem"]
+    );
+
+    // Answers for the range go to its set as addresses.
+    let batch = element_batch(&[LearnedAddress {
+        addr: v4(203, 0, 113, 80),
+        proto: UDP,
+        ports: range,
+        timeout: Duration::from_secs(30),
+    }]);
+    let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+    let first = &value["nftables"][0]["add"]["element"];
+    assert_eq!(first["name"], "allow4_udp_50000_60000");
+    assert_eq!(first["elem"][0]["elem"]["val"], "203.0.113.80");
+
+    // And the tamper guard reads them back as this session's answers.
+    let listing: Value = serde_json::from_str(
+        r#"{"nftables": [
+            {"set": {"family": "inet", "table": "sessiongate", "name": "allow4_udp_50000_60000", "elem": [
+                {"elem": {"val": "203.0.113.80", "timeout": 90, "expires": 89}},
+                {"elem": {"val": "203.0.113.81", "timeout": 90, "expires": 89}}]}},
+            {"set": {"family": "inet", "table": "sessiongate", "name": "known4_udp_50000_60000", "elem": [
+                "203.0.113.80"]}}]}"#,
+    )
+    .expect("json");
+    let ours = BTreeMap::from([(
+        (v4(203, 0, 113, 80), UDP, range),
+        BTreeSet::from(["meet.test".to_string()]),
+    )]);
+    let foreign = foreign_elements(&listing, &ours);
+    assert_eq!(foreign.len(), 1, "{foreign:?}");
+    assert!(foreign[0].contains("203.0.113.81"), "{foreign:?}");
+    // Their elements are not part of the fingerprint; the sets are.
+    let print = fingerprint(&listing);
+    assert!(
+        print.contains("allow4_udp_50000_60000") && !print.contains("203.0.113.8"),
+        "{print}"
+    );
+}
+
+#[test]
+fn the_gateway_enforced_kind_sends_any_tcp_and_udp_into_the_tunnel_after_the_dns_refusal() {
+    let mut allow = session();
+    allow.gateway_enforces = true;
+    let objs = objects(&lockdown(), Some(&allow), &[]);
+    let out = rules(&objs, OUTPUT);
+    let any = out
+        .iter()
+        .position(|r| {
+            r.contains("sg0") && r.contains("ipv4") && r.contains(r#"["tcp","udp"]"#) && !r.contains("dport")
+        })
+        .unwrap_or_else(|| panic!("no rule for any TCP/UDP into the tunnel: {out:#?}"));
+    assert!(any > position(&out, "853"), "before the DNS refusal: {out:#?}");
+    // Without an IPv6 tunnel address, no IPv6 rule.
+    assert!(
+        !out.iter()
+            .any(|r| r.contains("sg0") && r.contains("ipv6") && r.contains("accept") && !r.contains("dport")),
+        "{out:#?}"
+    );
+    let inp = rules(&objs, INPUT);
+    assert!(
+        inp.iter().any(|r| r.contains("sg0")
+            && r.contains("ipv4")
+            && r.contains("established")
+            && !r.contains("sport")),
+        "{inp:#?}"
+    );
+    // Not in the ordinary kind.
+    let plain = rules(&objects(&lockdown(), Some(&session()), &[]), OUTPUT);
+    assert!(
+        !plain
+            .iter()
+            .any(|r| r.contains("sg0") && r.contains("ipv4") && !r.contains("dport") && r.contains("accept")),
+        "{plain:#?}"
+    );
 }

@@ -334,6 +334,7 @@ pub(crate) fn allowlist_of(profile: &Profile, stub_port: Option<u16>) -> Allowli
             port,
             stub_mark: DNS_STUB_MARK,
         }),
+        gateway_enforces: profile.gateway_enforces_allowlist,
     }
 }
 

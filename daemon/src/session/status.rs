@@ -16,7 +16,7 @@ use super::cause::Cause;
 use super::effects::TunnelView;
 use crate::dns::{Addresses, AnswerSink};
 use crate::firewall::{self, Firewall, LearnedAddress};
-use crate::profile::{Host, Profile};
+use crate::profile::{Host, PortRange, Profile};
 use crate::tunnel::{AllowFilter, TunnelStats};
 
 /// An answered address stays allowed at least this long, whatever its TTL,
@@ -41,8 +41,14 @@ pub enum Phase {
 pub struct AllowedHost {
     pub host: String,
     pub addresses: Vec<String>,
-    pub tcp: Vec<u16>,
-    pub udp: Vec<u16>,
+    /// Ports as numbers, ranges as `"FIRST-LAST"` strings.
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
+    /// The profile is of the gateway-enforced kind: this machine sends
+    /// everything into the tunnel and the gateway, not this machine,
+    /// enforces this entry. Only present when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gateway_enforced: bool,
 }
 
 /// What `status` reports. The phase goes on the wire as `state`.
@@ -119,6 +125,7 @@ pub(crate) fn allowed_hosts(profile: &Profile) -> Vec<AllowedHost> {
             },
             tcp: rule.tcp.clone(),
             udp: rule.udp.clone(),
+            gateway_enforced: profile.gateway_enforces_allowlist,
         })
         .collect()
 }
@@ -127,7 +134,7 @@ pub(crate) fn allowed_hosts(profile: &Profile) -> Vec<AllowedHost> {
 /// that host's ports only) and into the status, before the application gets
 /// the answer.
 pub(crate) struct AllowSink {
-    ports: HashMap<String, (Vec<u16>, Vec<u16>)>,
+    ports: HashMap<String, (Vec<PortRange>, Vec<PortRange>)>,
     firewall: Arc<Firewall>,
     snapshot: Arc<watch::Sender<Snapshot>>,
     /// The tunnel's own filter, which learns the same answers.
@@ -141,7 +148,7 @@ impl AllowSink {
         snapshot: Arc<watch::Sender<Snapshot>>,
         tunnel: Option<AllowFilter>,
     ) -> AllowSink {
-        let mut ports: HashMap<String, (Vec<u16>, Vec<u16>)> = HashMap::new();
+        let mut ports: HashMap<String, (Vec<PortRange>, Vec<PortRange>)> = HashMap::new();
         for rule in &profile.allow {
             if let Host::Name(name) = &rule.host {
                 let entry = ports.entry(name.clone()).or_default();
@@ -168,10 +175,10 @@ impl AnswerSink for AllowSink {
             for (addr, ttl) in &addrs {
                 let timeout = Duration::from_secs(u64::from((*ttl).max(MIN_ALLOW_SECS) + ALLOW_GRACE_SECS));
                 for (proto, ports) in [(firewall::TCP, tcp), (firewall::UDP, udp)] {
-                    learned.extend(ports.iter().map(|port| LearnedAddress {
+                    learned.extend(ports.iter().map(|&ports| LearnedAddress {
                         addr: *addr,
                         proto,
-                        port: *port,
+                        ports,
                         timeout,
                     }));
                 }
@@ -181,7 +188,7 @@ impl AnswerSink for AllowSink {
                 return;
             }
             if let Some(tunnel) = &self.tunnel {
-                let keys: Vec<_> = learned.iter().map(|l| (l.addr, l.proto, l.port)).collect();
+                let keys: Vec<_> = learned.iter().map(|l| (l.addr, l.proto, l.ports)).collect();
                 tunnel.learn(name, &keys);
             }
             self.snapshot.send_modify(|s| {

@@ -12,12 +12,15 @@
 //!
 //! What it admits is what the firewall's session shape admits through the
 //! tunnel, and no more: TCP/UDP to a literal allow entry's network and
-//! ports; TCP/UDP to an address the DNS stub answered for an allowed name,
-//! on that name's ports (kept like the firewall's `known` sets: an answer's
+//! ports (single ports and ranges); TCP/UDP to an address the DNS stub
+//! answered for an allowed name, on that name's ports and port ranges (kept like the firewall's `known` sets: an answer's
 //! TTL running out cuts nothing, a narrowing forgets it at once; whether a
 //! *new* flow may still use an expired answer is left to the firewall); the
 //! pinned DNS servers on TCP/UDP 53; never any other port 53 or 853; IPv6
-//! only when the tunnel has an IPv6 address. The firewall lets no ICMP out
+//! only when the tunnel has an IPv6 address. In the gateway-enforced kind
+//! (the gateway, not this machine, enforces the allowlist) any TCP/UDP but
+//! DNS is admitted, as the firewall's session shape then does; DNS and
+//! IPv6 keep their rules. The firewall lets no ICMP out
 //! through the tunnel, so neither does this. In lockdown (no allowlist in
 //! force) nothing is admitted: the tunnel sends only its own handshakes and
 //! keepalives, which never pass through here.
@@ -28,12 +31,16 @@
 //! the first four bytes of the transport header, or log a destination
 //! (counts only).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::firewall::{Allowlist, NamedEntry, TCP, UDP};
+use crate::firewall::{Allowlist, NamedEntry, PortRange, TCP, UDP};
+use crate::profile::ports_contain;
+
+/// An answer as the filter keeps it: (address, protocol, port or range).
+pub type AnswerKey = (IpAddr, u8, PortRange);
 
 /// DNS and DNS-over-TLS/QUIC: only the pinned servers, only on 53.
 const DNS: u16 = 53;
@@ -60,8 +67,8 @@ pub enum Verdict {
 struct NetPorts {
     addr: IpAddr,
     prefix: u8,
-    tcp: Vec<u16>,
-    udp: Vec<u16>,
+    tcp: Vec<PortRange>,
+    udp: Vec<PortRange>,
 }
 
 impl NetPorts {
@@ -81,7 +88,7 @@ impl NetPorts {
         }
     }
 
-    fn ports(&self, proto: u8) -> &[u16] {
+    fn ports(&self, proto: u8) -> &[PortRange] {
         match proto {
             TCP => &self.tcp,
             UDP => &self.udp,
@@ -95,10 +102,13 @@ impl NetPorts {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Admits {
     nets: Vec<NetPorts>,
-    /// Answered addresses of allowed names: (address, protocol, port).
-    learned: HashSet<(IpAddr, u8, u16)>,
+    /// Answered addresses of allowed names: (address, protocol) → the
+    /// ports and ranges they were answered for.
+    learned: HashMap<(IpAddr, u8), Vec<PortRange>>,
     dns_servers: Vec<IpAddr>,
     ipv6: bool,
+    /// The gateway-enforced kind: any TCP/UDP but DNS goes through.
+    everything: bool,
 }
 
 impl Admits {
@@ -118,9 +128,10 @@ impl Admits {
                     udp: rule.udp.clone(),
                 })
                 .collect(),
-            learned: HashSet::new(),
+            learned: HashMap::new(),
             dns_servers: allow.dns_servers.iter().map(|&a| canonical(a)).collect(),
             ipv6: allow.tunnel_has_ipv6,
+            everything: allow.gateway_enforces,
         }
     }
 
@@ -132,11 +143,15 @@ impl Admits {
         if port == DNS || port == DNS_OVER_TLS {
             return port == DNS && self.dns_servers.contains(&addr);
         }
-        self.learned.contains(&(addr, proto, port))
+        self.everything
+            || self
+                .learned
+                .get(&(addr, proto))
+                .is_some_and(|ranges| ports_contain(ranges, port))
             || self
                 .nets
                 .iter()
-                .any(|n| n.contains(addr) && n.ports(proto).contains(&port))
+                .any(|n| n.contains(addr) && ports_contain(n.ports(proto), port))
     }
 
     /// For a fragment without its transport header: whether `addr` is
@@ -147,13 +162,20 @@ impl Admits {
         if addr.is_ipv6() && !self.ipv6 {
             return false;
         }
-        self.learned
-            .iter()
-            .any(|&(a, p, port)| a == addr && p == proto && port != DNS && port != DNS_OVER_TLS)
+        let beyond_dns = |ranges: &[PortRange]| {
+            ranges
+                .iter()
+                .any(|r| !(r.first == r.last && (r.first == DNS || r.first == DNS_OVER_TLS)))
+        };
+        self.everything
+            || self
+                .learned
+                .get(&(addr, proto))
+                .is_some_and(|ranges| beyond_dns(ranges))
             || self
                 .nets
                 .iter()
-                .any(|n| n.contains(addr) && n.ports(proto).iter().any(|&p| p != DNS && p != DNS_OVER_TLS))
+                .any(|n| n.contains(addr) && beyond_dns(n.ports(proto)))
             || (matches!(proto, TCP | UDP) && self.dns_servers.contains(&addr))
     }
 }
@@ -269,14 +291,17 @@ struct Book {
     names: Vec<NamedEntry>,
     /// Every answer of this allowlist and the names it answered, as the
     /// firewall's `known` sets keep them.
-    sources: BTreeMap<(IpAddr, u8, u16), BTreeSet<String>>,
+    sources: BTreeMap<AnswerKey, BTreeSet<String>>,
 }
 
 impl Book {
     fn snapshot(&self) -> Option<Arc<Admits>> {
         self.base.as_ref().map(|base| {
             let mut admits = base.clone();
-            admits.learned = self.sources.keys().copied().collect();
+            admits.learned = HashMap::new();
+            for &(addr, proto, ports) in self.sources.keys() {
+                admits.learned.entry((addr, proto)).or_default().push(ports);
+            }
             Arc::new(admits)
         })
     }
@@ -337,10 +362,10 @@ impl AllowFilter {
     }
 
     /// Adds answered addresses of the allowed name `name` as (address,
-    /// protocol, port); those whose name and port the allowlist in force
+    /// protocol, port or range as the name lists it); those whose name and port the allowlist in force
     /// does not hold are left out (an answer that arrives after a narrowing
     /// must not widen it again), and so is everything in lockdown.
-    pub fn learn(&self, name: &str, answers: &[(IpAddr, u8, u16)]) {
+    pub fn learn(&self, name: &str, answers: &[AnswerKey]) {
         let mut book = self.book();
         if book.base.is_none() {
             return;
@@ -402,7 +427,8 @@ impl AllowFilter {
     }
 }
 
-fn allows(name: &NamedEntry, proto: u8, port: u16) -> bool {
+/// Whether `name` lists exactly `port` (a port or a range) for `proto`.
+fn allows(name: &NamedEntry, proto: u8, port: PortRange) -> bool {
     match proto {
         TCP => name.tcp.contains(&port),
         UDP => name.udp.contains(&port),
@@ -423,29 +449,100 @@ mod tests {
             rules: vec![
                 AllowEntry {
                     net: ("203.0.113.10".parse().expect("address"), 32),
-                    tcp: vec![443],
-                    udp: vec![10000, 53],
+                    tcp: ports(&[443]),
+                    udp: ports(&[10000, 53]),
                 },
                 AllowEntry {
                     net: ("203.0.113.96".parse().expect("address"), 27),
-                    tcp: vec![443],
+                    tcp: ports(&[443]),
                     udp: vec![],
                 },
                 AllowEntry {
                     net: ("2001:db8:203::100".parse().expect("address"), 120),
-                    tcp: vec![443],
+                    tcp: ports(&[443]),
                     udp: vec![],
                 },
             ],
             names: vec![NamedEntry {
                 name: "meet.test".into(),
-                tcp: vec![443],
-                udp: vec![3478],
+                tcp: ports(&[443]),
+                udp: ports(&[3478]),
             }],
             dns_servers: vec!["192.0.2.65".parse().expect("address")],
             tunnel_has_ipv6: true,
             dns_redirect: None,
+            gateway_enforces: false,
         }
+    }
+
+    fn ports(list: &[u16]) -> Vec<PortRange> {
+        list.iter().map(|&p| PortRange::single(p)).collect()
+    }
+
+    #[test]
+    fn port_ranges_admit_their_ends_and_inside_and_nothing_outside() {
+        let range = PortRange {
+            first: 50000,
+            last: 60000,
+        };
+        let mut allow = allowlist();
+        allow.rules[0].udp.push(range);
+        allow.names[0].udp.push(range);
+        let filter = AllowFilter::new();
+        filter.set(Some(&allow));
+        let host: IpAddr = "198.51.100.77".parse().expect("address");
+        filter.learn("meet.test", &[(host, UDP, range)]);
+        for dst in ["203.0.113.10", "198.51.100.77"] {
+            for port in [50000, 50001, 55555, 59999, 60000] {
+                assert_eq!(verdict(&filter, &v4(dst, UDP, port)), Admit, "{dst} {port}");
+            }
+            for port in [49999, 60001] {
+                assert_eq!(verdict(&filter, &v4(dst, UDP, port)), Refuse, "{dst} {port}");
+            }
+            // UDP's range says nothing about TCP.
+            assert_eq!(verdict(&filter, &v4(dst, TCP, 55555)), Refuse, "{dst}");
+        }
+        // An answer for a range the name does not list is not learned.
+        let other: IpAddr = "198.51.100.79".parse().expect("address");
+        filter.learn(
+            "meet.test",
+            &[(
+                other,
+                UDP,
+                PortRange {
+                    first: 1,
+                    last: 65535,
+                },
+            )],
+        );
+        assert_eq!(verdict(&filter, &v4("198.51.100.79", UDP, 55555)), Refuse);
+        // A narrowing that drops the range closes it.
+        filter.set(Some(&allowlist()));
+        assert_eq!(verdict(&filter, &v4("198.51.100.77", UDP, 55555)), Refuse);
+        assert_eq!(verdict(&filter, &v4("203.0.113.10", UDP, 55555)), Refuse);
+    }
+
+    #[test]
+    fn the_gateway_enforced_kind_admits_any_tcp_and_udp_but_not_dns() {
+        let mut allow = allowlist();
+        allow.gateway_enforces = true;
+        let filter = AllowFilter::new();
+        filter.set(Some(&allow));
+        for (dst, proto, port) in [
+            ("198.51.100.99", UDP, 3478),
+            ("192.0.2.200", TCP, 443),
+            ("203.0.113.5", UDP, 61000),
+        ] {
+            assert_eq!(verdict(&filter, &v4(dst, proto, port)), Admit, "{dst} {port}");
+        }
+        // DNS still only to the pinned server; DNS-over-TLS nowhere.
+        assert_eq!(verdict(&filter, &v4("198.51.100.53", UDP, 53)), Refuse);
+        assert_eq!(verdict(&filter, &v4("192.0.2.65", UDP, 53)), Admit);
+        assert_eq!(verdict(&filter, &v4("198.51.100.53", TCP, 853)), Refuse);
+        // No ICMP, and nothing in lockdown.
+        assert_eq!(verdict(&filter, &v4("198.51.100.99", ICMP, 0)), Refuse);
+        filter.set(None);
+        assert_eq!(verdict(&filter, &v4("198.51.100.99", UDP, 3478)), Refuse);
     }
 
     fn v4(dst: &str, proto: u8, port: u16) -> Vec<u8> {
@@ -645,7 +742,11 @@ mod tests {
         assert_eq!(verdict(&filter, &v4("198.51.100.77", TCP, 443)), Refuse);
         filter.learn(
             "meet.test",
-            &[(host, TCP, 443), (host, UDP, 3478), (host, TCP, 22)],
+            &[
+                (host, TCP, PortRange::single(443)),
+                (host, UDP, PortRange::single(3478)),
+                (host, TCP, PortRange::single(22)),
+            ],
         );
         assert_eq!(verdict(&filter, &v4("198.51.100.77", TCP, 443)), Admit);
         assert_eq!(verdict(&filter, &v4("198.51.100.77", UDP, 3478)), Admit);
@@ -654,7 +755,11 @@ mod tests {
         // Not an allowed name.
         filter.learn(
             "other.test",
-            &[("198.51.100.78".parse().expect("address"), TCP, 443)],
+            &[(
+                "198.51.100.78".parse().expect("address"),
+                TCP,
+                PortRange::single(443),
+            )],
         );
         assert_eq!(verdict(&filter, &v4("198.51.100.78", TCP, 443)), Refuse);
 
@@ -666,7 +771,7 @@ mod tests {
         assert_eq!(verdict(&filter, &v4("198.51.100.77", TCP, 443)), Admit);
         assert_eq!(verdict(&filter, &v4("198.51.100.77", UDP, 3478)), Refuse);
         // An answer that comes after the narrowing does not reopen it.
-        filter.learn("meet.test", &[(host, UDP, 3478)]);
+        filter.learn("meet.test", &[(host, UDP, PortRange::single(3478))]);
         assert_eq!(verdict(&filter, &v4("198.51.100.77", UDP, 3478)), Refuse);
 
         // Removing the name closes its addresses at once.
@@ -676,9 +781,9 @@ mod tests {
         assert_eq!(verdict(&filter, &v4("198.51.100.77", TCP, 443)), Refuse);
         // And a lockdown forgets every answer, so reopening starts empty.
         filter.set(Some(&allowlist()));
-        filter.learn("meet.test", &[(host, TCP, 443)]);
+        filter.learn("meet.test", &[(host, TCP, PortRange::single(443))]);
         filter.set(None);
-        filter.learn("meet.test", &[(host, TCP, 443)]);
+        filter.learn("meet.test", &[(host, TCP, PortRange::single(443))]);
         filter.set(Some(&allowlist()));
         assert_eq!(verdict(&filter, &v4("198.51.100.77", TCP, 443)), Refuse);
     }
@@ -687,7 +792,7 @@ mod tests {
     fn mapped_addresses_are_matched_as_ipv4() {
         let filter = open();
         let mapped: IpAddr = "::ffff:198.51.100.77".parse().expect("address");
-        filter.learn("meet.test", &[(mapped, TCP, 443)]);
+        filter.learn("meet.test", &[(mapped, TCP, PortRange::single(443))]);
         assert_eq!(verdict(&filter, &v4("198.51.100.77", TCP, 443)), Admit);
     }
 
