@@ -58,7 +58,6 @@ fn main() -> std::process::ExitCode {
     if args.nft_binary {
         sessiond::nft::use_binary_only();
     }
-    limit_malloc_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -87,22 +86,6 @@ fn main() -> std::process::ExitCode {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc gives every thread that allocates its own arena (up to eight per
-/// core), and each keeps what was freed in it, resident, for its own
-/// thread: a session's buffers freed on one worker sit beside the next
-/// session's on another. sessiond's threads seldom allocate at the same
-/// time (the packet loop is one task, and per-thread caches serve small
-/// blocks without the arena's lock), so one arena costs no contention that
-/// matters; in the bench it took 1.5 MiB off the resident memory in a
-/// session. Before any thread starts.
-fn limit_malloc_arenas() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt takes plain integers; no other thread runs yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
