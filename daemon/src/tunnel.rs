@@ -354,6 +354,24 @@ impl Tunnel {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        // The packet loop's buffers (about 1.2 MiB) are freed now.
+        release_freed_memory();
+    }
+}
+
+/// Hands the memory the allocator holds free back to the kernel. glibc
+/// keeps what a thread freed in that thread's arena, resident, for the
+/// next allocation there: after each session the packet loop's buffers
+/// would stay, on whichever worker ran it, beside the next session's.
+/// Costs about a millisecond, once per session, after the tunnel is down;
+/// in the bench it kept sessiond at about 19 MiB in session after session
+/// where it grew from 18.7 to 22.1 MiB in four.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes a plain integer and touches only the
+    // allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
