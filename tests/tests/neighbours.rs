@@ -1,15 +1,15 @@
 //! What a hostile neighbour on the physical link can and cannot do during a
-//! session, and what may cross that link besides the tunnel: replies
-//! spoofed onto the session's own flows, ICMPv6 from off the link or that
-//! is not neighbour discovery, and neighbour discovery sent past the link.
-//! The router namespace plays the neighbour (it is the client's next hop);
-//! raw ICMPv6 sockets (`labhost icmp6-send`, `icmp6-sink`) send and catch
-//! the crafted messages. These are the cases `scripts/mutants` found no
+//! session, and what may cross that link besides the tunnel: replies and
+//! ICMP errors spoofed onto the session's own flows, ICMPv6 from off the
+//! link or that is not neighbour discovery, and neighbour discovery sent
+//! past the link. The router namespace plays the neighbour (it is the
+//! client's next hop); raw sockets (`labhost icmp6-send`, `icmp6-sink`,
+//! `icmp-error`) send and catch the crafted messages. These are the cases `scripts/mutants` found no
 //! test for (docs/mutants.md). Run as root after `cargo build --workspace`.
 
 use std::time::Duration;
 
-use lab::{addr, wait_until, Lab, LabChild, Ns};
+use lab::{addr, wait_until, Daemon, Lab, LabChild, Ns};
 
 /// How long a wait may take before the test gives up: generous, since the
 /// lab shares its machine (a deadline costs nothing when the event comes).
@@ -58,22 +58,14 @@ const TO_ALLOWED_NET_V4: u16 = 41301;
 const TO_ANSWERED_NAME_V4: u16 = 41302;
 const TO_ALLOWED_V6: u16 = 41303;
 
-/// Replies spoofed onto the session's own flows, arriving on the physical
-/// interface, must not reach the application: a neighbour (or anyone who
-/// can put packets on the link) that guesses a flow of the call must not
-/// be able to inject into it. The client has UDP flows through the tunnel
-/// to far ends on port 51820 (the tunnel endpoint's port) that never
-/// answer: one to an allowed network (203.0.113.20, by address), one to an
-/// answered name (meet.test, 203.0.113.10), one over IPv6 (2001:db8:203::10,
-/// by address and by name). The router then sends each flow a reply from
-/// its far end's address and port, straight to the tunnel's address on the
-/// client's link. A lab table in the client counts their arrival on the
-/// link, so each was really tried; reverse-path filtering is off in the
-/// client, as it is by default, so the kill switch alone has to refuse
-/// them.
-#[test]
-fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
-    let lab = lab();
+/// A session whose profile allows UDP to port 51820 of 203.0.113.20 (by
+/// address) and of 2001:db8:203::/123 (besides the lab's meet.test), with
+/// both leak meters reset, and what the spoof tests need around it:
+/// reverse-path filtering off in the client, as it is by default (so the
+/// kill switch alone has to refuse what the router forges), and routes in
+/// the router to the tunnel's addresses through the client (so what it
+/// forges reaches the client's link).
+fn session_with_flows_to_spoof(lab: &Lab) -> Daemon<'_> {
     let files = lab
         .write_profile("lab", |t| {
             t.replace("udp = [10000]", "udp = [10000, 51820]").replace(
@@ -91,7 +83,6 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     lab.reset_all_leaks().expect("reset");
-
     lab.exec_ok(
         Ns::Client,
         &[
@@ -103,22 +94,6 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         ],
     )
     .expect("reverse-path filtering off in the client");
-    // Counts the spoofed replies where they reach the client (before any
-    // filter): proof that each was tried.
-    let ports = format!("{TO_ALLOWED_NET_V4}, {TO_ANSWERED_NAME_V4}, {TO_ALLOWED_V6}");
-    lab.exec_stdin(
-        Ns::Client,
-        &["nft", "-f", "-"],
-        format!(
-            "table inet labspoofseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
-             iifname \"{}\" udp sport 51820 udp dport {{ {ports} }} counter\n }}\n}}\n",
-            addr::CLIENT_IF
-        )
-        .as_bytes(),
-    )
-    .expect("count the spoofed replies in the client");
-    // The router reaches the tunnel's addresses through the client, and
-    // gives its own datagrams the far ends' addresses.
     lab.ip_batch(
         Ns::Router,
         &[
@@ -137,6 +112,41 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         ],
     )
     .expect("routes to the tunnel's addresses");
+    daemon
+}
+
+/// Replies spoofed onto the session's own flows, arriving on the physical
+/// interface, must not reach the application: a neighbour (or anyone who
+/// can put packets on the link) that guesses a flow of the call must not
+/// be able to inject into it. The client has UDP flows through the tunnel
+/// to far ends on port 51820 (the tunnel endpoint's port) that never
+/// answer: one to an allowed network (203.0.113.20, by address), one to an
+/// answered name (meet.test, 203.0.113.10), one over IPv6 (2001:db8:203::10,
+/// by address and by name). The router then sends each flow a reply from
+/// its far end's address and port, straight to the tunnel's address on the
+/// client's link. A lab table in the client counts their arrival on the
+/// link, so each was really tried; reverse-path filtering is off in the
+/// client, as it is by default, so the kill switch alone has to refuse
+/// them.
+#[test]
+fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
+    let lab = lab();
+    let daemon = session_with_flows_to_spoof(&lab);
+    // Counts the spoofed replies where they reach the client (before any
+    // filter): proof that each was tried.
+    let ports = format!("{TO_ALLOWED_NET_V4}, {TO_ANSWERED_NAME_V4}, {TO_ALLOWED_V6}");
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labspoofseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{}\" udp sport 51820 udp dport {{ {ports} }} counter\n }}\n}}\n",
+            addr::CLIENT_IF
+        )
+        .as_bytes(),
+    )
+    .expect("count the spoofed replies in the client");
+    // The router gives its own datagrams the far ends' addresses.
     lab.exec_stdin(
         Ns::Router,
         &["nft", "-f", "-"],
@@ -155,24 +165,51 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
     )
     .expect("the router's spoofing table");
 
-    // The far ends listen and never answer (no ICMP error either).
-    let host = labhost(&lab);
-    let far_ends = lab
-        .spawn(Ns::Host, &[&host, "sink", "--udp", "51820"])
-        .expect("start the far ends' sink");
-    wait_ready(&far_ends, "the far ends' sink ready");
     // meet.test answered through the session's DNS: its addresses join the
     // answered sets.
     for qtype in ["A", "AAAA"] {
         lab.dns_query(Ns::Client, addr::GATEWAY_TUN_V4, addr::MEET_NAME, qtype)
             .unwrap_or_else(|e| panic!("{} {qtype}: {e}", addr::MEET_NAME));
     }
-
     let flows = [
         (addr::OTHER_V4, TO_ALLOWED_NET_V4, addr::DAEMON_TUN_V4),
         (addr::HOST_V4, TO_ANSWERED_NAME_V4, addr::DAEMON_TUN_V4),
         (addr::HOST_V6, TO_ALLOWED_V6, addr::DAEMON_TUN_V6),
     ];
+    let (_far_ends, apps) = flows_waiting_for_a_reply(&lab, &flows);
+
+    for (_, sport, tunnel_address) in flows {
+        // Sent from the far end's port; the router's table puts the far
+        // end's address on it. Nothing answers it.
+        let _ = lab.probe_udp_crafted(
+            Ns::Router,
+            tunnel_address,
+            sport,
+            addr::WG_PORT,
+            None,
+            Duration::from_millis(100),
+        );
+    }
+    wait_until(DEADLINE, "the spoofed replies at the client's link", || {
+        counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64
+    })
+    .expect("the router's spoofed replies reach the client");
+    assert_nothing_reached(&apps, &flows, "a reply spoofed as");
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// Starts one application flow per `(far end, source port, tunnel
+/// address)`: a UDP datagram through the tunnel to the far end's port
+/// 51820, where a sink listens and never answers (no ICMP error either),
+/// after which the application waits for a reply. Returns once every
+/// datagram is at its far end: the sink and the waiting applications.
+fn flows_waiting_for_a_reply(lab: &Lab, flows: &[(&str, u16, &str)]) -> (LabChild, Vec<LabChild>) {
+    let host = labhost(lab);
+    let far_ends = lab
+        .spawn(Ns::Host, &[&host, "sink", "--udp", "51820"])
+        .expect("start the far ends' sink");
+    wait_ready(&far_ends, "the far ends' sink ready");
     let apps: Vec<LabChild> = flows
         .iter()
         .map(|(far_end, sport, _)| {
@@ -198,29 +235,21 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         far_ends.log().lines().filter(|l| l.ends_with("-> 51820")).count() >= flows.len()
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", far_ends.log()));
+    (far_ends, apps)
+}
 
-    for (_, sport, tunnel_address) in flows {
-        // Sent from the far end's port; the router's table puts the far
-        // end's address on it. Nothing answers it.
-        let _ = lab.probe_udp_crafted(
-            Ns::Router,
-            tunnel_address,
-            sport,
-            addr::WG_PORT,
-            None,
-            Duration::from_millis(100),
-        );
-    }
-    wait_until(DEADLINE, "the spoofed replies at the client's link", || {
-        counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64
-    })
-    .expect("the router's spoofed replies reach the client");
+/// Asserts that nothing `what` (the forged packets, as the failure will
+/// say) reached the applications of `flows_waiting_for_a_reply`: each was
+/// still waiting when the forged packets came, and then gave up with "no
+/// reply" (not with a reply, nor with an error a forged ICMP message
+/// reported to its socket).
+fn assert_nothing_reached(apps: &[LabChild], flows: &[(&str, u16, &str)], what: &str) {
     for (app, (far_end, sport, _)) in apps.iter().zip(flows) {
-        // Had it given up before the spoofed reply came, this test would
+        // Had it given up before the forged packet came, this test would
         // prove nothing.
         assert!(
             app.is_running() || !app.log().contains("no reply"),
-            "the application on port {sport} stopped waiting before the reply spoofed as {far_end} came: {}",
+            "the application on port {sport} stopped waiting before {what} {far_end} came: {}",
             app.log()
         );
     }
@@ -228,10 +257,74 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         app.wait_exit(DEADLINE).expect("the application's probe ends");
         assert!(
             app.log().contains("no reply"),
-            "a reply spoofed as {far_end}:51820 reached the application on port {sport}: {}",
+            "{what} {far_end}:51820 reached the application on port {sport}: {}",
             app.log()
         );
     }
+}
+
+/// ICMP errors forged onto the session's own flows, arriving on the
+/// physical interface, must not reach the application: a neighbour that
+/// guesses a flow of the call must not be able to end it (a port
+/// unreachable makes a connected socket fail) or shrink its packets (a
+/// "fragmentation needed" or "packet too big" lowers the path MTU). Such
+/// errors belong to the tunnel: a router on a tunnel flow's path sends
+/// them into the gateway, which sends them back through the tunnel. The
+/// client has UDP flows through the tunnel to far ends that never answer,
+/// one over IPv4 (203.0.113.20) and one over IPv6 (2001:db8:203::10); the
+/// router sends each a port unreachable and a "too big" quoting the flow's
+/// datagram (which conntrack then calls related to that flow), straight
+/// to the tunnel's address on the client's link. A lab table in the client
+/// counts their arrival on the link, so each was really tried.
+#[test]
+fn icmp_errors_forged_onto_the_sessions_flows_do_not_get_in_on_the_link() {
+    let lab = lab();
+    let daemon = session_with_flows_to_spoof(&lab);
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labicmpseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{link}\" ip daddr {tun4} icmp type destination-unreachable counter\n  \
+             iifname \"{link}\" ip6 daddr {tun6} icmpv6 type {{ destination-unreachable, packet-too-big }} counter\n \
+             }}\n}}\n",
+            link = addr::CLIENT_IF,
+            tun4 = addr::DAEMON_TUN_V4,
+            tun6 = addr::DAEMON_TUN_V6,
+        )
+        .as_bytes(),
+    )
+    .expect("count the forged errors in the client");
+    let flows = [
+        (addr::OTHER_V4, TO_ALLOWED_NET_V4, addr::DAEMON_TUN_V4),
+        (addr::HOST_V6, TO_ALLOWED_V6, addr::DAEMON_TUN_V6),
+    ];
+    let (_far_ends, apps) = flows_waiting_for_a_reply(&lab, &flows);
+
+    let host = labhost(&lab);
+    for (far_end, sport, tunnel_address) in flows {
+        for kind in ["port-unreachable", "too-big"] {
+            lab.exec_ok(
+                Ns::Router,
+                &[
+                    &host,
+                    "icmp-error",
+                    tunnel_address,
+                    &sport.to_string(),
+                    far_end,
+                    "51820",
+                    "--kind",
+                    kind,
+                ],
+            )
+            .unwrap_or_else(|e| panic!("forge a {kind} about {far_end}: {e:#}"));
+        }
+    }
+    wait_until(DEADLINE, "the forged errors at the client's link", || {
+        counted(&lab, Ns::Client, "inet", "labicmpseen") >= 2 * flows.len() as u64
+    })
+    .expect("the router's forged errors reach the client");
+    assert_nothing_reached(&apps, &flows, "an ICMP error forged about");
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
