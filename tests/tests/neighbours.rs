@@ -531,3 +531,128 @@ fn a_dhcp_server_on_the_link_still_answers_during_a_session() {
     );
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// "Fragmentation needed" about the tunnel's own UDP (its datagrams to the
+/// gateway's endpoint) gets in from the link only: a router on the path to
+/// the endpoint is on the physical link's side, and its error sets the
+/// path MTU the tunnel's datagrams use (`ip route get` shows it); the same
+/// error arriving through the tunnel (the gateway's, or anything the
+/// gateway forwards) has no business with the link's path MTU. The
+/// router sends one with MTU 1400, and the client's route to the endpoint
+/// shows it; then the gateway sends one with MTU 1300 through the tunnel
+/// to the client's physical address (allowed for this test in the
+/// gateway's WireGuard peer), a counter in the client proves it arrived on
+/// the tunnel interface, and the route must still say 1400.
+#[test]
+fn path_mtu_errors_about_the_tunnels_own_datagrams_get_in_only_from_the_link() {
+    let lab = lab();
+    lab.write_profile("lab", |t| t).expect("write profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    lab.exec_ok(
+        Ns::Client,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.all.rp_filter=0",
+            &format!("net.ipv4.conf.{}.rp_filter=0", lab::DAEMON_TUN_IF),
+        ],
+    )
+    .expect("reverse-path filtering off in the client");
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labmtuseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{}\" ip daddr {} icmp type destination-unreachable counter\n }}\n}}\n",
+            lab::DAEMON_TUN_IF,
+            addr::CLIENT_V4,
+        )
+        .as_bytes(),
+    )
+    .expect("count the errors through the tunnel in the client");
+
+    // The tunnel's source port, as the gateway sees it.
+    let client_endpoint = format!("{}:", addr::CLIENT_V4);
+    let mut tunnel_port = String::new();
+    wait_until(DEADLINE, "the client's endpoint at the gateway", || {
+        let endpoints = lab.gateway_wg_show(&["endpoints"]).unwrap_or_default();
+        match endpoints
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&client_endpoint))
+        {
+            Some(port) => {
+                tunnel_port = port.to_string();
+                true
+            }
+            None => false,
+        }
+    })
+    .expect("the gateway knows the client's endpoint");
+    let host = labhost(&lab);
+    let too_big = |ns: Ns, mtu: &str, device: Option<&str>| {
+        let wg_port = addr::WG_PORT.to_string();
+        let mut args = vec![
+            host.as_str(),
+            "icmp-error",
+            addr::CLIENT_V4,
+            tunnel_port.as_str(),
+            addr::GATEWAY_V4,
+            &wg_port,
+            "--kind",
+            "too-big",
+            "--mtu",
+            mtu,
+        ];
+        if let Some(device) = device {
+            args.extend(["--device", device]);
+        }
+        lab.exec_ok(ns, &args)
+            .unwrap_or_else(|e| panic!("send a fragmentation needed with MTU {mtu}: {e:#}"));
+    };
+    let route_mtu = || {
+        lab.exec_ok(
+            Ns::Client,
+            &["ip", "route", "get", addr::GATEWAY_V4, "mark", TUNNEL_FWMARK],
+        )
+        .expect("ip route get")
+    };
+
+    // From the link: a router on the path.
+    too_big(Ns::Router, "1400", None);
+    wait_until(
+        DEADLINE,
+        "the link's path MTU (1400) on the route to the endpoint",
+        || route_mtu().contains("mtu 1400"),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", route_mtu()));
+
+    // Through the tunnel: the gateway's WireGuard sends to the client's
+    // physical address only if that is among the peer's allowed IPs.
+    let (_, client_key) = lab.client_key().expect("the client key");
+    lab.add_gateway_peer(
+        &client_key,
+        &[
+            &format!("{}/32", addr::DAEMON_TUN_V4),
+            &format!("{}/128", addr::DAEMON_TUN_V6),
+            &format!("{}/32", addr::CLIENT_V4),
+        ],
+    )
+    .expect("the gateway may send to the client's physical address");
+    too_big(Ns::Gateway, "1300", Some(&lab.gateway_ifname()));
+    wait_until(
+        DEADLINE,
+        "the gateway's error at the client's tunnel interface",
+        || counted(&lab, Ns::Client, "inet", "labmtuseen") >= 1,
+    )
+    .expect("the gateway's error reaches the client through the tunnel");
+    let route = route_mtu();
+    assert!(
+        route.contains("mtu 1400"),
+        "a fragmentation needed about the tunnel's datagrams got in through the tunnel: {route}"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}

@@ -317,6 +317,8 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
     // path, which conntrack relates to that flow only): without them a link
     // smaller than ours is a black hole for full-sized datagrams. See
     // tunnel.rs for the outer don't-fragment policy that goes with it.
+    // From the link only: that path is outside the tunnel, so such an
+    // error arriving through it (the gateway's) says nothing about it.
     let too_big = if endpoint.is_ipv4() {
         vec![
             eq(payload("icmp", "type"), s("destination-unreachable")),
@@ -326,22 +328,11 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
         vec![eq(payload("icmpv6", "type"), s("packet-too-big"))]
     };
     input.push(
-        too_big
-            .into_iter()
+        std::iter::once(ne(meta(MetaKey::Iifname), s(tun)))
+            .chain(too_big)
             .chain([
                 is_in(ct_state(), set_of(vec![s("related")])),
-                eq(
-                    Expression::Named(NamedExpression::CT(CT {
-                        key: "daddr".into(),
-                        family: Some(if endpoint.is_ipv4() {
-                            nftables::expr::CTFamily::IP
-                        } else {
-                            nftables::expr::CTFamily::IP6
-                        }),
-                        dir: Some(nftables::expr::CTDir::Original),
-                    })),
-                    s(endpoint.ip().to_string()),
-                ),
+                eq(flow_original_daddr(endpoint.ip()), s(endpoint.ip().to_string())),
                 accept(),
             ])
             .collect(),
@@ -477,14 +468,23 @@ pub(super) fn build_table(lockdown: &Lockdown, allow: Option<&Allowlist>, inputs
         }
         // ICMP errors about those flows (path MTU, unreachable) come back
         // through the tunnel; conntrack marks them related only when they
-        // quote a flow it tracks.
-        for errors in icmp_errors() {
-            input.push(vec![
+        // quote a flow it tracks. Not those about the tunnel's own UDP,
+        // whose path is the link's (see above): the endpoint's family's
+        // rule leaves out flows to the endpoint's address.
+        for (errors, v6) in icmp_errors().into_iter().zip([false, true]) {
+            let mut rule = vec![
                 eq(meta(MetaKey::Iifname), s(tun)),
                 is_in(ct_state(), set_of(vec![s("related")])),
                 errors,
-                accept(),
-            ]);
+            ];
+            if endpoint.is_ipv6() == v6 {
+                rule.push(ne(
+                    flow_original_daddr(endpoint.ip()),
+                    s(endpoint.ip().to_string()),
+                ));
+            }
+            rule.push(accept());
+            input.push(rule);
         }
         // The pinned resolvers' answers.
         let servers: BTreeSet<IpAddr> = allow.dns_servers.iter().map(|&a| canonical(a)).collect();
@@ -642,4 +642,18 @@ fn static_elements(allow: &Allowlist, v6: bool) -> Vec<Expression<'static>> {
         }
     }
     elems
+}
+
+/// The original destination of a packet's flow (for an ICMP error, of the
+/// flow it quotes), compared as an address of `family_of`'s family.
+fn flow_original_daddr(family_of: IpAddr) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: "daddr".into(),
+        family: Some(if family_of.is_ipv4() {
+            nftables::expr::CTFamily::IP
+        } else {
+            nftables::expr::CTFamily::IP6
+        }),
+        dir: Some(nftables::expr::CTDir::Original),
+    }))
 }
