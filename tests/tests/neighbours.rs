@@ -58,6 +58,28 @@ const TO_ALLOWED_NET_V4: u16 = 41301;
 const TO_ANSWERED_NAME_V4: u16 = 41302;
 const TO_ALLOWED_V6: u16 = 41303;
 
+/// Starts the lab's session (profile `lab`, already written) with both
+/// leak meters reset, and turns reverse-path filtering off in the client
+/// (all, and on `interface`), as it is by default: so the kill switch
+/// alone has to refuse what a test forges.
+fn session_with_rp_filter_off<'lab>(lab: &'lab Lab, interface: &str) -> Daemon<'lab> {
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    lab.exec_ok(
+        Ns::Client,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.all.rp_filter=0",
+            &format!("net.ipv4.conf.{interface}.rp_filter=0"),
+        ],
+    )
+    .expect("reverse-path filtering off in the client");
+    daemon
+}
+
 /// A session whose profile allows UDP to port 51820 of 203.0.113.20 (by
 /// address) and of 2001:db8:203::/123 (besides the lab's meet.test), with
 /// both leak meters reset, and what the spoof tests need around it:
@@ -80,20 +102,7 @@ fn session_with_flows_to_spoof(lab: &Lab) -> Daemon<'_> {
         .expect("write profile");
     lab.set_tunnel_allowed_profile(&files.toml)
         .expect("tunnel meter follows the profile");
-    let daemon = lab.start_sessiond().expect("start sessiond");
-    daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_all_leaks().expect("reset");
-    lab.exec_ok(
-        Ns::Client,
-        &[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.conf.all.rp_filter=0",
-            &format!("net.ipv4.conf.{}.rp_filter=0", addr::CLIENT_IF),
-        ],
-    )
-    .expect("reverse-path filtering off in the client");
+    let daemon = session_with_rp_filter_off(lab, addr::CLIENT_IF);
     lab.ip_batch(
         Ns::Router,
         &[
@@ -547,20 +556,7 @@ fn a_dhcp_server_on_the_link_still_answers_during_a_session() {
 fn path_mtu_errors_about_the_tunnels_own_datagrams_get_in_only_from_the_link() {
     let lab = lab();
     lab.write_profile("lab", |t| t).expect("write profile");
-    let daemon = lab.start_sessiond().expect("start sessiond");
-    daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_all_leaks().expect("reset");
-    lab.exec_ok(
-        Ns::Client,
-        &[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.conf.all.rp_filter=0",
-            &format!("net.ipv4.conf.{}.rp_filter=0", lab::DAEMON_TUN_IF),
-        ],
-    )
-    .expect("reverse-path filtering off in the client");
+    let daemon = session_with_rp_filter_off(&lab, lab::DAEMON_TUN_IF);
     lab.exec_stdin(
         Ns::Client,
         &["nft", "-f", "-"],
