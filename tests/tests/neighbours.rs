@@ -1,15 +1,15 @@
 //! What a hostile neighbour on the physical link can and cannot do during a
-//! session, and what may cross that link besides the tunnel: replies
-//! spoofed onto the session's own flows, ICMPv6 from off the link or that
-//! is not neighbour discovery, and neighbour discovery sent past the link.
-//! The router namespace plays the neighbour (it is the client's next hop);
-//! raw ICMPv6 sockets (`labhost icmp6-send`, `icmp6-sink`) send and catch
-//! the crafted messages. These are the cases `scripts/mutants` found no
+//! session, and what may cross that link besides the tunnel: replies and
+//! ICMP errors spoofed onto the session's own flows, ICMPv6 from off the
+//! link or that is not neighbour discovery, and neighbour discovery sent
+//! past the link. The router namespace plays the neighbour (it is the
+//! client's next hop); raw sockets (`labhost icmp6-send`, `icmp6-sink`,
+//! `icmp-error`) send and catch the crafted messages. These are the cases `scripts/mutants` found no
 //! test for (docs/mutants.md). Run as root after `cargo build --workspace`.
 
 use std::time::Duration;
 
-use lab::{addr, wait_until, Lab, LabChild, Ns};
+use lab::{addr, wait_until, Daemon, Lab, LabChild, Ns};
 
 /// How long a wait may take before the test gives up: generous, since the
 /// lab shares its machine (a deadline costs nothing when the event comes).
@@ -58,22 +58,36 @@ const TO_ALLOWED_NET_V4: u16 = 41301;
 const TO_ANSWERED_NAME_V4: u16 = 41302;
 const TO_ALLOWED_V6: u16 = 41303;
 
-/// Replies spoofed onto the session's own flows, arriving on the physical
-/// interface, must not reach the application: a neighbour (or anyone who
-/// can put packets on the link) that guesses a flow of the call must not
-/// be able to inject into it. The client has UDP flows through the tunnel
-/// to far ends on port 51820 (the tunnel endpoint's port) that never
-/// answer: one to an allowed network (203.0.113.20, by address), one to an
-/// answered name (meet.test, 203.0.113.10), one over IPv6 (2001:db8:203::10,
-/// by address and by name). The router then sends each flow a reply from
-/// its far end's address and port, straight to the tunnel's address on the
-/// client's link. A lab table in the client counts their arrival on the
-/// link, so each was really tried; reverse-path filtering is off in the
-/// client, as it is by default, so the kill switch alone has to refuse
-/// them.
-#[test]
-fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
-    let lab = lab();
+/// Starts the lab's session (profile `lab`, already written) with both
+/// leak meters reset, and turns reverse-path filtering off in the client
+/// (all, and on `interface`), as it is by default: so the kill switch
+/// alone has to refuse what a test forges.
+fn session_with_rp_filter_off<'lab>(lab: &'lab Lab, interface: &str) -> Daemon<'lab> {
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    lab.exec_ok(
+        Ns::Client,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.all.rp_filter=0",
+            &format!("net.ipv4.conf.{interface}.rp_filter=0"),
+        ],
+    )
+    .expect("reverse-path filtering off in the client");
+    daemon
+}
+
+/// A session whose profile allows UDP to port 51820 of 203.0.113.20 (by
+/// address) and of 2001:db8:203::/123 (besides the lab's meet.test), with
+/// both leak meters reset, and what the spoof tests need around it:
+/// reverse-path filtering off in the client, as it is by default (so the
+/// kill switch alone has to refuse what the router forges), and routes in
+/// the router to the tunnel's addresses through the client (so what it
+/// forges reaches the client's link).
+fn session_with_flows_to_spoof(lab: &Lab) -> Daemon<'_> {
     let files = lab
         .write_profile("lab", |t| {
             t.replace("udp = [10000]", "udp = [10000, 51820]").replace(
@@ -88,37 +102,7 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         .expect("write profile");
     lab.set_tunnel_allowed_profile(&files.toml)
         .expect("tunnel meter follows the profile");
-    let daemon = lab.start_sessiond().expect("start sessiond");
-    daemon.ctl_ok(&["start", "lab"]).expect("start");
-    lab.reset_all_leaks().expect("reset");
-
-    lab.exec_ok(
-        Ns::Client,
-        &[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.conf.all.rp_filter=0",
-            &format!("net.ipv4.conf.{}.rp_filter=0", addr::CLIENT_IF),
-        ],
-    )
-    .expect("reverse-path filtering off in the client");
-    // Counts the spoofed replies where they reach the client (before any
-    // filter): proof that each was tried.
-    let ports = format!("{TO_ALLOWED_NET_V4}, {TO_ANSWERED_NAME_V4}, {TO_ALLOWED_V6}");
-    lab.exec_stdin(
-        Ns::Client,
-        &["nft", "-f", "-"],
-        format!(
-            "table inet labspoofseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
-             iifname \"{}\" udp sport 51820 udp dport {{ {ports} }} counter\n }}\n}}\n",
-            addr::CLIENT_IF
-        )
-        .as_bytes(),
-    )
-    .expect("count the spoofed replies in the client");
-    // The router reaches the tunnel's addresses through the client, and
-    // gives its own datagrams the far ends' addresses.
+    let daemon = session_with_rp_filter_off(lab, addr::CLIENT_IF);
     lab.ip_batch(
         Ns::Router,
         &[
@@ -137,6 +121,41 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         ],
     )
     .expect("routes to the tunnel's addresses");
+    daemon
+}
+
+/// Replies spoofed onto the session's own flows, arriving on the physical
+/// interface, must not reach the application: a neighbour (or anyone who
+/// can put packets on the link) that guesses a flow of the call must not
+/// be able to inject into it. The client has UDP flows through the tunnel
+/// to far ends on port 51820 (the tunnel endpoint's port) that never
+/// answer: one to an allowed network (203.0.113.20, by address), one to an
+/// answered name (meet.test, 203.0.113.10), one over IPv6 (2001:db8:203::10,
+/// by address and by name). The router then sends each flow a reply from
+/// its far end's address and port, straight to the tunnel's address on the
+/// client's link. A lab table in the client counts their arrival on the
+/// link, so each was really tried; reverse-path filtering is off in the
+/// client, as it is by default, so the kill switch alone has to refuse
+/// them.
+#[test]
+fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
+    let lab = lab();
+    let daemon = session_with_flows_to_spoof(&lab);
+    // Counts the spoofed replies where they reach the client (before any
+    // filter): proof that each was tried.
+    let ports = format!("{TO_ALLOWED_NET_V4}, {TO_ANSWERED_NAME_V4}, {TO_ALLOWED_V6}");
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labspoofseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{}\" udp sport 51820 udp dport {{ {ports} }} counter\n }}\n}}\n",
+            addr::CLIENT_IF
+        )
+        .as_bytes(),
+    )
+    .expect("count the spoofed replies in the client");
+    // The router gives its own datagrams the far ends' addresses.
     lab.exec_stdin(
         Ns::Router,
         &["nft", "-f", "-"],
@@ -155,24 +174,51 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
     )
     .expect("the router's spoofing table");
 
-    // The far ends listen and never answer (no ICMP error either).
-    let host = labhost(&lab);
-    let far_ends = lab
-        .spawn(Ns::Host, &[&host, "sink", "--udp", "51820"])
-        .expect("start the far ends' sink");
-    wait_ready(&far_ends, "the far ends' sink ready");
     // meet.test answered through the session's DNS: its addresses join the
     // answered sets.
     for qtype in ["A", "AAAA"] {
         lab.dns_query(Ns::Client, addr::GATEWAY_TUN_V4, addr::MEET_NAME, qtype)
             .unwrap_or_else(|e| panic!("{} {qtype}: {e}", addr::MEET_NAME));
     }
-
     let flows = [
         (addr::OTHER_V4, TO_ALLOWED_NET_V4, addr::DAEMON_TUN_V4),
         (addr::HOST_V4, TO_ANSWERED_NAME_V4, addr::DAEMON_TUN_V4),
         (addr::HOST_V6, TO_ALLOWED_V6, addr::DAEMON_TUN_V6),
     ];
+    let (_far_ends, apps) = flows_waiting_for_a_reply(&lab, &flows);
+
+    for (_, sport, tunnel_address) in flows {
+        // Sent from the far end's port; the router's table puts the far
+        // end's address on it. Nothing answers it.
+        let _ = lab.probe_udp_crafted(
+            Ns::Router,
+            tunnel_address,
+            sport,
+            addr::WG_PORT,
+            None,
+            Duration::from_millis(100),
+        );
+    }
+    wait_until(DEADLINE, "the spoofed replies at the client's link", || {
+        counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64
+    })
+    .expect("the router's spoofed replies reach the client");
+    assert_nothing_reached(&apps, &flows, "a reply spoofed as");
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// Starts one application flow per `(far end, source port, tunnel
+/// address)`: a UDP datagram through the tunnel to the far end's port
+/// 51820, where a sink listens and never answers (no ICMP error either),
+/// after which the application waits for a reply. Returns once every
+/// datagram is at its far end: the sink and the waiting applications.
+fn flows_waiting_for_a_reply(lab: &Lab, flows: &[(&str, u16, &str)]) -> (LabChild, Vec<LabChild>) {
+    let host = labhost(lab);
+    let far_ends = lab
+        .spawn(Ns::Host, &[&host, "sink", "--udp", "51820"])
+        .expect("start the far ends' sink");
+    wait_ready(&far_ends, "the far ends' sink ready");
     let apps: Vec<LabChild> = flows
         .iter()
         .map(|(far_end, sport, _)| {
@@ -198,29 +244,21 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         far_ends.log().lines().filter(|l| l.ends_with("-> 51820")).count() >= flows.len()
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", far_ends.log()));
+    (far_ends, apps)
+}
 
-    for (_, sport, tunnel_address) in flows {
-        // Sent from the far end's port; the router's table puts the far
-        // end's address on it. Nothing answers it.
-        let _ = lab.probe_udp_crafted(
-            Ns::Router,
-            tunnel_address,
-            sport,
-            addr::WG_PORT,
-            None,
-            Duration::from_millis(100),
-        );
-    }
-    wait_until(DEADLINE, "the spoofed replies at the client's link", || {
-        counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64
-    })
-    .expect("the router's spoofed replies reach the client");
+/// Asserts that nothing `what` (the forged packets, as the failure will
+/// say) reached the applications of `flows_waiting_for_a_reply`: each was
+/// still waiting when the forged packets came, and then gave up with "no
+/// reply" (not with a reply, nor with an error a forged ICMP message
+/// reported to its socket).
+fn assert_nothing_reached(apps: &[LabChild], flows: &[(&str, u16, &str)], what: &str) {
     for (app, (far_end, sport, _)) in apps.iter().zip(flows) {
-        // Had it given up before the spoofed reply came, this test would
+        // Had it given up before the forged packet came, this test would
         // prove nothing.
         assert!(
             app.is_running() || !app.log().contains("no reply"),
-            "the application on port {sport} stopped waiting before the reply spoofed as {far_end} came: {}",
+            "the application on port {sport} stopped waiting before {what} {far_end} came: {}",
             app.log()
         );
     }
@@ -228,10 +266,74 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
         app.wait_exit(DEADLINE).expect("the application's probe ends");
         assert!(
             app.log().contains("no reply"),
-            "a reply spoofed as {far_end}:51820 reached the application on port {sport}: {}",
+            "{what} {far_end}:51820 reached the application on port {sport}: {}",
             app.log()
         );
     }
+}
+
+/// ICMP errors forged onto the session's own flows, arriving on the
+/// physical interface, must not reach the application: a neighbour that
+/// guesses a flow of the call must not be able to end it (a port
+/// unreachable makes a connected socket fail) or shrink its packets (a
+/// "fragmentation needed" or "packet too big" lowers the path MTU). Such
+/// errors belong to the tunnel: a router on a tunnel flow's path sends
+/// them into the gateway, which sends them back through the tunnel. The
+/// client has UDP flows through the tunnel to far ends that never answer,
+/// one over IPv4 (203.0.113.20) and one over IPv6 (2001:db8:203::10); the
+/// router sends each a port unreachable and a "too big" quoting the flow's
+/// datagram (which conntrack then calls related to that flow), straight
+/// to the tunnel's address on the client's link. A lab table in the client
+/// counts their arrival on the link, so each was really tried.
+#[test]
+fn icmp_errors_forged_onto_the_sessions_flows_do_not_get_in_on_the_link() {
+    let lab = lab();
+    let daemon = session_with_flows_to_spoof(&lab);
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labicmpseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{link}\" ip daddr {tun4} icmp type destination-unreachable counter\n  \
+             iifname \"{link}\" ip6 daddr {tun6} icmpv6 type {{ destination-unreachable, packet-too-big }} counter\n \
+             }}\n}}\n",
+            link = addr::CLIENT_IF,
+            tun4 = addr::DAEMON_TUN_V4,
+            tun6 = addr::DAEMON_TUN_V6,
+        )
+        .as_bytes(),
+    )
+    .expect("count the forged errors in the client");
+    let flows = [
+        (addr::OTHER_V4, TO_ALLOWED_NET_V4, addr::DAEMON_TUN_V4),
+        (addr::HOST_V6, TO_ALLOWED_V6, addr::DAEMON_TUN_V6),
+    ];
+    let (_far_ends, apps) = flows_waiting_for_a_reply(&lab, &flows);
+
+    let host = labhost(&lab);
+    for (far_end, sport, tunnel_address) in flows {
+        for kind in ["port-unreachable", "too-big"] {
+            lab.exec_ok(
+                Ns::Router,
+                &[
+                    &host,
+                    "icmp-error",
+                    tunnel_address,
+                    &sport.to_string(),
+                    far_end,
+                    "51820",
+                    "--kind",
+                    kind,
+                ],
+            )
+            .unwrap_or_else(|e| panic!("forge a {kind} about {far_end}: {e:#}"));
+        }
+    }
+    wait_until(DEADLINE, "the forged errors at the client's link", || {
+        counted(&lab, Ns::Client, "inet", "labicmpseen") >= 2 * flows.len() as u64
+    })
+    .expect("the router's forged errors reach the client");
+    assert_nothing_reached(&apps, &flows, "an ICMP error forged about");
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
@@ -436,5 +538,117 @@ fn a_dhcp_server_on_the_link_still_answers_during_a_session() {
         "no DHCP offer from the link's server during the session: {last}\n{}",
         server.log()
     );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
+/// "Fragmentation needed" about the tunnel's own UDP (its datagrams to the
+/// gateway's endpoint) gets in from the link only: a router on the path to
+/// the endpoint is on the physical link's side, and its error sets the
+/// path MTU the tunnel's datagrams use (`ip route get` shows it); the same
+/// error arriving through the tunnel (the gateway's, or anything the
+/// gateway forwards) has no business with the link's path MTU. The
+/// router sends one with MTU 1400, and the client's route to the endpoint
+/// shows it; then the gateway sends one with MTU 1300 through the tunnel
+/// to the client's physical address (allowed for this test in the
+/// gateway's WireGuard peer), a counter in the client proves it arrived on
+/// the tunnel interface, and the route must still say 1400.
+#[test]
+fn path_mtu_errors_about_the_tunnels_own_datagrams_get_in_only_from_the_link() {
+    let lab = lab();
+    lab.write_profile("lab", |t| t).expect("write profile");
+    let daemon = session_with_rp_filter_off(&lab, lab::DAEMON_TUN_IF);
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labmtuseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{}\" ip daddr {} icmp type destination-unreachable counter\n }}\n}}\n",
+            lab::DAEMON_TUN_IF,
+            addr::CLIENT_V4,
+        )
+        .as_bytes(),
+    )
+    .expect("count the errors through the tunnel in the client");
+
+    // The tunnel's source port, as the gateway sees it.
+    let client_endpoint = format!("{}:", addr::CLIENT_V4);
+    let mut tunnel_port = String::new();
+    wait_until(DEADLINE, "the client's endpoint at the gateway", || {
+        let endpoints = lab.gateway_wg_show(&["endpoints"]).unwrap_or_default();
+        match endpoints
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&client_endpoint))
+        {
+            Some(port) => {
+                tunnel_port = port.to_string();
+                true
+            }
+            None => false,
+        }
+    })
+    .expect("the gateway knows the client's endpoint");
+    let host = labhost(&lab);
+    let too_big = |ns: Ns, mtu: &str, device: Option<&str>| {
+        let wg_port = addr::WG_PORT.to_string();
+        let mut args = vec![
+            host.as_str(),
+            "icmp-error",
+            addr::CLIENT_V4,
+            tunnel_port.as_str(),
+            addr::GATEWAY_V4,
+            &wg_port,
+            "--kind",
+            "too-big",
+            "--mtu",
+            mtu,
+        ];
+        if let Some(device) = device {
+            args.extend(["--device", device]);
+        }
+        lab.exec_ok(ns, &args)
+            .unwrap_or_else(|e| panic!("send a fragmentation needed with MTU {mtu}: {e:#}"));
+    };
+    let route_mtu = || {
+        lab.exec_ok(
+            Ns::Client,
+            &["ip", "route", "get", addr::GATEWAY_V4, "mark", TUNNEL_FWMARK],
+        )
+        .expect("ip route get")
+    };
+
+    // From the link: a router on the path.
+    too_big(Ns::Router, "1400", None);
+    wait_until(
+        DEADLINE,
+        "the link's path MTU (1400) on the route to the endpoint",
+        || route_mtu().contains("mtu 1400"),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", route_mtu()));
+
+    // Through the tunnel: the gateway's WireGuard sends to the client's
+    // physical address only if that is among the peer's allowed IPs.
+    let (_, client_key) = lab.client_key().expect("the client key");
+    lab.add_gateway_peer(
+        &client_key,
+        &[
+            &format!("{}/32", addr::DAEMON_TUN_V4),
+            &format!("{}/128", addr::DAEMON_TUN_V6),
+            &format!("{}/32", addr::CLIENT_V4),
+        ],
+    )
+    .expect("the gateway may send to the client's physical address");
+    too_big(Ns::Gateway, "1300", Some(&lab.gateway_ifname()));
+    wait_until(
+        DEADLINE,
+        "the gateway's error at the client's tunnel interface",
+        || counted(&lab, Ns::Client, "inet", "labmtuseen") >= 1,
+    )
+    .expect("the gateway's error reaches the client through the tunnel");
+    let route = route_mtu();
+    assert!(
+        route.contains("mtu 1400"),
+        "a fragmentation needed about the tunnel's datagrams got in through the tunnel: {route}"
+    );
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }

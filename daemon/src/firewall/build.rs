@@ -472,23 +472,14 @@ fn tunnel_path_mtu_errors(shape: &Shape, chains: &mut Chains) {
     } else {
         vec![eq(payload("icmpv6", "type"), s("packet-too-big"))]
     };
+    // From the link only: that path is outside the tunnel, so such an
+    // error arriving through it (the gateway's) says nothing about it.
     chains.input.push(
-        too_big
-            .into_iter()
+        std::iter::once(ne(meta(MetaKey::Iifname), s(shape.tun)))
+            .chain(too_big)
             .chain([
                 is_in(ct_state(), set_of(vec![s("related")])),
-                eq(
-                    Expression::Named(NamedExpression::CT(CT {
-                        key: "daddr".into(),
-                        family: Some(if endpoint.is_ipv4() {
-                            nftables::expr::CTFamily::IP
-                        } else {
-                            nftables::expr::CTFamily::IP6
-                        }),
-                        dir: Some(nftables::expr::CTDir::Original),
-                    })),
-                    s(endpoint.ip().to_string()),
-                ),
+                eq(flow_original_daddr(endpoint.ip()), s(endpoint.ip().to_string())),
                 accept(),
             ])
             .collect(),
@@ -721,13 +712,24 @@ fn icmp_errors_about_flows(shape: &Shape, chains: &mut Chains) {
     if shape.allow.is_none() {
         return;
     }
-    for errors in icmp_errors() {
-        chains.input.push(vec![
+    // Not those about the tunnel's own UDP, whose path is the link's (see
+    // tunnel_path_mtu_errors): the endpoint's family's rule leaves out
+    // flows to the endpoint's address.
+    let endpoint = shape.endpoint;
+    for (errors, v6) in icmp_errors().into_iter().zip([false, true]) {
+        let mut rule = vec![
             eq(meta(MetaKey::Iifname), s(shape.tun)),
             is_in(ct_state(), set_of(vec![s("related")])),
             errors,
-            accept(),
-        ]);
+        ];
+        if endpoint.is_ipv6() == v6 {
+            rule.push(ne(
+                flow_original_daddr(endpoint.ip()),
+                s(endpoint.ip().to_string()),
+            ));
+        }
+        rule.push(accept());
+        chains.input.push(rule);
     }
 }
 
@@ -961,4 +963,18 @@ pub(super) fn port_pieces(entries: &[((IpAddr, u8), PortRange)]) -> Vec<(PortRan
         }
     }
     pieces
+}
+
+/// The original destination of a packet's flow (for an ICMP error, of the
+/// flow it quotes), compared as an address of `family_of`'s family.
+fn flow_original_daddr(family_of: IpAddr) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: "daddr".into(),
+        family: Some(if family_of.is_ipv4() {
+            nftables::expr::CTFamily::IP
+        } else {
+            nftables::expr::CTFamily::IP6
+        }),
+        dir: Some(nftables::expr::CTDir::Original),
+    }))
 }

@@ -897,6 +897,21 @@ fn path_mtu_errors_for_the_tunnels_own_flow_and_mss_clamped_in_the_tunnel() {
         too_big.contains("related") && too_big.contains("198.51.100.2") && too_big.contains("original"),
         "{too_big}"
     );
+    // From the link only, never through the tunnel.
+    assert!(
+        too_big.contains(r#"{"match":{"left":{"meta":{"key":"iifname"}},"op":"!=","right":"sg0"}}"#),
+        "{too_big}"
+    );
+    // ICMP errors through the tunnel: about the tunnel's flows, never about
+    // the tunnel's own UDP (the endpoint's flow; its family's rule only).
+    let not_the_endpoint = r#"{"match":{"left":{"ct":{"dir":"original","family":"ip","key":"daddr"}},"op":"!=","right":"198.51.100.2"}}"#;
+    let tunnel_errors = &input[position(&input, "time-exceeded")];
+    assert!(
+        tunnel_errors.contains("sg0") && tunnel_errors.contains(not_the_endpoint),
+        "{tunnel_errors}"
+    );
+    let tunnel_errors_v6 = &input[position(&input, "packet-too-big")];
+    assert!(!tunnel_errors_v6.contains("198.51.100.2"), "{tunnel_errors_v6}");
     let out = rules(&objs, OUTPUT);
     let clamp = &out[position(&out, "maxseg")];
     assert!(clamp.contains("sg0") && clamp.contains("mtu"), "{clamp}");

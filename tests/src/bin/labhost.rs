@@ -41,6 +41,15 @@
 //!   line per arriving message that carries the lab's marker (`icmp6
 //!   type=135 from 2001:db8:203::10`), so the kernel's own neighbour
 //!   discovery does not count: proof that a crafted message got in.
+//! - `labhost icmp-error TO SPORT FAR_END DPORT [--kind port-unreachable|too-big]
+//!   [--mtu N] [--device DEV]` — sends TO an ICMP (or ICMPv6, by TO's family)
+//!   error about a UDP datagram that TO sent from port SPORT to FAR_END:DPORT,
+//!   quoting that datagram's headers, as a router on its path (or FAR_END)
+//!   would: a port unreachable, or a fragmentation needed / packet too big
+//!   with next-hop MTU N (default 1280). From a raw socket, out of DEV if
+//!   given (SO_BINDTODEVICE: routed there even without a route); the outer
+//!   source is the sender's own. Prints `sent`, exit 0: what a neighbour can
+//!   forge about a flow it can guess.
 //! - `labhost dhcp-discover DEVICE [--timeout-ms N]` — what a DHCP client
 //!   does first: a DHCPDISCOVER (broadcast flag set) from port 68 to
 //!   255.255.255.255:67 out of DEVICE, then waits for the DHCPOFFER that
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         Some("icmp6-send") => icmp6_send(&args[1..]),
         Some("icmp6-sink") => icmp6_sink(&args[1..]),
         Some("dhcp-discover") => dhcp_discover(&args[1..]),
+        Some("icmp-error") => icmp_error(&args[1..]),
         _ => Err(
             "usage: labhost serve|probe-tcp ADDR PORT|probe-udp ADDR PORT|dns-query SERVER NAME".to_string(),
         ),
@@ -794,6 +804,131 @@ fn icmp6_sink(args: &[String]) -> Result<(), String> {
             let _ = io::stdout().flush();
         }
     }
+}
+
+// ---------------------------------------------------------------- icmp errors
+
+/// The Internet checksum (RFC 1071) of `bytes`.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// What `to` sent: the IP and UDP headers of a datagram from `to`:`sport`
+/// to `far_end`:`dport` with a four-byte body (only the headers are
+/// quoted, which is all an error must carry).
+fn quoted_datagram(to: IpAddr, sport: u16, far_end: IpAddr, dport: u16) -> Result<Vec<u8>, String> {
+    const BODY: u16 = 4;
+    let udp_len = 8 + BODY;
+    let mut udp = Vec::with_capacity(8);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    let mut packet = match (to, far_end) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = 20 + udp_len;
+            let mut header = vec![0x45, 0];
+            header.extend_from_slice(&total.to_be_bytes());
+            // Identification 0, don't fragment, TTL 64, UDP, checksum later.
+            header.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+            header.extend_from_slice(&src.octets());
+            header.extend_from_slice(&dst.octets());
+            let sum = internet_checksum(&header);
+            header[10..12].copy_from_slice(&sum.to_be_bytes());
+            header
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut header = vec![0x60, 0, 0, 0];
+            header.extend_from_slice(&udp_len.to_be_bytes());
+            header.extend_from_slice(&[17, 64]);
+            header.extend_from_slice(&src.octets());
+            header.extend_from_slice(&dst.octets());
+            header
+        }
+        _ => return Err(format!("icmp-error: {to} and {far_end} are not of one family")),
+    };
+    packet.extend_from_slice(&udp);
+    Ok(packet)
+}
+
+fn icmp_error(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args)?;
+    let usage = || {
+        "usage: labhost icmp-error TO SPORT FAR_END DPORT [--kind port-unreachable|too-big] [--mtu N] [--device DEV]"
+            .to_string()
+    };
+    let [to, sport, far_end, dport] = args.positional.as_slice() else {
+        return Err(usage());
+    };
+    let to: IpAddr = to.parse().map_err(|_| usage())?;
+    let far_end: IpAddr = far_end.parse().map_err(|_| usage())?;
+    let sport: u16 = sport.parse().map_err(|_| usage())?;
+    let dport: u16 = dport.parse().map_err(|_| usage())?;
+    let too_big = match args.one("kind").unwrap_or("port-unreachable") {
+        "port-unreachable" => false,
+        "too-big" => true,
+        _ => return Err(usage()),
+    };
+    let mtu: u32 = args.num("mtu", 1280)?;
+    let quoted = quoted_datagram(to, sport, far_end, dport)?;
+    // Type, code, checksum, then four bytes (for "too big", the MTU).
+    let mut message = match (to.is_ipv4(), too_big) {
+        // Destination unreachable: port unreachable, or fragmentation
+        // needed with the next hop's MTU in the last two bytes.
+        (true, false) => vec![3, 3, 0, 0, 0, 0, 0, 0],
+        (true, true) => {
+            let mtu = u16::try_from(mtu).map_err(|_| usage())?;
+            let mut m = vec![3, 4, 0, 0, 0, 0];
+            m.extend_from_slice(&mtu.to_be_bytes());
+            m
+        }
+        // ICMPv6 destination unreachable, port unreachable; packet too big.
+        (false, false) => vec![1, 4, 0, 0, 0, 0, 0, 0],
+        (false, true) => {
+            let mut m = vec![2, 0, 0, 0];
+            m.extend_from_slice(&mtu.to_be_bytes());
+            m
+        }
+    };
+    message.extend_from_slice(&quoted);
+    let (family, protocol) = if to.is_ipv4() {
+        // The kernel fills in ICMPv6 checksums on raw sockets, not ICMP's.
+        let sum = internet_checksum(&message);
+        message[2..4].copy_from_slice(&sum.to_be_bytes());
+        (AddressFamily::Inet, SockProtocol::Icmp)
+    } else {
+        (AddressFamily::Inet6, SockProtocol::IcmpV6)
+    };
+    let fd = socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, protocol)
+        .map_err(|e| format!("raw ICMP socket: {}", e.desc()))?;
+    if let Some(device) = args.one("device") {
+        setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(device))
+            .map_err(|e| format!("bind to {device}: {}", e.desc()))?;
+    }
+    let sent = match to {
+        IpAddr::V4(a) => nix::sys::socket::sendto(
+            fd.as_raw_fd(),
+            &message,
+            &SockaddrIn::from(std::net::SocketAddrV4::new(a, 0)),
+            MsgFlags::empty(),
+        ),
+        IpAddr::V6(a) => nix::sys::socket::sendto(
+            fd.as_raw_fd(),
+            &message,
+            &SockaddrIn6::from(std::net::SocketAddrV6::new(a, 0, 0, 0)),
+            MsgFlags::empty(),
+        ),
+    };
+    sent.map_err(|e| format!("icmp error to {to}: {}", e.desc()))?;
+    println!("sent");
+    Ok(())
 }
 
 // ---------------------------------------------------------------- dhcp
