@@ -105,6 +105,11 @@ impl Drop for PortalCleanup {
             let _ = lab::util::run(&["nsenter", &mnt, "ip", "netns", "del", &self.name]);
         }
         let _ = lab::util::run(&["ip", "netns", "del", &self.name]);
+        // The namespace's file under /run/netns is shared by every mount
+        // namespace: a delete that ran while another one still held the
+        // mount can leave the empty file behind, which `ip netns list`
+        // then shows on the host.
+        let _ = std::fs::remove_file(Path::new("/run/netns").join(&self.name));
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }
