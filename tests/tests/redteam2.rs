@@ -261,6 +261,79 @@ fn a_reload_that_narrows_a_names_range_cuts_its_established_flow() {
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
+/// Two names with overlapping UDP ranges (each its own answer sets): each
+/// name's address reaches only its own range, over IPv4 and IPv6; then a
+/// reload moves meet.test's range from UDP to TCP: its established UDP
+/// flow is cut and no UDP to the range is let out. Both meters at zero.
+/// Seen failing with the name-range rule of `allowlist` matching any port
+/// and the tunnel filter admitting a learned address on any port (the
+/// inside meter counted 203.0.113.10 and 2001:db8:203::10 udp/40015,
+/// 203.0.113.20 udp/40002).
+#[test]
+fn names_with_overlapping_ranges_and_a_range_moved_to_tcp() {
+    let lab = lab();
+    let _serve = serve(&lab, &[40002, 40007, 40015], &[]);
+    let ranges = format!(
+        "[[allow]]\nhost = \"{}\"\nudp = [\"40000-40010\"]\n\n\
+         [[allow]]\nhost = \"{}\"\nudp = [\"40005-40020\"]\n",
+        addr::MEET_NAME,
+        addr::OTHER_NAME
+    );
+    let profile = write_profile(&lab, &ranges, None, "");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.set_tunnel_allowed_profile(&profile)
+        .expect("the inside meter follows the profile");
+    lab.reset_all_leaks().expect("reset the meters");
+    for (name, qtype) in [
+        (addr::MEET_NAME, "A"),
+        (addr::MEET_NAME, "AAAA"),
+        (addr::OTHER_NAME, "A"),
+    ] {
+        let got = lab.dns_query(Ns::Client, addr::PUBLIC_DNS_V4, name, qtype);
+        assert!(
+            got.as_ref().is_ok_and(|r| !r.answers.is_empty()),
+            "{name} {qtype}: {got:?}"
+        );
+    }
+    assert!(udp_reaches(&lab, addr::HOST_V4, 40002));
+    assert!(udp_reaches(&lab, addr::HOST_V4, 40007));
+    assert!(udp_reaches(&lab, addr::OTHER_V4, 40007));
+    assert!(udp_reaches(&lab, addr::OTHER_V4, 40015));
+    assert!(
+        !udp_reaches(&lab, addr::HOST_V4, 40015),
+        "meet.test on other.test's range"
+    );
+    assert!(
+        !udp_reaches(&lab, addr::OTHER_V4, 40002),
+        "other.test on meet.test's range"
+    );
+    let v6 = |port| {
+        lab.probe_udp_timeout(Ns::Client, addr::HOST_V6, port, Duration::from_millis(800))
+            .is_ok_and(|r| r.starts_with(&format!("peer={}", addr::GATEWAY_V6)))
+    };
+    assert!(v6(40007), "meet.test's IPv6 answer on its range");
+    assert!(!v6(40015), "meet.test's IPv6 answer on other.test's range");
+
+    let flow = client_udp(&lab, false);
+    assert!(udp_exchange(&flow, sock(addr::HOST_V4, 40002), "a").is_ok());
+    reload(
+        &lab,
+        &daemon,
+        &format!(
+            "[[allow]]\nhost = \"{}\"\ntcp = [\"40000-40010\"]\n\n\
+             [[allow]]\nhost = \"{}\"\nudp = [\"40005-40020\"]\n",
+            addr::MEET_NAME,
+            addr::OTHER_NAME
+        ),
+    );
+    let after = udp_exchange(&flow, sock(addr::HOST_V4, 40002), "after");
+    assert!(after.is_err(), "UDP went on on a range moved to TCP: {after:?}");
+    assert!(!udp_reaches(&lab, addr::HOST_V4, 40007));
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
 // ------------------------------------------------- the gateway-enforced kind
 
 /// The gateway-enforced kind lets every TCP/UDP into the tunnel, so the
