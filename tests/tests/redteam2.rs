@@ -341,12 +341,15 @@ fn names_with_overlapping_ranges_and_a_range_moved_to_tcp() {
 /// on the gateway (the inside meter counts what the machine sends into
 /// the tunnel, before any gateway could refuse it): DNS over UDP and TCP
 /// to a non-pinned resolver, IPv4 and IPv6, never reaches it, 853 is
-/// refused over both, and with an IPv4-only tunnel IPv6 goes nowhere.
+/// refused over both, with an IPv4-only tunnel IPv6 goes nowhere, and UDP
+/// bound to the physical link (off the tunnel) does not leave.
 /// Seen failing with `gateway_enforces_the_allowlist` before
 /// `dns_refused_elsewhere` in the rule order and the tunnel filter's
 /// gateway-enforced shortcut ahead of its DNS check (203.0.113.53 tcp/853
 /// answered through the tunnel). With the rule order alone broken, the
-/// tunnel filter still dropped the 853 SYN (no answer, meters 0).
+/// tunnel filter still dropped the 853 SYN (no answer, meters 0). The
+/// bound UDP was seen sent (not refused) with the gateway-enforced rule's
+/// output-interface test left out; the link-level table still held it.
 #[test]
 fn the_gateway_enforced_kind_keeps_dns_pinned_and_ipv6_shut_on_the_machine() {
     let lab = lab();
@@ -392,6 +395,29 @@ fn the_gateway_enforced_kind_keeps_dns_pinned_and_ipv6_shut_on_the_machine() {
     }
     let got = lab.probe_udp_timeout(Ns::Client, addr::HOST_V6, 10000, Duration::from_millis(800));
     assert!(got.is_err(), "IPv6 udp/10000 answered: {got:?}");
+    // Off the tunnel: a local user's UDP bound to the physical link
+    // (SO_BINDTODEVICE), to an allowed host and to the public resolver.
+    let sent = in_client(&lab, true, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let dev = addr::CLIENT_IF;
+        // SAFETY: setsockopt on our own socket with a valid buffer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                dev.as_ptr().cast(),
+                libc::socklen_t::try_from(dev.len()).expect("short name"),
+            )
+        };
+        assert_eq!(rc, 0, "SO_BINDTODEVICE: {}", std::io::Error::last_os_error());
+        [sock(addr::HOST_V4, 10000), sock(addr::PUBLIC_DNS_V4, 53)]
+            .map(|to| format!("{to}: {:?}", socket.send_to(b"off the tunnel", to)))
+    });
+    assert!(
+        sent.iter().all(|s| s.contains("Err(")),
+        "sent off the tunnel: {sent:?}"
+    );
     assert_eq!(
         lab.public_resolver_log(),
         public_log,
