@@ -92,6 +92,12 @@ pub(crate) fn install_nat(lab: &Lab) -> Result<()> {
 /// Starts wireguard-go in `ns` for `ifname` and waits until `wg show` works.
 fn start_wireguard_go(lab: &Lab, ns: Ns, ifname: &str) -> Result<LabChild> {
     lab.track_wg_iface(ifname);
+    // wireguard-go makes its control socket's directory itself; a fresh CI
+    // machine once saw one exit with "Failed to listen on uapi socket: no
+    // such file or directory" while several labs started at once. Having
+    // the directory before any of them starts takes that step out of the
+    // race (an assumption: the cause was not found).
+    std::fs::create_dir_all("/var/run/wireguard").context("creating /var/run/wireguard")?;
     let child = lab.spawn_env(
         ns,
         &format!("wireguard-go-{ifname}"),
