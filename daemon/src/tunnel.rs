@@ -128,13 +128,9 @@ pub struct TunnelStats {
     pub transport: OuterProtocol,
 }
 
-/// How the encrypted datagrams travel now, as `status` shows it.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum OuterProtocol {
-    Udp,
-    Tcp,
-}
+/// How the encrypted datagrams travel now (`status` shows it): the same
+/// choice the lockdown lets out, so the same type.
+pub use crate::firewall::EndpointProtocol as OuterProtocol;
 
 /// Counters the packet task updates and `status` reads, without a lock.
 struct Shared {

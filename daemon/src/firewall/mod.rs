@@ -278,8 +278,10 @@ pub struct Lockdown {
     pub endpoint_protocol: EndpointProtocol,
 }
 
-/// The protocol of the tunnel's own flow to the endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The protocol of the tunnel's own flow to the endpoint (`status` shows
+/// it as `udp` or `tcp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EndpointProtocol {
     #[default]
     Udp,
