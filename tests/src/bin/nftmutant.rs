@@ -13,13 +13,18 @@
 //!   one `ID<TAB>DESCRIPTION` line each, and apply none;
 //! - `SG_MUTANT=ID`: apply that mutation wherever it applies.
 //!
-//! A mutation's ID names the chain and a hash of the rule's expression, so
+//! A mutation's ID names the layer and a hash of the rule's expression, so
 //! the same mutation applies to every batch sessiond writes (lockdown,
-//! session, re-applies) that holds that rule. The link-level table's
-//! per-interface chains (`egress0`, `egress1`, ...) count as one chain,
-//! `egress`: the product installs one rule list on every interface, so a
-//! mutation of it applies to all of them.
+//! session, re-applies) that holds that rule, and to every chain of the
+//! layer that holds it: `output`, `refuse`, `postrouting` and the
+//! link-level table's per-interface chains (`egress0`, `egress1`, ...) are
+//! one layer, `out`, whose chains say the same rules again as a defence in
+//! depth. A rule's identity leaves out its interface matches (a link-level
+//! chain is the interface) and reads every refusal the same, so
+//! `output: ... jump refuse`, `postrouting: ... drop` and `egress0: ...`
+//! are one rule, deleted, widened or opened together.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};
@@ -103,9 +108,29 @@ fn writes_our_rules(doc: &Value) -> bool {
     commands(doc).iter().any(|c| added(c, "rule").is_some())
 }
 
-/// FNV-1a of the rule's chain and expression, as 12 hex digits. A
-/// redirect's port is left out: the DNS stub picks a new one each run.
-/// A chain's name for mutation IDs: `egressN` is `egress` (see the top).
+/// The layer a chain belongs to, for mutation IDs. The kill switch says
+/// most things more than once on the way out: `output` (with its `refuse`
+/// chain), `postrouting` (the same rules again, for what `output` never
+/// sees) and the link-level `egressN` chains (one per interface, the same
+/// rule list on each) are one layer, `out`, so that a mutation weakens a
+/// rule in every chain that holds it. Otherwise a weakened copy is covered
+/// by the others and the mutant survives for that reason alone.
+fn layer_of(chain: &str) -> &str {
+    match chain {
+        "output" | "postrouting" | "refuse" => "out",
+        _ => match chain.strip_prefix("egress") {
+            Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => "out",
+            _ => chain,
+        },
+    }
+}
+
+/// The layer a rule or chain object belongs to.
+fn layer_name<'a>(obj: &'a Value, key: &str) -> &'a str {
+    layer_of(obj[key].as_str().unwrap_or("?"))
+}
+
+/// The chain's own name, `egressN` written `egress` (for reports).
 fn chain_of(name: &str) -> &str {
     match name.strip_prefix("egress") {
         Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => "egress",
@@ -113,25 +138,61 @@ fn chain_of(name: &str) -> &str {
     }
 }
 
-/// The chain a rule or chain object belongs to, as `chain_of` names it.
 fn chain_name<'a>(obj: &'a Value, key: &str) -> &'a str {
     chain_of(obj[key].as_str().unwrap_or("?"))
 }
 
-fn rule_id(rule: &Value) -> String {
-    let mut expr = rule["expr"].clone();
-    for stmt in expr.as_array_mut().into_iter().flatten() {
-        if let Some(redirect) = stmt.get_mut("redirect") {
-            *redirect = Value::Null;
-        }
-    }
-    let text = format!("\"{}\"|{expr}", chain_name(rule, "chain"));
+/// A match on the interface a packet leaves or enters by: the link-level
+/// chains hold no such match (each is the interface), so it is left out of
+/// a rule's identity.
+fn is_interface_match(stmt: &Value) -> bool {
+    stmt.get("match")
+        .and_then(|m| m["left"].get("meta"))
+        .is_some_and(|meta| meta["key"] == "oifname" || meta["key"] == "iifname")
+}
+
+/// FNV-1a of `text`, as 12 hex digits.
+fn fnv(text: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// A rule's identity across the chains of its layer: a hash of its layer
+/// and its expression, where interface matches are left out, every
+/// refusal (`drop`, `reject`, `jump refuse`) reads the same, and a
+/// redirect's port is left out (the DNS stub picks a new one each run).
+/// So `output`'s `... jump refuse`, `postrouting`'s `... drop` and the
+/// `egress` chains' same rule are one rule.
+fn rule_id(rule: &Value) -> String {
+    let expr: Vec<Value> = rule["expr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|stmt| !is_interface_match(stmt))
+        .map(|stmt| {
+            if is_refusal(stmt) {
+                serde_json::json!({ "refuse": null })
+            } else if stmt.get("redirect").is_some() {
+                serde_json::json!({ "redirect": null })
+            } else {
+                stmt.clone()
+            }
+        })
+        .collect();
+    fnv(&format!(
+        "\"{}\"|{}",
+        layer_name(rule, "chain"),
+        Value::from(expr)
+    ))
+}
+
+/// A match statement's identity within a rule (for `widen`).
+fn match_id(stmt: &Value) -> String {
+    fnv(&stmt.to_string())[..6].to_string()
 }
 
 fn is_match(stmt: &Value) -> bool {
@@ -216,38 +277,54 @@ fn describe_rule(rule: &Value) -> String {
     format!("{}: {}", chain_name(rule, "chain"), stmts.join(" "))
 }
 
-/// Every mutation this batch allows, as (id, description).
+/// Every mutation this batch allows, as (id, description). A rule held by
+/// several chains of a layer gives one mutation, which names them all.
 fn candidates(doc: &Value) -> Vec<(String, String)> {
-    let mut out = Vec::new();
+    let mut found: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+    let mut add = |id: String, what: String, chain: &str| {
+        found
+            .entry(id)
+            .or_insert_with(|| (what, BTreeSet::new()))
+            .1
+            .insert(chain.to_string());
+    };
     for cmd in commands(doc) {
         if let Some(rule) = added(cmd, "rule") {
             let id = rule_id(rule);
+            let layer = layer_name(rule, "chain");
             let chain = chain_name(rule, "chain");
             let what = describe_rule(rule);
-            out.push((format!("delete:{chain}:{id}"), format!("delete rule [{what}]")));
+            add(
+                format!("delete:{layer}:{id}"),
+                format!("delete rule [{what}]"),
+                chain,
+            );
             let stmts = rule["expr"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-            for (i, stmt) in stmts.iter().enumerate() {
+            for stmt in stmts {
                 if is_match(stmt) {
-                    out.push((
-                        format!("widen:{chain}:{id}:{i}"),
+                    add(
+                        format!("widen:{layer}:{id}:{}", match_id(stmt)),
                         format!("drop match `{}` from [{what}]", describe_stmt(stmt)),
-                    ));
+                        chain,
+                    );
                 }
-                if is_refusal(stmt) {
-                    out.push((
-                        format!("accept:{chain}:{id}:{i}"),
-                        format!("`{}` becomes accept in [{what}]", describe_stmt(stmt)),
-                    ));
-                }
+            }
+            if stmts.iter().any(is_refusal) {
+                add(
+                    format!("accept:{layer}:{id}"),
+                    format!("the refusal becomes accept in [{what}]"),
+                    chain,
+                );
             }
         }
         if let Some(chain) = added(cmd, "chain") {
             if chain.get("policy").is_some_and(|p| p == "drop") {
-                let name = chain_name(chain, "name");
-                out.push((
-                    format!("policy:{name}"),
-                    format!("chain {name}: policy drop becomes accept"),
-                ));
+                let layer = layer_name(chain, "name");
+                add(
+                    format!("policy:{layer}"),
+                    format!("policy drop becomes accept in every base chain of layer {layer}"),
+                    chain_name(chain, "name"),
+                );
             }
         }
         if let Some(set) = added(cmd, "set") {
@@ -258,14 +335,21 @@ fn candidates(doc: &Value) -> Vec<(String, String)> {
                 .flatten()
                 .filter_map(Value::as_str)
             {
-                out.push((
+                add(
                     format!("setflag:{name}:{flag}"),
                     format!("set {name}: flag {flag} dropped"),
-                ));
+                    "sets",
+                );
             }
         }
     }
-    out
+    found
+        .into_iter()
+        .map(|(id, (what, chains))| {
+            let chains: Vec<String> = chains.into_iter().collect();
+            (id, format!("{what} (in {})", chains.join(", ")))
+        })
+        .collect()
 }
 
 fn append_candidates(path: &str, doc: &Value) {
@@ -291,43 +375,45 @@ fn apply(doc: &mut Value, id: &str) -> bool {
     let Some(list) = doc.get_mut("nftables").and_then(Value::as_array_mut) else {
         return false;
     };
+    let is_rule = |cmd: &Value, layer: &str, rid: &str| {
+        added(cmd, "rule").is_some_and(|r| layer_name(r, "chain") == layer && rule_id(r) == rid)
+    };
     let mut changed = false;
     match parts.as_slice() {
-        ["delete", chain, rid] => {
+        ["delete", layer, rid] => {
             list.retain(|cmd| {
-                let hit = added(cmd, "rule")
-                    .is_some_and(|r| chain_name(r, "chain") == *chain && rule_id(r) == *rid);
+                let hit = is_rule(cmd, layer, rid);
                 changed |= hit;
                 !hit
             });
         }
-        [kind @ ("widen" | "accept"), chain, rid, index] => {
-            let Ok(index) = index.parse::<usize>() else {
-                return false;
-            };
+        [kind @ ("widen" | "accept"), layer, rid, rest @ ..] => {
             for cmd in list.iter_mut() {
-                let hit = added(cmd, "rule")
-                    .is_some_and(|r| chain_name(r, "chain") == *chain && rule_id(r) == *rid);
-                if !hit {
+                if !is_rule(cmd, layer, rid) {
                     continue;
                 }
                 let Some(expr) = cmd["add"]["rule"]["expr"].as_array_mut() else {
                     continue;
                 };
-                if index >= expr.len() {
-                    continue;
+                let before = expr.clone();
+                match (*kind, rest) {
+                    ("widen", [mid]) => expr.retain(|stmt| !(is_match(stmt) && match_id(stmt) == *mid)),
+                    ("accept", []) => {
+                        for stmt in expr.iter_mut().filter(|s| is_refusal(s)) {
+                            *stmt = serde_json::json!({ "accept": null });
+                        }
+                    }
+                    _ => {}
                 }
-                if *kind == "widen" {
-                    expr.remove(index);
-                } else {
-                    expr[index] = serde_json::json!({ "accept": null });
-                }
-                changed = true;
+                changed |= *expr != before;
             }
         }
-        ["policy", name] => {
+        ["policy", layer] => {
             for cmd in list.iter_mut() {
-                if added(cmd, "chain").is_some_and(|c| chain_name(c, "name") == *name) {
+                let hit = added(cmd, "chain").is_some_and(|c| {
+                    layer_name(c, "name") == *layer && c.get("policy").is_some_and(|p| p == "drop")
+                });
+                if hit {
                     cmd["add"]["chain"]["policy"] = Value::from("accept");
                     changed = true;
                 }
