@@ -208,6 +208,129 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
+/// The stub's mark (the DNS stub's own queries to the pinned resolvers
+/// carry it): what lets a datagram to a pinned resolver's port 53 out.
+const STUB_MARK: &str = "0x5348";
+
+/// The client's ports for its flows to the pinned resolvers.
+const TO_RESOLVER_V4: u16 = 41304;
+const TO_RESOLVER_V6: u16 = 41305;
+
+/// Answers spoofed as the pinned resolver, arriving on the physical
+/// interface, must not get in: the resolver is reached only through the
+/// tunnel, so a neighbour that sends "answers" from its address to the
+/// stub's query port (guessing port and ID is cheap on a LAN) must be
+/// refused before any socket sees them, or it could forge the names the
+/// session allows. The client sends datagrams with the stub's mark to the
+/// pinned resolvers (v4 and v6; a payload too short for dnsmasq to answer)
+/// from known ports and waits for a reply, as the stub does for its
+/// queries; the router then sends each flow a datagram from the
+/// resolver's address and port 53, straight to the tunnel's address on
+/// the client's link. Conntrack calls it the reply of that flow; the kill
+/// switch must still refuse it, because it did not come through the
+/// tunnel. A lab table counts their arrival on the link.
+#[test]
+fn answers_spoofed_as_the_pinned_resolver_do_not_get_in_on_the_link() {
+    let lab = lab();
+    let daemon = session_with_flows_to_spoof(&lab);
+    let ports = format!("{TO_RESOLVER_V4}, {TO_RESOLVER_V6}");
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labspoofseen {{\n chain seen {{\n  type filter hook prerouting priority -400; policy accept;\n  \
+             iifname \"{}\" udp sport 53 udp dport {{ {ports} }} counter\n }}\n}}\n",
+            addr::CLIENT_IF
+        )
+        .as_bytes(),
+    )
+    .expect("count the spoofed answers in the client");
+    lab.exec_stdin(
+        Ns::Router,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n  \
+             ip daddr {tun4} udp dport {TO_RESOLVER_V4} snat ip to {resolver4}\n  \
+             ip6 daddr {tun6} udp dport {TO_RESOLVER_V6} snat ip6 to {resolver6}\n }}\n}}\n",
+            tun4 = addr::DAEMON_TUN_V4,
+            tun6 = addr::DAEMON_TUN_V6,
+            resolver4 = addr::GATEWAY_TUN_V4,
+            resolver6 = addr::GATEWAY_TUN_V6,
+        )
+        .as_bytes(),
+    )
+    .expect("the router's spoofing table");
+
+    let host = labhost(&lab);
+    let flows = [(addr::GATEWAY_TUN_V4, TO_RESOLVER_V4, addr::DAEMON_TUN_V4)];
+    let apps: Vec<LabChild> = flows
+        .iter()
+        .map(|(resolver, sport, _)| {
+            lab.spawn(
+                Ns::Client,
+                &[
+                    &host,
+                    "probe-udp",
+                    resolver,
+                    "53",
+                    "--sport",
+                    &sport.to_string(),
+                    "--mark",
+                    STUB_MARK,
+                    "--payload",
+                    "call",
+                    "--timeout-ms",
+                    APP_WAIT_MS,
+                ],
+            )
+            .expect("start the flow to the pinned resolver")
+        })
+        .collect();
+    // Each flow's datagram has left through the tunnel: conntrack knows it.
+    for (resolver, sport, _) in flows {
+        wait_until(DEADLINE, "the flow to the pinned resolver in conntrack", || {
+            lab.exec_ok(
+                Ns::Client,
+                &[
+                    "conntrack",
+                    "-L",
+                    "-p",
+                    "udp",
+                    "--dport",
+                    "53",
+                    "--sport",
+                    &sport.to_string(),
+                ],
+            )
+            .is_ok_and(|listing| listing.contains(&format!("dst={resolver}")))
+        })
+        .unwrap_or_else(|e| {
+            let listing = lab.exec_ok(Ns::Client, &["conntrack", "-L"]);
+            panic!(
+                "{e:#}: {}; conntrack: {listing:?}",
+                apps.iter().map(LabChild::log).collect::<String>()
+            )
+        });
+    }
+    for (_, sport, tunnel_address) in flows {
+        let _ = lab.probe_udp_crafted(
+            Ns::Router,
+            tunnel_address,
+            sport,
+            53,
+            None,
+            Duration::from_millis(100),
+        );
+    }
+    wait_until(DEADLINE, "the spoofed answers at the client's link", || {
+        counted(&lab, Ns::Client, "inet", "labspoofseen") >= flows.len() as u64
+    })
+    .expect("the router's spoofed answers reach the client");
+    assert_nothing_reached(&apps, &flows, "an answer spoofed as");
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
 /// Starts one application flow per `(far end, source port, tunnel
 /// address)`: a UDP datagram through the tunnel to the far end's port
 /// 51820, where a sink listens and never answers (no ICMP error either),
@@ -266,7 +389,7 @@ fn assert_nothing_reached(apps: &[LabChild], flows: &[(&str, u16, &str)], what: 
         app.wait_exit(DEADLINE).expect("the application's probe ends");
         assert!(
             app.log().contains("no reply"),
-            "{what} {far_end}:51820 reached the application on port {sport}: {}",
+            "{what} {far_end} reached the application on port {sport}: {}",
             app.log()
         );
     }
