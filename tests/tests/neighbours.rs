@@ -331,6 +331,125 @@ fn answers_spoofed_as_the_pinned_resolver_do_not_get_in_on_the_link() {
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
+/// Counts, in the client, the packets that `matches` (an nft match, e.g.
+/// `iifname "sgtun0" udp dport 40010`) where they arrive (`seen`: before
+/// any filter) and where they got past the kill switch's input chain
+/// (`got_in`: an input chain after the kill switch's, which sees only what
+/// it accepted). Table `inet labin`.
+fn count_arrivals(lab: &Lab, matches: &str) {
+    lab.exec_stdin(
+        Ns::Client,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labin {{\n\
+             chain seen {{ type filter hook prerouting priority -400; policy accept; {matches} counter; }}\n\
+             chain got_in {{ type filter hook input priority 100; policy accept; {matches} counter; }}\n}}\n"
+        )
+        .as_bytes(),
+    )
+    .expect("count arrivals in the client");
+}
+
+/// The packets `count_arrivals` counted in `chain` (`seen` or `got_in`).
+fn arrivals(lab: &Lab, chain: &str) -> u64 {
+    let listing = lab
+        .exec_ok(
+            Ns::Client,
+            &["nft", "-j", "list", "chain", "inet", "labin", chain],
+        )
+        .expect("list the arrivals");
+    let doc: serde_json::Value = serde_json::from_str(&listing).expect("nft -j output");
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("rule")?.get("expr")?.as_array())
+        .flatten()
+        .filter_map(|st| st.get("counter")?.get("packets")?.as_u64())
+        .sum()
+}
+
+/// Nothing the session's allowed far ends send gets in unless a flow of
+/// the client asked for it: a datagram through the tunnel from the
+/// answered name's address and allowed port (v4 and v6), from an allowed
+/// network's address and port (v4 and v6), and from the pinned resolver's
+/// port 53, to client ports no flow uses. The allowlist says where the
+/// client may go, not who may start a conversation with it: otherwise
+/// anyone who can reach the gateway with those source addresses (the
+/// gateway does not check them) could reach the therapist's machine. The
+/// gateway's own nat table puts the far ends' addresses and ports on its
+/// datagrams; the client counts their arrival on the tunnel (so each was
+/// really sent) and what got past the kill switch.
+#[test]
+fn allowed_far_ends_get_in_only_on_the_clients_own_flows() {
+    let lab = lab();
+    let daemon = session_with_flows_to_spoof(&lab);
+    // meet.test answered: its addresses join the answered sets.
+    for qtype in ["A", "AAAA"] {
+        lab.dns_query(Ns::Client, addr::GATEWAY_TUN_V4, addr::MEET_NAME, qtype)
+            .unwrap_or_else(|e| panic!("{} {qtype}: {e}", addr::MEET_NAME));
+    }
+    let tries = [
+        (
+            addr::DAEMON_TUN_V4,
+            40010,
+            format!("ip to {}:10000", addr::HOST_V4),
+        ),
+        (
+            addr::DAEMON_TUN_V6,
+            40011,
+            format!("ip6 to [{}]:10000", addr::HOST_V6),
+        ),
+        (
+            addr::DAEMON_TUN_V4,
+            40012,
+            format!("ip to {}:51820", addr::OTHER_V4),
+        ),
+        (
+            addr::DAEMON_TUN_V6,
+            40013,
+            "ip6 to [2001:db8:203::11]:51820".to_string(),
+        ),
+        (
+            addr::DAEMON_TUN_V4,
+            40014,
+            format!("ip to {}:53", addr::GATEWAY_TUN_V4),
+        ),
+    ];
+    let rules: String = tries
+        .iter()
+        .map(|(to, port, from)| {
+            let family = if to.contains(':') { "ip6" } else { "ip" };
+            format!("  {family} daddr {to} udp dport {port} snat {from}\n")
+        })
+        .collect();
+    lab.exec_stdin(
+        Ns::Gateway,
+        &["nft", "-f", "-"],
+        format!("table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n{rules} }}\n}}\n")
+            .as_bytes(),
+    )
+    .expect("the gateway's spoofing table");
+    count_arrivals(
+        &lab,
+        &format!("iifname \"{}\" udp dport 40010-40014", lab::DAEMON_TUN_IF),
+    );
+    for (to, port, _) in &tries {
+        let _ = lab.probe_udp_crafted(Ns::Gateway, to, *port, 0, None, Duration::from_millis(100));
+    }
+    wait_until(DEADLINE, "the far ends' datagrams at the client's tunnel", || {
+        arrivals(&lab, "seen") >= tries.len() as u64
+    })
+    .expect("the gateway's datagrams reach the client");
+    assert_eq!(
+        arrivals(&lab, "got_in"),
+        0,
+        "a datagram from an allowed far end that no flow asked for got in"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
 /// Starts one application flow per `(far end, source port, tunnel
 /// address)`: a UDP datagram through the tunnel to the far end's port
 /// 51820, where a sink listens and never answers (no ICMP error either),
