@@ -450,6 +450,57 @@ fn allowed_far_ends_get_in_only_on_the_clients_own_flows() {
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
+/// ICMP errors through the tunnel get in only about the client's own
+/// flows: errors from the far side (port unreachable, too big), quoting a
+/// datagram the client never sent, must not reach the client's stack,
+/// where they could end a connection or shrink its packets. The gateway
+/// sends them (v4 and v6) to the tunnel's addresses, quoting flows from
+/// unused client ports to the video host; the client counts their arrival
+/// on the tunnel and what got past the kill switch.
+#[test]
+fn icmp_errors_through_the_tunnel_get_in_only_about_the_clients_own_flows() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    lab.reset_all_leaks().expect("reset");
+    count_arrivals(
+        &lab,
+        &format!(
+            "iifname \"{}\" meta l4proto {{ icmp, ipv6-icmp }}",
+            lab::DAEMON_TUN_IF
+        ),
+    );
+    let host = labhost(&lab);
+    let mut sent = 0;
+    for (to, far_end) in [
+        (addr::DAEMON_TUN_V4, addr::HOST_V4),
+        (addr::DAEMON_TUN_V6, addr::HOST_V6),
+    ] {
+        for kind in ["port-unreachable", "too-big"] {
+            lab.exec_ok(
+                Ns::Gateway,
+                &[&host, "icmp-error", to, "41320", far_end, "10000", "--kind", kind],
+            )
+            .unwrap_or_else(|e| panic!("icmp-error {kind} to {to}: {e:#}"));
+            sent += 1;
+        }
+    }
+    wait_until(
+        DEADLINE,
+        "the gateway's ICMP errors at the client's tunnel",
+        || arrivals(&lab, "seen") >= sent,
+    )
+    .expect("the gateway's ICMP errors reach the client");
+    assert_eq!(
+        arrivals(&lab, "got_in"),
+        0,
+        "an ICMP error about no flow of the client got in through the tunnel"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
 /// Starts one application flow per `(far end, source port, tunnel
 /// address)`: a UDP datagram through the tunnel to the far end's port
 /// 51820, where a sink listens and never answers (no ICMP error either),
