@@ -501,6 +501,118 @@ fn icmp_errors_through_the_tunnel_get_in_only_about_the_clients_own_flows() {
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
+/// DHCP-shaped datagrams get in only as a DHCP server's answers on the
+/// link: from port 67 to 68 from an address of the link's subnet
+/// (DHCPv4), from port 547 to 546 from a link-local address (DHCPv6),
+/// never through the tunnel. Each try from the router misses one of those
+/// by one thing (the port it is sent to, the port it comes from, the
+/// address it comes from), so a rule that forgot that one match would let
+/// a neighbour reach any port of the client, or an off-link host reach the
+/// DHCP client; the gateway's tries are perfect answers, but through the
+/// tunnel, where no DHCP server is. The router's and the gateway's nat
+/// tables give their datagrams the addresses and ports; the client counts
+/// their arrival and what got past the kill switch.
+#[test]
+fn dhcp_shaped_datagrams_get_in_only_as_a_servers_answers_on_the_link() {
+    let lab = lab();
+    lab.sessiond_profile().expect("profile");
+    let daemon = session_with_rp_filter_off(&lab, addr::CLIENT_IF);
+    // (who sends, client address, client port, the datagram's source).
+    let tries = [
+        (
+            Ns::Router,
+            addr::CLIENT_V4,
+            40030,
+            format!("ip to {}:67", addr::ROUTER_CLIENT_V4),
+        ),
+        (
+            Ns::Router,
+            addr::CLIENT_V4,
+            68,
+            format!("ip to {}:40031", addr::ROUTER_CLIENT_V4),
+        ),
+        (
+            Ns::Router,
+            addr::CLIENT_V4,
+            68,
+            format!("ip to {}:67", addr::OTHER_V4),
+        ),
+        (
+            Ns::Router,
+            addr::CLIENT_V6,
+            40033,
+            "ip6 to [fe80::5347]:547".to_string(),
+        ),
+        (
+            Ns::Router,
+            addr::CLIENT_V6,
+            546,
+            "ip6 to [fe80::5347]:40034".to_string(),
+        ),
+        (
+            Ns::Router,
+            addr::CLIENT_V6,
+            546,
+            format!("ip6 to [{}]:547", addr::ROUTER_CLIENT_V6),
+        ),
+        (
+            Ns::Gateway,
+            addr::DAEMON_TUN_V4,
+            68,
+            format!("ip to {}:67", addr::ROUTER_CLIENT_V4),
+        ),
+        (
+            Ns::Gateway,
+            addr::DAEMON_TUN_V6,
+            546,
+            "ip6 to [fe80::5347]:547".to_string(),
+        ),
+    ];
+    // Each datagram goes out from a port of its own (the nat rules tell
+    // them apart by it) and leaves with the try's source.
+    for ns in [Ns::Router, Ns::Gateway] {
+        let rules: String = tries
+            .iter()
+            .enumerate()
+            .filter(|(_, (from_ns, ..))| *from_ns == ns)
+            .map(|(i, (_, to, _, from))| {
+                let family = if to.contains(':') { "ip6" } else { "ip" };
+                format!("  {family} daddr {to} udp sport {} snat {from}\n", 41330 + i)
+            })
+            .collect();
+        lab.exec_stdin(
+            ns,
+            &["nft", "-f", "-"],
+            format!("table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n{rules} }}\n}}\n")
+                .as_bytes(),
+        )
+        .expect("the spoofing table");
+    }
+    count_arrivals(
+        &lab,
+        &format!(
+            "iifname {{ \"{}\", \"{}\" }} udp dport {{ 68, 546, 40030, 40033 }}",
+            addr::CLIENT_IF,
+            lab::DAEMON_TUN_IF
+        ),
+    );
+    for (i, (ns, to, port, _)) in tries.iter().enumerate() {
+        let sport = 41330 + i as u16;
+        let _ = lab.probe_udp_crafted(*ns, to, *port, sport, None, Duration::from_millis(100));
+    }
+    wait_until(DEADLINE, "the datagrams at the client", || {
+        arrivals(&lab, "seen") >= tries.len() as u64
+    })
+    .expect("the router's and the gateway's datagrams reach the client");
+    assert_eq!(
+        arrivals(&lab, "got_in"),
+        0,
+        "a DHCP-shaped datagram that no DHCP server on the link would send got in"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
 /// Starts one application flow per `(far end, source port, tunnel
 /// address)`: a UDP datagram through the tunnel to the far end's port
 /// 51820, where a sink listens and never answers (no ICMP error either),
