@@ -495,11 +495,21 @@ fn another_tables_dnat_or_remark_does_not_slip_past_the_kill_switch() {
 
 /// A 1280-byte link on the path (DS-Lite, LTE, PPPoE are like that): a
 /// bulk transfer through the tunnel must complete, not stall while small
-/// exchanges work.
+/// exchanges work, over IPv4 and over IPv6 (whose "packet too big" must
+/// get in through the tunnel as IPv4's "fragmentation needed" does).
 #[test]
 fn a_bulk_transfer_crosses_a_1280_byte_link() {
     let lab = lab();
-    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443, 9000], &[]));
+    let profile = write_profile(
+        &lab,
+        "lab",
+        true,
+        &format!(
+            "{}{}",
+            allow(addr::HOST_V4, &[443, 9000], &[]),
+            allow(addr::HOST_V6, &[9000], &[])
+        ),
+    );
     // Both ends of the router-gateway link (a veth drops what is larger
     // than its own MTU on receipt, a real link would not be asymmetric).
     for (ns, ifname) in [
@@ -518,30 +528,32 @@ fn a_bulk_transfer_crosses_a_1280_byte_link() {
     );
     let bin = lab.labhost_path().to_string_lossy().into_owned();
     let bytes = 4_000_000;
-    let out = lab
-        .exec(
-            Ns::Client,
-            &[
-                &bin,
-                "bulk",
-                addr::HOST_V4,
-                "9000",
-                &bytes.to_string(),
-                "--timeout-ms",
-                "15000",
-            ],
-        )
-        .expect("run labhost bulk");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.contains(&format!("bytes={bytes}")),
-        "the bulk transfer through the tunnel did not complete over a 1280-byte link: {}",
-        report.trim()
-    );
+    for host in [addr::HOST_V4, addr::HOST_V6] {
+        let out = lab
+            .exec(
+                Ns::Client,
+                &[
+                    &bin,
+                    "bulk",
+                    host,
+                    "9000",
+                    &bytes.to_string(),
+                    "--timeout-ms",
+                    "15000",
+                ],
+            )
+            .expect("run labhost bulk");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && report.contains(&format!("bytes={bytes}")),
+            "the bulk transfer to {host} through the tunnel did not complete over a 1280-byte link: {}",
+            report.trim()
+        );
+    }
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
