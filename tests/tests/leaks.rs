@@ -397,6 +397,28 @@ fn a_reload_closes_removed_names_and_ports_at_once() {
     .expect("expire the answer");
     assert!(lab.probe_tcp(Ns::Client, addr::HOST_V4, 9000).is_err());
     assert_eq!(tcp_echo(&mut call, "after-ttl"), Ok("after-ttl".into()));
+    // The same over IPv6, whose answers have their own set.
+    let aaaa = lab
+        .dns_query(Ns::Client, addr::PUBLIC_DNS_V4, addr::MEET_NAME, "AAAA")
+        .unwrap_or_else(|e| panic!("dns query for {} AAAA: {e}", addr::MEET_NAME));
+    assert_eq!(aaaa.answers, [addr::HOST_V6]);
+    let mut call6 = client_tcp(&lab, sock(addr::HOST_V6, 9000)).expect("connect over IPv6");
+    tcp_greeting(&mut call6);
+    lab.exec_ok(
+        Ns::Client,
+        &[
+            "nft",
+            "delete",
+            "element",
+            "inet",
+            "sessiongate",
+            "allow6",
+            &format!("{{ {} . tcp . 9000 }}", addr::HOST_V6),
+        ],
+    )
+    .expect("expire the IPv6 answer");
+    assert!(lab.probe_tcp(Ns::Client, addr::HOST_V6, 9000).is_err());
+    assert_eq!(tcp_echo(&mut call6, "after-ttl"), Ok("after-ttl".into()));
 
     // meet.test loses its UDP port.
     reload(&lab, &daemon, || {
