@@ -218,7 +218,7 @@ fn dhcp_ports_reach_only_on_link_servers() {
     let lab = lab();
     let profile = write_profile(&lab, "lab", false, &allow(addr::HOST_V4, &[443], &[10000]));
     let _far = udp_echo(&lab, Ns::Host, &[67, 547]);
-    let _near = udp_echo(&lab, Ns::Router, &[67, 547]);
+    let _near = udp_echo(&lab, Ns::Router, &[67, 547, 10000]);
     let daemon = lab.start_sessiond().expect("start sessiond");
     daemon.ctl_ok(&["start", "lab"]).expect("start");
     follow(&lab, &profile);
@@ -234,6 +234,20 @@ fn dhcp_ports_reach_only_on_link_servers() {
     assert!(
         far_v6.is_err(),
         "UDP 546->547 reached an internet host beside an IPv4-only tunnel: {far_v6:?}"
+    );
+    // On the link, DHCP only between DHCP's ports: not from the client's
+    // port to another port of a neighbour, not from another port to a
+    // neighbour's server port.
+    let to_other_port = udp_exchange(&v4, sock(addr::ROUTER_CLIENT_V4, 10000), "dhcp4");
+    assert!(
+        to_other_port.is_err(),
+        "UDP 68->10000 reached a neighbour: {to_other_port:?}"
+    );
+    let high = client_udp(&lab, false, 40000);
+    let from_other_port = udp_exchange(&high, sock(addr::ROUTER_CLIENT_V4, 67), "dhcp4");
+    assert!(
+        from_other_port.is_err(),
+        "UDP 40000->67 reached a neighbour: {from_other_port:?}"
     );
     lab.assert_no_leaks();
 

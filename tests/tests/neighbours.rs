@@ -835,7 +835,7 @@ fn neighbour_discovery_goes_out_only_to_the_link() {
     let (router, internet) = (&sinks[0], &sinks[1]);
     // With the tunnel's fwmark (what root may set) the message is routed
     // out of the physical link, not into the tunnel.
-    let send = |to: &str, hop_limit: &str| {
+    let send_type = |to: &str, kind: &str, hop_limit: &str| {
         // Refused at the client or not: the sinks tell.
         let _ = lab.exec(
             Ns::Client,
@@ -843,7 +843,7 @@ fn neighbour_discovery_goes_out_only_to_the_link() {
                 &host,
                 "icmp6-send",
                 to,
-                "135",
+                kind,
                 "--hop-limit",
                 hop_limit,
                 "--mark",
@@ -851,18 +851,31 @@ fn neighbour_discovery_goes_out_only_to_the_link() {
             ],
         );
     };
+    let send = |to: &str, hop_limit: &str| send_type(to, "135", hop_limit);
     let from_client = format!("icmp6 type=135 from {}", addr::CLIENT_V6);
     let arrived = |sink: &LabChild| sink.log().lines().filter(|l| *l == from_client).count();
 
     send(addr::HOST_V6, "255");
     send(addr::HOST_V6, "64");
+    // On the link, but not neighbour discovery: a solicitation with a hop
+    // limit the router must discard, an echo request with hop limit 255.
+    // Sent before the one that must arrive, on the same link, so they
+    // would be at the router before it.
+    send(addr::ROUTER_CLIENT_V6, "64");
+    send_type(addr::ROUTER_CLIENT_V6, "128", "255");
     send(addr::ROUTER_CLIENT_V6, "255");
     wait_until(
         DEADLINE,
         "the client's neighbour solicitation at the router",
-        || arrived(router) == 1,
+        || arrived(router) >= 1,
     )
     .unwrap_or_else(|e| panic!("{e:#}: {}", router.log()));
+    let echo = format!("icmp6 type=128 from {}", addr::CLIENT_V6);
+    assert!(
+        arrived(router) == 1 && !router.log().lines().any(|l| l == echo),
+        "ICMPv6 that is not neighbour discovery with hop limit 255 reached the router: {}",
+        router.log()
+    );
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     let during = arrived(internet);
