@@ -50,7 +50,7 @@ fn through_tunnel() -> Result<String, String> {
 /// intervals, as a practice's profile may.
 /// The IPv6 one covers the host's address on ports the other probes leave
 /// alone (so a session reaches 2001:db8:203::10 on tcp 8443 through it).
-const CIDR_ALLOWS: &str = "[[allow]]\nhost = \"203.0.113.96/27\"\ntcp = [443]\n\n\
+const CIDR_ALLOWS: &str = "[[allow]]\nhost = \"203.0.113.96/27\"\ntcp = [443]\nudp = [10001]\n\n\
      [[allow]]\nhost = \"2001:db8:203::/123\"\ntcp = [8443]\nudp = [10001]\n\n[options]";
 
 /// The tunnel's fwmark (`ip rule` shows it during a session): sessiond's
@@ -495,6 +495,26 @@ fn crafted_packets_are_refused_too() {
         echo.log().contains("ready")
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", echo.log()));
+    // And a flow without the mark, which went out beside the tunnel before
+    // the session and is routed into it after: conntrack knows it as
+    // established, and the profile does not allow its far end.
+    let unmarked = lab.probe_udp_crafted(Ns::Client, addr::OTHER_V4, 10000, 41003, None, short);
+    assert!(
+        unmarked.is_ok(),
+        "the unmarked flow before the session: {unmarked:?}"
+    );
+    let marked = lab.probe_udp_crafted(
+        Ns::Client,
+        addr::HOST_V4,
+        10000,
+        41004,
+        Some(TUNNEL_FWMARK),
+        short,
+    );
+    assert!(
+        marked.is_ok(),
+        "the flow to the allowed host before the session: {marked:?}"
+    );
     for (port, sport) in [(10001, 41001), (10000, 41002)] {
         let before6 =
             lab.probe_udp_crafted(Ns::Client, addr::HOST_V6, port, sport, Some(TUNNEL_FWMARK), short);
@@ -515,13 +535,14 @@ fn crafted_packets_are_refused_too() {
     // that got past this namespace's rules and was dropped further on
     // (the link-level table) fails only after the timeout. Port 53 is the
     // exception: whatever lacks the stub's mark is redirected to the stub,
-    // which answers nothing to a payload that is not DNS.
+    // which answers nothing to a payload that is not DNS (with the stub's
+    // mark it is not redirected, and must be refused at once too).
     let mut passed = Vec::new();
     let mut udp = |what: &str, addr: &str, port: u16, sport: u16, mark: Option<u32>| match lab
         .probe_udp_crafted(Ns::Client, addr, port, sport, mark, short)
     {
         Ok(reply) => passed.push(format!("{what}: {reply}")),
-        Err(e) if e.contains("no reply") && port != 53 => {
+        Err(e) if e.contains("no reply") && (port != 53 || mark == Some(DNS_STUB_MARK)) => {
             passed.push(format!("{what}: not refused at once: {e}"))
         }
         Err(_) => {}
@@ -559,6 +580,23 @@ fn crafted_packets_are_refused_too() {
         41000,
         mark,
     );
+    udp(
+        "unmarked, the flow from before the session, now into the tunnel",
+        addr::OTHER_V4,
+        10000,
+        41003,
+        None,
+    );
+    lab.dns_query(Ns::Client, addr::GATEWAY_TUN_V4, addr::MEET_NAME, "A")
+        .unwrap_or_else(|e| panic!("{} A: {e}", addr::MEET_NAME));
+    udp(
+        "marked, the flow from before the session to the answered name",
+        addr::HOST_V4,
+        10000,
+        41004,
+        mark,
+    );
+    udp("marked, allowed IPv4 network", "203.0.113.100", 10001, 0, mark);
     udp(
         "marked, the IPv6 flow from before the session (allowed network)",
         addr::HOST_V6,
