@@ -8,7 +8,10 @@
 //! the redirect, logs in, and also tries the internet; the test checks
 //! what it saw, that the machine itself still reaches nothing, both leak
 //! meters, and that the namespace goes after its time and on `--close`.
-//! Run as root after `cargo build --workspace`.
+//! The namespace is made by the portal helper (`sessiongate-portal`),
+//! which sessiond reaches over its socket; `systemd-socket-activate`
+//! stands in for its socket unit here (tests/systemd.rs runs the real
+//! units). Run as root after `cargo build --workspace`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,16 +89,17 @@ fn lab() -> Lab {
     Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
 }
 
-/// Removes the test's portal namespace whatever happens (sessiond made it
-/// in its own mount namespace; the host may hold an empty file for it).
+/// Removes the test's portal namespace whatever happens (the helper made
+/// it in the mount namespace it shares with `systemd-socket-activate`; the
+/// host may hold an empty file for it).
 struct PortalCleanup {
     name: String,
-    sessiond_pid: Option<u32>,
+    helper_pid: Option<u32>,
 }
 
 impl Drop for PortalCleanup {
     fn drop(&mut self) {
-        if let Some(pid) = self.sessiond_pid {
+        if let Some(pid) = self.helper_pid {
             let mnt = format!("--mount=/proc/{pid}/ns/mnt");
             if let Ok(pids) = lab::util::run(&["nsenter", &mnt, "ip", "netns", "pids", &self.name]) {
                 for p in pids.split_whitespace() {
@@ -114,9 +118,10 @@ impl Drop for PortalCleanup {
     }
 }
 
-/// Whether the portal namespace exists, as sessiond sees it.
-fn portal_exists(daemon: &Daemon, name: &str) -> bool {
-    let pid = daemon.pid().expect("sessiond runs");
+/// Whether the portal namespace exists, as the helpers see it (they share
+/// the mount namespace of `systemd-socket-activate`, whose pid this is).
+fn portal_exists(helper: u32, name: &str) -> bool {
+    let pid = helper;
     lab::util::run(&[
         "nsenter",
         &format!("--mount=/proc/{pid}/ns/mnt"),
@@ -203,15 +208,41 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", portal_server.log()));
 
+    // The helper's socket, as sessiongate-portal.socket would offer it:
+    // one helper per connection, the connection on its standard input.
+    let helper_socket = lab.tmp_dir().join("portal-helper.sock");
+    let helper_socket_s = helper_socket.to_string_lossy().into_owned();
+    let helper_bin = lab::util::find_binary("sessiongate-portal").expect("sessiongate-portal");
+    let activator = lab
+        .spawn_named(
+            Ns::Client,
+            "portal-helper",
+            &[
+                "systemd-socket-activate",
+                "--accept",
+                "--inetd",
+                "--listen",
+                &helper_socket_s,
+                &helper_bin.to_string_lossy(),
+            ],
+        )
+        .expect("systemd-socket-activate");
+    wait_until(Duration::from_secs(10), "the helper's socket", || {
+        helper_socket.exists()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", activator.log()));
+    let helper = activator.pid();
+
     let name = format!("sgp{}", lab.id());
     let mut daemon = lab.start_sessiond_for_group("nogroup").expect("start sessiond");
     daemon.set_env(sessiond::portal::NAMESPACE_ENV, &name);
+    daemon.set_env(sessiond::portal_helper::SOCKET_ENV, &helper_socket_s);
     daemon
         .restart()
-        .expect("restart sessiond with the test's namespace name");
+        .expect("restart sessiond with the test's namespace name and helper");
     let _cleanup = PortalCleanup {
         name: name.clone(),
-        sessiond_pid: daemon.pid(),
+        helper_pid: Some(helper),
     };
     daemon.ctl_ok(&["start", "lab"]).expect("start the session");
 
@@ -222,7 +253,7 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
         "{}",
         text(&refused)
     );
-    assert!(!portal_exists(&daemon, &name));
+    assert!(!portal_exists(helper, &name));
     lab.reset_all_leaks().expect("reset leaks");
 
     let result = seen_dir.join("seen.json");
@@ -245,8 +276,14 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
             &format!("--browser-arg={}", addr::HOST_V4),
         ],
     );
-    assert!(opened.status.success(), "{}\n{}", text(&opened), daemon.log());
-    assert!(portal_exists(&daemon, &name), "{}", daemon.log());
+    assert!(
+        opened.status.success(),
+        "{}\n{}\nhelper:\n{}",
+        text(&opened),
+        daemon.log(),
+        activator.log()
+    );
+    assert!(portal_exists(helper, &name), "{}", daemon.log());
     let report: serde_json::Value =
         serde_json::from_slice(&opened.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&opened)));
     let address = report["address"].as_str().unwrap_or_default().to_string();
@@ -308,7 +345,7 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     wait_until(
         Duration::from_secs(20),
         "the portal namespace to go after its time",
-        || !portal_exists(&daemon, &name),
+        || !portal_exists(helper, &name),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     wait_until(Duration::from_secs(5), "the exception to go", || {
@@ -323,10 +360,10 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     // And at once on --close.
     let opened = ctl_as_nobody(&lab, &daemon, &["portal", "--during-session", "--json"]);
     assert!(opened.status.success(), "{}", text(&opened));
-    assert!(portal_exists(&daemon, &name));
+    assert!(portal_exists(helper, &name));
     let closed = ctl_as_nobody(&lab, &daemon, &["portal", "--close"]);
     assert!(closed.status.success(), "{}", text(&closed));
-    assert!(!portal_exists(&daemon, &name), "{}", daemon.log());
+    assert!(!portal_exists(helper, &name), "{}", daemon.log());
     assert!(!link_table(&lab).contains(&format!("ip saddr {address} ")));
     assert!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443).is_err());
     lab.assert_no_leaks();
