@@ -13,9 +13,10 @@
 //! stands in for its socket unit here (tests/systemd.rs runs the real
 //! units). Run as root after `cargo build --workspace`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use lab::portal_helper::PortalHelper;
 use lab::{addr, wait_for, wait_until, Daemon, Lab, Ns};
 
 /// The fake portal: everything redirects to /login until a form is posted
@@ -87,50 +88,6 @@ os.rename(out + ".tmp", out)
 
 fn lab() -> Lab {
     Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
-}
-
-/// Removes the test's portal namespace whatever happens (the helper made
-/// it in the mount namespace it shares with `systemd-socket-activate`; the
-/// host may hold an empty file for it).
-struct PortalCleanup {
-    name: String,
-    helper_pid: Option<u32>,
-}
-
-impl Drop for PortalCleanup {
-    fn drop(&mut self) {
-        if let Some(pid) = self.helper_pid {
-            let mnt = format!("--mount=/proc/{pid}/ns/mnt");
-            if let Ok(pids) = lab::util::run(&["nsenter", &mnt, "ip", "netns", "pids", &self.name]) {
-                for p in pids.split_whitespace() {
-                    let _ = lab::util::run(&["kill", "-9", p]);
-                }
-            }
-            let _ = lab::util::run(&["nsenter", &mnt, "ip", "netns", "del", &self.name]);
-        }
-        let _ = lab::util::run(&["ip", "netns", "del", &self.name]);
-        // The namespace's file under /run/netns is shared by every mount
-        // namespace: a delete that ran while another one still held the
-        // mount can leave the empty file behind, which `ip netns list`
-        // then shows on the host.
-        let _ = std::fs::remove_file(Path::new("/run/netns").join(&self.name));
-        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
-    }
-}
-
-/// Whether the portal namespace exists, as the helpers see it (they share
-/// the mount namespace of `systemd-socket-activate`, whose pid this is).
-fn portal_exists(helper: u32, name: &str) -> bool {
-    let pid = helper;
-    lab::util::run(&[
-        "nsenter",
-        &format!("--mount=/proc/{pid}/ns/mnt"),
-        "ip",
-        "netns",
-        "list",
-    ])
-    .map(|list| list.lines().any(|l| l.split_whitespace().next() == Some(name)))
-    .unwrap_or(false)
 }
 
 fn link_table(lab: &Lab) -> String {
@@ -208,42 +165,18 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", portal_server.log()));
 
-    // The helper's socket, as sessiongate-portal.socket would offer it:
-    // one helper per connection, the connection on its standard input.
-    let helper_socket = lab.tmp_dir().join("portal-helper.sock");
-    let helper_socket_s = helper_socket.to_string_lossy().into_owned();
-    let helper_bin = lab::util::find_binary("sessiongate-portal").expect("sessiongate-portal");
-    let activator = lab
-        .spawn_named(
-            Ns::Client,
-            "portal-helper",
-            &[
-                "systemd-socket-activate",
-                "--accept",
-                "--inetd",
-                "--listen",
-                &helper_socket_s,
-                &helper_bin.to_string_lossy(),
-            ],
-        )
-        .expect("systemd-socket-activate");
-    wait_until(Duration::from_secs(10), "the helper's socket", || {
-        helper_socket.exists()
-    })
-    .unwrap_or_else(|e| panic!("{e:#}: {}", activator.log()));
-    let helper = activator.pid();
-
-    let name = format!("sgp{}", lab.id());
+    // The helper, behind a stand-in for its socket unit.
+    let helper = PortalHelper::start(&lab).expect("the portal helper");
+    let name = helper.namespace().to_string();
     let mut daemon = lab.start_sessiond_for_group("nogroup").expect("start sessiond");
     daemon.set_env(sessiond::portal::NAMESPACE_ENV, &name);
-    daemon.set_env(sessiond::portal_helper::SOCKET_ENV, &helper_socket_s);
+    daemon.set_env(
+        sessiond::portal_helper::SOCKET_ENV,
+        &helper.socket().to_string_lossy(),
+    );
     daemon
         .restart()
         .expect("restart sessiond with the test's namespace name and helper");
-    let _cleanup = PortalCleanup {
-        name: name.clone(),
-        helper_pid: Some(helper),
-    };
     daemon.ctl_ok(&["start", "lab"]).expect("start the session");
 
     // Refused during a session unless asked in so many words, saying why.
@@ -253,7 +186,7 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
         "{}",
         text(&refused)
     );
-    assert!(!portal_exists(helper, &name));
+    assert!(!helper.namespace_exists());
     lab.reset_all_leaks().expect("reset leaks");
 
     let result = seen_dir.join("seen.json");
@@ -281,9 +214,9 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
         "{}\n{}\nhelper:\n{}",
         text(&opened),
         daemon.log(),
-        activator.log()
+        helper.log()
     );
-    assert!(portal_exists(helper, &name), "{}", daemon.log());
+    assert!(helper.namespace_exists(), "{}", daemon.log());
     let report: serde_json::Value =
         serde_json::from_slice(&opened.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&opened)));
     let address = report["address"].as_str().unwrap_or_default().to_string();
@@ -345,7 +278,7 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     wait_until(
         Duration::from_secs(20),
         "the portal namespace to go after its time",
-        || !portal_exists(helper, &name),
+        || !helper.namespace_exists(),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     wait_until(Duration::from_secs(5), "the exception to go", || {
@@ -360,10 +293,10 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     // And at once on --close.
     let opened = ctl_as_nobody(&lab, &daemon, &["portal", "--during-session", "--json"]);
     assert!(opened.status.success(), "{}", text(&opened));
-    assert!(portal_exists(helper, &name));
+    assert!(helper.namespace_exists());
     let closed = ctl_as_nobody(&lab, &daemon, &["portal", "--close"]);
     assert!(closed.status.success(), "{}", text(&closed));
-    assert!(!portal_exists(helper, &name), "{}", daemon.log());
+    assert!(!helper.namespace_exists(), "{}", daemon.log());
     assert!(!link_table(&lab).contains(&format!("ip saddr {address} ")));
     assert!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443).is_err());
     lab.assert_no_leaks();

@@ -550,25 +550,39 @@ fn the_debian_package_installs_upgrades_and_removes_without_opening_a_session() 
         .expect("copy the upgrade");
     c.boot().unwrap_or_else(|e| panic!("boot: {e:#}"));
 
-    // Install: the group, the directories, both units enabled, sessiond running.
+    // Install: the group, the directories, the units enabled (the portal
+    // helper's socket listening), sessiond running.
     let out = apt(&c, &["install", "/root/sessiongate.deb"]);
     assert!(out.status.success(), "apt install: {}", text(&out));
     assert_eq!(
         c.unit_property("sessiond.service", "ActiveState").expect("show"),
         "active"
     );
-    for unit in ["sessiond.service", "sessiongate-early-lockdown.service"] {
+    for unit in [
+        "sessiond.service",
+        "sessiongate-early-lockdown.service",
+        "sessiongate-portal.socket",
+    ] {
         assert_eq!(
             c.unit_property(unit, "UnitFileState").expect("show"),
             "enabled",
             "{unit}"
         );
     }
+    assert_eq!(
+        c.unit_property("sessiongate-portal.socket", "ActiveState")
+            .expect("show"),
+        "active",
+        "the portal helper's socket is not listening"
+    );
     c.exec_ok(&["getent", "group", "sessiongate"])
         .expect("the control group");
     for path in [
         "/usr/sbin/sessiond",
         "/usr/bin/sessionctl",
+        "/usr/lib/sessiongate/sessiongate-portal",
+        "/usr/lib/systemd/system/sessiongate-portal@.service",
+        "/etc/netns",
         "/usr/share/man/man1/sessionctl.1.gz",
         "/usr/share/bash-completion/completions/sessionctl",
         "/usr/share/doc/sessiongate/examples/jitsi-practice.toml",
