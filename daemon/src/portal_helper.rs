@@ -85,7 +85,9 @@ pub enum Reply {
 pub enum HelperError {
     #[error("the captive-portal helper is not available at {path} ({reason}): install and enable its unit with `systemctl enable --now sessiongate-portal.socket` (the sessiongate package does)")]
     Missing { path: String, reason: String },
-    #[error("the captive-portal helper stopped answering ({0}); `journalctl -u 'sessiongate-portal@*'` says why")]
+    #[error(
+        "the captive-portal helper stopped answering ({0}); `journalctl -u 'sessiongate-portal@*'` says why"
+    )]
     Broken(String),
     #[error("{0}")]
     Failed(String),
