@@ -334,6 +334,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_missing_helper_says_which_unit_to_enable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("sessiongate-portal.sock");
+        let Err(e) = HelperConnection::connect(&missing).await else {
+            panic!("connected to a socket that does not exist");
+        };
+        let said = e.to_string();
+        assert!(
+            said.contains("systemctl enable --now sessiongate-portal.socket") && !said.contains('\n'),
+            "{said}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sessiond_and_the_helper_talk_over_the_socket_until_remove() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("helper.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let helper = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, write) = stream.into_split();
+            serve(read, write, std::future::pending()).await
+        });
+        let mut connection = HelperConnection::connect(&path).await.expect("connect");
+        match connection.ask(&Request::BringUp).await {
+            Err(HelperError::Failed(why)) => assert!(why.contains("no portal namespace"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            connection.ask(&Request::Remove).await.expect("remove"),
+            Reply::Done
+        );
+        assert_eq!(helper.await.expect("join"), Ok(()));
+        // The helper is gone after remove: a further request says so.
+        assert!(matches!(
+            connection.ask(&Request::BringUp).await,
+            Err(HelperError::Broken(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn a_closed_connection_ends_the_helper_with_nothing_made() {
         let (ours, theirs) = tokio::io::duplex(4096);
         let (read, write) = tokio::io::split(theirs);
