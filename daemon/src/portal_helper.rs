@@ -220,7 +220,10 @@ where
         let last = request == Request::Remove;
         let reply = handle(request, &mut made, &mut plan).await;
         if let Err(e) = lines.send(&reply).await {
-            break Err(e);
+            // sessiond left (it stopped or died): the end of the
+            // conversation, as when it closes the connection.
+            tracing::info!("sessiond is gone ({e}); removing what was made");
+            break Ok(());
         }
         if last {
             break Ok(());

@@ -878,16 +878,41 @@ fn the_captive_portal_opens_through_its_own_unit_while_sessiond_stays_sandboxed(
     assert_eq!(state_of(&c), "active", "the session stays as it was");
     ctl(&c, &["stop"]);
 
+    // A restart of sessiond with a portal open ends that portal's helper
+    // cleanly (no failed unit left behind), and the next portal opens.
+    let open_portal = |what: &str| {
+        let opened = c
+            .exec_as(USER, &["sessionctl", "portal", "--seconds", "120"])
+            .expect("runuser");
+        assert!(
+            opened.status.success(),
+            "{what}: {}\n{}",
+            text(&opened),
+            journals()
+        );
+        assert!(
+            !portal_helpers(&c).is_empty(),
+            "{what}: no helper unit runs:\n{}",
+            journals()
+        );
+    };
+    open_portal("before the restart");
+    c.exec_ok(&["systemctl", "restart", "sessiond.service"])
+        .expect("restart sessiond");
+    open_portal("after the restart");
+    let failed = c
+        .exec_ok(&[
+            "systemctl",
+            "list-units",
+            "--failed",
+            "--no-legend",
+            "--plain",
+            "sessiongate-portal@*.service",
+        ])
+        .expect("list failed units");
+    assert!(failed.trim().is_empty(), "{failed}\n{}", journals());
+
     // Stopping sessiond stops an open portal's helper unit too.
-    let opened = c
-        .exec_as(USER, &["sessionctl", "portal", "--seconds", "120"])
-        .expect("runuser");
-    assert!(opened.status.success(), "{}\n{}", text(&opened), journals());
-    assert!(
-        !portal_helpers(&c).is_empty(),
-        "no helper unit runs:\n{}",
-        journals()
-    );
     c.exec_ok(&["systemctl", "stop", "sessiond.service"])
         .expect("stop sessiond");
     wait_until(
