@@ -41,9 +41,11 @@ pub const DEFAULT_SOCKET: &str = "/run/sessiongate-portal.sock";
 /// Tests only: another socket (the lab runs the helper under
 /// `systemd-socket-activate`, which stands in for the socket unit).
 pub const SOCKET_ENV: &str = "SESSIOND_TEST_PORTAL_SOCKET";
-/// How long one request may take: probing up to 16 addresses and a few
-/// `ip`/`nft` runs of at most 10 s each.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one request may take: probing up to 16 addresses (about 5 s)
+/// and a few `ip`/`nft` runs that take milliseconds. The session machine
+/// waits for the answer, so it must stay well below sessiond's watchdog
+/// (30 s), or a hung helper would have systemd kill sessiond.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// The longest request line accepted (a browser's arguments and display
 /// variables fit many times over).
 const MAX_LINE: usize = 64 * 1024;
