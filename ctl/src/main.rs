@@ -114,7 +114,9 @@ enum Command {
     /// there as you (never as root), with the login page's address as its
     /// last argument; use a separate profile, e.g. `--browser chromium
     /// --browser-arg=--user-data-dir=/tmp/portal-profile`. During a session
-    /// it is refused unless you say --during-session.
+    /// it is refused unless you say --during-session. The namespace and the
+    /// browser are the work of sessiond's captive-portal helper, a unit of
+    /// its own (sessiongate-portal.socket), which must be enabled.
     Portal {
         /// Open it although a session is running (the session stays locked down).
         #[arg(long)]

@@ -28,6 +28,7 @@ pub mod dns;
 pub(crate) mod firewall;
 pub mod nft;
 pub mod portal;
+pub mod portal_helper;
 pub(crate) mod resolvconf;
 pub(crate) mod routing;
 pub mod server;

@@ -126,11 +126,9 @@ async fn run(args: Args, nft: NftRunner) -> anyhow::Result<()> {
     );
     // A persisted session is locked down before anything else happens.
     machine.resume().await?;
-    // A captive-portal namespace left by a sessiond that died goes (the
-    // lockdown just put back has no exception for it).
-    if let Err(e) = sessiond::portal::remove(&sessiond::portal::namespace()).await {
-        tracing::warn!("could not remove a portal namespace left from before: {e}");
-    }
+    // A captive-portal namespace needs no clean-up here: it lives only as
+    // long as this process's connection to the portal helper, which
+    // removes it when that connection closes (portal_helper.rs).
     let watcher = ProfileWatcher::start(&args.profiles, handle.clone())
         .map_err(|e| tracing::warn!("{e}; profile edits need a restart of sessiond"))
         .ok();

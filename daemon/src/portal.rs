@@ -33,9 +33,10 @@
 //!   0.0.0.0, so no one's ARP cache changes).
 //! - **Its own table**: output only to the subnet on TCP 53/80/443 and UDP
 //!   53, and to the network's DNS server on 53; input only for
-//!   established flows; IPv6 off. The DNS server is the pre-session
-//!   resolver file's first IPv4 server outside loopback (the one the lease
-//!   gave), else the default gateway.
+//!   established flows; no IPv6 (its link has no IPv6 address, and the
+//!   table refuses IPv6). The DNS server is the pre-session resolver
+//!   file's first IPv4 server outside loopback (the one the lease gave),
+//!   else the default gateway.
 //! - **Order**: the namespace, its table and its address are in place
 //!   before its link comes up ([`create`] then [`bring_up`]); the session
 //!   puts the link-level exception in between. [`remove`] kills what runs
@@ -46,9 +47,11 @@
 //!   `setpriv` with no capabilities, no new privileges and a cleared
 //!   environment apart from the display variables that user passed.
 //!
-//! Needs root with CAP_SYS_ADMIN (a namespace and its mount), CAP_NET_ADMIN
-//! and CAP_SETUID/CAP_SETGID (the browser); the `ip`, `nft` and `setpriv`
-//! programs.
+//! Needs root with CAP_SYS_ADMIN (a namespace and its mount), CAP_NET_ADMIN,
+//! CAP_NET_RAW (the ARP probe) and CAP_SETUID/CAP_SETGID (the browser);
+//! the `ip`, `nft` and `setpriv` programs. sessiond has none of those
+//! capabilities: it runs in the helper `sessiongate-portal`
+//! (portal_helper.rs), in a unit of its own, on sessiond's request.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -74,7 +77,7 @@ const PROBE_WAIT: Duration = Duration::from_millis(300);
 /// How many candidate addresses are probed before giving up.
 const MAX_CANDIDATES: usize = 16;
 /// Said when the kernel refuses what the namespace needs.
-const SANDBOXED: &str = " (sessiond is not allowed to make network namespaces here: the shipped systemd unit's sandbox does not grant it yet)";
+const SANDBOXED: &str = " (this process is not allowed to make the portal namespace here: it needs the capabilities sessiongate-portal@.service grants)";
 /// The display variables a browser may be given.
 pub const DISPLAY_VARIABLES: &[&str] = &[
     "DISPLAY",
@@ -100,7 +103,7 @@ pub enum PortalError {
 }
 
 /// The local network as seen from sessiond's namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Uplink {
     pub interface: String,
     pub gateway: Ipv4Addr,
@@ -117,7 +120,7 @@ impl Uplink {
 
 /// What [`create`] set up; the session turns it into the firewall's
 /// exception and `status`' report.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortalPlan {
     pub namespace: String,
     pub uplink: Uplink,
@@ -149,7 +152,7 @@ fn mask(prefix: u8) -> u32 {
 pub fn namespace() -> String {
     std::env::var(NAMESPACE_ENV)
         .ok()
-        .filter(|n| !n.is_empty() && n.len() <= 32 && n.chars().all(|c| c.is_ascii_alphanumeric()))
+        .filter(|n| crate::portal_helper::valid_namespace(n))
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
 }
 
@@ -235,8 +238,8 @@ pub fn exists(namespace: &str) -> bool {
 }
 
 /// Sets up the namespace with everything but a link that is up: its
-/// table, IPv6 off, the ipvlan child with a free address, the resolver
-/// file. Nothing leaves it yet. On failure, what was made is removed.
+/// table, the ipvlan child with a free address (and no IPv6 address), the
+/// resolver file. Nothing leaves it yet. On failure, what was made is removed.
 pub async fn create(namespace: &str, uplink: Uplink, dns: Ipv4Addr) -> Result<PortalPlan, PortalError> {
     let mut address = None;
     for candidate in candidates(&uplink, dns) {
@@ -289,18 +292,6 @@ async fn set_up(plan: &PortalPlan) -> Result<(), PortalError> {
     std::fs::create_dir_all(&etc)
         .and_then(|()| std::fs::write(etc.join("resolv.conf"), format!("nameserver {}\n", plan.dns)))
         .map_err(|e| PortalError::Setup(format!("{}: {}", etc.display(), crate::io_reason(&e))))?;
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "sysctl",
-        "-q",
-        "-w",
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-    ])
-    .await?;
     run_stdin(&["ip", "netns", "exec", ns, "nft", "-f", "-"], &table(plan)).await?;
     // Made right inside the namespace: it never appears in sessiond's own,
     // where the tamper guard would put a chain on it for a moment.
@@ -318,6 +309,12 @@ async fn set_up(plan: &PortalPlan) -> Result<(), PortalError> {
         );
         run(&child("macvlan", "private")).await?;
     }
+    // No IPv6 address of its own, so the link sends no IPv6 at all (no
+    // duplicate-address or router solicitation); the table refuses the
+    // rest. Through netlink, not the disable_ipv6 sysctl: the helper's
+    // unit leaves /proc/sys read-only, and a writable bind of it would
+    // still be the helper's own namespace's.
+    run(&["ip", "-n", ns, "link", "set", LINK, "addrgenmode", "none"]).await?;
     let address = format!("{}/{}", plan.address, plan.uplink.prefix);
     run(&["ip", "-n", ns, "addr", "add", &address, "dev", LINK]).await?;
     Ok(())

@@ -216,8 +216,8 @@ impl<'a> Container<'a> {
         Ok(())
     }
 
-    /// Installs sessiond and sessionctl from this build, the units, the
-    /// early lockdown's nft file, the sysusers and tmpfiles snippets from
+    /// Installs sessiond, sessionctl and the portal helper from this build,
+    /// the units, the early lockdown's nft file, the sysusers and tmpfiles snippets from
     /// `systemd/`, enables the units the way `systemctl enable` would, and copies `labhost` (for probes that
     /// use the container's own resolver file).
     pub fn install_sessiongate(&self) -> Result<()> {
@@ -250,8 +250,28 @@ impl<'a> Container<'a> {
             "/usr/lib/sessiongate/early-lockdown.nft",
             0o644,
         )?;
+        self.install_portal_helper()?;
         self.enable("sessiongate-early-lockdown.service", "sysinit.target")?;
         self.enable("sessiond.service", "multi-user.target")
+    }
+
+    /// The captive-portal helper: its binary, its socket unit (enabled)
+    /// and its per-connection service unit.
+    pub fn install_portal_helper(&self) -> Result<()> {
+        let systemd = util::workspace_root().join("systemd");
+        self.install(
+            &util::find_binary("sessiongate-portal")?,
+            "/usr/lib/sessiongate/sessiongate-portal",
+            0o755,
+        )?;
+        for unit in ["sessiongate-portal.socket", "sessiongate-portal@.service"] {
+            self.install(
+                &systemd.join(unit),
+                &format!("/usr/lib/systemd/system/{unit}"),
+                0o644,
+            )?;
+        }
+        self.enable("sessiongate-portal.socket", "sockets.target")
     }
 
     /// `systemctl enable` done from outside: the `WantedBy=` symlink.

@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod lab;
 pub mod meter;
 pub mod observer;
+pub mod portal_helper;
 pub mod relay;
 pub mod sysfuzz;
 pub mod util;

@@ -431,7 +431,12 @@ fn the_man_page_has_exit_status_and_files_and_points_only_to_pages_that_exist() 
 
 #[test]
 fn the_units_documentation_points_to_installed_pages() {
-    for unit in ["sessiond.service", "sessiongate-early-lockdown.service"] {
+    for unit in [
+        "sessiond.service",
+        "sessiongate-early-lockdown.service",
+        "sessiongate-portal.socket",
+        "sessiongate-portal@.service",
+    ] {
         let path = util::workspace_root().join("systemd").join(unit);
         let text = std::fs::read_to_string(&path).expect("unit");
         let docs: Vec<&str> = text.lines().filter(|l| l.starts_with("Documentation=")).collect();

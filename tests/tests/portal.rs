@@ -8,11 +8,15 @@
 //! the redirect, logs in, and also tries the internet; the test checks
 //! what it saw, that the machine itself still reaches nothing, both leak
 //! meters, and that the namespace goes after its time and on `--close`.
-//! Run as root after `cargo build --workspace`.
+//! The namespace is made by the portal helper (`sessiongate-portal`),
+//! which sessiond reaches over its socket; `systemd-socket-activate`
+//! stands in for its socket unit here (tests/systemd.rs runs the real
+//! units). Run as root after `cargo build --workspace`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use lab::portal_helper::PortalHelper;
 use lab::{addr, wait_for, wait_until, Daemon, Lab, Ns};
 
 /// The fake portal: everything redirects to /login until a form is posted
@@ -84,48 +88,6 @@ os.rename(out + ".tmp", out)
 
 fn lab() -> Lab {
     Lab::new().unwrap_or_else(|e| panic!("lab setup failed: {e:#}"))
-}
-
-/// Removes the test's portal namespace whatever happens (sessiond made it
-/// in its own mount namespace; the host may hold an empty file for it).
-struct PortalCleanup {
-    name: String,
-    sessiond_pid: Option<u32>,
-}
-
-impl Drop for PortalCleanup {
-    fn drop(&mut self) {
-        if let Some(pid) = self.sessiond_pid {
-            let mnt = format!("--mount=/proc/{pid}/ns/mnt");
-            if let Ok(pids) = lab::util::run(&["nsenter", &mnt, "ip", "netns", "pids", &self.name]) {
-                for p in pids.split_whitespace() {
-                    let _ = lab::util::run(&["kill", "-9", p]);
-                }
-            }
-            let _ = lab::util::run(&["nsenter", &mnt, "ip", "netns", "del", &self.name]);
-        }
-        let _ = lab::util::run(&["ip", "netns", "del", &self.name]);
-        // The namespace's file under /run/netns is shared by every mount
-        // namespace: a delete that ran while another one still held the
-        // mount can leave the empty file behind, which `ip netns list`
-        // then shows on the host.
-        let _ = std::fs::remove_file(Path::new("/run/netns").join(&self.name));
-        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
-    }
-}
-
-/// Whether the portal namespace exists, as sessiond sees it.
-fn portal_exists(daemon: &Daemon, name: &str) -> bool {
-    let pid = daemon.pid().expect("sessiond runs");
-    lab::util::run(&[
-        "nsenter",
-        &format!("--mount=/proc/{pid}/ns/mnt"),
-        "ip",
-        "netns",
-        "list",
-    ])
-    .map(|list| list.lines().any(|l| l.split_whitespace().next() == Some(name)))
-    .unwrap_or(false)
 }
 
 fn link_table(lab: &Lab) -> String {
@@ -203,16 +165,18 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", portal_server.log()));
 
-    let name = format!("sgp{}", lab.id());
+    // The helper, behind a stand-in for its socket unit.
+    let helper = PortalHelper::start(&lab).expect("the portal helper");
+    let name = helper.namespace().to_string();
     let mut daemon = lab.start_sessiond_for_group("nogroup").expect("start sessiond");
     daemon.set_env(sessiond::portal::NAMESPACE_ENV, &name);
+    daemon.set_env(
+        sessiond::portal_helper::SOCKET_ENV,
+        &helper.socket().to_string_lossy(),
+    );
     daemon
         .restart()
-        .expect("restart sessiond with the test's namespace name");
-    let _cleanup = PortalCleanup {
-        name: name.clone(),
-        sessiond_pid: daemon.pid(),
-    };
+        .expect("restart sessiond with the test's namespace name and helper");
     daemon.ctl_ok(&["start", "lab"]).expect("start the session");
 
     // Refused during a session unless asked in so many words, saying why.
@@ -222,7 +186,7 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
         "{}",
         text(&refused)
     );
-    assert!(!portal_exists(&daemon, &name));
+    assert!(!helper.namespace_exists());
     lab.reset_all_leaks().expect("reset leaks");
 
     let result = seen_dir.join("seen.json");
@@ -245,8 +209,14 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
             &format!("--browser-arg={}", addr::HOST_V4),
         ],
     );
-    assert!(opened.status.success(), "{}\n{}", text(&opened), daemon.log());
-    assert!(portal_exists(&daemon, &name), "{}", daemon.log());
+    assert!(
+        opened.status.success(),
+        "{}\n{}\nhelper:\n{}",
+        text(&opened),
+        daemon.log(),
+        helper.log()
+    );
+    assert!(helper.namespace_exists(), "{}", daemon.log());
     let report: serde_json::Value =
         serde_json::from_slice(&opened.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&opened)));
     let address = report["address"].as_str().unwrap_or_default().to_string();
@@ -308,7 +278,7 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     wait_until(
         Duration::from_secs(20),
         "the portal namespace to go after its time",
-        || !portal_exists(&daemon, &name),
+        || !helper.namespace_exists(),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     wait_until(Duration::from_secs(5), "the exception to go", || {
@@ -323,10 +293,10 @@ fn the_login_page_opens_in_a_namespace_of_its_own_and_nothing_else_does() {
     // And at once on --close.
     let opened = ctl_as_nobody(&lab, &daemon, &["portal", "--during-session", "--json"]);
     assert!(opened.status.success(), "{}", text(&opened));
-    assert!(portal_exists(&daemon, &name));
+    assert!(helper.namespace_exists());
     let closed = ctl_as_nobody(&lab, &daemon, &["portal", "--close"]);
     assert!(closed.status.success(), "{}", text(&closed));
-    assert!(!portal_exists(&daemon, &name), "{}", daemon.log());
+    assert!(!helper.namespace_exists(), "{}", daemon.log());
     assert!(!link_table(&lab).contains(&format!("ip saddr {address} ")));
     assert!(lab.probe_tcp(Ns::Client, addr::OTHER_V4, 443).is_err());
     lab.assert_no_leaks();

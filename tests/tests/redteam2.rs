@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use lab::portal_helper::PortalHelper;
 use lab::relay::RELAY_ENDPOINT;
 use lab::{addr, wait_until, Daemon, Lab, LabChild, Ns};
 
@@ -539,14 +540,16 @@ impl Drop for KillOnDrop {
 /// server, are refused by the session's `inet` table before the link
 /// table's exception could pass them (outside meter 0). Then sessiond is
 /// killed (-9) with the portal open and a browser still running in it:
-/// once sessiond is back, the exception is gone and the namespace that
-/// outlived it sends nothing (outside meter 0). The TCP/UDP sockets are
+/// the portal helper removes the namespace and the browser as soon as
+/// sessiond's connection closes, and once sessiond is back the exception
+/// is gone too (outside meter 0). The TCP/UDP sockets are
 /// stopped by routing already (ENETUNREACH); the raw ones by the `inet`
 /// table (EPERM). Seen failing with the `inet` table accepting anything
 /// not for the tunnel (the raw SYNs to 192.0.2.1:80 and :443 with the
 /// portal's source left, counted by the outside meter: the exception
 /// passed them), and with the link table added to instead of replaced
-/// (the exception outlived the restart).
+/// (the exception outlived the restart), and with the helper not removing
+/// the namespace when the connection closes (the browser lived on).
 #[test]
 fn the_portal_exception_serves_only_the_portal_namespace_and_does_not_outlive_sessiond() {
     use std::os::unix::fs::PermissionsExt;
@@ -555,12 +558,16 @@ fn the_portal_exception_serves_only_the_portal_namespace_and_does_not_outlive_se
     lab.set_tunnel_allowed_profile(&files.toml)
         .expect("tunnel meter follows the profile");
     std::fs::set_permissions(lab.tmp_dir(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
-    let name = format!("sgp{}", lab.id());
+    let helper = PortalHelper::start(&lab).expect("the portal helper");
     let mut daemon = lab.start_sessiond_for_group("nogroup").expect("start sessiond");
-    daemon.set_env(sessiond::portal::NAMESPACE_ENV, &name);
+    daemon.set_env(sessiond::portal::NAMESPACE_ENV, helper.namespace());
+    daemon.set_env(
+        sessiond::portal_helper::SOCKET_ENV,
+        &helper.socket().to_string_lossy(),
+    );
     daemon
         .restart()
-        .expect("restart sessiond with the test's namespace name");
+        .expect("restart sessiond with the test's namespace name and helper");
     daemon.ctl_ok(&["start", "lab"]).expect("start the session");
     let marker = format!("redteam2-browser-{}", lab.id());
     let _browser = KillOnDrop(marker.clone());
@@ -615,6 +622,14 @@ fn the_portal_exception_serves_only_the_portal_namespace_and_does_not_outlive_se
     });
     browser.unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     daemon.kill9().expect("kill -9 sessiond");
+    // The helper sees sessiond's connection close and removes the
+    // namespace with the browser in it at once, before sessiond is back.
+    wait_until(
+        Duration::from_secs(10),
+        "the helper to remove the namespace",
+        || !helper.namespace_exists() && pids_with(&marker).is_empty(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", helper.log()));
     daemon.restart().expect("restart sessiond");
     wait_until(Duration::from_secs(10), "the exception withdrawn", || {
         let table = link_table(&lab);
@@ -932,12 +947,16 @@ fn a_tamper_guard_reapply_after_the_portal_closed_does_not_bring_the_exception_b
     lab.set_tunnel_allowed_profile(&files.toml)
         .expect("tunnel meter follows the profile");
     std::fs::set_permissions(lab.tmp_dir(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
-    let name = format!("sgp{}", lab.id());
+    let helper = PortalHelper::start(&lab).expect("the portal helper");
     let mut daemon = lab.start_sessiond_for_group("nogroup").expect("start sessiond");
-    daemon.set_env(sessiond::portal::NAMESPACE_ENV, &name);
+    daemon.set_env(sessiond::portal::NAMESPACE_ENV, helper.namespace());
+    daemon.set_env(
+        sessiond::portal_helper::SOCKET_ENV,
+        &helper.socket().to_string_lossy(),
+    );
     daemon
         .restart()
-        .expect("restart sessiond with the test's namespace name");
+        .expect("restart sessiond with the test's namespace name and helper");
     daemon.ctl_ok(&["start", "lab"]).expect("start the session");
     let opened = ctl_as_nobody(&lab, &daemon, &["portal", "--during-session", "--json"]);
     assert!(opened.status.success(), "{}", daemon.log());

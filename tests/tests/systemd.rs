@@ -550,25 +550,39 @@ fn the_debian_package_installs_upgrades_and_removes_without_opening_a_session() 
         .expect("copy the upgrade");
     c.boot().unwrap_or_else(|e| panic!("boot: {e:#}"));
 
-    // Install: the group, the directories, both units enabled, sessiond running.
+    // Install: the group, the directories, the units enabled (the portal
+    // helper's socket listening), sessiond running.
     let out = apt(&c, &["install", "/root/sessiongate.deb"]);
     assert!(out.status.success(), "apt install: {}", text(&out));
     assert_eq!(
         c.unit_property("sessiond.service", "ActiveState").expect("show"),
         "active"
     );
-    for unit in ["sessiond.service", "sessiongate-early-lockdown.service"] {
+    for unit in [
+        "sessiond.service",
+        "sessiongate-early-lockdown.service",
+        "sessiongate-portal.socket",
+    ] {
         assert_eq!(
             c.unit_property(unit, "UnitFileState").expect("show"),
             "enabled",
             "{unit}"
         );
     }
+    assert_eq!(
+        c.unit_property("sessiongate-portal.socket", "ActiveState")
+            .expect("show"),
+        "active",
+        "the portal helper's socket is not listening"
+    );
     c.exec_ok(&["getent", "group", "sessiongate"])
         .expect("the control group");
     for path in [
         "/usr/sbin/sessiond",
         "/usr/bin/sessionctl",
+        "/usr/lib/sessiongate/sessiongate-portal",
+        "/usr/lib/systemd/system/sessiongate-portal@.service",
+        "/etc/netns",
         "/usr/share/man/man1/sessionctl.1.gz",
         "/usr/share/bash-completion/completions/sessionctl",
         "/usr/share/doc/sessiongate/examples/jitsi-practice.toml",
@@ -662,4 +676,249 @@ fn the_debian_package_installs_upgrades_and_removes_without_opening_a_session() 
     c.exec_ok(&["sessionctl", "status"])
         .expect("status after reinstall");
     c.poweroff().unwrap_or_else(|e| panic!("poweroff: {e:#}"));
+}
+
+/// A hotel's login page on the router's LAN side: every page is the login
+/// form; it logs who asked.
+const FAKE_PORTAL: &str = r#"
+import http.server, sys
+class Portal(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        data = b"hotel login page: room number?"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, fmt, *args):
+        sys.stdout.write("from %s %s\n" % (self.client_address[0], fmt % args))
+        sys.stdout.flush()
+server = http.server.ThreadingHTTPServer((sys.argv[1], 80), Portal)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+/// The stand-in browser (the container has bash, not curl or python):
+/// fetches the page it is given, says as whom and with which addresses it
+/// ran, and tries another host on the internet; all into ~/portal-seen.
+fn stand_in_browser() -> String {
+    format!(
+        r#"#!/bin/bash
+url="${{@: -1}}"
+host="${{url#http://}}"; host="${{host%%/*}}"
+out="$HOME/portal-seen"
+{{
+  echo "uid $(id -u)"
+  echo "addresses $(ip -4 -brief addr show | tr -s ' ' | tr '\n' ';')"
+  page=$(timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/80" && printf "GET / HTTP/1.0\r\nHost: %s\r\n\r\n" "$0" >&3 && cat <&3' "$host" | tr -d '\r' | tail -n 1)
+  echo "page $page"
+  if timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/443"' {other} 2>/dev/null; then echo "internet reached"; else echo "internet refused"; fi
+}} > "$out.tmp" 2>&1
+mv "$out.tmp" "$out"
+"#,
+        other = addr::OTHER_V4
+    )
+}
+
+/// The active instances of the portal helper's unit.
+fn portal_helpers(c: &Container) -> String {
+    c.exec_ok(&[
+        "systemctl",
+        "list-units",
+        "--no-legend",
+        "--plain",
+        "--state=active",
+        "sessiongate-portal@*.service",
+    ])
+    .unwrap_or_else(|e| format!("{e:#}"))
+    .trim()
+    .to_string()
+}
+
+/// `sessionctl portal` under the installed units: sessiond (whose sandbox
+/// has none of the capabilities a network namespace needs) asks the
+/// socket-activated helper unit, the namespace comes up, the stand-in
+/// browser in it reaches the LAN's login page as the calling user while
+/// the machine itself reaches nothing else, and the helper's unit goes on
+/// `--close` and when sessiond stops.
+#[test]
+fn the_captive_portal_opens_through_its_own_unit_while_sessiond_stays_sandboxed() {
+    let lab = lab();
+    let portal_script = lab.tmp_dir().join("portal.py");
+    std::fs::write(&portal_script, FAKE_PORTAL).expect("write the portal");
+    let portal_server = lab
+        .spawn_named(
+            Ns::Router,
+            "fake-portal",
+            &[
+                "python3",
+                &portal_script.to_string_lossy(),
+                addr::ROUTER_CLIENT_V4,
+            ],
+        )
+        .expect("fake portal");
+    wait_until(Duration::from_secs(10), "the fake portal to listen", || {
+        portal_server.log().contains("ready")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", portal_server.log()));
+    let c = booted(&lab);
+    c.write("/usr/local/bin/portal-browser", &stand_in_browser(), 0o755)
+        .expect("the stand-in browser");
+    c.exec_ok(&["useradd", "--create-home", USER]).expect("useradd");
+    c.exec_ok(&["usermod", "-aG", "sessiongate", USER])
+        .expect("usermod");
+    let uid = c.exec_ok(&["id", "-u", USER]).expect("id").trim().to_string();
+    // sessiond's sandbox is as tight as ever.
+    let caps = c
+        .unit_property("sessiond.service", "CapabilityBoundingSet")
+        .expect("show");
+    assert_eq!(
+        caps, "cap_chown cap_net_admin cap_sys_nice",
+        "sessiond's capabilities"
+    );
+
+    ctl(&c, &["start", "lab"]);
+    lab.reset_all_leaks().expect("reset leaks");
+    let opened = c
+        .exec_as(
+            USER,
+            &[
+                "sessionctl",
+                "portal",
+                "--during-session",
+                "--seconds",
+                "120",
+                "--json",
+                "--browser",
+                "/usr/local/bin/portal-browser",
+            ],
+        )
+        .expect("runuser");
+    let journals = || {
+        format!(
+            "--- sessiond:\n{}\n--- portal helper:\n{}",
+            c.journal("sessiond"),
+            c.journal("sessiongate-portal@*")
+        )
+    };
+    assert!(opened.status.success(), "{}\n{}", text(&opened), journals());
+    let report: serde_json::Value =
+        serde_json::from_slice(&opened.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&opened)));
+    let address = report["address"].as_str().unwrap_or_default().to_string();
+    assert!(address.starts_with("192.0.2."), "{report}");
+    assert!(
+        !portal_helpers(&c).is_empty(),
+        "no helper unit runs:\n{}",
+        journals()
+    );
+
+    let seen_path = c.path(&format!("/home/{USER}/portal-seen"));
+    let seen = lab::wait_for(Duration::from_secs(30), "the stand-in browser's report", || {
+        Ok(std::fs::read_to_string(&seen_path)?)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", portal_server.log(), journals()));
+    println!("the stand-in browser saw:\n{seen}");
+    assert!(
+        seen.contains(&format!("uid {uid}\n")),
+        "not run as {USER}: {seen}"
+    );
+    assert!(
+        seen.contains("sgportal0") && seen.contains(&format!("{address}/")),
+        "not run in the portal namespace: {seen}"
+    );
+    assert!(
+        seen.contains("page hotel login page"),
+        "the login page was not reached: {seen}\n{}",
+        portal_server.log()
+    );
+    assert!(seen.contains("internet refused"), "{seen}");
+    assert!(
+        portal_server.log().contains(&format!("from {address} ")),
+        "the portal did not see the namespace's address: {}",
+        portal_server.log()
+    );
+    // The machine itself still reaches neither the portal nor another host.
+    for (host, port) in [(addr::ROUTER_CLIENT_V4, "80"), (addr::OTHER_V4, "443")] {
+        let out = c.exec(&["labhost", "probe-tcp", host, port]).expect("labhost");
+        assert!(
+            !out.status.success(),
+            "the machine reached {host}:{port}: {}",
+            text(&out)
+        );
+    }
+    let destinations = lab.leak_destinations().expect("leak destinations");
+    let portal_flow = format!("{} tcp/80", addr::ROUTER_CLIENT_V4);
+    assert!(
+        destinations.iter().all(|d| *d == portal_flow),
+        "{}",
+        lab.leak_report()
+    );
+    assert_eq!(
+        lab.tunnel_leaks().expect("tunnel meter"),
+        0,
+        "{}",
+        lab.tunnel_leak_report()
+    );
+
+    // --close: the helper's unit goes, and the firewall's exception with it.
+    let closed = c
+        .exec_as(USER, &["sessionctl", "portal", "--close"])
+        .expect("runuser");
+    assert!(closed.status.success(), "{}", text(&closed));
+    wait_until(Duration::from_secs(15), "the helper unit to stop", || {
+        portal_helpers(&c).is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", portal_helpers(&c), journals()));
+    let link_table = c
+        .exec_ok(&["nft", "list", "table", "netdev", "sessiongate"])
+        .unwrap_or_default();
+    assert!(
+        !link_table.contains(&format!("ip saddr {address} ")),
+        "{link_table}"
+    );
+    assert_eq!(state_of(&c), "active", "the session stays as it was");
+    ctl(&c, &["stop"]);
+
+    // A restart of sessiond with a portal open ends that portal's helper
+    // cleanly (no failed unit left behind), and the next portal opens.
+    let open_portal = |what: &str| {
+        let opened = c
+            .exec_as(USER, &["sessionctl", "portal", "--seconds", "120"])
+            .expect("runuser");
+        assert!(
+            opened.status.success(),
+            "{what}: {}\n{}",
+            text(&opened),
+            journals()
+        );
+        assert!(
+            !portal_helpers(&c).is_empty(),
+            "{what}: no helper unit runs:\n{}",
+            journals()
+        );
+    };
+    open_portal("before the restart");
+    c.exec_ok(&["systemctl", "restart", "sessiond.service"])
+        .expect("restart sessiond");
+    open_portal("after the restart");
+    let failed = c
+        .exec_ok(&[
+            "systemctl",
+            "list-units",
+            "--failed",
+            "--no-legend",
+            "--plain",
+            "sessiongate-portal@*.service",
+        ])
+        .expect("list failed units");
+    assert!(failed.trim().is_empty(), "{failed}\n{}", journals());
+
+    // Stopping sessiond stops an open portal's helper unit too.
+    c.exec_ok(&["systemctl", "stop", "sessiond.service"])
+        .expect("stop sessiond");
+    wait_until(
+        Duration::from_secs(15),
+        "the helper unit to stop with sessiond",
+        || portal_helpers(&c).is_empty(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}\n{}", portal_helpers(&c), journals()));
 }

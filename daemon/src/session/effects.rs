@@ -26,6 +26,7 @@ use crate::dns::{AnswerSink, StubConfig, StubResolver};
 use crate::firewall::{Allowlist, Firewall, FirewallWatch, Lockdown, PortalException};
 use crate::nft::NftRunner;
 use crate::portal::{self, PortalPlan};
+use crate::portal_helper::{self, HelperConnection, Reply, Request};
 use crate::profile::{Host, Profile, Transport};
 use crate::resolvconf::{Pinned, ResolverFile};
 use crate::routing::{self, RouteConfig, Routes};
@@ -132,7 +133,7 @@ pub trait Effects {
     /// Brings the portal namespace's link up.
     async fn bring_up_portal(&mut self, plan: &PortalPlan) -> Result<(), String>;
     /// Runs `program` in the portal namespace as the user `uid`.
-    fn start_portal_browser(
+    async fn start_portal_browser(
         &mut self,
         plan: &PortalPlan,
         uid: u32,
@@ -185,6 +186,9 @@ pub struct SystemEffects {
     state_dir: PathBuf,
     /// The captive-portal namespace's exception in the link-level table.
     portal_exception: Option<PortalException>,
+    /// The connection to the portal helper while a namespace is open
+    /// (portal_helper.rs): closing it removes the namespace.
+    portal_helper: Option<HelperConnection>,
 }
 
 impl SystemEffects {
@@ -199,6 +203,7 @@ impl SystemEffects {
             guard: None,
             state_dir: paths.state_dir.clone(),
             portal_exception: None,
+            portal_helper: None,
         }
     }
 }
@@ -440,36 +445,82 @@ impl Effects for SystemEffects {
             .or_else(|_| std::fs::read_to_string(&self.resolv_conf))
             .unwrap_or_default();
         let dns = portal::parse_dns_server(&text).unwrap_or(uplink.gateway);
-        let namespace = portal::namespace();
-        // A namespace left by an earlier run goes first.
-        portal::remove(&namespace).await.map_err(|e| e.to_string())?;
-        portal::create(&namespace, uplink, dns)
+        // An earlier helper goes first (closing its connection removes
+        // its namespace); a new connection starts a new one.
+        self.remove_portal().await?;
+        let mut helper = HelperConnection::connect(&portal_helper::socket_path())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let request = Request::Create {
+            namespace: portal::namespace(),
+            uplink,
+            dns,
+        };
+        match helper.ask(&request).await.map_err(|e| e.to_string())? {
+            Reply::Created(plan) => {
+                self.portal_helper = Some(helper);
+                Ok(plan)
+            }
+            other => Err(format!("the captive-portal helper answered {other:?} to create")),
+        }
     }
 
     fn set_portal_exception(&mut self, exception: Option<PortalException>) {
         self.portal_exception = exception;
     }
 
-    async fn bring_up_portal(&mut self, plan: &PortalPlan) -> Result<(), String> {
-        portal::bring_up(plan).await.map_err(|e| e.to_string())
+    async fn bring_up_portal(&mut self, _plan: &PortalPlan) -> Result<(), String> {
+        let helper = self
+            .portal_helper
+            .as_mut()
+            .ok_or("there is no portal namespace to bring up")?;
+        helper
+            .ask(&Request::BringUp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
-    fn start_portal_browser(
+    async fn start_portal_browser(
         &mut self,
-        plan: &PortalPlan,
+        _plan: &PortalPlan,
         uid: u32,
         program: &[String],
         env: &[(String, String)],
     ) -> Result<u32, String> {
-        portal::start_browser(plan, uid, program, env).map_err(|e| e.to_string())
+        let helper = self
+            .portal_helper
+            .as_mut()
+            .ok_or("there is no portal namespace to start a browser in")?;
+        let request = Request::StartBrowser {
+            uid,
+            program: program.to_vec(),
+            env: env.to_vec(),
+        };
+        match helper.ask(&request).await.map_err(|e| e.to_string())? {
+            Reply::BrowserStarted(pid) => Ok(pid),
+            other => Err(format!(
+                "the captive-portal helper answered {other:?} to starting the browser"
+            )),
+        }
     }
 
     async fn remove_portal(&mut self) -> Result<(), String> {
-        portal::remove(&portal::namespace())
-            .await
-            .map_err(|e| e.to_string())
+        let Some(mut helper) = self.portal_helper.take() else {
+            return Ok(());
+        };
+        match helper.ask(&Request::Remove).await {
+            Ok(_) => Ok(()),
+            // A helper that is gone took its namespace with it (its way
+            // out removes it; systemd's stop kills what ran in it).
+            Err(portal_helper::HelperError::Broken(e)) => {
+                tracing::warn!(
+                    "the captive-portal helper was gone before it was asked to remove the namespace: {e}"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 

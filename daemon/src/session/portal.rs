@@ -109,6 +109,7 @@ impl<E: Effects> SessionMachine<E> {
                 self.ctx
                     .effects
                     .start_portal_browser(&plan, uid, &request.browser, &request.env)
+                    .await
                     .map(Some)
             }
         }

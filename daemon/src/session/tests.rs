@@ -169,7 +169,7 @@ impl Effects for Recorder {
     async fn bring_up_portal(&mut self, _plan: &crate::portal::PortalPlan) -> Result<(), String> {
         self.call("portal up")
     }
-    fn start_portal_browser(
+    async fn start_portal_browser(
         &mut self,
         _plan: &crate::portal::PortalPlan,
         _uid: u32,
