@@ -251,20 +251,54 @@ fn dhcp_ports_reach_only_on_link_servers() {
     );
     lab.assert_no_leaks();
 
+    // Broadcast (bound to the link, as a DHCP client is), and DHCPv6 to
+    // the router's link-local address: also only between DHCP's ports.
+    // Nothing answers these (the router's echo answers to a port the
+    // client does not let in), so the outside meter (which exempts DHCP's
+    // broadcasts) is the judge, read after a datagram through the tunnel
+    // has crossed the same link behind them.
+    let router_ll = link_local(&lab, Ns::Router, addr::ROUTER_CLIENT_IF);
+    let scope = ifindex(&lab, Ns::Client, addr::CLIENT_IF);
+    let link_local_port = |port| {
+        SocketAddr::V6(std::net::SocketAddrV6::new(
+            router_ll.parse().expect("link-local"),
+            port,
+            0,
+            scope,
+        ))
+    };
+    let on_link = |sock: &UdpSocket| {
+        sock.set_broadcast(true).expect("broadcast on");
+        nix::sys::socket::setsockopt(
+            sock,
+            nix::sys::socket::sockopt::BindToDevice,
+            &std::ffi::OsString::from(addr::CLIENT_IF),
+        )
+        .expect("bind to the link");
+    };
+    on_link(&v4);
+    on_link(&high);
+    let high6 = client_udp(&lab, true, 40001);
+    for (from, to) in [
+        (&v4, sock("255.255.255.255", 10000)),
+        (&high, sock("255.255.255.255", 67)),
+        (&v6, link_local_port(10000)),
+        (&high6, link_local_port(547)),
+    ] {
+        let _ = from.send_to(b"not-dhcp", to);
+    }
+    assert!(
+        lab.probe_udp(Ns::Client, addr::HOST_V4, 10000).is_ok(),
+        "the tunnel after the tries"
+    );
+    lab.assert_no_leaks();
+
     // A unicast renewal to the on-link server, v4 and v6 (link-local).
     assert_eq!(
         udp_exchange(&v4, sock(addr::ROUTER_CLIENT_V4, 67), "renew"),
         Ok(format!("peer={} renew", addr::CLIENT_V4))
     );
-    let router_ll = link_local(&lab, Ns::Router, addr::ROUTER_CLIENT_IF);
-    let scope = ifindex(&lab, Ns::Client, addr::CLIENT_IF);
-    let to = SocketAddr::V6(std::net::SocketAddrV6::new(
-        router_ll.parse().expect("link-local"),
-        547,
-        0,
-        scope,
-    ));
-    let reply = udp_exchange(&v6, to, "renew6").expect("DHCPv6 to the on-link server");
+    let reply = udp_exchange(&v6, link_local_port(547), "renew6").expect("DHCPv6 to the on-link server");
     assert!(reply.ends_with("renew6"), "{reply}");
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
