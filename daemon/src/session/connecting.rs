@@ -6,9 +6,10 @@
 //! Next: the handshake opens the allowlist (→ open); the timeout blocks
 //! (→ blocked, no handshake); `stop` cancels (see `stop.rs`). With
 //! `transport = "auto"`, UDP that gets no handshake within [`UDP_TRY`]
-//! moves the session to TCP through the relay: first the lockdown (the
-//! relay's TCP replaces the gateway's UDP as the one way out), then the
-//! tunnel, then a fresh wait with the whole timeout (→ connecting).
+//! moves the session to TCP through the relay: first the persisted
+//! session (a resume comes back on TCP), then the lockdown (the relay's
+//! TCP replaces the gateway's UDP as the one way out), then the tunnel,
+//! then a fresh wait with the whole timeout (→ connecting).
 //!
 //! Never: wait for the handshake inside the machine's loop; let the tunnel
 //! try TCP before the firewall admits exactly that flow.
@@ -23,6 +24,7 @@ use super::effects::Effects;
 use super::idle::fail;
 use super::open;
 use super::stage::{lockdown_over_tcp, Connecting, Locked, Stage, Task, Waiter};
+use super::udp_again::persist_transport;
 use super::{Ctx, Event};
 use crate::firewall::EndpointProtocol;
 use crate::profile::Transport;
@@ -115,6 +117,12 @@ pub(crate) async fn on_udp_unanswered<E: Effects>(ctx: &mut Ctx<E>, connecting: 
     };
     tracing::warn!("no handshake from {endpoint} over UDP; trying TCP through the relay {relay}");
     let over_tcp = lockdown_over_tcp(&locked.lockdown, relay);
+    // Persisted first, so that a crash from here on resumes on the relay's
+    // TCP rather than trying UDP again. If it cannot be written, a resume
+    // locks down on UDP and falls back again: closed either way.
+    if let Err(e) = persist_transport(ctx, &over_tcp) {
+        tracing::warn!("{e}");
+    }
     if let Err(e) = ctx.effects.apply_firewall(&over_tcp, None).await {
         let message =
             format!("could not let the tunnel's TCP to the relay {relay} through the lockdown: {e}");
