@@ -304,48 +304,7 @@ fn an_auto_session_over_tcp_goes_back_to_udp_on_a_network_where_udp_works() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     println!("moved -> traffic over UDP after {:?}", moved.elapsed());
 
-    let s = status(&daemon);
-    assert_eq!(s["state"], "active", "{s:#}");
-    assert!(s["cause"].is_null() && s["problem"].is_null(), "{s:#}");
-    let told = s["last_recovery"].as_str().unwrap_or_default();
-    assert!(told.contains("back on UDP"), "{s:#}");
-    // What the gateway sees: our new address's UDP, not the relay.
-    let ours = lab.client_key().expect("client key").1;
-    let endpoints = lab.gateway_wg_show(&["endpoints"]).expect("wg show");
-    assert!(
-        endpoints
-            .lines()
-            .any(|l| l.starts_with(&ours) && l.contains(&format!("{}:", addr::ROAM_CLIENT_V4))),
-        "the gateway does not see us over UDP from the new address: {endpoints}"
-    );
-    // The TCP flow is refused from now on: the relay holds no connection
-    // from the new address (the one from the old address never saw its
-    // end: that address is gone), the table no rule for it, and a marked
-    // connection fails.
-    let from_here = format!("{}:", addr::ROAM_CLIENT_V4);
-    lab::wait_until(
-        Duration::from_secs(10),
-        "the relay's connection from us closed",
-        || {
-            lab.exec_ok(
-                Ns::Gateway,
-                &["ss", "-Htn", "state", "established", "sport", "= :443"],
-            )
-            .is_ok_and(|out| !out.contains(&from_here))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
-    let table = our_table(&lab);
-    assert!(!table.contains("tcp dport 443"), "{table}");
-    assert!(
-        !marked_tcp_reaches_relay(&lab),
-        "the relay's TCP is still let out"
-    );
-    assert!(host_answers(&lab), "no traffic over UDP\n{}", daemon.log());
-    lab.assert_no_leaks();
-
-    daemon.ctl_ok(&["stop"]).expect("stop");
-    lab.assert_no_leaks();
+    assert_back_on_udp(&lab, &daemon, addr::ROAM_CLIENT_V4);
 }
 
 /// `kill -9` while an `auto` session runs over TCP (UDP blocked): the
@@ -410,4 +369,110 @@ fn an_auto_session_that_fell_back_to_tcp_resumes_over_tcp_after_a_crash() {
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     lab.assert_no_leaks();
+}
+
+/// The session is back on UDP from `client`: active with nothing to
+/// explain, the gateway sees our UDP, the relay's TCP is closed and
+/// refused, traffic flows and both meters stay at zero; then a clean stop.
+fn assert_back_on_udp(lab: &Lab, daemon: &Daemon, client: &str) {
+    let s = status(daemon);
+    assert_eq!(s["state"], "active", "{s:#}");
+    assert!(s["cause"].is_null() && s["problem"].is_null(), "{s:#}");
+    let told = s["last_recovery"].as_str().unwrap_or_default();
+    assert!(told.contains("back on UDP"), "{s:#}");
+    // What the gateway sees: our new address's UDP, not the relay.
+    let ours = lab.client_key().expect("client key").1;
+    let endpoints = lab.gateway_wg_show(&["endpoints"]).expect("wg show");
+    assert!(
+        endpoints
+            .lines()
+            .any(|l| l.starts_with(&ours) && l.contains(&format!("{client}:"))),
+        "the gateway does not see us over UDP from {client}: {endpoints}"
+    );
+    // The TCP flow is refused from now on: the relay holds no connection
+    // from the client's address (after a move, the one from the old
+    // address never saw its end: that address is gone), the table no rule
+    // for it, and a marked connection fails.
+    let from_here = format!("{client}:");
+    lab::wait_until(
+        Duration::from_secs(10),
+        "the relay's connection from us closed",
+        || {
+            lab.exec_ok(
+                Ns::Gateway,
+                &["ss", "-Htn", "state", "established", "sport", "= :443"],
+            )
+            .is_ok_and(|out| !out.contains(&from_here))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let table = our_table(lab);
+    assert!(!table.contains("tcp dport 443"), "{table}");
+    assert!(!marked_tcp_reaches_relay(lab), "the relay's TCP is still let out");
+    assert!(host_answers(lab), "no traffic over UDP\n{}", daemon.log());
+    lab.assert_no_leaks();
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
+}
+
+/// The network stops blocking UDP while the session runs, with no change
+/// of network to notice: the periodic try finds UDP and the session goes
+/// back to it. Before that, a try on the blocked network leaves the call
+/// on TCP undisturbed. sessiond tries every 5 s here instead of every 3
+/// minutes (SESSIOND_TEST_UDP_RETRY_SECS, tests only).
+#[test]
+fn an_auto_session_over_tcp_goes_back_to_udp_when_the_network_stops_blocking_it() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    lab.block_udp_from_client().expect("block UDP");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.set_env("SESSIOND_TEST_UDP_RETRY_SECS", "5");
+    daemon.restart().expect("restart sessiond with the short retry");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start over TCP: {e:#}\n{}", daemon.log()));
+    assert_eq!(status(&daemon)["tunnel"]["transport"], "tcp");
+    lab.reset_all_leaks().expect("reset leaks");
+
+    // A try while UDP is still blocked: the router drops its handshake,
+    // and the call goes on over TCP meanwhile.
+    let dropped = lab.udp_dropped().expect("read the UDP drop counter");
+    lab::wait_until(Duration::from_secs(30), "a try over UDP", || {
+        lab.udp_dropped().is_ok_and(|now| now > dropped)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert!(
+        host_answers(&lab),
+        "a try over UDP disturbed the tunnel\n{}",
+        daemon.log()
+    );
+    lab::wait_until(Duration::from_secs(20), "the try over", || {
+        !our_table(&lab).contains("udp dport 51820")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let s = status(&daemon);
+    assert_eq!(s["tunnel"]["transport"], "tcp", "{s:#}");
+    assert_eq!(s["cause"]["reason"], "udp_unanswered", "{s:#}");
+    assert!(
+        host_answers(&lab),
+        "no traffic over TCP after the try\n{}",
+        daemon.log()
+    );
+    lab.assert_no_leaks();
+
+    lab.unblock_udp_from_client().expect("unblock UDP");
+    let unblocked = Instant::now();
+    lab::wait_until(Duration::from_secs(60), "the session back on UDP", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["tunnel"]["transport"] == "udp" && s["cause"].is_null())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "UDP unblocked -> tunnel back on UDP after {:?} (tries every 5 s here)",
+        unblocked.elapsed()
+    );
+    assert_back_on_udp(&lab, &daemon, addr::CLIENT_V4);
 }

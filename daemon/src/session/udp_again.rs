@@ -5,7 +5,9 @@
 //! otherwise stay on TCP (head-of-line blocking on every loss, worse for a
 //! call) on every network after it. So UDP is tried again when it is
 //! likely to work: after the network changed (once the tunnel has its
-//! handshake over the new path), and every [`RETRY_EVERY`] besides.
+//! handshake over the new path), and every [`RETRY_EVERY`] besides (for
+//! a network that stopped blocking UDP, or a block that was only a
+//! moment's loss).
 //!
 //! A try, in order: the firewall admits the gateway's UDP beside the
 //! relay's TCP → the tunnel sends one handshake over UDP, still sending
@@ -35,6 +37,18 @@ use crate::tunnel::OuterProtocol;
 /// handshake each time, cheap, and a call that could be on UDP is not on
 /// TCP for long.
 pub(crate) const RETRY_EVERY: Duration = Duration::from_secs(180);
+/// Tests only: [`RETRY_EVERY`] in seconds, so a lab test sees the periodic
+/// try without waiting minutes.
+pub const TEST_RETRY_ENV: &str = "SESSIOND_TEST_UDP_RETRY_SECS";
+
+/// [`RETRY_EVERY`], unless [`TEST_RETRY_ENV`] says otherwise.
+fn retry_every() -> Duration {
+    std::env::var(TEST_RETRY_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|secs| *secs > 0)
+        .map_or(RETRY_EVERY, Duration::from_secs)
+}
 /// How long a probe waits for the gateway's answer over UDP: a gateway
 /// that hears it answers in a round trip, and after WireGuard's 5 s retry
 /// timer the next handshake goes over TCP and replaces the probe's.
@@ -44,7 +58,7 @@ impl UdpAgain {
     /// The first try after a fall-back to TCP is [`RETRY_EVERY`] away.
     pub fn new() -> UdpAgain {
         UdpAgain {
-            next_try: Instant::now() + RETRY_EVERY,
+            next_try: Instant::now() + retry_every(),
             probing_since: None,
             reason: UdpAgainReason::Periodic,
             firewall_behind: false,
@@ -96,7 +110,7 @@ pub(crate) async fn on_health<E: Effects>(
                 open.locked.endpoint
             );
             open.udp_again.probing_since = None;
-            open.udp_again.next_try = now + RETRY_EVERY;
+            open.udp_again.next_try = now + retry_every();
             open.udp_again.reason = UdpAgainReason::Periodic;
             open.locked.lockdown.udp_probe = None;
             if let Err(e) = reapply(ctx, &open).await {
@@ -130,7 +144,7 @@ async fn start_probe<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>, now: Insta
         // A transaction: the table in force is the one before.
         tracing::warn!("could not let the tunnel try UDP to {gateway} again: {e}");
         open.locked.lockdown = before;
-        open.udp_again.next_try = now + RETRY_EVERY;
+        open.udp_again.next_try = now + retry_every();
         return Stage::Open(open);
     }
     let sent = match &open.locked.tunnel {
@@ -140,7 +154,7 @@ async fn start_probe<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>, now: Insta
     if let Err(e) = sent {
         tracing::warn!("could not try UDP to {gateway} again: {e}");
         open.locked.lockdown = before;
-        open.udp_again.next_try = now + RETRY_EVERY;
+        open.udp_again.next_try = now + retry_every();
         if let Err(e) = reapply(ctx, &open).await {
             tracing::warn!("could not close the gateway's UDP again: {e}; retrying");
             open.udp_again.firewall_behind = true;
