@@ -1415,6 +1415,10 @@ async fn without_a_session_the_portal_opens_without_touching_any_firewall() {
 }
 
 fn auto_profile() -> Profile {
+    profile_with_transport("auto")
+}
+
+fn profile_with_transport(transport: &str) -> Profile {
     let text = format!(
         r#"
 [tunnel]
@@ -1429,7 +1433,7 @@ servers = ["192.0.2.65"]
 host = "meet.test"
 tcp = [443]
 [gateway]
-transport = "auto"
+transport = "{transport}"
 tcp_endpoint = "198.51.100.2:443"
 "#
     );
@@ -1640,12 +1644,20 @@ async fn over_tcp_an_unanswered_udp_probe_ends_in_the_tunnel_before_the_firewall
 
 /// A crash during a session over TCP: the resume's first lockdown already
 /// admits the relay's TCP and no UDP, and the tunnel starts over TCP
-/// (without the persisted transport an `auto` session came back on UDP).
+/// (without the persisted transport an `auto` session came back on UDP,
+/// and a `tcp` one locked down on UDP until its profile was read).
 #[tokio::test]
 async fn a_session_persisted_over_tcp_resumes_over_tcp_without_admitting_udp() {
+    for transport in ["auto", "tcp"] {
+        resumes_over_tcp(profile_with_transport(transport)).await;
+    }
+}
+
+async fn resumes_over_tcp(profile: Profile) {
     use crate::firewall::EndpointProtocol;
+    let auto = matches!(profile.transport, crate::profile::Transport::Auto { .. });
     let (mut m, handle) = machine();
-    m.ctx.effects.on_disk = Some(auto_profile());
+    m.ctx.effects.on_disk = Some(profile);
     m.ctx.effects.persisted = Some(PersistedSession {
         profile: "lab".into(),
         endpoint: addr(GATEWAY),
@@ -1676,7 +1688,11 @@ async fn a_session_persisted_over_tcp_resumes_over_tcp_without_admitting_udp() {
         panic!("not connecting")
     };
     assert_eq!(c._waits.len(), 1, "a UDP timer on a session resumed over TCP");
-    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::TryingTcp)));
+    if auto {
+        assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::TryingTcp)));
+    } else {
+        assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::Resuming)));
+    }
     // The same for the lockdown a sessiond that refuses to run puts back.
     let persisted = m.ctx.effects.persisted.clone().expect("persisted");
     let refused = super::idle::lockdown_of_persisted(&persisted);
