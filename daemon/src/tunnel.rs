@@ -182,8 +182,9 @@ pub struct Tunnel {
     monitor: TunnelMonitor,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    /// Hands the packet task a TCP transport to switch to.
-    to_tcp: tokio::sync::mpsc::UnboundedSender<TcpForwarder>,
+    /// Hands the packet task a TCP transport to switch to, or `None`:
+    /// back to UDP.
+    to_switch: tokio::sync::mpsc::UnboundedSender<Option<TcpForwarder>>,
     /// The packet task's UDP socket, which a TCP forwarder answers.
     udp_local: SocketAddr,
     fwmark: u32,
@@ -271,7 +272,7 @@ impl Tunnel {
             probe_now: tokio::sync::Notify::new(),
         });
         let (handshake_tx, handshake_rx) = watch::channel(None);
-        let (to_tcp, switch) = tokio::sync::mpsc::unbounded_channel();
+        let (to_switch, switch) = tokio::sync::mpsc::unbounded_channel();
         // Over TCP the datagrams go to the forwarder, and the way out that
         // matters for roaming is the one to the relay.
         let (send_to, path_target) = match &forwarder {
@@ -317,7 +318,7 @@ impl Tunnel {
             },
             stop: Some(stop_tx),
             task: Some(task),
-            to_tcp,
+            to_switch,
             udp_local,
             fwmark: config.fwmark,
             cover: config.shape == TrafficShape::Cover,
@@ -342,8 +343,18 @@ impl Tunnel {
             self.udp_local.port(),
         )
         .map_err(|e| TunnelError::Transport(crate::io_reason(&e)))?;
-        self.to_tcp
-            .send(forwarder)
+        self.to_switch
+            .send(Some(forwarder))
+            .map_err(|_| TunnelError::Transport("the tunnel's packet task has ended".into()))
+    }
+
+    /// Moves the tunnel's datagrams back to UDP straight to the gateway
+    /// (the relay did not answer): the TCP connection closes and the packet
+    /// task handshakes again over UDP. The firewall must admit the
+    /// gateway's UDP first.
+    pub fn use_udp(&self) -> Result<(), TunnelError> {
+        self.to_switch
+            .send(None)
             .map_err(|_| TunnelError::Transport("the tunnel's packet task has ended".into()))
     }
 
@@ -574,8 +585,9 @@ struct Driver {
     path_target: SocketAddr,
     /// The TCP transport, when the datagrams go through a relay.
     forwarder: Option<TcpForwarder>,
-    /// A TCP transport to switch to (see [`Tunnel::use_tcp`]).
-    switch: tokio::sync::mpsc::UnboundedReceiver<TcpForwarder>,
+    /// A TCP transport to switch to (see [`Tunnel::use_tcp`]), or `None`:
+    /// back to UDP (see [`Tunnel::use_udp`]).
+    switch: tokio::sync::mpsc::UnboundedReceiver<Option<TcpForwarder>>,
     shared: Arc<Shared>,
     handshake: watch::Sender<Option<Instant>>,
     last_rx: Instant,
@@ -817,18 +829,29 @@ impl Driver {
                 }
                 _ = decoys_low(cover.as_deref()) => self.make_decoys(buf.wire_len).await,
                 _ = shared.probe_now.notified() => self.send_udp_probe(&mut buf.timer).await,
-                Some(forwarder) = self.switch.recv() => {
-                    tracing::info!(
-                        "the tunnel's datagrams go over TCP to the relay {} from now on; handshaking again through it",
-                        forwarder.relay()
-                    );
-                    self.endpoint = forwarder.local_addr();
-                    self.path_target = forwarder.relay();
-                    self.path = way_out(self.path_target, self.fwmark);
-                    self.forwarder = Some(forwarder);
-                    self.shared.over_tcp.store(true, Ordering::Relaxed);
-                    self.send_initiation(&mut buf.timer).await;
-                }
+                Some(way) = self.switch.recv() => match way {
+                    Some(forwarder) => {
+                        tracing::info!(
+                            "the tunnel's datagrams go over TCP to the relay {} from now on; handshaking again through it",
+                            forwarder.relay()
+                        );
+                        self.endpoint = forwarder.local_addr();
+                        self.path_target = forwarder.relay();
+                        self.path = way_out(self.path_target, self.fwmark);
+                        self.forwarder = Some(forwarder);
+                        self.shared.over_tcp.store(true, Ordering::Relaxed);
+                        self.send_initiation(&mut buf.timer).await;
+                    }
+                    None if self.forwarder.is_some() => {
+                        tracing::info!(
+                            "the tunnel's datagrams go straight to the gateway {} over UDP from now on; handshaking again",
+                            self.gateway
+                        );
+                        self.leave_tcp();
+                        self.send_initiation(&mut buf.timer).await;
+                    }
+                    None => {}
+                },
             }
         }
     }
@@ -1250,10 +1273,16 @@ impl Driver {
             "the gateway {} answered over UDP: the tunnel's datagrams go straight to it from now on",
             self.gateway
         );
+        self.leave_tcp();
+    }
+
+    /// Datagrams straight to the gateway's UDP from now on; the forwarder
+    /// goes, and its TCP connection closes with it.
+    fn leave_tcp(&mut self) {
+        self.forwarder = None;
         self.endpoint = self.gateway;
         self.path_target = self.gateway;
         self.path = way_out(self.gateway, self.fwmark);
-        self.forwarder = None;
         self.shared.over_tcp.store(false, Ordering::Relaxed);
     }
 

@@ -476,3 +476,57 @@ fn an_auto_session_over_tcp_goes_back_to_udp_when_the_network_stops_blocking_it(
     );
     assert_back_on_udp(&lab, &daemon, addr::CLIENT_V4);
 }
+
+/// sessiond comes back after a crash and the relay does not answer (it is
+/// gone, or the machine is now on a network that passes UDP): the `auto`
+/// session resumed over TCP gives UDP its turn and comes up there, the
+/// relay's TCP closed behind it.
+#[test]
+fn an_auto_session_resumed_over_tcp_goes_to_udp_when_the_relay_does_not_answer() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    let relay = lab.start_tcp_relay().expect("start the TCP relay");
+    lab.block_udp_from_client().expect("block UDP");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start over TCP: {e:#}\n{}", daemon.log()));
+    assert_eq!(status(&daemon)["tunnel"]["transport"], "tcp");
+    lab.reset_all_leaks().expect("reset leaks");
+
+    daemon.kill9().expect("kill -9 sessiond");
+    lab::wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running())
+        .expect("sessiond exits");
+    relay.kill().expect("stop the relay");
+    lab.unblock_udp_from_client().expect("unblock UDP");
+
+    let restarted = Instant::now();
+    daemon.restart().expect("restart sessiond");
+    lab::wait_until(
+        Duration::from_secs(60),
+        "the resumed session active over UDP",
+        || {
+            daemon
+                .status()
+                .is_ok_and(|s| s["state"] == "active" && s["tunnel"]["transport"] == "udp")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "sessiond restarted without a relay -> session active over UDP after {:?}",
+        restarted.elapsed()
+    );
+    assert!(
+        host_answers(&lab),
+        "no traffic after the resume\n{}",
+        daemon.log()
+    );
+    let table = our_table(&lab);
+    assert!(
+        table.contains("udp dport 51820") && !table.contains("tcp dport 443"),
+        "the lockdown does not admit exactly the gateway's UDP:\n{table}"
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
+}

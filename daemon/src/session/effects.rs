@@ -91,6 +91,9 @@ pub trait Effects {
     /// Moves the tunnel's datagrams to TCP through the relay at `relay`
     /// (the firewall admits that flow already).
     fn tunnel_use_tcp(&mut self, tunnel: &Self::Tunnel, relay: SocketAddr) -> Result<(), String>;
+    /// Moves the tunnel's datagrams back to UDP straight to the gateway
+    /// (the firewall admits that flow already).
+    fn tunnel_use_udp(&mut self, tunnel: &Self::Tunnel) -> Result<(), String>;
     /// A tunnel over TCP tries UDP to the gateway again (the firewall
     /// admits that flow already): one handshake over UDP, beside the TCP
     /// it keeps using; if the gateway answers it, the tunnel moves back
@@ -330,6 +333,10 @@ impl Effects for SystemEffects {
 
     fn tunnel_use_tcp(&mut self, tunnel: &Tunnel, relay: SocketAddr) -> Result<(), String> {
         tunnel.use_tcp(relay).map_err(|e| e.to_string())
+    }
+
+    fn tunnel_use_udp(&mut self, tunnel: &Tunnel) -> Result<(), String> {
+        tunnel.use_udp().map_err(|e| e.to_string())
     }
 
     fn tunnel_probe_udp(&mut self, tunnel: &Tunnel) -> Result<(), String> {

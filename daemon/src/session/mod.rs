@@ -115,6 +115,9 @@ pub(crate) enum Event {
     HandshakeTimeout(u64),
     /// `transport = "auto"`: UDP got no handshake in its time.
     UdpUnanswered(u64),
+    /// `transport = "auto"` resumed over TCP: the relay got no handshake
+    /// in its time.
+    TcpUnanswered(u64),
     NamesResolved(u64),
     Verified(u64, Result<verify::Report, String>),
 }
@@ -437,6 +440,9 @@ impl<E: Effects> SessionMachine<E> {
             }
             (Event::UdpUnanswered(id), Stage::Connecting(c)) if c.id == id => {
                 connecting::on_udp_unanswered(&mut self.ctx, c).await
+            }
+            (Event::TcpUnanswered(id), Stage::Connecting(c)) if c.id == id => {
+                connecting::on_tcp_unanswered(&mut self.ctx, c).await
             }
             (Event::NamesResolved(id), Stage::Open(o))
                 if o.resolving.as_ref().is_some_and(|t| t.id == id) =>

@@ -305,6 +305,11 @@ impl Effects for Recorder {
         self.roam.over_tcp.store(true, Ordering::SeqCst);
         Ok(())
     }
+    fn tunnel_use_udp(&mut self, _tunnel: &AllowFilter) -> Result<(), String> {
+        self.call("tunnel over udp")?;
+        self.roam.over_tcp.store(false, Ordering::SeqCst);
+        Ok(())
+    }
     fn tunnel_probe_udp(&mut self, _tunnel: &AllowFilter) -> Result<(), String> {
         self.call("tunnel probe udp")?;
         if self.roam.udp_works.load(Ordering::SeqCst) {
@@ -1687,7 +1692,9 @@ async fn resumes_over_tcp(profile: Profile) {
     let Stage::Connecting(c) = &m.stage else {
         panic!("not connecting")
     };
-    assert_eq!(c._waits.len(), 1, "a UDP timer on a session resumed over TCP");
+    // The handshake, and for `auto` the relay's time before UDP's turn.
+    let waits = if auto { 2 } else { 1 };
+    assert_eq!(c._waits.len(), waits, "a UDP timer on a session resumed over TCP");
     if auto {
         assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::TryingTcp)));
     } else {
@@ -1698,4 +1705,60 @@ async fn resumes_over_tcp(profile: Profile) {
     let refused = super::idle::lockdown_of_persisted(&persisted);
     assert_eq!(refused.endpoint_protocol, EndpointProtocol::Tcp);
     assert_eq!(refused.endpoint, addr(RELAY));
+}
+
+/// An `auto` session resumed over TCP whose relay does not answer (gone,
+/// or the machine woke on a network that passes UDP): UDP gets its turn,
+/// firewall before tunnel, and TCP again after that.
+#[tokio::test]
+async fn a_resume_over_tcp_that_the_relay_does_not_answer_takes_turns_with_udp() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = machine();
+    m.ctx.effects.on_disk = Some(auto_profile());
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: addr(GATEWAY),
+        interface: "sg0".into(),
+        allow_lan: false,
+        src_valid_mark_before: Some("0".into()),
+        transport: Some(crate::store::PersistedTransport::Tcp { relay: addr(RELAY) }),
+    });
+    m.resume().await.expect("resume");
+    forget(&mut m);
+    m.on_event(Event::TcpUnanswered(connecting_id(&m))).await;
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "save session",
+            "firewall lockdown",
+            "tunnel over udp"
+        ]
+    );
+    let udp = last_lockdown(&m);
+    assert_eq!(udp.endpoint, addr(GATEWAY));
+    assert_eq!(udp.endpoint_protocol, EndpointProtocol::Udp);
+    assert_eq!(
+        m.ctx.effects.persisted.as_ref().and_then(|p| p.transport),
+        Some(crate::store::PersistedTransport::Udp)
+    );
+    assert_eq!(table(&m), Table::Lockdown);
+    assert_eq!(phase(&handle).0, Phase::Degraded);
+    // UDP unanswered too: TCP's turn again.
+    forget(&mut m);
+    m.on_event(Event::UdpUnanswered(connecting_id(&m))).await;
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "save session",
+            "firewall lockdown",
+            "tunnel over tcp"
+        ]
+    );
+    assert_eq!(last_lockdown(&m).endpoint, addr(RELAY));
+    // A handshake on either opens the session.
+    handshake(&m);
+    settle(&mut m).await;
+    assert_eq!(table(&m), Table::Open);
 }
