@@ -899,8 +899,11 @@ fn describe_status(v: &Value) -> String {
             Some(age) => format!("handshake {}", ago(age)),
             None => "no handshake yet".to_string(),
         };
+        // UDP is WireGuard's own way; TCP (through the relay, where a
+        // network blocks UDP) is the one worth a word.
+        let over = if t["transport"] == "tcp" { " over TCP" } else { "" };
         lines.push(format!(
-            "  Tunnel:   {} to {}, {handshake}, received {}, sent {}",
+            "  Tunnel:   {} to {}{over}, {handshake}, received {}, sent {}",
             t["interface"].as_str().unwrap_or("?"),
             endpoint.unwrap_or("?"),
             bytes(t["rx_bytes"].as_u64().unwrap_or(0)),
@@ -1083,6 +1086,13 @@ mod tests {
         let mut recovered = active();
         recovered["last_recovery"] = "after the network changed, the gateway answered".into();
         assert!(describe_status(&recovered).contains("  Lately:   after the network changed"));
+        let mut over_tcp = active();
+        over_tcp["tunnel"]["transport"] = "tcp".into();
+        assert!(
+            describe_status(&over_tcp).contains("  Tunnel:   sgtun0 to 198.51.100.2:51820 over TCP, "),
+            "{}",
+            describe_status(&over_tcp)
+        );
 
         let text = describe_status(&active());
         let mut lines = text.lines();

@@ -31,6 +31,22 @@ pub struct PersistedSession {
     /// none; their stop leaves the value as it finds it.
     #[serde(default)]
     pub src_valid_mark_before: Option<String>,
+    /// How the tunnel's datagrams travel now, so that a resume puts back
+    /// the same way out (an `auto` session that fell back to TCP resumes
+    /// on TCP, its lockdown admitting the relay's TCP and no UDP). Files
+    /// from before this field have none: the profile decides then.
+    #[serde(default)]
+    pub transport: Option<PersistedTransport>,
+}
+
+/// The way out a session's tunnel uses, as persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "protocol", deny_unknown_fields)]
+pub enum PersistedTransport {
+    /// UDP straight to the endpoint.
+    Udp,
+    /// TCP to the relay at this address.
+    Tcp { relay: SocketAddr },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +152,9 @@ mod tests {
             interface: "sg0".into(),
             allow_lan: false,
             src_valid_mark_before: Some("0".into()),
+            transport: Some(PersistedTransport::Tcp {
+                relay: "198.51.100.2:443".parse().expect("addr"),
+            }),
         }
     }
 
@@ -164,6 +183,7 @@ mod tests {
         fs::write(tmp.path().join(FILE_NAME), old).expect("write");
         let loaded = store.load().expect("load").expect("a session");
         assert_eq!(loaded.src_valid_mark_before, None);
+        assert_eq!(loaded.transport, None);
         assert_eq!(loaded.profile, "lab");
     }
 

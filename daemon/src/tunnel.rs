@@ -151,7 +151,19 @@ struct Shared {
     rehandshake: tokio::sync::Notify,
     /// Whether the datagrams go over TCP to a relay now.
     over_tcp: std::sync::atomic::AtomicBool,
+    /// Over TCP: whether a handshake over UDP is being tried (see
+    /// [`Tunnel::probe_udp`]): [`PROBE_IDLE`], [`PROBE_RUNNING`] or
+    /// [`PROBE_ANSWERED`]. The packet task moves from running to answered,
+    /// the session machine back to idle; whoever comes second sees the
+    /// other's move.
+    udp_probe: std::sync::atomic::AtomicU8,
+    /// Asks the packet task to send the probe's handshake.
+    probe_now: tokio::sync::Notify,
 }
+
+const PROBE_IDLE: u8 = 0;
+const PROBE_RUNNING: u8 = 1;
+const PROBE_ANSWERED: u8 = 2;
 
 impl Shared {
     fn mark_heard(&self) {
@@ -170,8 +182,9 @@ pub struct Tunnel {
     monitor: TunnelMonitor,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    /// Hands the packet task a TCP transport to switch to.
-    to_tcp: tokio::sync::mpsc::UnboundedSender<TcpForwarder>,
+    /// Hands the packet task a TCP transport to switch to, or `None`:
+    /// back to UDP.
+    to_switch: tokio::sync::mpsc::UnboundedSender<Option<TcpForwarder>>,
     /// The packet task's UDP socket, which a TCP forwarder answers.
     udp_local: SocketAddr,
     fwmark: u32,
@@ -255,9 +268,11 @@ impl Tunnel {
             answered_ms: AtomicU64::new(0),
             rehandshake: tokio::sync::Notify::new(),
             over_tcp: std::sync::atomic::AtomicBool::new(forwarder.is_some()),
+            udp_probe: std::sync::atomic::AtomicU8::new(PROBE_IDLE),
+            probe_now: tokio::sync::Notify::new(),
         });
         let (handshake_tx, handshake_rx) = watch::channel(None);
-        let (to_tcp, switch) = tokio::sync::mpsc::unbounded_channel();
+        let (to_switch, switch) = tokio::sync::mpsc::unbounded_channel();
         // Over TCP the datagrams go to the forwarder, and the way out that
         // matters for roaming is the one to the relay.
         let (send_to, path_target) = match &forwarder {
@@ -273,6 +288,7 @@ impl Tunnel {
             udp,
             udp_state,
             endpoint: send_to,
+            gateway: config.endpoint,
             fwmark: config.fwmark,
             path: way_out(path_target, config.fwmark),
             path_target,
@@ -302,7 +318,7 @@ impl Tunnel {
             },
             stop: Some(stop_tx),
             task: Some(task),
-            to_tcp,
+            to_switch,
             udp_local,
             fwmark: config.fwmark,
             cover: config.shape == TrafficShape::Cover,
@@ -327,9 +343,44 @@ impl Tunnel {
             self.udp_local.port(),
         )
         .map_err(|e| TunnelError::Transport(crate::io_reason(&e)))?;
-        self.to_tcp
-            .send(forwarder)
+        self.to_switch
+            .send(Some(forwarder))
             .map_err(|_| TunnelError::Transport("the tunnel's packet task has ended".into()))
+    }
+
+    /// Moves the tunnel's datagrams back to UDP straight to the gateway
+    /// (the relay did not answer): the TCP connection closes and the packet
+    /// task handshakes again over UDP. The firewall must admit the
+    /// gateway's UDP first.
+    pub fn use_udp(&self) -> Result<(), TunnelError> {
+        self.to_switch
+            .send(None)
+            .map_err(|_| TunnelError::Transport("the tunnel's packet task has ended".into()))
+    }
+
+    /// Over TCP: tries whether UDP reaches the gateway again, without
+    /// leaving TCP. The packet task sends one handshake initiation
+    /// straight to the gateway's UDP and, while the probe runs, hears the
+    /// gateway there too; if the gateway answers that handshake, the
+    /// tunnel moves back to UDP at once (the gateway itself moved to the
+    /// address the answer went to) and the TCP connection closes. The
+    /// firewall must admit the gateway's UDP first (the session machine
+    /// adds it for the probe's length).
+    pub fn probe_udp(&self) -> Result<(), TunnelError> {
+        let shared = &self.monitor.shared;
+        if !shared.over_tcp.load(Ordering::Relaxed) {
+            return Err(TunnelError::Transport("the tunnel already uses UDP".into()));
+        }
+        shared.udp_probe.store(PROBE_RUNNING, Ordering::SeqCst);
+        shared.probe_now.notify_one();
+        Ok(())
+    }
+
+    /// Ends a probe: answers from the gateway's UDP are not heard any
+    /// more. Returns whether the probe was answered (the tunnel is back on
+    /// UDP then).
+    pub fn end_udp_probe(&self) -> bool {
+        self.monitor.shared.udp_probe.swap(PROBE_IDLE, Ordering::SeqCst) == PROBE_ANSWERED
     }
 
     pub fn monitor(&self) -> TunnelMonitor {
@@ -522,6 +573,9 @@ struct Driver {
     /// Batched sends (UDP GSO) and receives (recvmmsg, UDP GRO) on `udp`.
     udp_state: quinn_udp::UdpSocketState,
     endpoint: SocketAddr,
+    /// The gateway's UDP endpoint (the same as `endpoint` unless the
+    /// datagrams go over TCP).
+    gateway: SocketAddr,
     fwmark: u32,
     /// The source address the kernel picks for the endpoint now (`None`:
     /// no route); a change means the machine moved to another network.
@@ -531,8 +585,9 @@ struct Driver {
     path_target: SocketAddr,
     /// The TCP transport, when the datagrams go through a relay.
     forwarder: Option<TcpForwarder>,
-    /// A TCP transport to switch to (see [`Tunnel::use_tcp`]).
-    switch: tokio::sync::mpsc::UnboundedReceiver<TcpForwarder>,
+    /// A TCP transport to switch to (see [`Tunnel::use_tcp`]), or `None`:
+    /// back to UDP (see [`Tunnel::use_udp`]).
+    switch: tokio::sync::mpsc::UnboundedReceiver<Option<TcpForwarder>>,
     shared: Arc<Shared>,
     handshake: watch::Sender<Option<Instant>>,
     last_rx: Instant,
@@ -773,18 +828,30 @@ impl Driver {
                     self.send_initiation(&mut buf.timer).await;
                 }
                 _ = decoys_low(cover.as_deref()) => self.make_decoys(buf.wire_len).await,
-                Some(forwarder) = self.switch.recv() => {
-                    tracing::info!(
-                        "the tunnel's datagrams go over TCP to the relay {} from now on; handshaking again through it",
-                        forwarder.relay()
-                    );
-                    self.endpoint = forwarder.local_addr();
-                    self.path_target = forwarder.relay();
-                    self.path = way_out(self.path_target, self.fwmark);
-                    self.forwarder = Some(forwarder);
-                    self.shared.over_tcp.store(true, Ordering::Relaxed);
-                    self.send_initiation(&mut buf.timer).await;
-                }
+                _ = shared.probe_now.notified() => self.send_udp_probe(&mut buf.timer).await,
+                Some(way) = self.switch.recv() => match way {
+                    Some(forwarder) => {
+                        tracing::info!(
+                            "the tunnel's datagrams go over TCP to the relay {} from now on; handshaking again through it",
+                            forwarder.relay()
+                        );
+                        self.endpoint = forwarder.local_addr();
+                        self.path_target = forwarder.relay();
+                        self.path = way_out(self.path_target, self.fwmark);
+                        self.forwarder = Some(forwarder);
+                        self.shared.over_tcp.store(true, Ordering::Relaxed);
+                        self.send_initiation(&mut buf.timer).await;
+                    }
+                    None if self.forwarder.is_some() => {
+                        tracing::info!(
+                            "the tunnel's datagrams go straight to the gateway {} over UDP from now on; handshaking again",
+                            self.gateway
+                        );
+                        self.leave_tcp();
+                        self.send_initiation(&mut buf.timer).await;
+                    }
+                    None => {}
+                },
             }
         }
     }
@@ -982,16 +1049,36 @@ impl Driver {
         let mut handshake_seen = false;
         for i in 0..count {
             let meta = buf.from_net_meta[i];
-            if meta.addr != self.endpoint {
+            // Over TCP while UDP is being tried, the gateway's UDP is heard
+            // too (its answer, and what it sends once it has moved there).
+            let over_udp_probe = meta.addr == self.gateway
+                && self.forwarder.is_some()
+                && self.shared.udp_probe.load(Ordering::SeqCst) == PROBE_RUNNING;
+            if meta.addr != self.endpoint && !over_udp_probe {
                 continue;
             }
             let stride = meta.stride.max(1);
             for datagram in buf.from_net[i][..meta.len].chunks(stride) {
+                // The answer to the probe's handshake: the keepalive that
+                // confirms it must go back over UDP, where the gateway now
+                // expects us.
+                let probe_answer = over_udp_probe && datagram.first() == Some(&2);
+                let before = self.endpoint;
+                if probe_answer {
+                    self.endpoint = self.gateway;
+                }
                 // Only the part past the last packet gets zeroed; tun-rs
                 // writes the virtio header itself.
                 let slot = &mut buf.to_tun[pending];
                 slot.resize(VNET_HDR + buf.wire_len, 0);
-                match self.decrypt(meta.addr, datagram, &mut slot[VNET_HDR..]).await {
+                let decrypted = self.decrypt(meta.addr, datagram, &mut slot[VNET_HDR..]).await;
+                if probe_answer {
+                    self.endpoint = before;
+                    if !matches!(decrypted, Decrypted::Rejected) {
+                        self.back_on_udp();
+                    }
+                }
+                match decrypted {
                     Decrypted::Packet(len) => {
                         slot.truncate(VNET_HDR + len);
                         pending += 1;
@@ -1149,6 +1236,54 @@ impl Driver {
                 .store(self.shared.now_ms(), Ordering::Relaxed);
             self.send_initiation(dst).await;
         }
+    }
+
+    /// Over TCP: one handshake initiation straight to the gateway's UDP
+    /// (see [`Tunnel::probe_udp`]). It replaces any handshake in flight;
+    /// if UDP does not answer, WireGuard's own retry goes over TCP again.
+    async fn send_udp_probe(&mut self, dst: &mut [u8]) {
+        if self.forwarder.is_none() {
+            return;
+        }
+        tracing::info!("trying whether UDP reaches {} again", self.gateway);
+        self.last_initiation = Some(Instant::now());
+        match self.tunn.format_handshake_initiation(dst, true) {
+            TunnResult::WriteToNetwork(datagram) => {
+                send_datagram(&self.udp, self.gateway, datagram).await;
+            }
+            TunnResult::Err(e) => tracing::warn!("could not start a handshake: {e:?}"),
+            _ => {}
+        }
+    }
+
+    /// The gateway answered a handshake over UDP while the probe ran: the
+    /// datagrams go straight to it from now on, and the TCP connection to
+    /// the relay closes. If the session machine ended the probe first, the
+    /// tunnel stays on TCP (the firewall no longer admits the UDP).
+    fn back_on_udp(&mut self) {
+        let answered = self
+            .shared
+            .udp_probe
+            .compare_exchange(PROBE_RUNNING, PROBE_ANSWERED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if !answered {
+            return;
+        }
+        tracing::info!(
+            "the gateway {} answered over UDP: the tunnel's datagrams go straight to it from now on",
+            self.gateway
+        );
+        self.leave_tcp();
+    }
+
+    /// Datagrams straight to the gateway's UDP from now on; the forwarder
+    /// goes, and its TCP connection closes with it.
+    fn leave_tcp(&mut self) {
+        self.forwarder = None;
+        self.endpoint = self.gateway;
+        self.path_target = self.gateway;
+        self.path = way_out(self.gateway, self.fwmark);
+        self.shared.over_tcp.store(false, Ordering::Relaxed);
     }
 
     async fn send_initiation(&mut self, dst: &mut [u8]) {

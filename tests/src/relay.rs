@@ -83,6 +83,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Lets the client's UDP through the router again (the network stopped
+    /// blocking it).
+    pub fn unblock_udp_from_client(&self) -> Result<()> {
+        self.exec_ok(Ns::Router, &["nft", "delete", "table", "inet", BLOCK_TABLE])
+            .context("unblocking UDP from the client on the router")?;
+        Ok(())
+    }
+
     /// How many UDP packets from the client the router dropped.
     pub fn udp_dropped(&self) -> Result<u64> {
         let out = self.exec_ok(

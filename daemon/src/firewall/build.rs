@@ -442,8 +442,19 @@ fn loopback(_: &Shape, chains: &mut Chains) {
 /// port out; the endpoint's replies in (address and port, conntrack
 /// `established`).
 fn tunnel_udp(shape: &Shape, chains: &mut Chains) {
-    let endpoint = shape.endpoint;
     let outer = shape.lockdown.endpoint_protocol.nft_name();
+    tunnel_flow(shape, chains, shape.endpoint, outer);
+    // A session over TCP trying UDP again: the gateway's UDP beside it,
+    // for as long as the probe lasts.
+    if let Some(probe) = shape.lockdown.udp_probe {
+        let probe = SocketAddr::new(canonical(probe.ip()), probe.port());
+        tunnel_flow(shape, chains, probe, "udp");
+    }
+}
+
+/// One flow of the tunnel's own: marked `outer` to `endpoint` out, its
+/// replies in.
+fn tunnel_flow(shape: &Shape, chains: &mut Chains, endpoint: SocketAddr, outer: &'static str) {
     chains.output.push(vec![
         eq(meta(MetaKey::Mark), num(shape.lockdown.fwmark)),
         eq(payload(ip(&endpoint.ip()), "daddr"), s(endpoint.ip().to_string())),

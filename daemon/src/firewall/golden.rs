@@ -33,6 +33,7 @@ fn lockdown(endpoint: &str, allow_lan: bool) -> Lockdown {
         tunnel_interface: "sg0".into(),
         allow_lan,
         endpoint_protocol: super::EndpointProtocol::Udp,
+        udp_probe: None,
     }
 }
 

@@ -60,7 +60,8 @@ pub(super) fn parse_proc_net_dev(text: &str, tunnel: &str) -> Vec<String> {
 
 /// Adds `netdev sessiongate` (replaced as a whole, like ours in `inet`) to
 /// `batch`. Each egress chain (policy drop) lets out only: ARP; the
-/// tunnel's UDP to the endpoint (mark, address and port); DHCP and DHCPv6
+/// tunnel's UDP to the endpoint (mark, address and port; over TCP the
+/// relay's TCP, and while it probes, the gateway's UDP beside it); DHCP and DHCPv6
 /// as in the `inet` table; IPv6 neighbour discovery (hop limit 255) and
 /// MLD reports (hop limit 1); the LAN under `allow_lan`.
 pub(super) fn add_link_table(
@@ -85,6 +86,15 @@ pub(super) fn add_link_table(
         ),
         accept(),
     ]);
+    if let Some(probe) = lockdown.udp_probe {
+        let probe = SocketAddr::new(canonical(probe.ip()), probe.port());
+        rules.push(vec![
+            eq(meta(MetaKey::Mark), num(lockdown.fwmark)),
+            eq(payload(ip(&probe.ip()), "daddr"), s(probe.ip().to_string())),
+            eq(payload("udp", "dport"), num(probe.port())),
+            accept(),
+        ]);
+    }
     // The rest of a tunnel datagram that this machine fragmented (its own
     // link is smaller than the tunnel's MTU plus WireGuard's overhead, as
     // on LTE or DS-Lite): fragments carry the mark but no UDP header, so

@@ -42,7 +42,9 @@
 //!   after a nat `redirect` the output interface is still the one routed
 //!   before nat ran, so `oifname lo` alone would miss redirected DNS); the
 //!   tunnel's own UDP to the endpoint, which must carry the tunnel's fwmark
-//!   *and* go to the endpoint's address *and* port; DHCP (68→67) to the
+//!   *and* go to the endpoint's address *and* port (over TCP: its TCP to
+//!   the relay instead, and while such a session tries UDP again,
+//!   `udp_probe`, the gateway's UDP beside it); DHCP (68→67) to the
 //!   limited broadcast or a directly connected subnet and DHCPv6 (546→547)
 //!   to ff02::1:2 or link-local, never through the tunnel interface;
 //!   IPv6 neighbour discovery (see below); then TCP/UDP to ports
@@ -276,6 +278,11 @@ pub struct Lockdown {
     /// a relay beside it where the network blocks UDP (`endpoint` is then
     /// the relay). Only that one flow is let out, never both.
     pub endpoint_protocol: EndpointProtocol,
+    /// The gateway's UDP while a session over TCP tries whether UDP gets
+    /// through again (`transport = "auto"`): the tunnel's marked UDP to
+    /// this address and port, and its replies, beside the flow above. The
+    /// session machine sets it only for the length of that probe.
+    pub udp_probe: Option<SocketAddr>,
 }
 
 /// The protocol of the tunnel's own flow to the endpoint (`status` shows

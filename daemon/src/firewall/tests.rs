@@ -27,6 +27,7 @@ fn lockdown() -> Lockdown {
         tunnel_interface: "sg0".into(),
         allow_lan: false,
         endpoint_protocol: EndpointProtocol::Udp,
+        udp_probe: None,
     }
 }
 
@@ -701,6 +702,56 @@ fn over_tcp_the_lockdown_lets_out_the_marked_tcp_to_the_relay_and_no_udp_to_it()
     let input = rules(&objects(&relay, None, &[]), INPUT);
     let back = &input[position(&input, "198.51.100.2")];
     assert!(back.contains(r#"{"field":"sport","protocol":"tcp"}"#), "{back}");
+}
+
+/// An `auto` session over TCP trying UDP again: the gateway's marked UDP
+/// and its replies join the relay's TCP, in the inet table and in the
+/// link-level one; without the probe neither lets any UDP out to it.
+#[test]
+fn a_udp_probe_lets_out_the_gateways_marked_udp_beside_the_relays_tcp() {
+    let over_tcp = Lockdown {
+        endpoint: SocketAddr::from(([198, 51, 100, 2], 443)),
+        endpoint_protocol: EndpointProtocol::Tcp,
+        ..lockdown()
+    };
+    let probing = Lockdown {
+        udp_probe: Some(SocketAddr::from(([198, 51, 100, 2], 51820))),
+        ..over_tcp.clone()
+    };
+    let udp_out = |l: &Lockdown| -> Vec<String> {
+        rules(&objects(l, None, &[]), OUTPUT)
+            .into_iter()
+            .filter(|r| r.contains("198.51.100.2") && r.contains(r#""protocol":"udp""#))
+            .collect()
+    };
+    assert!(udp_out(&over_tcp).is_empty());
+    let out = udp_out(&probing);
+    assert_eq!(out.len(), 1, "{out:#?}");
+    assert!(
+        out[0].contains("51820") && out[0].contains(&0x5347.to_string()),
+        "{out:#?}"
+    );
+    let input = rules(&objects(&probing, None, &[]), INPUT);
+    assert!(input
+        .iter()
+        .any(|r| r.contains(r#"{"field":"sport","protocol":"udp"}"#) && r.contains("51820")));
+    // The relay's TCP stays.
+    assert!(rules(&objects(&probing, None, &[]), OUTPUT)
+        .iter()
+        .any(|r| r.contains(r#"{"field":"dport","protocol":"tcp"}"#) && r.contains("443")));
+
+    let link_udp = |l: &Lockdown| -> usize {
+        let mut batch = Batch::new();
+        add_link_table(&mut batch, l, &Inputs::default(), &["eth0".into()]);
+        let value = serde_json::to_value(batch.to_nftables()).expect("encode");
+        let objs = value["nftables"].as_array().expect("array").clone();
+        rules(&objs, "egress0")
+            .iter()
+            .filter(|r| r.contains("51820"))
+            .count()
+    };
+    assert_eq!(link_udp(&over_tcp), 0);
+    assert_eq!(link_udp(&probing), 1);
 }
 
 #[test]

@@ -27,7 +27,7 @@ use crate::firewall::{Allowlist, Firewall, FirewallWatch, Lockdown, PortalExcept
 use crate::nft::NftRunner;
 use crate::portal::{self, PortalPlan};
 use crate::portal_helper::{self, HelperConnection, Reply, Request};
-use crate::profile::{Host, Profile, Transport};
+use crate::profile::{Host, Profile};
 use crate::resolvconf::{Pinned, ResolverFile};
 use crate::routing::{self, RouteConfig, Routes};
 use crate::store::{PersistedSession, SessionStore};
@@ -80,12 +80,28 @@ pub trait Effects {
     /// guard. Cancel-safe.
     async fn firewall_changed(&mut self);
 
-    async fn start_tunnel(&mut self, profile: &Profile, endpoint: SocketAddr)
-        -> Result<Self::Tunnel, String>;
+    /// Starts the tunnel to `endpoint`, over TCP through `relay` from the
+    /// start when there is one (the lockdown admits that flow), else UDP.
+    async fn start_tunnel(
+        &mut self,
+        profile: &Profile,
+        endpoint: SocketAddr,
+        relay: Option<SocketAddr>,
+    ) -> Result<Self::Tunnel, String>;
     fn tunnel_view(&self, tunnel: &Self::Tunnel) -> Arc<dyn TunnelView>;
     /// Moves the tunnel's datagrams to TCP through the relay at `relay`
     /// (the firewall admits that flow already).
     fn tunnel_use_tcp(&mut self, tunnel: &Self::Tunnel, relay: SocketAddr) -> Result<(), String>;
+    /// Moves the tunnel's datagrams back to UDP straight to the gateway
+    /// (the firewall admits that flow already).
+    fn tunnel_use_udp(&mut self, tunnel: &Self::Tunnel) -> Result<(), String>;
+    /// A tunnel over TCP tries UDP to the gateway again (the firewall
+    /// admits that flow already): one handshake over UDP, beside the TCP
+    /// it keeps using; if the gateway answers it, the tunnel moves back
+    /// to UDP by itself.
+    fn tunnel_probe_udp(&mut self, tunnel: &Self::Tunnel) -> Result<(), String>;
+    /// Ends that try; whether the tunnel had already moved back to UDP.
+    fn tunnel_end_udp_probe(&mut self, tunnel: &Self::Tunnel) -> bool;
     /// Tells the tunnel what it may encrypt, whatever the firewall says:
     /// nothing but its own handshakes and keepalives (`None`, which is
     /// also where a new tunnel starts) or what `allow` admits.
@@ -290,7 +306,12 @@ impl Effects for SystemEffects {
         }
     }
 
-    async fn start_tunnel(&mut self, profile: &Profile, endpoint: SocketAddr) -> Result<Tunnel, String> {
+    async fn start_tunnel(
+        &mut self,
+        profile: &Profile,
+        endpoint: SocketAddr,
+        relay: Option<SocketAddr>,
+    ) -> Result<Tunnel, String> {
         let t = &profile.tunnel;
         Tunnel::start(TunnelConfig {
             interface: t.interface.clone(),
@@ -302,10 +323,9 @@ impl Effects for SystemEffects {
             mtu: t.mtu,
             fwmark: TUNNEL_FWMARK,
             shape: profile.shape,
-            transport: match profile.transport {
-                Transport::Tcp { relay } => OuterTransport::Tcp { relay },
-                // `auto` starts on UDP; the session machine moves it.
-                Transport::Udp | Transport::Auto { .. } => OuterTransport::Udp,
+            transport: match relay {
+                Some(relay) => OuterTransport::Tcp { relay },
+                None => OuterTransport::Udp,
             },
         })
         .await
@@ -318,6 +338,18 @@ impl Effects for SystemEffects {
 
     fn tunnel_use_tcp(&mut self, tunnel: &Tunnel, relay: SocketAddr) -> Result<(), String> {
         tunnel.use_tcp(relay).map_err(|e| e.to_string())
+    }
+
+    fn tunnel_use_udp(&mut self, tunnel: &Tunnel) -> Result<(), String> {
+        tunnel.use_udp().map_err(|e| e.to_string())
+    }
+
+    fn tunnel_probe_udp(&mut self, tunnel: &Tunnel) -> Result<(), String> {
+        tunnel.probe_udp().map_err(|e| e.to_string())
+    }
+
+    fn tunnel_end_udp_probe(&mut self, tunnel: &Tunnel) -> bool {
+        tunnel.end_udp_probe()
     }
 
     fn set_tunnel_allow(&mut self, tunnel: &Tunnel, allow: Option<&Allowlist>) {

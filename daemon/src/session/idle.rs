@@ -15,24 +15,31 @@ use std::time::Duration;
 use super::cause::{Cause, Step};
 use super::effects::Effects;
 use super::stage::{
-    lockdown_of, lockdown_over_tcp, stays_locked, Blocked, Connecting, Locked, Stage, Waiter,
+    lockdown_of, lockdown_over_tcp, persisted_transport, relay_of, stays_locked, Blocked, Connecting, Locked,
+    Stage, Waiter,
 };
 use super::status::{allowed_hosts, Phase, Snapshot};
 use super::{answer, Ctx, Outcome, Responder};
 use crate::firewall::{EndpointProtocol, Lockdown};
 use crate::profile::{Profile, Transport};
-use crate::store::PersistedSession;
+use crate::store::{PersistedSession, PersistedTransport};
 use crate::TUNNEL_FWMARK;
 
+/// The lockdown of a persisted session: the way out it was using, the
+/// relay's TCP for a session over TCP (asked for, or an `auto` one that
+/// fell back), never the gateway's UDP beside it.
 pub(crate) fn lockdown_of_persisted(persisted: &PersistedSession) -> Lockdown {
-    Lockdown {
+    let udp = Lockdown {
         endpoint: persisted.endpoint,
         fwmark: TUNNEL_FWMARK,
         tunnel_interface: persisted.interface.clone(),
         allow_lan: persisted.allow_lan,
-        // A session over TCP is put back on TCP once its profile is read
-        // (see `resume`); until then the persisted endpoint's UDP.
         endpoint_protocol: EndpointProtocol::Udp,
+        udp_probe: None,
+    };
+    match persisted.transport {
+        Some(PersistedTransport::Tcp { relay }) => lockdown_over_tcp(&udp, relay),
+        Some(PersistedTransport::Udp) | None => udp,
     }
 }
 
@@ -63,6 +70,7 @@ pub(crate) async fn start<E: Effects>(ctx: &mut Ctx<E>, profile: Profile, reply:
         interface: profile.tunnel.interface.clone(),
         allow_lan: profile.allow_lan,
         src_valid_mark_before: Some(src_valid_mark_before),
+        transport: Some(persisted_transport(&lockdown)),
     };
     if let Err(e) = ctx.effects.save_session(&persisted) {
         answer(reply, Outcome::Refused(format!("{e}; nothing was changed")));
@@ -93,7 +101,7 @@ pub(crate) async fn start<E: Effects>(ctx: &mut Ctx<E>, profile: Profile, reply:
     ctx.effects.start_guard();
     let timeout = profile.handshake_timeout;
     let name = profile.name.clone();
-    let locked = Locked::new(&name, lockdown, Some(profile));
+    let locked = Locked::new(&name, endpoint, lockdown, Some(profile));
     // From here on the machine is locked down; failures keep it so.
     bring_up(
         ctx,
@@ -126,7 +134,8 @@ async fn bring_up<E: Effects>(
             "internal error: no profile",
         );
     };
-    match ctx.effects.start_tunnel(&profile, endpoint).await {
+    let relay = relay_of(&locked.lockdown);
+    match ctx.effects.start_tunnel(&profile, endpoint, relay).await {
         Ok(tunnel) => {
             let view = ctx.effects.tunnel_view(&tunnel);
             locked.tunnel = Some(tunnel);
@@ -221,7 +230,7 @@ pub(crate) async fn resume<E: Effects>(ctx: &mut Ctx<E>) -> anyhow::Result<Stage
             }
         });
         Stage::Blocked(Blocked {
-            locked: Locked::new(&name, lockdown.clone(), profile),
+            locked: Locked::new(&name, persisted.endpoint, lockdown.clone(), profile),
             cause: Cause::CannotResume,
             problem,
         })
@@ -250,11 +259,13 @@ pub(crate) async fn resume<E: Effects>(ctx: &mut Ctx<E>) -> anyhow::Result<Stage
             ..Snapshot::idle()
         }
     });
-    // `transport = "tcp"`: the relay's TCP instead of the gateway's UDP
-    // before the tunnel starts (`auto` starts on UDP again).
-    let wanted = match profile.transport {
-        Transport::Tcp { relay } => lockdown_over_tcp(&lockdown, relay),
-        Transport::Udp | Transport::Auto { .. } => lockdown.clone(),
+    // The way out the session was using is persisted, and already in the
+    // lockdown. A file from before that was persisted does not say: then
+    // `transport = "tcp"` moves to the relay's TCP before the tunnel
+    // starts (and `auto` starts on UDP again).
+    let wanted = match (persisted.transport, profile.transport) {
+        (None, Transport::Tcp { relay }) => lockdown_over_tcp(&lockdown, relay),
+        _ => lockdown.clone(),
     };
     if wanted != lockdown {
         ctx.effects
@@ -262,7 +273,7 @@ pub(crate) async fn resume<E: Effects>(ctx: &mut Ctx<E>) -> anyhow::Result<Stage
             .await
             .map_err(|e| anyhow::anyhow!("could not put the lockdown back for the persisted session: {e}"))?;
     }
-    let locked = Locked::new(&name, wanted, Some(profile));
+    let locked = Locked::new(&name, persisted.endpoint, wanted, Some(profile));
     Ok(bring_up(
         ctx,
         locked,

@@ -12,6 +12,9 @@
 //!   TCP → connecting again;
 //! - `open.rs` — names resolved → pin the resolver file → active; the peer
 //!   lost and back (health); a hot reload of the profile;
+//! - `udp_again.rs` — open over TCP after UDP went unanswered: UDP is
+//!   tried again (after a network change, and every few minutes) and the
+//!   session goes back to it when the gateway answers there;
 //! - `blocked.rs` — locked down with a cause;
 //! - `stop.rs` — from any stage: resolver file → stub → tunnel → routes →
 //!   firewall removed → persisted session cleared → idle.
@@ -42,6 +45,7 @@ mod status;
 mod stop;
 #[cfg(test)]
 mod tests;
+mod udp_again;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -111,6 +115,9 @@ pub(crate) enum Event {
     HandshakeTimeout(u64),
     /// `transport = "auto"`: UDP got no handshake in its time.
     UdpUnanswered(u64),
+    /// `transport = "auto"` resumed over TCP: the relay got no handshake
+    /// in its time.
+    TcpUnanswered(u64),
     NamesResolved(u64),
     Verified(u64, Result<verify::Report, String>),
 }
@@ -301,7 +308,8 @@ pub fn with_effects<E: Effects>(effects: E) -> (SessionMachine<E>, SessionHandle
 /// rather than open. Only the state file is read; nothing from the profiles
 /// (which are what the check distrusts). A lockdown from a state file someone
 /// else could have written is still a lockdown: it lets out nothing but the
-/// tunnel's marked UDP to one endpoint. Returns the persisted profile's name
+/// tunnel's marked flow to one endpoint (its UDP, or its TCP to a relay
+/// when the session was over TCP). Returns the persisted profile's name
 /// when it locked down. No session machine (and so no other firewall) runs
 /// in such a process.
 pub async fn lock_down_persisted(
@@ -433,6 +441,9 @@ impl<E: Effects> SessionMachine<E> {
             (Event::UdpUnanswered(id), Stage::Connecting(c)) if c.id == id => {
                 connecting::on_udp_unanswered(&mut self.ctx, c).await
             }
+            (Event::TcpUnanswered(id), Stage::Connecting(c)) if c.id == id => {
+                connecting::on_tcp_unanswered(&mut self.ctx, c).await
+            }
             (Event::NamesResolved(id), Stage::Open(o))
                 if o.resolving.as_ref().is_some_and(|t| t.id == id) =>
             {
@@ -517,11 +528,17 @@ impl<E: Effects> SessionMachine<E> {
             Stage::Blocked(b) => blocked::on_health(&mut self.ctx, b).await,
             other => other,
         };
+        let mut path_changed = false;
         if let (Stage::Open(o), Some(before)) = (&self.stage, path_changes_before) {
             if o.path_changes_seen > before {
+                path_changed = true;
                 self.refresh_networks().await;
             }
         }
+        self.stage = match std::mem::take(&mut self.stage) {
+            Stage::Open(o) => udp_again::on_health(&mut self.ctx, o, path_changed).await,
+            other => other,
+        };
         self.ctx.publish_stage(&self.stage);
     }
 

@@ -18,7 +18,9 @@ use futures::FutureExt;
 use super::cause::{Cause, Step};
 use super::effects::Effects;
 use super::idle::fail;
-use super::stage::{allowlist_of, stays_locked, Blocked, Locked, Open, Recovering, Stage, Task, Waiter};
+use super::stage::{
+    allowlist_of, stays_locked, Blocked, Locked, Open, Recovering, Stage, Task, UdpAgain, Waiter,
+};
 use super::status::{allowed_hosts, AllowSink};
 use super::{answer, Ctx, Event, Outcome};
 use crate::profile::Profile;
@@ -90,6 +92,7 @@ pub(crate) async fn open_allowlist<E: Effects>(
         peer_lost: None,
         recovering: None,
         path_changes_seen,
+        udp_again: UdpAgain::new(),
     };
     open.resolve(ctx);
     Stage::Open(open)
@@ -284,6 +287,7 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
         peer_lost,
         recovering,
         path_changes_seen,
+        udp_again,
     } = open;
     if let Some(task) = resolving {
         task.finish().await;
@@ -332,6 +336,7 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
         peer_lost,
         recovering,
         path_changes_seen,
+        udp_again,
     };
     open.resolve(ctx);
     Stage::Open(open)

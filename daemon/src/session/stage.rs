@@ -27,6 +27,7 @@ use super::status::Phase;
 use super::{Ctx, Event, Responder};
 use crate::firewall::{AllowEntry, Allowlist, DnsRedirect, EndpointProtocol, Lockdown, NamedEntry};
 use crate::profile::{Host, Profile, Transport};
+use crate::store::PersistedTransport;
 use crate::{DNS_STUB_MARK, TUNNEL_FWMARK};
 
 pub(crate) enum Stage<E: Effects> {
@@ -56,6 +57,9 @@ pub(crate) enum Waiter {
 /// not be read.
 pub(crate) struct Locked<E: Effects> {
     pub name: String,
+    /// The gateway's own UDP endpoint (over TCP the lockdown's endpoint
+    /// is the relay; this is where UDP would go again).
+    pub endpoint: SocketAddr,
     pub lockdown: Lockdown,
     pub profile: Option<Profile>,
     pub tunnel: Option<E::Tunnel>,
@@ -64,9 +68,10 @@ pub(crate) struct Locked<E: Effects> {
 }
 
 impl<E: Effects> Locked<E> {
-    pub fn new(name: &str, lockdown: Lockdown, profile: Option<Profile>) -> Locked<E> {
+    pub fn new(name: &str, endpoint: SocketAddr, lockdown: Lockdown, profile: Option<Profile>) -> Locked<E> {
         Locked {
             name: name.to_string(),
+            endpoint,
             lockdown,
             profile,
             tunnel: None,
@@ -104,6 +109,28 @@ pub(crate) struct Open<E: Effects> {
     pub recovering: Option<Recovering>,
     /// The tunnel's count of network changes already looked at.
     pub path_changes_seen: u64,
+    /// Over TCP after UDP went unanswered: when to try UDP again (see
+    /// `udp_again.rs`).
+    pub udp_again: UdpAgain,
+}
+
+/// An `auto` session over TCP trying whether UDP reaches the gateway
+/// again: when the next try is due, and the one running.
+pub(crate) struct UdpAgain {
+    pub next_try: tokio::time::Instant,
+    /// When the running probe's handshake was sent.
+    pub probing_since: Option<tokio::time::Instant>,
+    /// What asked for the running (or next) try, for `status`.
+    pub reason: UdpAgainReason,
+    /// The firewall could not be brought to the flows in use; tried again
+    /// on the next health tick.
+    pub firewall_behind: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UdpAgainReason {
+    NetworkChanged,
+    Periodic,
 }
 
 /// The tunnel handshakes again (after `cause`); the session is degraded
@@ -271,10 +298,39 @@ pub(crate) fn lockdown_of(profile: &Profile, endpoint: SocketAddr) -> Lockdown {
         tunnel_interface: profile.tunnel.interface.clone(),
         allow_lan: profile.allow_lan,
         endpoint_protocol: EndpointProtocol::Udp,
+        udp_probe: None,
     };
     match profile.transport {
         Transport::Tcp { relay } => lockdown_over_tcp(&udp, relay),
         Transport::Udp | Transport::Auto { .. } => udp,
+    }
+}
+
+/// The lockdown's endpoint as it is to be persisted: over TCP the relay.
+pub(crate) fn persisted_transport(lockdown: &Lockdown) -> PersistedTransport {
+    match lockdown.endpoint_protocol {
+        EndpointProtocol::Udp => PersistedTransport::Udp,
+        EndpointProtocol::Tcp => PersistedTransport::Tcp {
+            relay: lockdown.endpoint,
+        },
+    }
+}
+
+/// The relay the tunnel starts over when the lockdown lets out TCP to it
+/// (`None`: UDP to the gateway). The tunnel uses exactly the flow the
+/// lockdown admits.
+pub(crate) fn relay_of(lockdown: &Lockdown) -> Option<SocketAddr> {
+    (lockdown.endpoint_protocol == EndpointProtocol::Tcp).then_some(lockdown.endpoint)
+}
+
+/// The same lockdown with the gateway's UDP at `gateway` as its one way
+/// out (an `auto` session back on UDP).
+pub(crate) fn lockdown_over_udp(lockdown: &Lockdown, gateway: SocketAddr) -> Lockdown {
+    Lockdown {
+        endpoint: gateway,
+        endpoint_protocol: EndpointProtocol::Udp,
+        udp_probe: None,
+        ..lockdown.clone()
     }
 }
 
@@ -284,6 +340,7 @@ pub(crate) fn lockdown_over_tcp(lockdown: &Lockdown, relay: SocketAddr) -> Lockd
     Lockdown {
         endpoint: relay,
         endpoint_protocol: EndpointProtocol::Tcp,
+        udp_probe: None,
         ..lockdown.clone()
     }
 }

@@ -42,6 +42,13 @@ struct FakeRoam {
     path_changes: AtomicU64,
     rehandshakes: AtomicU64,
     answered: AtomicBool,
+    /// Whether the datagrams go over TCP now.
+    over_tcp: AtomicBool,
+    /// Whether the gateway answers a probe over UDP (then the tunnel moves
+    /// back to UDP at once, as the real one does).
+    udp_works: AtomicBool,
+    /// A probe was answered and not yet ended.
+    probe_answered: AtomicBool,
 }
 
 impl TunnelView for FakeView {
@@ -55,7 +62,11 @@ impl TunnelView for FakeView {
             peer_reachable: self.reachable.load(Ordering::SeqCst),
             refused_packets: 0,
             path_changes: self.roam.path_changes.load(Ordering::SeqCst),
-            transport: crate::tunnel::OuterProtocol::Udp,
+            transport: if self.roam.over_tcp.load(Ordering::SeqCst) {
+                crate::tunnel::OuterProtocol::Tcp
+            } else {
+                crate::tunnel::OuterProtocol::Udp
+            },
         }
     }
 
@@ -93,6 +104,8 @@ struct Recorder {
     /// What `load_profile` reads (a reload or a resume).
     on_disk: Option<Profile>,
     persisted: Option<PersistedSession>,
+    /// Every lockdown the firewall was given, in order.
+    lockdowns: Vec<Lockdown>,
     /// What `read_src_valid_mark` answers.
     src_valid_mark: String,
     /// What each `add_routes` was told to give back on removal.
@@ -123,6 +136,7 @@ impl Recorder {
             roam: Arc::default(),
             on_disk: Some(profile()),
             persisted: None,
+            lockdowns: Vec::new(),
             src_valid_mark: "0".into(),
             routes_restore: Vec::new(),
             verify_done: true,
@@ -210,11 +224,8 @@ impl Effects for Recorder {
         self.call("resolve endpoint")?;
         Ok("198.51.100.2:51820".parse().expect("address"))
     }
-    async fn apply_firewall(
-        &mut self,
-        _lockdown: &Lockdown,
-        allow: Option<&Allowlist>,
-    ) -> Result<(), String> {
+    async fn apply_firewall(&mut self, lockdown: &Lockdown, allow: Option<&Allowlist>) -> Result<(), String> {
+        self.lockdowns.push(lockdown.clone());
         match allow {
             None => {
                 self.call("firewall lockdown")?;
@@ -257,8 +268,14 @@ impl Effects for Recorder {
         &mut self,
         _profile: &Profile,
         _endpoint: SocketAddr,
+        relay: Option<SocketAddr>,
     ) -> Result<AllowFilter, String> {
-        self.call("tunnel up")?;
+        self.call(if relay.is_some() {
+            "tunnel up over tcp"
+        } else {
+            "tunnel up"
+        })?;
+        self.roam.over_tcp.store(relay.is_some(), Ordering::SeqCst);
         let filter = AllowFilter::new();
         self.tunnel = Some(filter.clone());
         Ok(filter)
@@ -284,7 +301,26 @@ impl Effects for Recorder {
         tunnel.clone()
     }
     fn tunnel_use_tcp(&mut self, _tunnel: &AllowFilter, _relay: SocketAddr) -> Result<(), String> {
-        self.call("tunnel over tcp")
+        self.call("tunnel over tcp")?;
+        self.roam.over_tcp.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn tunnel_use_udp(&mut self, _tunnel: &AllowFilter) -> Result<(), String> {
+        self.call("tunnel over udp")?;
+        self.roam.over_tcp.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn tunnel_probe_udp(&mut self, _tunnel: &AllowFilter) -> Result<(), String> {
+        self.call("tunnel probe udp")?;
+        if self.roam.udp_works.load(Ordering::SeqCst) {
+            self.roam.over_tcp.store(false, Ordering::SeqCst);
+            self.roam.probe_answered.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn tunnel_end_udp_probe(&mut self, _tunnel: &AllowFilter) -> bool {
+        self.calls.push("tunnel probe end".into());
+        self.roam.probe_answered.swap(false, Ordering::SeqCst)
     }
     async fn stop_tunnel(&mut self, _tunnel: AllowFilter) {
         self.calls.push("tunnel down".into());
@@ -828,6 +864,7 @@ async fn resume_locks_down_first_and_opens_after_the_handshake() {
         interface: "sg0".into(),
         allow_lan: false,
         src_valid_mark_before: Some("0".into()),
+        transport: None,
     });
     m.resume().await.expect("resume");
     assert_eq!(
@@ -886,6 +923,7 @@ async fn a_resume_without_its_profile_stays_locked_down() {
         interface: "sg0".into(),
         allow_lan: false,
         src_valid_mark_before: Some("0".into()),
+        transport: None,
     });
     m.ctx.effects.on_disk = None;
     m.resume().await.expect("resume");
@@ -1016,6 +1054,7 @@ async fn a_resume_whose_tunnel_changed_stays_locked_down() {
         interface: "sg1".into(),
         allow_lan: false,
         src_valid_mark_before: Some("0".into()),
+        transport: None,
     });
     m.resume().await.expect("resume");
     assert_eq!(
@@ -1283,6 +1322,7 @@ async fn a_late_handshake_and_a_resume_open_the_tunnel_with_the_firewall() {
         interface: "sg0".into(),
         allow_lan: false,
         src_valid_mark_before: Some("0".into()),
+        transport: None,
     });
     m.resume().await.expect("resume");
     assert!(!tunnel_admits(&m, PINNED_DNS, UDP, 53));
@@ -1380,6 +1420,10 @@ async fn without_a_session_the_portal_opens_without_touching_any_firewall() {
 }
 
 fn auto_profile() -> Profile {
+    profile_with_transport("auto")
+}
+
+fn profile_with_transport(transport: &str) -> Profile {
     let text = format!(
         r#"
 [tunnel]
@@ -1394,7 +1438,7 @@ servers = ["192.0.2.65"]
 host = "meet.test"
 tcp = [443]
 [gateway]
-transport = "auto"
+transport = "{transport}"
 tcp_endpoint = "198.51.100.2:443"
 "#
     );
@@ -1428,7 +1472,22 @@ async fn auto_moves_the_lockdown_to_the_relay_before_the_tunnel_goes_over_tcp() 
     forget(&mut m);
     let first = connecting_id(&m);
     m.on_event(Event::UdpUnanswered(first)).await;
-    assert_eq!(calls(&m), ["firewall lockdown", "tunnel over tcp"]);
+    // Persisted first: a crash from here on resumes on TCP.
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "save session",
+            "firewall lockdown",
+            "tunnel over tcp"
+        ]
+    );
+    assert_eq!(
+        m.ctx.effects.persisted.as_ref().and_then(|p| p.transport),
+        Some(crate::store::PersistedTransport::Tcp {
+            relay: "198.51.100.2:443".parse().expect("address")
+        })
+    );
     let tcp = m.stage.locked().expect("locked").lockdown.clone();
     assert_eq!(tcp.endpoint, "198.51.100.2:443".parse().expect("address"));
     assert_eq!(tcp.endpoint_protocol, crate::firewall::EndpointProtocol::Tcp);
@@ -1472,4 +1531,234 @@ async fn a_udp_profile_never_tries_tcp() {
     };
     // The handshake wait and the start's deadline, no UDP timer.
     assert_eq!(c._waits.len(), 2);
+}
+
+/// An `auto` session that fell back to TCP and is active, with the calls
+/// and the lockdowns so far forgotten.
+async fn active_over_tcp() -> (Machine, SessionHandle) {
+    let (mut m, handle) = machine();
+    let mut rx = start_auto(&mut m).await;
+    m.on_event(Event::UdpUnanswered(connecting_id(&m))).await;
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(matches!(answered(&mut rx), Outcome::Started(_)));
+    assert_eq!(phase(&handle), (Phase::Active, Some(Cause::UdpUnanswered)));
+    forget(&mut m);
+    m.ctx.effects.lockdowns.clear();
+    (m, handle)
+}
+
+fn last_lockdown(m: &Machine) -> Lockdown {
+    m.ctx.effects.lockdowns.last().expect("a lockdown").clone()
+}
+
+fn udp_again(m: &mut Machine) -> &mut super::stage::UdpAgain {
+    let Stage::Open(open) = &mut m.stage else {
+        panic!("not open")
+    };
+    &mut open.udp_again
+}
+
+const GATEWAY: &str = "198.51.100.2:51820";
+const RELAY: &str = "198.51.100.2:443";
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("address")
+}
+
+#[tokio::test]
+async fn over_tcp_a_network_change_tries_udp_again_and_an_answer_moves_the_session_back_to_it() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = active_over_tcp().await;
+    m.ctx.effects.roam.udp_works.store(true, Ordering::SeqCst);
+    // Another network; the tunnel's handshake over TCP from there is not
+    // answered yet: no probe, it would replace that handshake.
+    m.ctx.effects.roam.path_changes.fetch_add(1, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(calls(&m), ["firewall allowlist"], "only the new local subnets");
+    forget(&mut m);
+    // Answered: now UDP is tried, the firewall admitting it first.
+    m.ctx.effects.roam.answered.store(true, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(calls(&m), ["firewall allowlist", "tunnel probe udp"]);
+    let probing = last_lockdown(&m);
+    assert_eq!(probing.endpoint, addr(RELAY));
+    assert_eq!(probing.endpoint_protocol, EndpointProtocol::Tcp);
+    assert_eq!(probing.udp_probe, Some(addr(GATEWAY)));
+    forget(&mut m);
+    // The gateway answered over UDP and the tunnel moved: persisted, then
+    // the firewall admits the gateway's UDP alone.
+    m.on_health().await;
+    assert_eq!(
+        calls(&m),
+        [
+            "tunnel probe end",
+            "load session",
+            "save session",
+            "firewall allowlist"
+        ]
+    );
+    let back = last_lockdown(&m);
+    assert_eq!(back.endpoint, addr(GATEWAY));
+    assert_eq!(back.endpoint_protocol, EndpointProtocol::Udp);
+    assert_eq!(back.udp_probe, None);
+    assert_eq!(
+        m.ctx.effects.persisted.as_ref().and_then(|p| p.transport),
+        Some(crate::store::PersistedTransport::Udp)
+    );
+    assert_eq!(table(&m), Table::Open);
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    let told = handle.status().last_recovery.unwrap_or_default();
+    assert!(told.contains("back on UDP"), "{told}");
+    // On UDP nothing more is tried.
+    forget(&mut m);
+    m.on_health().await;
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+}
+
+#[tokio::test]
+async fn over_tcp_an_unanswered_udp_probe_ends_in_the_tunnel_before_the_firewall_closes_it() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = active_over_tcp().await;
+    m.on_health().await;
+    assert!(calls(&m).is_empty(), "tried before it was due: {:?}", calls(&m));
+    // The periodic try is due.
+    udp_again(&mut m).next_try = tokio::time::Instant::now();
+    m.on_health().await;
+    assert_eq!(calls(&m), ["firewall allowlist", "tunnel probe udp"]);
+    assert_eq!(last_lockdown(&m).udp_probe, Some(addr(GATEWAY)));
+    forget(&mut m);
+    m.on_health().await;
+    assert!(calls(&m).is_empty(), "ended before its time: {:?}", calls(&m));
+    // No answer in its time.
+    let since = tokio::time::Instant::now()
+        .checked_sub(super::udp_again::PROBE_WAIT)
+        .expect("a clock past the probe's wait");
+    udp_again(&mut m).probing_since = Some(since);
+    m.on_health().await;
+    assert_eq!(calls(&m), ["tunnel probe end", "firewall allowlist"]);
+    let closed = last_lockdown(&m);
+    assert_eq!(closed.endpoint, addr(RELAY));
+    assert_eq!(closed.endpoint_protocol, EndpointProtocol::Tcp);
+    assert_eq!(closed.udp_probe, None);
+    assert_eq!(phase(&handle), (Phase::Active, Some(Cause::UdpUnanswered)));
+    // The next try is minutes away.
+    let next = udp_again(&mut m).next_try;
+    assert!(next > tokio::time::Instant::now() + super::udp_again::RETRY_EVERY / 2);
+}
+
+/// A crash during a session over TCP: the resume's first lockdown already
+/// admits the relay's TCP and no UDP, and the tunnel starts over TCP
+/// (without the persisted transport an `auto` session came back on UDP,
+/// and a `tcp` one locked down on UDP until its profile was read).
+#[tokio::test]
+async fn a_session_persisted_over_tcp_resumes_over_tcp_without_admitting_udp() {
+    for transport in ["auto", "tcp"] {
+        resumes_over_tcp(profile_with_transport(transport)).await;
+    }
+}
+
+async fn resumes_over_tcp(profile: Profile) {
+    use crate::firewall::EndpointProtocol;
+    let auto = matches!(profile.transport, crate::profile::Transport::Auto { .. });
+    let (mut m, handle) = machine();
+    m.ctx.effects.on_disk = Some(profile);
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: addr(GATEWAY),
+        interface: "sg0".into(),
+        allow_lan: false,
+        src_valid_mark_before: Some("0".into()),
+        transport: Some(crate::store::PersistedTransport::Tcp { relay: addr(RELAY) }),
+    });
+    m.resume().await.expect("resume");
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "firewall lockdown",
+            "guard on",
+            "stale routes",
+            "load profile",
+            "tunnel up over tcp",
+            "routes up"
+        ]
+    );
+    for lockdown in &m.ctx.effects.lockdowns {
+        assert_eq!(lockdown.endpoint, addr(RELAY));
+        assert_eq!(lockdown.endpoint_protocol, EndpointProtocol::Tcp);
+        assert_eq!(lockdown.udp_probe, None);
+    }
+    let Stage::Connecting(c) = &m.stage else {
+        panic!("not connecting")
+    };
+    // The handshake, and for `auto` the relay's time before UDP's turn.
+    let waits = if auto { 2 } else { 1 };
+    assert_eq!(c._waits.len(), waits, "a UDP timer on a session resumed over TCP");
+    if auto {
+        assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::TryingTcp)));
+    } else {
+        assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::Resuming)));
+    }
+    // The same for the lockdown a sessiond that refuses to run puts back.
+    let persisted = m.ctx.effects.persisted.clone().expect("persisted");
+    let refused = super::idle::lockdown_of_persisted(&persisted);
+    assert_eq!(refused.endpoint_protocol, EndpointProtocol::Tcp);
+    assert_eq!(refused.endpoint, addr(RELAY));
+}
+
+/// An `auto` session resumed over TCP whose relay does not answer (gone,
+/// or the machine woke on a network that passes UDP): UDP gets its turn,
+/// firewall before tunnel, and TCP again after that.
+#[tokio::test]
+async fn a_resume_over_tcp_that_the_relay_does_not_answer_takes_turns_with_udp() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = machine();
+    m.ctx.effects.on_disk = Some(auto_profile());
+    m.ctx.effects.persisted = Some(PersistedSession {
+        profile: "lab".into(),
+        endpoint: addr(GATEWAY),
+        interface: "sg0".into(),
+        allow_lan: false,
+        src_valid_mark_before: Some("0".into()),
+        transport: Some(crate::store::PersistedTransport::Tcp { relay: addr(RELAY) }),
+    });
+    m.resume().await.expect("resume");
+    forget(&mut m);
+    m.on_event(Event::TcpUnanswered(connecting_id(&m))).await;
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "save session",
+            "firewall lockdown",
+            "tunnel over udp"
+        ]
+    );
+    let udp = last_lockdown(&m);
+    assert_eq!(udp.endpoint, addr(GATEWAY));
+    assert_eq!(udp.endpoint_protocol, EndpointProtocol::Udp);
+    assert_eq!(
+        m.ctx.effects.persisted.as_ref().and_then(|p| p.transport),
+        Some(crate::store::PersistedTransport::Udp)
+    );
+    assert_eq!(table(&m), Table::Lockdown);
+    assert_eq!(phase(&handle).0, Phase::Degraded);
+    // UDP unanswered too: TCP's turn again.
+    forget(&mut m);
+    m.on_event(Event::UdpUnanswered(connecting_id(&m))).await;
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "save session",
+            "firewall lockdown",
+            "tunnel over tcp"
+        ]
+    );
+    assert_eq!(last_lockdown(&m).endpoint, addr(RELAY));
+    // A handshake on either opens the session.
+    handshake(&m);
+    settle(&mut m).await;
+    assert_eq!(table(&m), Table::Open);
 }
