@@ -1043,6 +1043,40 @@ fn path_mtu_errors_about_the_tunnels_own_datagrams_get_in_only_from_the_link() {
     )
     .unwrap_or_else(|e| panic!("{e:#}: {}", route_mtu()));
 
+    // Only "fragmentation needed" about them: a port unreachable from the
+    // link (which would fail the tunnel's socket) does not get in.
+    count_arrivals(
+        &lab,
+        &format!(
+            "iifname \"{}\" icmp type destination-unreachable icmp code port-unreachable",
+            addr::CLIENT_IF
+        ),
+    );
+    let wg_port = addr::WG_PORT.to_string();
+    lab.exec_ok(
+        Ns::Router,
+        &[
+            host.as_str(),
+            "icmp-error",
+            addr::CLIENT_V4,
+            tunnel_port.as_str(),
+            addr::GATEWAY_V4,
+            &wg_port,
+            "--kind",
+            "port-unreachable",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("send a port unreachable: {e:#}"));
+    wait_until(DEADLINE, "the port unreachable at the client's link", || {
+        arrivals(&lab, "seen") >= 1
+    })
+    .expect("the router's port unreachable reaches the client");
+    assert_eq!(
+        arrivals(&lab, "got_in"),
+        0,
+        "a port unreachable about the tunnel's own datagrams got in from the link"
+    );
+
     // Through the tunnel: the gateway's WireGuard sends to the client's
     // physical address only if that is among the peer's allowed IPs.
     let (_, client_key) = lab.client_key().expect("the client key");
