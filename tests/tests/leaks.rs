@@ -929,6 +929,15 @@ fn other_namespaces_on_the_link_are_closed_at_the_device() {
         allowed_host.is_err(),
         "a macvlan child got out in clear: {allowed_host:?}"
     );
+    // Marked with the tunnel's mark (a child may set marks in its own
+    // namespace; they stay on its packets through the macvlan), an echo
+    // request to the endpoint: only the tunnel's own UDP may go there.
+    let out = side.run(&["ping", "-c", "1", "-W", "1", "-m", "21319", addr::GATEWAY_V4]);
+    assert!(
+        !out.status.success(),
+        "a macvlan child's marked echo request reached the endpoint: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     lab.assert_no_leaks();
     // The session itself still works.
     assert_eq!(
