@@ -899,6 +899,93 @@ fn macvlan_child(lab: &Lab, parent: &str, ns: &ExtraNamespace, address: &str, ga
     }
 }
 
+/// IPv6 from another namespace on the link: its multicast listener
+/// reports go out (hop limit 1, as MLD has), so its multicast keeps
+/// working during a session, but nothing else does: not an echo request
+/// with hop limit 1 to the router, not an MLD-typed message with an
+/// ordinary hop limit to a host off the link. Sinks on raw ICMPv6 sockets
+/// in the router and the internet host see what arrives.
+#[test]
+fn other_namespaces_send_only_multicast_listener_reports_over_ipv6() {
+    let lab = lab();
+    let profile = write_profile(&lab, "lab", true, &allow(addr::HOST_V4, &[443], &[]));
+    let side = ExtraNamespace::new(&lab, "v");
+    macvlan_child(&lab, addr::CLIENT_IF, &side, "192.0.2.4", addr::ROUTER_CLIENT_V4);
+    let child = format!("{}m", addr::CLIENT_IF);
+    for args in [
+        vec!["ip", "addr", "add", "2001:db8:1::4/64", "dev", &child, "nodad"],
+        vec![
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            addr::ROUTER_CLIENT_V6,
+        ],
+    ] {
+        let out = side.run(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let bin = lab.labhost_path().to_string_lossy().into_owned();
+    let sinks: Vec<LabChild> = [Ns::Router, Ns::Host]
+        .into_iter()
+        .map(|ns| {
+            let sink = lab
+                .spawn_named(ns, "icmp6-sink", &[&bin, "icmp6-sink"])
+                .expect("start an ICMPv6 sink");
+            wait_until(Duration::from_secs(10), "an ICMPv6 sink ready", || {
+                sink.log().contains("ready")
+            })
+            .unwrap_or_else(|e| panic!("{e:#}: {}", sink.log()));
+            sink
+        })
+        .collect();
+    let (router, internet) = (&sinks[0], &sinks[1]);
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.ctl_ok(&["start", "lab"]).expect("start");
+    follow(&lab, &profile);
+
+    let send = |to: &str, kind: &str, hop_limit: &str| {
+        // Refused at the device or not: the sinks tell.
+        let _ = side.run(&[&bin, "icmp6-send", to, kind, "--hop-limit", hop_limit]);
+    };
+    send(addr::HOST_V6, "131", "64");
+    send(addr::ROUTER_CLIENT_V6, "128", "1");
+    send(addr::ROUTER_CLIENT_V6, "143", "1");
+    let from_child = |kind: &str| format!("icmp6 type={kind} from 2001:db8:1::4");
+    wait_until(
+        Duration::from_secs(10),
+        "the child's listener report at the router",
+        || router.log().lines().any(|l| l == from_child("143")),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", router.log()));
+    assert!(
+        !router.log().lines().any(|l| l == from_child("128")),
+        "a child's echo request with hop limit 1 reached the router: {}",
+        router.log()
+    );
+    // The internet host's copy, if any, is ahead of a message the router
+    // sends it now (the same link, in order).
+    lab.exec_ok(
+        Ns::Router,
+        &[&bin, "icmp6-send", addr::HOST_V6, "200", "--hop-limit", "64"],
+    )
+    .expect("the router's message to the host");
+    wait_until(
+        Duration::from_secs(10),
+        "the router's message at the host",
+        || internet.log().contains("icmp6 type=200 from"),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {}", internet.log()));
+    assert!(
+        !internet.log().lines().any(|l| l == from_child("131")),
+        "a child's MLD-typed message with hop limit 64 left the link: {}",
+        internet.log()
+    );
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
+
 /// Another namespace on the physical link (a macvlan child: `firejail
 /// --net=eth0`, containers on macvlan networks) never meets this
 /// namespace's `inet` hooks; the link-level table stops it at the device,
