@@ -513,11 +513,11 @@ fn smaps_report(pid: u32) -> Result<String> {
         "sessiond smaps: {threads} threads, file-backed {file_total} KiB, anonymous {anon_total} KiB\n"
     );
     let mut by_rss: Vec<_> = files.into_iter().filter(|f| f.1 > 0).collect();
-    by_rss.sort_by(|a, b| b.1.cmp(&a.1));
+    by_rss.sort_by_key(|f| std::cmp::Reverse(f.1));
     for (name, kb) in by_rss {
         out.push_str(&format!("  {kb:>6} KiB  {name}\n"));
     }
-    anon.sort_by(|a, b| b.2.cmp(&a.2));
+    anon.sort_by_key(|m| std::cmp::Reverse(m.2));
     for (name, size, kb) in anon {
         out.push_str(&format!("  {kb:>6} KiB  {name} (mapping of {size} KiB)\n"));
     }
