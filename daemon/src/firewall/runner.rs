@@ -74,10 +74,15 @@ async fn run(
     command: NftCommand<'_>,
     what: &'static str,
 ) -> Result<Result<String, String>, FirewallError> {
-    nft.run(command).await.map_err(|failure| match failure {
+    // Timed in the debug log (SESSIOND_LOG=debug): where a start's
+    // milliseconds go (docs/benchmarks.md).
+    let began = std::time::Instant::now();
+    let result = nft.run(command).await.map_err(|failure| match failure {
         NftFailure::Spawn(reason) => FirewallError::Spawn(reason),
         NftFailure::Timeout => FirewallError::Timeout(what),
-    })
+    });
+    tracing::debug!("nft, {what}: {:.1} ms", began.elapsed().as_secs_f64() * 1000.0);
+    result
 }
 
 /// nft's own words: its `Error:` lines, each once (it repeats one per

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use super::build::{build, build_table, port_pieces, validate, Inputs};
 use super::guard::{
-    adds_elements_to_our_table, fingerprint, foreign_elements, has_base_chains, touches_our_table,
+    adds_elements_to_our_table, fingerprint, foreign_elements, has_base_chains, joined_ruleset_events,
+    touches_our_table,
 };
 use super::lan::{mask, normalize_nets, parse_route_v4, parse_route_v6};
 use super::learned::{clamp_timeout, element_batch, merge_learned, narrow};
@@ -1217,4 +1218,31 @@ fn the_gateway_enforced_kind_sends_any_tcp_and_udp_into_the_tunnel_after_the_dns
             .any(|r| r.contains("sg0") && r.contains("ipv4") && !r.contains("dport") && r.contains("accept")),
         "{plain:#?}"
     );
+}
+
+/// `/proc/net/netlink` as it read with `nft -j monitor` (pid 30498) running
+/// beside a netfilter socket of another process and a route socket.
+#[test]
+fn the_monitor_has_joined_when_its_socket_is_in_the_ruleset_group() {
+    let header = "sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode\n";
+    let joined = format!(
+        "{header}0000000063a6cedf 12  30498      00000140 0        0        0     2        0        28031438\n\
+         000000005321c689 12  0          00000000 0        0        0     2        0        28031426\n\
+         00000000dbd1c8ab 0   30498      00000040 0        0        0     2        0        28010043\n"
+    );
+    assert!(joined_ruleset_events(&joined, 30498));
+    // Another process's socket, or the monitor before it joined (its
+    // socket bound, no group yet; a route socket in group 7 is no sign).
+    assert!(!joined_ruleset_events(&joined, 30499));
+    let not_yet = format!(
+        "{header}0000000063a6cedf 12  30498      00000000 0        0        0     2        0        28031438\n\
+         00000000dbd1c8ab 0   30498      00000040 0        0        0     2        0        28010043\n"
+    );
+    assert!(!joined_ruleset_events(&not_yet, 30498));
+    // Only the trace group (NFNLGRP_NFTRACE, 9): not the ruleset's events.
+    let trace_only = format!(
+        "{header}0000000063a6cedf 12  30498      00000100 0        0        0     2        0        28031438\n"
+    );
+    assert!(!joined_ruleset_events(&trace_only, 30498));
+    assert!(!joined_ruleset_events("", 30498));
 }

@@ -114,6 +114,7 @@ impl<E: Effects> Connecting<E> {
 }
 
 pub(crate) async fn on_handshake<E: Effects>(ctx: &mut Ctx<E>, connecting: Connecting<E>) -> Stage<E> {
+    tracing::debug!("start: handshake done");
     open::open_allowlist(ctx, connecting.locked, connecting.waiter).await
 }
 

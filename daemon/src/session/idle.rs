@@ -44,6 +44,7 @@ pub(crate) fn lockdown_of_persisted(persisted: &PersistedSession) -> Lockdown {
 }
 
 pub(crate) async fn start<E: Effects>(ctx: &mut Ctx<E>, profile: Profile, reply: Responder) -> Stage<E> {
+    tracing::debug!("start: request for profile {}", profile.name);
     // Nothing has changed yet: any failure up to the lockdown leaves the
     // machine exactly as it was.
     let endpoint = match ctx.effects.resolve_endpoint(&profile).await {
@@ -72,7 +73,9 @@ pub(crate) async fn start<E: Effects>(ctx: &mut Ctx<E>, profile: Profile, reply:
         src_valid_mark_before: Some(src_valid_mark_before),
         transport: Some(persisted_transport(&lockdown)),
     };
-    if let Err(e) = ctx.effects.save_session(&persisted) {
+    let saved = ctx.effects.save_session(&persisted);
+    tracing::debug!("start: session persisted");
+    if let Err(e) = saved {
         answer(reply, Outcome::Refused(format!("{e}; nothing was changed")));
         return Stage::Idle;
     }
@@ -98,7 +101,9 @@ pub(crate) async fn start<E: Effects>(ctx: &mut Ctx<E>, profile: Profile, reply:
         );
         return Stage::Idle;
     }
+    tracing::debug!("start: lockdown in place");
     ctx.effects.start_guard();
+    tracing::debug!("start: tamper guard started");
     let timeout = profile.handshake_timeout;
     let name = profile.name.clone();
     let locked = Locked::new(&name, endpoint, lockdown, Some(profile));
@@ -137,6 +142,7 @@ async fn bring_up<E: Effects>(
     let relay = relay_of(&locked.lockdown);
     match ctx.effects.start_tunnel(&profile, endpoint, relay).await {
         Ok(tunnel) => {
+            tracing::debug!("start: tunnel up");
             let view = ctx.effects.tunnel_view(&tunnel);
             locked.tunnel = Some(tunnel);
             locked.view = Some(view.clone());
@@ -157,7 +163,10 @@ async fn bring_up<E: Effects>(
         .add_routes(&profile, src_valid_mark_before.as_deref())
         .await
     {
-        Ok(routes) => locked.routes = Some(routes),
+        Ok(routes) => {
+            tracing::debug!("start: routes in place; waiting for the handshake");
+            locked.routes = Some(routes)
+        }
         Err(message) => {
             return fail(
                 ctx,

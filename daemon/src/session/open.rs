@@ -69,6 +69,7 @@ pub(crate) async fn open_allowlist<E: Effects>(
             )
         }
     };
+    tracing::debug!("start: DNS stub listening");
     let allowlist = allowlist_of(&profile, Some(ctx.effects.stub_port(&stub)));
     if let Err(e) = ctx.apply_shape(&locked, Some(&allowlist)).await {
         ctx.effects.stop_stub(Arc::new(stub)).await;
@@ -83,6 +84,7 @@ pub(crate) async fn open_allowlist<E: Effects>(
             &message,
         );
     }
+    tracing::debug!("start: allowlist in force");
     let path_changes_seen = locked.view.as_ref().map_or(0, |v| v.stats().path_changes);
     let mut open = Open {
         locked,

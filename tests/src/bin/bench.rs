@@ -451,6 +451,79 @@ fn rss_mib(pid: u32) -> Result<f64> {
     Ok(kb * 1024.0 / MIB)
 }
 
+/// With BENCH_SMAPS=1, prints sessiond's [`smaps_report`] on stderr.
+fn print_smaps(sys: System, pid: u32) {
+    if sys == System::Sessiongate && std::env::var("BENCH_SMAPS").is_ok_and(|v| v == "1") {
+        match smaps_report(pid) {
+            Ok(report) => eprint!("{report}"),
+            Err(e) => eprintln!("BENCH_SMAPS: {e:#}"),
+        }
+    }
+}
+
+/// BENCH_SMAPS=1: where `pid`'s resident memory is, from
+/// `/proc/PID/smaps`: file-backed pages per file, then the anonymous
+/// mappings with resident pages by kind (glibc reserves each thread
+/// arena's heap as a 64 MiB-aligned mapping and each thread's stack as an
+/// 8 MiB one behind a guard page), plus the thread count. For finding
+/// where memory goes, not a goal.
+fn smaps_report(pid: u32) -> Result<String> {
+    use std::collections::BTreeMap;
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut files: BTreeMap<String, u64> = BTreeMap::new();
+    let mut anon: Vec<(String, u64, u64)> = Vec::new();
+    let mut current: Option<(String, u64)> = None;
+    let mut flush = |cur: &mut Option<(String, u64)>, rss: u64| {
+        if let Some((name, size)) = cur.take() {
+            if name.starts_with('/') {
+                *files.entry(name).or_default() += rss;
+            } else if rss > 0 {
+                anon.push((name, size, rss));
+            }
+        }
+    };
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                let name = fields.nth(4).unwrap_or("").to_string();
+                let perms = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                current = Some((
+                    if name.is_empty() {
+                        format!("anon {perms}")
+                    } else {
+                        name
+                    },
+                    (hi - lo) / 1024,
+                ));
+                continue;
+            }
+        }
+        if first == "Rss:" {
+            let kb = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            flush(&mut current, kb);
+        }
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    let file_total: u64 = files.values().sum();
+    let anon_total: u64 = anon.iter().map(|a| a.2).sum();
+    let mut out = format!(
+        "sessiond smaps: {threads} threads, file-backed {file_total} KiB, anonymous {anon_total} KiB\n"
+    );
+    let mut by_rss: Vec<_> = files.into_iter().filter(|f| f.1 > 0).collect();
+    by_rss.sort_by_key(|f| std::cmp::Reverse(f.1));
+    for (name, kb) in by_rss {
+        out.push_str(&format!("  {kb:>6} KiB  {name}\n"));
+    }
+    anon.sort_by_key(|m| std::cmp::Reverse(m.2));
+    for (name, size, kb) in anon {
+        out.push_str(&format!("  {kb:>6} KiB  {name} (mapping of {size} KiB)\n"));
+    }
+    Ok(out)
+}
+
 /// The lab starts processes through `ip netns exec`, which execs in place;
 /// make sure the pid we account is the real program.
 fn check_comm(pid: u32, want: &str) -> Result<()> {
@@ -1632,11 +1705,13 @@ impl Bench<'_> {
         lab.reset_leaks()?;
         if self.cfg.start_only {
             sample.rss_mib = rss_mib(up.pid)?;
+            print_smaps(sys, up.pid);
             return Ok(());
         }
         if self.cfg.call_only {
             self.measure_calls(&up.ifname, sample)?;
             sample.rss_mib = rss_mib(up.pid)?;
+            print_smaps(sys, up.pid);
             sample.leaks = lab.leaks()? as f64;
             if sys == System::Sessiongate && sample.leaks > 0.0 {
                 self.leak_reports.push(lab.leak_report());
@@ -1714,6 +1789,7 @@ impl Bench<'_> {
         sample.pings_lost = (idle.lost + loaded.lost) as f64;
         sample.load_mbps = bulk_mbps;
         sample.rss_mib = sample.rss_mib.max(rss_mib(up.pid)?);
+        print_smaps(sys, up.pid);
 
         // (b) again with the bottleneck where it is in real use: the uplink.
         // The client's link to the router is shaped (a token bucket in front
@@ -1931,22 +2007,15 @@ impl Bench<'_> {
         // (1) start, traced.
         if have("strace") {
             let out = dir.join("start.strace").to_string_lossy().into_owned();
-            let strace = self.lab.spawn_named(
-                Ns::Client,
-                "strace-start",
-                &[
-                    "strace",
-                    "-f",
-                    "-tt",
-                    "-T",
-                    "-e",
-                    "trace=execve,fsync,fdatasync",
-                    "-o",
-                    &out,
-                    "-p",
-                    &pid,
-                ],
-            )?;
+            // BENCH_STRACE_COPY=PATH: every syscall, the raw trace copied
+            // to PATH, for a full timeline of the start.
+            let copy_to = std::env::var_os("BENCH_STRACE_COPY").map(PathBuf::from);
+            let mut cmd = vec!["strace", "-f", "-tt", "-T"];
+            if copy_to.is_none() {
+                cmd.extend(["-e", "trace=execve,fsync,fdatasync"]);
+            }
+            cmd.extend(["-o", &out, "-p", &pid]);
+            let strace = self.lab.spawn_named(Ns::Client, "strace-start", &cmd)?;
             lab::wait_until(Duration::from_secs(5), "strace to attach", || {
                 !strace.is_running() || strace.log().contains("attached")
             })?;
@@ -1955,6 +2024,10 @@ impl Bench<'_> {
             let _ = strace.wait_exit(Duration::from_secs(5));
             let (up, first_ms, cmd_ms) = up?;
             self.down(up)?;
+            if let Some(copy_to) = copy_to {
+                std::fs::copy(&out, &copy_to)
+                    .with_context(|| format!("copying the trace to {}", copy_to.display()))?;
+            }
             report.push_str(&format!(
                 "`sessionctl start` under strace: returned after {cmd_ms:.1} ms, first packet after \
                  {first_ms:.1} ms. What sessiond waited for (ms from its first traced event):\n"
@@ -2098,8 +2171,11 @@ fn summarize_strace(text: &str) -> String {
     let mut running: HashMap<&str, (f64, String)> = HashMap::new();
     let mut rows: Vec<(f64, f64, String)> = Vec::new();
     for line in text.lines() {
-        let mut parts = line.splitn(3, ' ');
-        let (Some(pid), Some(time), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        // `PID  HH:MM:SS.micro rest`: strace pads the pid with spaces.
+        let Some((pid, tail)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((time, rest)) = tail.trim_start().split_once(' ') else {
             continue;
         };
         let Some(t) = strace_time(time) else { continue };
@@ -2289,6 +2365,13 @@ fn run() -> Result<()> {
     } else {
         None
     };
+
+    // BENCH_DAEMON_LOG=PATH: sessiond's log of the whole run (with
+    // SESSIOND_LOG=debug, its start steps and nft runs, timed).
+    if let Some(path) = std::env::var_os("BENCH_DAEMON_LOG") {
+        std::fs::write(&path, bench.daemon.log())
+            .with_context(|| format!("writing sessiond's log to {}", PathBuf::from(&path).display()))?;
+    }
 
     let (table, mut all_met) = if bench.cfg.call_only {
         (String::new(), true)
