@@ -986,6 +986,17 @@ fn other_namespaces_send_only_multicast_listener_reports_over_ipv6() {
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
+/// Sends one IPv4 fragment that is not the first (offset 1480, UDP, 8
+/// bytes) to argv[1], with the socket mark argv[2] (0: none), through a
+/// raw socket: the kernel fills in the source, length, ID and checksum.
+const FRAGMENT_SENDER: &str = "import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+if int(sys.argv[2]):
+    s.setsockopt(socket.SOL_SOCKET, 36, int(sys.argv[2]))
+header = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 28, 0, 1480 // 8, 64, 17, 0, bytes(4), socket.inet_aton(sys.argv[1]))
+s.sendto(header + bytes(8), (sys.argv[1], 0))
+";
+
 /// Another namespace on the physical link (a macvlan child: `firejail
 /// --net=eth0`, containers on macvlan networks) never meets this
 /// namespace's `inet` hooks; the link-level table stops it at the device,
@@ -1024,6 +1035,33 @@ fn other_namespaces_on_the_link_are_closed_at_the_device() {
         !out.status.success(),
         "a macvlan child's marked echo request reached the endpoint: {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    // Fragments (not first: offset 1480) go out only as the tunnel's own:
+    // with its mark, to the endpoint. The child writes them whole with a
+    // raw socket, to the endpoint without the mark and, marked, to another
+    // host. Fragments wait for reassembly before the meter's hooks, so the
+    // router counts them at its device.
+    lab.exec_stdin(
+        Ns::Router,
+        &["nft", "-f", "-"],
+        format!(
+            "table netdev labfrag {{\n chain seen {{\n  type filter hook ingress device \"{}\" priority 0; policy accept;\n  \
+             ip saddr 192.0.2.3 ip frag-off & 0x1fff != 0 counter\n }}\n}}\n",
+            addr::ROUTER_CLIENT_IF
+        )
+        .as_bytes(),
+    )
+    .expect("count the child's fragments at the router");
+    for (to, mark) in [(addr::GATEWAY_V4, "0"), (addr::OTHER_V4, "21319")] {
+        let out = side.run(&["python3", "-c", FRAGMENT_SENDER, to, mark]);
+        assert!(out.status.success(), "the fragment sender: {out:?}");
+    }
+    let fragments = lab
+        .exec_ok(Ns::Router, &["nft", "list", "table", "netdev", "labfrag"])
+        .expect("list the router's count");
+    assert!(
+        fragments.contains("counter packets 0 "),
+        "a macvlan child's fragments got out: {fragments}"
     );
     lab.assert_no_leaks();
     // The session itself still works.
