@@ -983,6 +983,7 @@ fn other_namespaces_send_only_multicast_listener_reports_over_ipv6() {
         "a child's MLD-typed message with hop limit 64 left the link: {}",
         internet.log()
     );
+    lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
 
