@@ -709,6 +709,7 @@ fn nothing_unsolicited_gets_in_during_a_session() {
     let from_endpoint =
         lab.probe_udp_crafted(Ns::Gateway, addr::CLIENT_V4, 40000, addr::WG_PORT, None, short);
     assert!(from_endpoint.is_err(), "{from_endpoint:?}");
+    lab.assert_no_leaks();
     // The same datagrams reach the sink once the session is over: the
     // tries above were real.
     daemon.ctl_ok(&["stop"]).expect("stop");
