@@ -126,6 +126,13 @@ pub struct PortalPlan {
     pub uplink: Uplink,
     pub address: Ipv4Addr,
     pub dns: Ipv4Addr,
+    /// The mark the namespace's own table puts on every packet it lets
+    /// out, drawn at random for each portal: the link-level exception
+    /// admits only packets with it, since another namespace on the same
+    /// link can forge the portal's source address (a raw socket is
+    /// enough) but cannot set a mark without `CAP_NET_ADMIN`, nor guess
+    /// this one.
+    pub mark: u32,
 }
 
 impl PortalPlan {
@@ -134,6 +141,7 @@ impl PortalPlan {
             source: self.address,
             lan: (self.uplink.network(), self.uplink.prefix),
             dns: self.dns,
+            mark: self.mark,
         }
     }
 
@@ -142,6 +150,14 @@ impl PortalPlan {
     pub fn url(&self) -> String {
         format!("http://{}/", self.uplink.gateway)
     }
+}
+
+/// A mark for the portal's packets: random, never 0 and never one of
+/// sessiond's own (the tunnel's, the DNS stub's, verify's), which all sit
+/// below 0x10000.
+fn random_mark() -> u32 {
+    use rand_core::RngCore;
+    rand_core::OsRng.next_u32() | 0x0001_0000
 }
 
 fn mask(prefix: u8) -> u32 {
@@ -270,6 +286,7 @@ pub async fn create(namespace: &str, uplink: Uplink, dns: Ipv4Addr) -> Result<Po
         uplink,
         address,
         dns,
+        mark: random_mark(),
     };
     if let Err(e) = set_up(&plan).await {
         let _ = remove(namespace).await;
@@ -326,10 +343,12 @@ async fn set_up(plan: &PortalPlan) -> Result<(), PortalError> {
 pub fn table(plan: &PortalPlan) -> String {
     let lan = format!("{}/{}", plan.uplink.network(), plan.uplink.prefix);
     let dns = plan.dns;
+    let mark = plan.mark;
     format!(
         "table inet sgportal {{
   chain output {{
     type filter hook output priority 0; policy drop;
+    meta mark set {mark:#x}
     oifname \"lo\" accept
     ip daddr {lan} tcp dport {{ 53, 80, 443 }} accept
     ip daddr {lan} udp dport 53 accept
@@ -678,8 +697,10 @@ mod tests {
             uplink: uplink(),
             address: Ipv4Addr::new(192, 0, 2, 61),
             dns: Ipv4Addr::new(203, 0, 113, 53),
+            mark: 0x5a1b_0001,
         };
         let table = table(&plan);
+        assert!(table.contains("meta mark set 0x5a1b0001\n"), "{table}");
         assert!(
             table.contains("ip daddr 192.0.2.0/26 tcp dport { 53, 80, 443 } accept"),
             "{table}"
@@ -688,5 +709,6 @@ mod tests {
         assert!(table.contains("policy drop"));
         assert_eq!(plan.url(), "http://192.0.2.1/");
         assert_eq!(plan.exception().lan, (Ipv4Addr::new(192, 0, 2, 0), 26));
+        assert_eq!(plan.exception().mark, 0x5a1b_0001);
     }
 }

@@ -178,9 +178,10 @@ pub(super) fn add_link_table(
 
 /// The one named exception of the link-level table: the captive-portal
 /// namespace's own traffic (an ipvlan child of a physical interface, which
-/// shares its MAC, so only its IPv4 source address tells it apart), to the
-/// local network's web and DNS servers and to the DNS server the network
-/// gave. Nothing of this namespace's own matches it: its packets met the
+/// shares its MAC; so its IPv4 source address and the random mark its own
+/// table sets tell it apart, the address alone being forgeable by any
+/// other namespace on the link), to the local network's web and DNS
+/// servers and to the DNS server the network gave. Nothing of this namespace's own matches it: its packets met the
 /// `inet` table first, which lets none of them out in clear.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortalException {
@@ -190,6 +191,11 @@ pub struct PortalException {
     pub lan: (std::net::Ipv4Addr, u8),
     /// The DNS server the network gave (maybe outside the subnet).
     pub dns: std::net::Ipv4Addr,
+    /// The mark the namespace's own table sets on what it lets out: the
+    /// source address alone can be forged by another namespace on the
+    /// link (a container with a raw socket), the mark cannot without
+    /// `CAP_NET_ADMIN` and a guess of 32 random bits.
+    pub mark: u32,
 }
 
 /// TCP ports the portal namespace may use on the local network: DNS, HTTP
@@ -200,29 +206,43 @@ pub const PORTAL_TCP_PORTS: [u16; 3] = [53, 80, 443];
 /// table that [`add_link_table`] put in `batch` (after its rules: every
 /// rule there accepts, and the policy drops what none accepted).
 pub(super) fn add_portal_exception(batch: &mut Batch<'static>, devices: &[String], portal: &PortalException) {
-    let from_portal = || eq(payload("ip", "saddr"), s(portal.source.to_string()));
+    let from_portal = || {
+        [
+            eq(meta(MetaKey::Mark), num(portal.mark)),
+            eq(payload("ip", "saddr"), s(portal.source.to_string())),
+        ]
+    };
     let lan = net((IpAddr::V4(portal.lan.0), portal.lan.1));
     let tcp_ports = set_of(PORTAL_TCP_PORTS.iter().map(|&p| num(p)).collect());
     let rules: Vec<Vec<Statement<'static>>> = vec![
-        vec![
-            from_portal(),
-            eq(payload("ip", "daddr"), lan.clone()),
-            is_in(payload("tcp", "dport"), tcp_ports),
-            accept(),
-        ],
-        vec![
-            from_portal(),
-            eq(payload("ip", "daddr"), lan),
-            eq(payload("udp", "dport"), num(53u32)),
-            accept(),
-        ],
-        vec![
-            from_portal(),
-            eq(payload("ip", "daddr"), s(portal.dns.to_string())),
-            tcp_or_udp(),
-            eq(payload("th", "dport"), num(53u32)),
-            accept(),
-        ],
+        [
+            from_portal().to_vec(),
+            vec![
+                eq(payload("ip", "daddr"), lan.clone()),
+                is_in(payload("tcp", "dport"), tcp_ports),
+                accept(),
+            ],
+        ]
+        .concat(),
+        [
+            from_portal().to_vec(),
+            vec![
+                eq(payload("ip", "daddr"), lan),
+                eq(payload("udp", "dport"), num(53u32)),
+                accept(),
+            ],
+        ]
+        .concat(),
+        [
+            from_portal().to_vec(),
+            vec![
+                eq(payload("ip", "daddr"), s(portal.dns.to_string())),
+                tcp_or_udp(),
+                eq(payload("th", "dport"), num(53u32)),
+                accept(),
+            ],
+        ]
+        .concat(),
     ];
     for index in 0..devices.len() {
         for rule in &rules {

@@ -169,6 +169,7 @@ impl Effects for Recorder {
             },
             address: "192.0.2.61".parse().expect("address"),
             dns: "192.0.2.1".parse().expect("address"),
+            mark: 0x5a1b_0001,
         })
     }
     fn set_portal_exception(&mut self, exception: Option<crate::firewall::PortalException>) {
