@@ -559,3 +559,81 @@ fn an_auto_session_resumed_over_tcp_goes_to_udp_when_the_relay_does_not_answer()
     daemon.ctl_ok(&["stop"]).expect("stop");
     lab.assert_no_leaks();
 }
+
+/// A call runs over UDP and the network starts blocking UDP mid-session
+/// (a hotel's network changing its rules, or a roam onto one that blocks
+/// it): the `auto` session notices the gateway stopped answering and
+/// moves to the relay's TCP, as a start on such a network would, instead
+/// of staying down. The firewall then lets out the relay's TCP and no
+/// more the gateway's UDP, and nothing leaks on the way.
+#[test]
+fn an_auto_session_over_udp_falls_back_to_tcp_when_the_network_starts_blocking_udp() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start: {e:#}\n{}", daemon.log()));
+    let s = status(&daemon);
+    assert_eq!(s["tunnel"]["transport"], "udp", "{s:#}");
+    assert!(s["cause"].is_null(), "{s:#}");
+    assert!(host_answers(&lab), "no traffic over UDP\n{}", daemon.log());
+    assert!(
+        !marked_tcp_reaches_relay(&lab),
+        "the relay's TCP is let out while the session is on UDP"
+    );
+    lab.reset_all_leaks().expect("reset leaks");
+
+    lab.block_udp_from_client().expect("block UDP");
+    let blocked = Instant::now();
+    lab::wait_until(Duration::from_secs(60), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "UDP blocked mid-session -> traffic over TCP after {:?}",
+        blocked.elapsed()
+    );
+    assert!(
+        lab.udp_dropped().expect("read the UDP drop counter") > 0,
+        "the router dropped no UDP: the test did not block anything"
+    );
+    lab::wait_until(Duration::from_secs(10), "status saying why", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["cause"]["reason"] == "udp_unanswered")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let s = status(&daemon);
+    assert_eq!(s["state"], "active", "{s:#}");
+    assert_eq!(s["tunnel"]["transport"], "tcp", "{s:#}");
+    assert_eq!(
+        s["problem"],
+        format!("the gateway did not answer over UDP; using TCP port {RELAY_PORT} (slower)"),
+        "{s:#}"
+    );
+    let told = s["last_recovery"].as_str().unwrap_or_default();
+    assert!(told.contains("over TCP"), "{s:#}");
+    // What the gateway sees: our handshake came through the relay.
+    let ours = lab.client_key().expect("client key").1;
+    let endpoints = lab.gateway_wg_show(&["endpoints"]).expect("wg show");
+    assert!(
+        endpoints
+            .lines()
+            .any(|l| l.starts_with(&ours) && l.contains("127.0.0.1:")),
+        "the gateway does not see us through the relay: {endpoints}"
+    );
+    // The firewall admits the relay's TCP, no more the gateway's UDP.
+    let table = our_table(&lab);
+    assert!(table.contains("tcp dport 443"), "{table}");
+    assert!(!table.contains("udp dport 51820"), "{table}");
+    assert!(
+        marked_tcp_reaches_relay(&lab),
+        "the tunnel's TCP to the relay is not let out"
+    );
+    lab.assert_no_leaks();
+
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
+}

@@ -112,6 +112,16 @@ pub(crate) struct Open<E: Effects> {
     /// Over TCP after UDP went unanswered: when to try UDP again (see
     /// `udp_again.rs`).
     pub udp_again: UdpAgain,
+    /// Over UDP with `transport = "auto"`: the move to TCP when the
+    /// gateway stops answering (see `tcp_fallback.rs`).
+    pub tcp_fallback: TcpFallback,
+}
+
+/// An `auto` session over UDP whose gateway may stop answering: when a
+/// move to TCP that failed may be tried again.
+#[derive(Default)]
+pub(crate) struct TcpFallback {
+    pub not_before: Option<tokio::time::Instant>,
 }
 
 /// An `auto` session over TCP trying whether UDP reaches the gateway
@@ -265,6 +275,13 @@ impl<E: Effects> Stage<E> {
             Stage::Open(o) => match (&o.opening, &o.recovering, &o.peer_lost) {
                 (Some(Waiter::Client(_)), _, _) => (Phase::Starting, None, None),
                 (Some(Waiter::Resume), _, _) => resuming(RESUMING_NAMES),
+                // Moved to TCP mid-session because UDP went unanswered: the
+                // peer is lost on UDP, and this says what is being done.
+                (None, Some(r), _) if r.cause == Cause::TryingTcp => (
+                    Phase::Degraded,
+                    Some(Cause::TryingTcp),
+                    Some(super::cause::trying_tcp(o.locked.lockdown.endpoint.port())),
+                ),
                 // A peer lost is the more telling of the two: the handshake
                 // after a change went unanswered too.
                 (None, _, Some(problem)) => (Phase::Degraded, Some(Cause::PeerLost), Some(problem.clone())),
