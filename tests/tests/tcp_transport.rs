@@ -8,8 +8,9 @@
 //! never tries UDP; with UDP alone it cannot start. Both leak meters stay
 //! at zero: the outside meter counts everything but the WireGuard messages
 //! to 51820 and the TCP to the relay. An `auto` session over TCP goes
-//! back to UDP on a network where UDP works, and one that crashed over TCP
-//! resumes over TCP. Run as root after `cargo build --workspace`.
+//! back to UDP on a network where UDP works, one over UDP moves to TCP
+//! when UDP gets blocked mid-session (or it roams onto a network that
+//! blocks it), and one that crashed over TCP resumes over TCP. Run as root after `cargo build --workspace`.
 
 use std::time::{Duration, Instant};
 
@@ -595,6 +596,13 @@ fn an_auto_session_over_udp_falls_back_to_tcp_when_the_network_starts_blocking_u
         "UDP blocked mid-session -> traffic over TCP after {:?}",
         blocked.elapsed()
     );
+    assert_fell_back_to_tcp(&lab, &daemon);
+}
+
+/// After a fall-back mid-session: active over TCP and `status` says why,
+/// the gateway hears us through the relay, the firewall lets out the
+/// relay's TCP and no more the gateway's UDP, nothing leaked; then stops.
+fn assert_fell_back_to_tcp(lab: &Lab, daemon: &Daemon) {
     assert!(
         lab.udp_dropped().expect("read the UDP drop counter") > 0,
         "the router dropped no UDP: the test did not block anything"
@@ -605,7 +613,7 @@ fn an_auto_session_over_udp_falls_back_to_tcp_when_the_network_starts_blocking_u
             .is_ok_and(|s| s["cause"]["reason"] == "udp_unanswered")
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
-    let s = status(&daemon);
+    let s = status(daemon);
     assert_eq!(s["state"], "active", "{s:#}");
     assert_eq!(s["tunnel"]["transport"], "tcp", "{s:#}");
     assert_eq!(
@@ -625,15 +633,75 @@ fn an_auto_session_over_udp_falls_back_to_tcp_when_the_network_starts_blocking_u
         "the gateway does not see us through the relay: {endpoints}"
     );
     // The firewall admits the relay's TCP, no more the gateway's UDP.
-    let table = our_table(&lab);
+    let table = our_table(lab);
     assert!(table.contains("tcp dport 443"), "{table}");
     assert!(!table.contains("udp dport 51820"), "{table}");
     assert!(
-        marked_tcp_reaches_relay(&lab),
+        marked_tcp_reaches_relay(lab),
         "the tunnel's TCP to the relay is not let out"
     );
     lab.assert_no_leaks();
 
     daemon.ctl_ok(&["stop"]).expect("stop");
     lab.assert_no_leaks();
+}
+
+/// A call over UDP on a network that lets UDP through, and the laptop
+/// moves to one that blocks it (the hotel's Wi-Fi): the handshake from
+/// the new address goes unanswered, and the `auto` session moves to the
+/// relay's TCP instead of staying down.
+#[test]
+fn an_auto_session_over_udp_that_roams_onto_a_network_blocking_udp_falls_back_to_tcp() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    lab.add_roaming_link().expect("add the roaming link");
+    // The session starts on the second network (UDP passes there).
+    lab.ip_batch(
+        Ns::Client,
+        &[format!(
+            "route replace default via {} dev {}",
+            addr::ROUTER_ROAM_V4,
+            addr::ROAM_CLIENT_IF
+        )],
+    )
+    .expect("use the second network");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start: {e:#}\n{}", daemon.log()));
+    assert_eq!(status(&daemon)["tunnel"]["transport"], "udp");
+    assert!(host_answers(&lab), "no traffic over UDP\n{}", daemon.log());
+    // The first network blocks UDP; the laptop moves there.
+    lab.block_udp_from_client().expect("block UDP");
+    lab.reset_all_leaks().expect("reset leaks");
+    lab.ip_batch(
+        Ns::Client,
+        &[
+            format!(
+                "route replace default via {} dev {}",
+                addr::ROUTER_CLIENT_V4,
+                addr::CLIENT_IF
+            ),
+            format!(
+                "addr del {}/26 dev {}",
+                addr::ROAM_CLIENT_V4,
+                addr::ROAM_CLIENT_IF
+            ),
+            format!("link set {} down", addr::ROAM_CLIENT_IF),
+        ],
+    )
+    .expect("move to the network that blocks UDP");
+    let moved = Instant::now();
+    lab::wait_until(Duration::from_secs(40), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "moved onto a network that blocks UDP -> traffic over TCP after {:?}",
+        moved.elapsed()
+    );
+    let s = status(&daemon);
+    assert!(s["tunnel"]["path_changes"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert_fell_back_to_tcp(&lab, &daemon);
 }
