@@ -10,7 +10,8 @@
 //! to 51820 and the TCP to the relay. An `auto` session over TCP goes
 //! back to UDP on a network where UDP works, one over UDP moves to TCP
 //! when UDP gets blocked mid-session (or it roams onto a network that
-//! blocks it), and one that crashed over TCP resumes over TCP. Run as root after `cargo build --workspace`.
+//! blocks it) and comes back to UDP if the relay does not answer either,
+//! and one that crashed over TCP resumes over TCP. Run as root after `cargo build --workspace`.
 
 use std::time::{Duration, Instant};
 
@@ -655,6 +656,24 @@ fn an_auto_session_over_udp_that_roams_onto_a_network_blocking_udp_falls_back_to
     let lab = lab();
     profile_with_transport(&lab, "auto");
     let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    let daemon = start_over_udp_then_roam_onto_a_network_blocking_it(&lab);
+    let moved = Instant::now();
+    lab::wait_until(Duration::from_secs(40), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "moved onto a network that blocks UDP -> traffic over TCP after {:?}",
+        moved.elapsed()
+    );
+    let s = status(&daemon);
+    assert!(s["tunnel"]["path_changes"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert_fell_back_to_tcp(&lab, &daemon);
+}
+
+/// Starts an `auto` session over UDP on the second network (UDP passes
+/// there), makes the first network block UDP and moves the client there.
+fn start_over_udp_then_roam_onto_a_network_blocking_it(lab: &Lab) -> Daemon<'_> {
     lab.add_roaming_link().expect("add the roaming link");
     // The session starts on the second network (UDP passes there).
     lab.ip_batch(
@@ -671,7 +690,7 @@ fn an_auto_session_over_udp_that_roams_onto_a_network_blocking_udp_falls_back_to
         .ctl_ok(&["start", "lab"])
         .unwrap_or_else(|e| panic!("the session did not start: {e:#}\n{}", daemon.log()));
     assert_eq!(status(&daemon)["tunnel"]["transport"], "udp");
-    assert!(host_answers(&lab), "no traffic over UDP\n{}", daemon.log());
+    assert!(host_answers(lab), "no traffic over UDP\n{}", daemon.log());
     // The first network blocks UDP; the laptop moves there.
     lab.block_udp_from_client().expect("block UDP");
     lab.reset_all_leaks().expect("reset leaks");
@@ -692,16 +711,44 @@ fn an_auto_session_over_udp_that_roams_onto_a_network_blocking_udp_falls_back_to
         ],
     )
     .expect("move to the network that blocks UDP");
-    let moved = Instant::now();
-    lab::wait_until(Duration::from_secs(40), "traffic to the video host again", || {
-        host_answers(&lab)
+    daemon
+}
+
+/// A block moves the call to TCP, but the relay is down (or this network
+/// blocks it too): the session gives UDP its turn every few seconds and
+/// comes back on it once UDP passes again, instead of waiting for good on
+/// a relay that never answers.
+#[test]
+fn an_auto_session_moved_to_tcp_whose_relay_is_down_comes_back_on_udp() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    // Started for the meter's exception for the relay's TCP, then gone.
+    let relay = lab.start_tcp_relay().expect("start the TCP relay");
+    relay.kill().expect("stop the relay");
+    lab::wait_until(Duration::from_secs(10), "the relay gone", || {
+        lab.exec_ok(Ns::Gateway, &["ss", "-Htln"])
+            .is_ok_and(|out| !out.contains(&format!("{RELAY_ENDPOINT} ")))
+    })
+    .expect("stop the relay");
+    let daemon = start_over_udp_then_roam_onto_a_network_blocking_it(&lab);
+    lab::wait_until(Duration::from_secs(30), "the session on TCP", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["tunnel"]["transport"] == "tcp" && s["cause"]["reason"] == "trying_tcp")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert!(!host_answers(&lab), "traffic flowed with neither way open");
+    lab.unblock_udp_from_client().expect("unblock UDP");
+    let unblocked = Instant::now();
+    lab::wait_until(Duration::from_secs(40), "the session back on UDP", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["tunnel"]["transport"] == "udp" && s["cause"].is_null())
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
     println!(
-        "moved onto a network that blocks UDP -> traffic over TCP after {:?}",
-        moved.elapsed()
+        "relay down, UDP unblocked -> tunnel back on UDP after {:?}",
+        unblocked.elapsed()
     );
-    let s = status(&daemon);
-    assert!(s["tunnel"]["path_changes"].as_u64().unwrap_or(0) >= 1, "{s:#}");
-    assert_fell_back_to_tcp(&lab, &daemon);
+    assert_back_on_udp(&lab, &daemon, addr::CLIENT_V4);
 }

@@ -118,10 +118,12 @@ pub(crate) struct Open<E: Effects> {
 }
 
 /// An `auto` session over UDP whose gateway may stop answering: when a
-/// move to TCP that failed may be tried again.
+/// move to TCP that failed may be tried again; after a move, since when
+/// the relay has not answered (its turn is [`TCP_TRY`](super::connecting::TCP_TRY)).
 #[derive(Default)]
 pub(crate) struct TcpFallback {
     pub not_before: Option<tokio::time::Instant>,
+    pub relay_waited_since: Option<tokio::time::Instant>,
 }
 
 /// An `auto` session over TCP trying whether UDP reaches the gateway
@@ -135,6 +137,9 @@ pub(crate) struct UdpAgain {
     /// The firewall could not be brought to the flows in use; tried again
     /// on the next health tick.
     pub firewall_behind: bool,
+    /// Moved to TCP mid-session and the relay has not answered either:
+    /// try UDP even though the tunnel is still recovering.
+    pub relay_silent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

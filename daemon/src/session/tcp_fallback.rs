@@ -25,7 +25,7 @@
 use tokio::time::Instant;
 
 use super::cause::Cause;
-use super::connecting::UDP_TRY;
+use super::connecting::{TCP_TRY, UDP_TRY};
 use super::effects::Effects;
 use super::stage::{allowlist_of, lockdown_over_tcp, Open, Recovering, Stage, UdpAgain};
 use super::udp_again::persist_transport;
@@ -35,28 +35,64 @@ use crate::profile::Transport;
 
 /// One health tick of an open session: moves it to TCP once a handshake
 /// over UDP has gone unanswered for [`UDP_TRY`].
-pub(crate) async fn on_health<E: Effects>(ctx: &mut Ctx<E>, open: Open<E>) -> Stage<E> {
+pub(crate) async fn on_health<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>) -> Stage<E> {
     let auto = open
         .locked
         .profile
         .as_ref()
         .is_some_and(|p| matches!(p.transport, Transport::Auto { .. }));
     let over_udp = open.locked.lockdown.endpoint_protocol == EndpointProtocol::Udp;
-    if !auto || !over_udp || open.opening.is_some() {
+    if !auto || open.opening.is_some() {
         return Stage::Open(open);
     }
+    let now = Instant::now();
+    if !over_udp {
+        give_udp_its_turn(&mut open, now);
+        return Stage::Open(open);
+    }
+    open.tcp_fallback.relay_waited_since = None;
     let unanswered = open
         .locked
         .view
         .as_ref()
         .and_then(|view| view.handshake_unanswered_for());
-    let now = Instant::now();
     let may_try = open.tcp_fallback.not_before.is_none_or(|t| now >= t);
     let long_enough = unanswered.is_some_and(|waited| waited >= UDP_TRY);
     if !long_enough || !may_try {
         return Stage::Open(open);
     }
     switch_to_tcp(ctx, open, now).await
+}
+
+/// Over TCP after a move mid-session whose relay has not answered for
+/// [`TCP_TRY`] (it is down, or this network blocks it too): UDP is tried
+/// (`udp_again.rs`, a handshake beside the TCP) every [`TCP_TRY`] until
+/// one of the two answers, as a resumed start takes turns. Without it a
+/// moment's loss over UDP on a network whose relay is gone would leave
+/// the call down for good.
+fn give_udp_its_turn<E: Effects>(open: &mut Open<E>, now: Instant) {
+    let Some(since) = open.tcp_fallback.relay_waited_since else {
+        return;
+    };
+    let relay_answered = !open
+        .recovering
+        .as_ref()
+        .is_some_and(|r| r.cause == Cause::TryingTcp);
+    if relay_answered {
+        open.tcp_fallback.relay_waited_since = None;
+        open.udp_again.relay_silent = false;
+        return;
+    }
+    if now.duration_since(since) >= TCP_TRY && open.udp_again.probing_since.is_none() {
+        tracing::warn!(
+            "no answer through the relay {} either; trying UDP to {} again",
+            open.locked.lockdown.endpoint,
+            open.locked.endpoint
+        );
+        open.udp_again.relay_silent = true;
+        open.udp_again.next_try = now;
+        open.tcp_fallback.relay_waited_since = Some(now);
+    }
 }
 
 /// Persisted first, then the firewall (the relay's TCP instead of the
@@ -99,6 +135,7 @@ async fn switch_to_tcp<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>, now: Ins
     });
     open.peer_lost = None;
     open.tcp_fallback.not_before = None;
+    open.tcp_fallback.relay_waited_since = Some(now);
     open.udp_again = UdpAgain::new();
     Stage::Open(open)
 }

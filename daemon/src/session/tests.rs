@@ -1868,3 +1868,29 @@ async fn over_udp_a_tunnel_that_cannot_move_to_tcp_leaves_the_firewall_on_udp() 
     m.on_health().await;
     assert!(calls(&m).is_empty(), "{:?}", calls(&m));
 }
+
+#[tokio::test]
+async fn after_a_move_to_tcp_whose_relay_stays_silent_udp_gets_its_turn() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = active_auto_over_udp().await;
+    handshake_unanswered_for(&m, super::connecting::UDP_TRY);
+    m.on_health().await;
+    assert_eq!(last_lockdown(&m).endpoint_protocol, EndpointProtocol::Tcp);
+    forget(&mut m);
+    // The relay does not answer either; before its turn is up, nothing.
+    m.ctx.effects.reachable.store(false, Ordering::SeqCst);
+    m.on_health().await;
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::TryingTcp)));
+    // Its turn is up: UDP is tried beside the TCP, the firewall first,
+    // though the tunnel is still waiting for the relay.
+    let Stage::Open(open) = &mut m.stage else {
+        panic!("not open")
+    };
+    open.tcp_fallback.relay_waited_since =
+        tokio::time::Instant::now().checked_sub(super::connecting::TCP_TRY);
+    m.on_health().await;
+    m.on_health().await;
+    assert_eq!(calls(&m), ["firewall allowlist", "tunnel probe udp"]);
+    assert_eq!(last_lockdown(&m).udp_probe, Some(addr(GATEWAY)));
+}
