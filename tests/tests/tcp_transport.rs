@@ -598,11 +598,13 @@ fn an_auto_session_over_udp_falls_back_to_tcp_when_the_network_starts_blocking_u
         blocked.elapsed()
     );
     assert_fell_back_to_tcp(&lab, &daemon);
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
 }
 
 /// After a fall-back mid-session: active over TCP and `status` says why,
 /// the gateway hears us through the relay, the firewall lets out the
-/// relay's TCP and no more the gateway's UDP, nothing leaked; then stops.
+/// relay's TCP and no more the gateway's UDP, nothing leaked.
 fn assert_fell_back_to_tcp(lab: &Lab, daemon: &Daemon) {
     assert!(
         lab.udp_dropped().expect("read the UDP drop counter") > 0,
@@ -642,9 +644,6 @@ fn assert_fell_back_to_tcp(lab: &Lab, daemon: &Daemon) {
         "the tunnel's TCP to the relay is not let out"
     );
     lab.assert_no_leaks();
-
-    daemon.ctl_ok(&["stop"]).expect("stop");
-    lab.assert_no_leaks();
 }
 
 /// A call over UDP on a network that lets UDP through, and the laptop
@@ -656,7 +655,7 @@ fn an_auto_session_over_udp_that_roams_onto_a_network_blocking_udp_falls_back_to
     let lab = lab();
     profile_with_transport(&lab, "auto");
     let _relay = lab.start_tcp_relay().expect("start the TCP relay");
-    let daemon = start_over_udp_then_roam_onto_a_network_blocking_it(&lab);
+    let mut daemon = start_over_udp_then_roam_onto_a_network_blocking_it(&lab);
     let moved = Instant::now();
     lab::wait_until(Duration::from_secs(40), "traffic to the video host again", || {
         host_answers(&lab)
@@ -669,6 +668,32 @@ fn an_auto_session_over_udp_that_roams_onto_a_network_blocking_udp_falls_back_to
     let s = status(&daemon);
     assert!(s["tunnel"]["path_changes"].as_u64().unwrap_or(0) >= 1, "{s:#}");
     assert_fell_back_to_tcp(&lab, &daemon);
+
+    // The move was persisted before the firewall changed: a crash from
+    // here resumes on the relay's TCP at once, never the gateway's UDP.
+    daemon.kill9().expect("kill -9 sessiond");
+    lab::wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running())
+        .expect("sessiond exits");
+    daemon.restart().expect("restart sessiond");
+    let table = our_table(&lab);
+    assert!(
+        table.contains("tcp dport 443") && !table.contains("udp dport 51820"),
+        "the resumed lockdown does not admit exactly the relay's TCP:\n{table}"
+    );
+    lab::wait_until(Duration::from_secs(30), "the resumed session active", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["state"] == "active" && s["tunnel"]["transport"] == "tcp")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert!(
+        host_answers(&lab),
+        "no traffic after the resume\n{}",
+        daemon.log()
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
 }
 
 /// Starts an `auto` session over UDP on the second network (UDP passes
