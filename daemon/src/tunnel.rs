@@ -149,6 +149,11 @@ struct Shared {
     /// When the oldest of our handshake initiations still without an
     /// answer went out (0: none waits), as [`Shared::now_ms`].
     unanswered_since_ms: AtomicU64,
+    /// The same for our answers to the peer's initiations: the peer
+    /// confirms one with data (or a keepalive). A peer that does not hear
+    /// us initiates again and again, which keeps our own timers from ever
+    /// initiating; this is what shows it then.
+    unconfirmed_since_ms: AtomicU64,
     /// Asks the packet task for a fresh handshake at once (after a resume
     /// from sleep the peer may have forgotten the session).
     rehandshake: tokio::sync::Notify,
@@ -174,17 +179,15 @@ impl Shared {
         self.last_rx_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// A handshake initiation (type 1) going out starts the wait for its
-    /// answer, unless an earlier one is still unanswered.
+    /// A handshake initiation (type 1) or answer (type 2) going out starts
+    /// the wait for the peer's reply, unless an earlier one still waits.
     fn note_sent(&self, datagram: &[u8]) {
-        if datagram.first() == Some(&1) {
-            let _ = self.unanswered_since_ms.compare_exchange(
-                0,
-                self.now_ms(),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
+        let waits = match datagram.first() {
+            Some(1) => &self.unanswered_since_ms,
+            Some(2) => &self.unconfirmed_since_ms,
+            _ => return,
+        };
+        let _ = waits.compare_exchange(0, self.now_ms(), Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
@@ -283,6 +286,7 @@ impl Tunnel {
             forced_ms: AtomicU64::new(0),
             answered_ms: AtomicU64::new(0),
             unanswered_since_ms: AtomicU64::new(0),
+            unconfirmed_since_ms: AtomicU64::new(0),
             rehandshake: tokio::sync::Notify::new(),
             over_tcp: std::sync::atomic::AtomicBool::new(forwarder.is_some()),
             udp_probe: std::sync::atomic::AtomicU8::new(PROBE_IDLE),
@@ -501,11 +505,18 @@ impl TunnelMonitor {
         (answered >= forced && answered > 0).then(|| Duration::from_millis(answered - forced))
     }
 
-    /// How long our oldest handshake initiation has gone unanswered, while
-    /// one has: on UDP, the gateway not hearing us (or not answering).
+    /// How long our oldest handshake message has gone without the peer's
+    /// reply (an answer to an initiation, data after an answer), while one
+    /// has: on UDP, the gateway not hearing us (or not answering).
     pub fn handshake_unanswered_for(&self) -> Option<Duration> {
-        let since = self.shared.unanswered_since_ms.load(Ordering::Relaxed);
-        (since > 0).then(|| Duration::from_millis(self.shared.now_ms().saturating_sub(since)))
+        let since = [
+            self.shared.unanswered_since_ms.load(Ordering::Relaxed),
+            self.shared.unconfirmed_since_ms.load(Ordering::Relaxed),
+        ]
+        .into_iter()
+        .filter(|&ms| ms > 0)
+        .min()?;
+        Some(Duration::from_millis(self.shared.now_ms().saturating_sub(since)))
     }
 
     pub fn interface(&self) -> &str {
@@ -1126,6 +1137,11 @@ impl Driver {
                         .answered_ms
                         .store(self.shared.now_ms(), Ordering::Relaxed);
                     self.shared.unanswered_since_ms.store(0, Ordering::Relaxed);
+                }
+                if datagram.first() == Some(&4) {
+                    // Authentic data or a keepalive: the peer has a session
+                    // with us, so it heard our answer.
+                    self.shared.unconfirmed_since_ms.store(0, Ordering::Relaxed);
                 }
                 if pending == buf.to_tun.len() {
                     self.write_to_device(&mut buf.to_tun[..pending], &mut buf.gro)
