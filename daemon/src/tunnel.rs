@@ -146,6 +146,14 @@ struct Shared {
     /// `started` plus one (0: never).
     forced_ms: AtomicU64,
     answered_ms: AtomicU64,
+    /// When the oldest of our handshake initiations still without an
+    /// answer went out (0: none waits), as [`Shared::now_ms`].
+    unanswered_since_ms: AtomicU64,
+    /// The same for our answers to the peer's initiations: the peer
+    /// confirms one with data (or a keepalive). A peer that does not hear
+    /// us initiates again and again, which keeps our own timers from ever
+    /// initiating; this is what shows it then.
+    unconfirmed_since_ms: AtomicU64,
     /// Asks the packet task for a fresh handshake at once (after a resume
     /// from sleep the peer may have forgotten the session).
     rehandshake: tokio::sync::Notify,
@@ -169,6 +177,17 @@ impl Shared {
     fn mark_heard(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_rx_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// A handshake initiation (type 1) or answer (type 2) going out starts
+    /// the wait for the peer's reply, unless an earlier one still waits.
+    fn note_sent(&self, datagram: &[u8]) {
+        let waits = match datagram.first() {
+            Some(1) => &self.unanswered_since_ms,
+            Some(2) => &self.unconfirmed_since_ms,
+            _ => return,
+        };
+        let _ = waits.compare_exchange(0, self.now_ms(), Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
@@ -266,6 +285,8 @@ impl Tunnel {
             path_changes: AtomicU64::new(0),
             forced_ms: AtomicU64::new(0),
             answered_ms: AtomicU64::new(0),
+            unanswered_since_ms: AtomicU64::new(0),
+            unconfirmed_since_ms: AtomicU64::new(0),
             rehandshake: tokio::sync::Notify::new(),
             over_tcp: std::sync::atomic::AtomicBool::new(forwarder.is_some()),
             udp_probe: std::sync::atomic::AtomicU8::new(PROBE_IDLE),
@@ -343,6 +364,13 @@ impl Tunnel {
             self.udp_local.port(),
         )
         .map_err(|e| TunnelError::Transport(crate::io_reason(&e)))?;
+        // The switch handshakes again; marked here, not when the packet
+        // task gets to it, so an answer from before the switch cannot count
+        // as the answer over TCP (see `rehandshake_answered`).
+        self.monitor
+            .shared
+            .forced_ms
+            .store(self.monitor.shared.now_ms(), Ordering::Relaxed);
         self.to_switch
             .send(Some(forwarder))
             .map_err(|_| TunnelError::Transport("the tunnel's packet task has ended".into()))
@@ -475,6 +503,20 @@ impl TunnelMonitor {
         let forced = self.shared.forced_ms.load(Ordering::Relaxed);
         let answered = self.shared.answered_ms.load(Ordering::Relaxed);
         (answered >= forced && answered > 0).then(|| Duration::from_millis(answered - forced))
+    }
+
+    /// How long our oldest handshake message has gone without the peer's
+    /// reply (an answer to an initiation, data after an answer), while one
+    /// has: on UDP, the gateway not hearing us (or not answering).
+    pub fn handshake_unanswered_for(&self) -> Option<Duration> {
+        let since = [
+            self.shared.unanswered_since_ms.load(Ordering::Relaxed),
+            self.shared.unconfirmed_since_ms.load(Ordering::Relaxed),
+        ]
+        .into_iter()
+        .filter(|&ms| ms > 0)
+        .min()?;
+        Some(Duration::from_millis(self.shared.now_ms().saturating_sub(since)))
     }
 
     pub fn interface(&self) -> &str {
@@ -921,6 +963,7 @@ impl Driver {
             TunnResult::WriteToNetwork(datagram) => {
                 // Without a session boringtun queues the packet and hands us a
                 // handshake instead (type 1); only data (type 4) counts.
+                self.shared.note_sent(datagram);
                 if datagram.first() == Some(&4) {
                     self.shared
                         .tx_bytes
@@ -977,7 +1020,7 @@ impl Driver {
             if count > 1 && self.udp_state.max_gso_segments() == 1 {
                 // quinn-udp just learned that this path cannot do GSO.
                 for datagram in run.chunks(segment) {
-                    send_datagram(&self.udp, self.endpoint, datagram).await;
+                    send_datagram(&self.shared, &self.udp, self.endpoint, datagram).await;
                 }
             } else {
                 // The lockdown refuses nothing to the endpoint, so this is
@@ -1010,7 +1053,7 @@ impl Driver {
                 .fetch_add(payload_len as u64, Ordering::Relaxed);
             cover.push_real(wire);
         } else {
-            send_datagram(&self.udp, self.endpoint, &wire).await;
+            send_datagram(&self.shared, &self.udp, self.endpoint, &wire).await;
         }
     }
 
@@ -1030,7 +1073,7 @@ impl Driver {
                 TunnResult::WriteToNetwork(datagram) if datagram.first() == Some(&4) => datagram.len(),
                 TunnResult::WriteToNetwork(handshake) => {
                     // The session went away between the check and here.
-                    send_datagram(&self.udp, self.endpoint, handshake).await;
+                    send_datagram(&self.shared, &self.udp, self.endpoint, handshake).await;
                     return;
                 }
                 _ => return,
@@ -1093,6 +1136,12 @@ impl Driver {
                     self.shared
                         .answered_ms
                         .store(self.shared.now_ms(), Ordering::Relaxed);
+                    self.shared.unanswered_since_ms.store(0, Ordering::Relaxed);
+                }
+                if datagram.first() == Some(&4) {
+                    // Authentic data or a keepalive: the peer has a session
+                    // with us, so it heard our answer.
+                    self.shared.unconfirmed_since_ms.store(0, Ordering::Relaxed);
                 }
                 if pending == buf.to_tun.len() {
                     self.write_to_device(&mut buf.to_tun[..pending], &mut buf.gro)
@@ -1123,7 +1172,7 @@ impl Driver {
         loop {
             match result {
                 TunnResult::WriteToNetwork(reply) => {
-                    send_datagram(&self.udp, self.endpoint, reply).await;
+                    send_datagram(&self.shared, &self.udp, self.endpoint, reply).await;
                     // Flush packets that were queued while the handshake ran.
                     result = self.tunn.decapsulate(None, &[], dst);
                 }
@@ -1161,7 +1210,7 @@ impl Driver {
             TunnResult::WriteToNetwork(keepalive)
                 if self.cover.is_some() && keepalive.first() == Some(&4) => {}
             TunnResult::WriteToNetwork(datagram) => {
-                send_datagram(&self.udp, self.endpoint, datagram).await;
+                send_datagram(&self.shared, &self.udp, self.endpoint, datagram).await;
             }
             TunnResult::Err(WireGuardError::ConnectionExpired) => {
                 // boringtun gives up after 90 s of failed handshakes; a
@@ -1249,7 +1298,7 @@ impl Driver {
         self.last_initiation = Some(Instant::now());
         match self.tunn.format_handshake_initiation(dst, true) {
             TunnResult::WriteToNetwork(datagram) => {
-                send_datagram(&self.udp, self.gateway, datagram).await;
+                send_datagram(&self.shared, &self.udp, self.gateway, datagram).await;
             }
             TunnResult::Err(e) => tracing::warn!("could not start a handshake: {e:?}"),
             _ => {}
@@ -1290,7 +1339,8 @@ impl Driver {
         self.last_initiation = Some(Instant::now());
         match self.tunn.format_handshake_initiation(dst, true) {
             TunnResult::WriteToNetwork(datagram) => {
-                self.initiation_unsent = !send_datagram(&self.udp, self.endpoint, datagram).await;
+                self.initiation_unsent =
+                    !send_datagram(&self.shared, &self.udp, self.endpoint, datagram).await;
             }
             TunnResult::Err(e) => tracing::warn!("could not start a handshake: {e:?}"),
             _ => {}
@@ -1384,7 +1434,8 @@ fn way_out(endpoint: SocketAddr, fwmark: u32) -> Option<IpAddr> {
 }
 
 /// Sends one datagram; returns whether the kernel took it.
-async fn send_datagram(udp: &UdpSocket, endpoint: SocketAddr, datagram: &[u8]) -> bool {
+async fn send_datagram(shared: &Shared, udp: &UdpSocket, endpoint: SocketAddr, datagram: &[u8]) -> bool {
+    shared.note_sent(datagram);
     match udp.send_to(datagram, endpoint).await {
         Ok(_) => true,
         Err(e) => {

@@ -8,8 +8,10 @@
 //! never tries UDP; with UDP alone it cannot start. Both leak meters stay
 //! at zero: the outside meter counts everything but the WireGuard messages
 //! to 51820 and the TCP to the relay. An `auto` session over TCP goes
-//! back to UDP on a network where UDP works, and one that crashed over TCP
-//! resumes over TCP. Run as root after `cargo build --workspace`.
+//! back to UDP on a network where UDP works, one over UDP moves to TCP
+//! when UDP gets blocked mid-session (or it roams onto a network that
+//! blocks it) and comes back to UDP if the relay does not answer either,
+//! and one that crashed over TCP resumes over TCP. Run as root after `cargo build --workspace`.
 
 use std::time::{Duration, Instant};
 
@@ -558,4 +560,220 @@ fn an_auto_session_resumed_over_tcp_goes_to_udp_when_the_relay_does_not_answer()
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
     lab.assert_no_leaks();
+}
+
+/// A call runs over UDP and the network starts blocking UDP mid-session
+/// (a hotel's network changing its rules, or a roam onto one that blocks
+/// it): the `auto` session notices the gateway stopped answering and
+/// moves to the relay's TCP, as a start on such a network would, instead
+/// of staying down. The firewall then lets out the relay's TCP and no
+/// more the gateway's UDP, and nothing leaks on the way.
+#[test]
+fn an_auto_session_over_udp_falls_back_to_tcp_when_the_network_starts_blocking_udp() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start: {e:#}\n{}", daemon.log()));
+    let s = status(&daemon);
+    assert_eq!(s["tunnel"]["transport"], "udp", "{s:#}");
+    assert!(s["cause"].is_null(), "{s:#}");
+    assert!(host_answers(&lab), "no traffic over UDP\n{}", daemon.log());
+    assert!(
+        !marked_tcp_reaches_relay(&lab),
+        "the relay's TCP is let out while the session is on UDP"
+    );
+    lab.reset_all_leaks().expect("reset leaks");
+
+    lab.block_udp_from_client().expect("block UDP");
+    let blocked = Instant::now();
+    lab::wait_until(Duration::from_secs(60), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "UDP blocked mid-session -> traffic over TCP after {:?}",
+        blocked.elapsed()
+    );
+    assert_fell_back_to_tcp(&lab, &daemon);
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
+}
+
+/// After a fall-back mid-session: active over TCP and `status` says why,
+/// the gateway hears us through the relay, the firewall lets out the
+/// relay's TCP and no more the gateway's UDP, nothing leaked.
+fn assert_fell_back_to_tcp(lab: &Lab, daemon: &Daemon) {
+    assert!(
+        lab.udp_dropped().expect("read the UDP drop counter") > 0,
+        "the router dropped no UDP: the test did not block anything"
+    );
+    lab::wait_until(Duration::from_secs(10), "status saying why", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["cause"]["reason"] == "udp_unanswered")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let s = status(daemon);
+    assert_eq!(s["state"], "active", "{s:#}");
+    assert_eq!(s["tunnel"]["transport"], "tcp", "{s:#}");
+    assert_eq!(
+        s["problem"],
+        format!("the gateway did not answer over UDP; using TCP port {RELAY_PORT} (slower)"),
+        "{s:#}"
+    );
+    let told = s["last_recovery"].as_str().unwrap_or_default();
+    assert!(told.contains("over TCP"), "{s:#}");
+    // What the gateway sees: our handshake came through the relay.
+    let ours = lab.client_key().expect("client key").1;
+    let endpoints = lab.gateway_wg_show(&["endpoints"]).expect("wg show");
+    assert!(
+        endpoints
+            .lines()
+            .any(|l| l.starts_with(&ours) && l.contains("127.0.0.1:")),
+        "the gateway does not see us through the relay: {endpoints}"
+    );
+    // The firewall admits the relay's TCP, no more the gateway's UDP.
+    let table = our_table(lab);
+    assert!(table.contains("tcp dport 443"), "{table}");
+    assert!(!table.contains("udp dport 51820"), "{table}");
+    assert!(
+        marked_tcp_reaches_relay(lab),
+        "the tunnel's TCP to the relay is not let out"
+    );
+    lab.assert_no_leaks();
+}
+
+/// A call over UDP on a network that lets UDP through, and the laptop
+/// moves to one that blocks it (the hotel's Wi-Fi): the handshake from
+/// the new address goes unanswered, and the `auto` session moves to the
+/// relay's TCP instead of staying down.
+#[test]
+fn an_auto_session_over_udp_that_roams_onto_a_network_blocking_udp_falls_back_to_tcp() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    let mut daemon = start_over_udp_then_roam_onto_a_network_blocking_it(&lab);
+    let moved = Instant::now();
+    lab::wait_until(Duration::from_secs(40), "traffic to the video host again", || {
+        host_answers(&lab)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "moved onto a network that blocks UDP -> traffic over TCP after {:?}",
+        moved.elapsed()
+    );
+    let s = status(&daemon);
+    assert!(s["tunnel"]["path_changes"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert_fell_back_to_tcp(&lab, &daemon);
+
+    // The move was persisted before the firewall changed: a crash from
+    // here resumes on the relay's TCP at once, never the gateway's UDP.
+    daemon.kill9().expect("kill -9 sessiond");
+    lab::wait_until(Duration::from_secs(5), "sessiond gone", || !daemon.is_running())
+        .expect("sessiond exits");
+    daemon.restart().expect("restart sessiond");
+    let table = our_table(&lab);
+    assert!(
+        table.contains("tcp dport 443") && !table.contains("udp dport 51820"),
+        "the resumed lockdown does not admit exactly the relay's TCP:\n{table}"
+    );
+    lab::wait_until(Duration::from_secs(30), "the resumed session active", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["state"] == "active" && s["tunnel"]["transport"] == "tcp")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert!(
+        host_answers(&lab),
+        "no traffic after the resume\n{}",
+        daemon.log()
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
+}
+
+/// Starts an `auto` session over UDP on the second network (UDP passes
+/// there), makes the first network block UDP and moves the client there.
+fn start_over_udp_then_roam_onto_a_network_blocking_it(lab: &Lab) -> Daemon<'_> {
+    lab.add_roaming_link().expect("add the roaming link");
+    // The session starts on the second network (UDP passes there).
+    lab.ip_batch(
+        Ns::Client,
+        &[format!(
+            "route replace default via {} dev {}",
+            addr::ROUTER_ROAM_V4,
+            addr::ROAM_CLIENT_IF
+        )],
+    )
+    .expect("use the second network");
+    let daemon = lab.start_sessiond().expect("start sessiond");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start: {e:#}\n{}", daemon.log()));
+    assert_eq!(status(&daemon)["tunnel"]["transport"], "udp");
+    assert!(host_answers(lab), "no traffic over UDP\n{}", daemon.log());
+    // The first network blocks UDP; the laptop moves there.
+    lab.block_udp_from_client().expect("block UDP");
+    lab.reset_all_leaks().expect("reset leaks");
+    lab.ip_batch(
+        Ns::Client,
+        &[
+            format!(
+                "route replace default via {} dev {}",
+                addr::ROUTER_CLIENT_V4,
+                addr::CLIENT_IF
+            ),
+            format!(
+                "addr del {}/26 dev {}",
+                addr::ROAM_CLIENT_V4,
+                addr::ROAM_CLIENT_IF
+            ),
+            format!("link set {} down", addr::ROAM_CLIENT_IF),
+        ],
+    )
+    .expect("move to the network that blocks UDP");
+    daemon
+}
+
+/// A block moves the call to TCP, but the relay is down (or this network
+/// blocks it too): the session gives UDP its turn every few seconds and
+/// comes back on it once UDP passes again, instead of waiting for good on
+/// a relay that never answers.
+#[test]
+fn an_auto_session_moved_to_tcp_whose_relay_is_down_comes_back_on_udp() {
+    let lab = lab();
+    profile_with_transport(&lab, "auto");
+    // Started for the meter's exception for the relay's TCP, then gone.
+    let relay = lab.start_tcp_relay().expect("start the TCP relay");
+    relay.kill().expect("stop the relay");
+    lab::wait_until(Duration::from_secs(10), "the relay gone", || {
+        lab.exec_ok(Ns::Gateway, &["ss", "-Htln"])
+            .is_ok_and(|out| !out.contains(&format!("{RELAY_ENDPOINT} ")))
+    })
+    .expect("stop the relay");
+    let daemon = start_over_udp_then_roam_onto_a_network_blocking_it(&lab);
+    lab::wait_until(Duration::from_secs(30), "the session on TCP", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["tunnel"]["transport"] == "tcp" && s["cause"]["reason"] == "trying_tcp")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    assert!(!host_answers(&lab), "traffic flowed with neither way open");
+    lab.unblock_udp_from_client().expect("unblock UDP");
+    let unblocked = Instant::now();
+    lab::wait_until(Duration::from_secs(40), "the session back on UDP", || {
+        daemon
+            .status()
+            .is_ok_and(|s| s["tunnel"]["transport"] == "udp" && s["cause"].is_null())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    println!(
+        "relay down, UDP unblocked -> tunnel back on UDP after {:?}",
+        unblocked.elapsed()
+    );
+    assert_back_on_udp(&lab, &daemon, addr::CLIENT_V4);
 }

@@ -46,6 +46,9 @@ pub trait TunnelView: Send + Sync {
     /// How long after the last forced handshake (asked for, or after a
     /// network change) the peer answered, once it has.
     fn rehandshake_answered(&self) -> Option<Duration>;
+    /// How long the tunnel's oldest handshake initiation has gone
+    /// unanswered, while one has.
+    fn handshake_unanswered_for(&self) -> Option<Duration>;
 }
 
 /// Every side effect the session machine has. Errors are one sentence.
@@ -171,6 +174,10 @@ impl TunnelView for TunnelMonitor {
 
     fn rehandshake_answered(&self) -> Option<Duration> {
         TunnelMonitor::rehandshake_answered(self)
+    }
+
+    fn handshake_unanswered_for(&self) -> Option<Duration> {
+        TunnelMonitor::handshake_unanswered_for(self)
     }
 
     fn handshake_done(&self) -> BoxFuture<'static, ()> {

@@ -15,6 +15,10 @@
 //! - `udp_again.rs` — open over TCP after UDP went unanswered: UDP is
 //!   tried again (after a network change, and every few minutes) and the
 //!   session goes back to it when the gateway answers there;
+//! - `tcp_fallback.rs` — open over UDP with `transport = "auto"`: the
+//!   gateway stops answering there (a network that blocks UDP) → persisted
+//!   over TCP → the firewall admits the relay's TCP instead → the tunnel
+//!   moves to TCP;
 //! - `blocked.rs` — locked down with a cause;
 //! - `stop.rs` — from any stage: resolver file → stub → tunnel → routes →
 //!   firewall removed → persisted session cleared → idle.
@@ -43,6 +47,7 @@ mod portal;
 mod stage;
 mod status;
 mod stop;
+mod tcp_fallback;
 #[cfg(test)]
 mod tests;
 mod udp_again;
@@ -537,6 +542,10 @@ impl<E: Effects> SessionMachine<E> {
         }
         self.stage = match std::mem::take(&mut self.stage) {
             Stage::Open(o) => udp_again::on_health(&mut self.ctx, o, path_changed).await,
+            other => other,
+        };
+        self.stage = match std::mem::take(&mut self.stage) {
+            Stage::Open(o) => tcp_fallback::on_health(&mut self.ctx, o).await,
             other => other,
         };
         self.ctx.publish_stage(&self.stage);

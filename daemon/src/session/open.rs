@@ -19,7 +19,7 @@ use super::cause::{Cause, Step};
 use super::effects::Effects;
 use super::idle::fail;
 use super::stage::{
-    allowlist_of, stays_locked, Blocked, Locked, Open, Recovering, Stage, Task, UdpAgain, Waiter,
+    allowlist_of, stays_locked, Blocked, Locked, Open, Recovering, Stage, Task, TcpFallback, UdpAgain, Waiter,
 };
 use super::status::{allowed_hosts, AllowSink};
 use super::{answer, Ctx, Event, Outcome};
@@ -95,6 +95,7 @@ pub(crate) async fn open_allowlist<E: Effects>(
         recovering: None,
         path_changes_seen,
         udp_again: UdpAgain::new(),
+        tcp_fallback: TcpFallback::default(),
     };
     open.resolve(ctx);
     Stage::Open(open)
@@ -195,6 +196,7 @@ pub(crate) fn on_health<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>) -> Stag
         if let Some(took) = view.rehandshake_answered() {
             let note = match recovering.cause {
                 Cause::ResumedFromSleep => "after the computer woke from sleep",
+                Cause::TryingTcp => "after UDP went unanswered, over TCP through the relay",
                 _ => "after the network changed",
             };
             let last_recovery = format!(
@@ -290,6 +292,7 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
         recovering,
         path_changes_seen,
         udp_again,
+        tcp_fallback,
     } = open;
     if let Some(task) = resolving {
         task.finish().await;
@@ -339,6 +342,7 @@ pub(crate) async fn reload<E: Effects>(ctx: &mut Ctx<E>, mut stage: Stage<E>) ->
         recovering,
         path_changes_seen,
         udp_again,
+        tcp_fallback,
     };
     open.resolve(ctx);
     Stage::Open(open)

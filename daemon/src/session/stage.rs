@@ -112,6 +112,18 @@ pub(crate) struct Open<E: Effects> {
     /// Over TCP after UDP went unanswered: when to try UDP again (see
     /// `udp_again.rs`).
     pub udp_again: UdpAgain,
+    /// Over UDP with `transport = "auto"`: the move to TCP when the
+    /// gateway stops answering (see `tcp_fallback.rs`).
+    pub tcp_fallback: TcpFallback,
+}
+
+/// An `auto` session over UDP whose gateway may stop answering: when a
+/// move to TCP that failed may be tried again; after a move, since when
+/// the relay has not answered (its turn is [`TCP_TRY`](super::connecting::TCP_TRY)).
+#[derive(Default)]
+pub(crate) struct TcpFallback {
+    pub not_before: Option<tokio::time::Instant>,
+    pub relay_waited_since: Option<tokio::time::Instant>,
 }
 
 /// An `auto` session over TCP trying whether UDP reaches the gateway
@@ -125,6 +137,9 @@ pub(crate) struct UdpAgain {
     /// The firewall could not be brought to the flows in use; tried again
     /// on the next health tick.
     pub firewall_behind: bool,
+    /// Moved to TCP mid-session and the relay has not answered either:
+    /// try UDP even though the tunnel is still recovering.
+    pub relay_silent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +280,13 @@ impl<E: Effects> Stage<E> {
             Stage::Open(o) => match (&o.opening, &o.recovering, &o.peer_lost) {
                 (Some(Waiter::Client(_)), _, _) => (Phase::Starting, None, None),
                 (Some(Waiter::Resume), _, _) => resuming(RESUMING_NAMES),
+                // Moved to TCP mid-session because UDP went unanswered: the
+                // peer is lost on UDP, and this says what is being done.
+                (None, Some(r), _) if r.cause == Cause::TryingTcp => (
+                    Phase::Degraded,
+                    Some(Cause::TryingTcp),
+                    Some(super::cause::trying_tcp(o.locked.lockdown.endpoint.port())),
+                ),
                 // A peer lost is the more telling of the two: the handshake
                 // after a change went unanswered too.
                 (None, _, Some(problem)) => (Phase::Degraded, Some(Cause::PeerLost), Some(problem.clone())),

@@ -49,6 +49,9 @@ struct FakeRoam {
     udp_works: AtomicBool,
     /// A probe was answered and not yet ended.
     probe_answered: AtomicBool,
+    /// How long (ms) the tunnel's oldest handshake has gone unanswered;
+    /// 0: none waits.
+    unanswered_ms: AtomicU64,
 }
 
 impl TunnelView for FakeView {
@@ -80,6 +83,11 @@ impl TunnelView for FakeView {
             .answered
             .load(Ordering::SeqCst)
             .then_some(std::time::Duration::from_millis(7))
+    }
+
+    fn handshake_unanswered_for(&self) -> Option<std::time::Duration> {
+        let ms = self.roam.unanswered_ms.load(Ordering::SeqCst);
+        (ms > 0).then(|| std::time::Duration::from_millis(ms))
     }
 
     fn handshake_done(&self) -> BoxFuture<'static, ()> {
@@ -1762,4 +1770,128 @@ async fn a_resume_over_tcp_that_the_relay_does_not_answer_takes_turns_with_udp()
     handshake(&m);
     settle(&mut m).await;
     assert_eq!(table(&m), Table::Open);
+}
+
+/// An `auto` session started and active over UDP.
+async fn active_auto_over_udp() -> (Machine, SessionHandle) {
+    let (mut m, handle) = machine();
+    let mut rx = start_auto(&mut m).await;
+    handshake(&m);
+    settle(&mut m).await;
+    assert!(matches!(answered(&mut rx), Outcome::Started(_)));
+    assert_eq!(phase(&handle), (Phase::Active, None));
+    forget(&mut m);
+    m.ctx.effects.lockdowns.clear();
+    (m, handle)
+}
+
+fn handshake_unanswered_for(m: &Machine, waited: std::time::Duration) {
+    m.ctx
+        .effects
+        .roam
+        .unanswered_ms
+        .store(waited.as_millis() as u64, Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn over_udp_an_unanswered_handshake_moves_an_auto_session_to_tcp_persisted_and_firewall_first() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = active_auto_over_udp().await;
+    // Unanswered for less than the start gives UDP: nothing yet.
+    handshake_unanswered_for(&m, super::connecting::UDP_TRY / 2);
+    m.on_health().await;
+    assert!(calls(&m).is_empty(), "moved too early: {:?}", calls(&m));
+    // As long as the start gives it: the persisted session says TCP, then
+    // the firewall admits the relay's TCP instead, then the tunnel moves.
+    handshake_unanswered_for(&m, super::connecting::UDP_TRY);
+    m.on_health().await;
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "save session",
+            "firewall allowlist",
+            "tunnel over tcp"
+        ]
+    );
+    let moved = last_lockdown(&m);
+    assert_eq!(moved.endpoint, addr(RELAY));
+    assert_eq!(moved.endpoint_protocol, EndpointProtocol::Tcp);
+    assert_eq!(moved.udp_probe, None);
+    assert_eq!(
+        m.ctx.effects.persisted.as_ref().and_then(|p| p.transport),
+        Some(crate::store::PersistedTransport::Tcp { relay: addr(RELAY) })
+    );
+    assert_eq!(table(&m), Table::Open, "the allowlist stays");
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::TryingTcp)));
+    // The gateway answers through the relay: active over TCP, and why.
+    forget(&mut m);
+    m.ctx.effects.roam.answered.store(true, Ordering::SeqCst);
+    m.on_health().await;
+    assert_eq!(phase(&handle), (Phase::Active, Some(Cause::UdpUnanswered)));
+    let told = handle.status().last_recovery.unwrap_or_default();
+    assert!(told.contains("over TCP"), "{told}");
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+    // UDP is tried again later, as after a start over TCP.
+    assert!(udp_again(&mut m).next_try > tokio::time::Instant::now());
+}
+
+#[tokio::test]
+async fn over_udp_a_tunnel_that_cannot_move_to_tcp_leaves_the_firewall_on_udp() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = active_auto_over_udp().await;
+    m.ctx.effects.fail.insert("tunnel over tcp");
+    handshake_unanswered_for(&m, super::connecting::UDP_TRY);
+    m.on_health().await;
+    assert_eq!(
+        calls(&m),
+        [
+            "load session",
+            "save session",
+            "firewall allowlist",
+            "tunnel over tcp",
+            "firewall allowlist",
+            "load session",
+            "save session"
+        ]
+    );
+    let back = last_lockdown(&m);
+    assert_eq!(back.endpoint, addr(GATEWAY));
+    assert_eq!(back.endpoint_protocol, EndpointProtocol::Udp);
+    assert_eq!(
+        m.ctx.effects.persisted.as_ref().and_then(|p| p.transport),
+        Some(crate::store::PersistedTransport::Udp)
+    );
+    assert_eq!(table(&m), Table::Open);
+    assert_ne!(phase(&handle).1, Some(Cause::TryingTcp));
+    // Not tried again on every tick.
+    forget(&mut m);
+    m.on_health().await;
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+}
+
+#[tokio::test]
+async fn after_a_move_to_tcp_whose_relay_stays_silent_udp_gets_its_turn() {
+    use crate::firewall::EndpointProtocol;
+    let (mut m, handle) = active_auto_over_udp().await;
+    handshake_unanswered_for(&m, super::connecting::UDP_TRY);
+    m.on_health().await;
+    assert_eq!(last_lockdown(&m).endpoint_protocol, EndpointProtocol::Tcp);
+    forget(&mut m);
+    // The relay does not answer either; before its turn is up, nothing.
+    m.ctx.effects.reachable.store(false, Ordering::SeqCst);
+    m.on_health().await;
+    assert!(calls(&m).is_empty(), "{:?}", calls(&m));
+    assert_eq!(phase(&handle), (Phase::Degraded, Some(Cause::TryingTcp)));
+    // Its turn is up: UDP is tried beside the TCP, the firewall first,
+    // though the tunnel is still waiting for the relay.
+    let Stage::Open(open) = &mut m.stage else {
+        panic!("not open")
+    };
+    open.tcp_fallback.relay_waited_since =
+        tokio::time::Instant::now().checked_sub(super::connecting::TCP_TRY);
+    m.on_health().await;
+    m.on_health().await;
+    assert_eq!(calls(&m), ["firewall allowlist", "tunnel probe udp"]);
+    assert_eq!(last_lockdown(&m).udp_probe, Some(addr(GATEWAY)));
 }

@@ -62,6 +62,7 @@ impl UdpAgain {
             probing_since: None,
             reason: UdpAgainReason::Periodic,
             firewall_behind: false,
+            relay_silent: false,
         }
     }
 }
@@ -122,7 +123,10 @@ pub(crate) async fn on_health<E: Effects>(
         None => {
             // While the tunnel recovers over TCP, a probe's handshake would
             // replace the one it waits for.
-            let settled = open.recovering.is_none() && open.peer_lost.is_none();
+            // Unless the relay has not answered either since a move to
+            // TCP mid-session: then UDP is the call's only chance.
+            let settled =
+                (open.recovering.is_none() && open.peer_lost.is_none()) || open.udp_again.relay_silent;
             if now < open.udp_again.next_try || !settled {
                 return Stage::Open(open);
             }
@@ -200,6 +204,15 @@ async fn back_on_udp<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>) -> Stage<E
     tracing::info!("{note}");
     ctx.publish(|s| s.last_recovery = Some(note));
     open.udp_again = UdpAgain::new();
+    // A move to TCP whose relay never answered is over: its note would
+    // say the wrong thing.
+    if open
+        .recovering
+        .as_ref()
+        .is_some_and(|r| r.cause == crate::session::Cause::TryingTcp)
+    {
+        open.recovering = None;
+    }
     Stage::Open(open)
 }
 
