@@ -235,3 +235,213 @@ fn another_namespace_on_the_link_cannot_borrow_the_portal_exception() {
     daemon.ctl_ok(&["portal", "--close"]).ok();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// Asks the portal helper's socket for a namespace as `user` (root or
+/// nobody), one JSON line as sessiond would send it, and prints and
+/// returns what came back before the helper closed the connection (or
+/// `timeout`).
+const ASK_THE_HELPER: &str = r#"
+import json, socket, sys
+path, namespace, iface, gateway, own, dns = sys.argv[1:7]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(15)
+try:
+    s.connect(path)
+    request = {"create": {"namespace": namespace,
+                          "uplink": {"interface": iface, "gateway": gateway, "own": own, "prefix": 26},
+                          "dns": dns}}
+    s.sendall(json.dumps(request).encode() + b"\n")
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    print("reply", reply.decode().strip() or "none")
+    if reply:
+        s.sendall(b'"remove"\n')
+        print("removed", s.recv(65536).decode().strip())
+except Exception as e:
+    print("error", repr(e))
+"#;
+
+/// A local user who can reach the helper's socket (its unit makes it
+/// root-only; here it is opened to everyone on purpose, to test the
+/// helper's own check behind it) asks for a portal namespace directly,
+/// skipping sessiond: the helper must refuse and make nothing, so no
+/// namespace comes up behind sessiond's back (sessiond would neither put
+/// in nor know of it). The control: root's same request is served.
+#[test]
+fn a_user_who_reaches_the_helpers_socket_gets_no_namespace() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    std::fs::set_permissions(lab.tmp_dir(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let helper = PortalHelper::start(&lab).expect("the portal helper");
+    std::fs::set_permissions(helper.socket(), std::fs::Permissions::from_mode(0o666))
+        .expect("open the helper's socket to everyone");
+    let socket = helper.socket().to_string_lossy().into_owned();
+    let ask = |as_nobody: bool| -> String {
+        let mut args: Vec<&str> = Vec::new();
+        if as_nobody {
+            args.extend_from_slice(&[
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--init-groups",
+                "--reset-env",
+            ]);
+        }
+        args.extend_from_slice(&[
+            "/usr/bin/python3",
+            "-c",
+            ASK_THE_HELPER,
+            socket.as_str(),
+            helper.namespace(),
+            addr::CLIENT_IF,
+            addr::ROUTER_CLIENT_V4,
+            addr::CLIENT_V4,
+            addr::PUBLIC_DNS_V4,
+        ]);
+        let out = lab.exec(Ns::Client, &args).expect("ask the helper");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("as {}: {text}", if as_nobody { "nobody" } else { "root" });
+        text
+    };
+    // The control: root (sessiond's side) is served, and the namespace
+    // is removed again on "remove".
+    let served = ask(false);
+    assert!(
+        served.contains("reply {\"created\""),
+        "root's request was not served, so this test proves nothing: {served}\n{}",
+        helper.log()
+    );
+    assert!(
+        !helper.namespace_exists(),
+        "the control's namespace was not removed"
+    );
+    lab.reset_all_leaks().expect("reset the meters");
+    let refused = ask(true);
+    assert!(
+        !refused.contains("created"),
+        "the helper made a namespace for nobody: {refused}\n{}",
+        helper.log()
+    );
+    assert!(
+        !helper.namespace_exists(),
+        "a namespace exists after nobody's request\n{}",
+        helper.log()
+    );
+    assert!(
+        helper.log().contains("refused a connection from uid"),
+        "the helper did not say it refused: {}",
+        helper.log()
+    );
+    lab.assert_no_leaks();
+}
+
+/// What sessiond's portal requests let an unprivileged member of the
+/// control group do: a time beyond the limit is cut to the limit (15
+/// minutes), and a second request replaces the first portal (its
+/// namespace address and mark leave the link-level table; one exception
+/// at a time), so asking again neither keeps an old exception nor adds a
+/// second. The portal's mark is in no reply the user gets.
+#[test]
+fn a_users_portal_requests_neither_outlast_the_limit_nor_pile_up_exceptions() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    let files = lab.sessiond_profile().expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    std::fs::set_permissions(lab.tmp_dir(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let helper = PortalHelper::start(&lab).expect("the portal helper");
+    let mut daemon = lab.start_sessiond_for_group("nogroup").expect("start sessiond");
+    daemon.set_env(sessiond::portal::NAMESPACE_ENV, helper.namespace());
+    daemon.set_env(
+        sessiond::portal_helper::SOCKET_ENV,
+        &helper.socket().to_string_lossy(),
+    );
+    daemon
+        .restart()
+        .expect("restart sessiond with the test's namespace name and helper");
+    daemon.ctl_ok(&["start", "lab"]).expect("start the session");
+    lab.reset_all_leaks().expect("reset the meters");
+    let open = |seconds: &str| -> serde_json::Value {
+        let out = ctl_as_nobody(
+            &lab,
+            &daemon,
+            &["portal", "--during-session", "--seconds", seconds, "--json"],
+        );
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log()
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !text.to_lowercase().contains("mark"),
+            "the portal's reply names its mark: {text}"
+        );
+        serde_json::from_str(&text).expect("portal --json")
+    };
+    let first = open("999999");
+    assert!(
+        first["seconds"].as_u64().is_some_and(|s| s <= 900),
+        "a portal was granted more than 15 minutes: {first}"
+    );
+    let first_address = first["address"].as_str().unwrap_or_default().to_string();
+    let exceptions = |table: &str| table.matches("meta mark 0x").count();
+    let before = link_table(&lab);
+    let second = open("999999");
+    let second_address = second["address"].as_str().unwrap_or_default().to_string();
+    let after = link_table(&lab);
+    println!("first portal's table:\n{before}\nsecond's:\n{after}");
+    assert!(
+        after.contains(&format!("ip saddr {second_address} ")),
+        "no exception for the second portal: {after}"
+    );
+    // One exception's worth of rules, as many as with the first portal
+    // alone, and none for the first address if it differs.
+    assert_eq!(
+        exceptions(&after),
+        exceptions(&before),
+        "a second request added rules: before\n{before}\nafter\n{after}"
+    );
+    if first_address != second_address {
+        assert!(
+            !after.contains(&format!("ip saddr {first_address} ")),
+            "the first portal's exception outlived it: {after}"
+        );
+    }
+    // Nor does the old mark stay in force when the address is reused.
+    let marks = |table: &str| -> Vec<String> {
+        table
+            .split_whitespace()
+            .filter(|w| w.starts_with("0x") && w.len() > 8)
+            .map(str::to_string)
+            .collect()
+    };
+    let old: Vec<String> = marks(&before)
+        .into_iter()
+        .filter(|m| !marks(&after).contains(m))
+        .collect();
+    assert!(
+        !marks(&before).is_empty() && !old.is_empty(),
+        "the second portal kept the first one's mark: before {:?}, after {:?}",
+        marks(&before),
+        marks(&after)
+    );
+    daemon.ctl_ok(&["portal", "--close"]).expect("close the portal");
+    let closed = link_table(&lab);
+    assert!(
+        !closed.contains(&format!("ip saddr {second_address} ")),
+        "the exception outlived --close: {closed}"
+    );
+    assert!(!helper.namespace_exists(), "the namespace outlived --close");
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
