@@ -445,3 +445,101 @@ fn a_users_portal_requests_neither_outlast_the_limit_nor_pile_up_exceptions() {
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+// ------------------------------------------------- the UDP try window
+
+/// What another namespace on the link (CAP_NET_RAW only) sends at the
+/// gateway's WireGuard port: a datagram from an ordinary socket, and raw
+/// datagrams with each given source address. Prints one line per attempt.
+const UDP_AT_THE_GATEWAY: &str = r#"
+import socket, struct, sys
+gateway, port, sources = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"redteam3 try window", (gateway, port))
+    print("udp sent")
+except Exception as e:
+    print("udp", repr(e))
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for src in sources:
+    body = b"redteam3 try window"
+    udp = struct.pack("!HHHH", 40002, port, 8 + len(body), 0) + body
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                      socket.inet_aton(src), socket.inet_aton(gateway))
+    try:
+        raw.sendto(hdr + udp, (gateway, 0))
+        print("raw udp from", src, "sent")
+    except Exception as e:
+        print("raw udp from", src, repr(e))
+"#;
+
+/// While an `auto` session over TCP tries UDP again, the link-level table
+/// lets the gateway's UDP out beside the relay's TCP. Another namespace on
+/// the link (a container on a macvlan network, CAP_NET_RAW only) sends UDP
+/// to the gateway's port inside that window, from its own address and
+/// forged with the client's: nothing of it may get out (the router's
+/// meter counts before its UDP block), since only the tunnel's marked
+/// socket may use the window and the child cannot set a mark.
+#[test]
+fn during_a_udp_try_another_namespace_on_the_link_cannot_use_the_window() {
+    use lab::relay::RELAY_ENDPOINT;
+    let lab = lab();
+    let files = lab
+        .write_profile("lab", |t| {
+            format!("{t}\n[gateway]\ntransport = \"auto\"\ntcp_endpoint = \"{RELAY_ENDPOINT}\"\n")
+        })
+        .expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    lab.block_udp_from_client().expect("block UDP");
+    let side = ExtraNamespace::new(&lab, "u");
+    macvlan_child(&lab, &side, "c2ru", "192.0.2.4");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.set_env("SESSIOND_TEST_UDP_RETRY_SECS", "5");
+    daemon.restart().expect("restart sessiond with the short retry");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start over TCP: {e:#}\n{}", daemon.log()));
+    let status = daemon.status().expect("status");
+    assert_eq!(status["tunnel"]["transport"], "tcp", "{status:#}");
+    lab.reset_all_leaks().expect("reset the meters");
+    let in_window = || link_table(&lab).contains("udp dport 51820");
+    let mut sent_in_window = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
+    while sent_in_window == 0 && std::time::Instant::now() < deadline {
+        if !in_window() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        let out = side.run(&[
+            "setpriv",
+            "--bounding-set=-all,+net_raw",
+            "--inh-caps=-all",
+            "/usr/bin/python3",
+            "-c",
+            UDP_AT_THE_GATEWAY,
+            addr::GATEWAY_V4,
+            &addr::WG_PORT.to_string(),
+            "192.0.2.4",
+            addr::CLIENT_V4,
+        ]);
+        println!(
+            "during a try:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "the sender failed: {out:?}");
+        // Counted only if the window was still open after the send.
+        if in_window() {
+            sent_in_window += 1;
+        }
+    }
+    assert!(
+        sent_in_window > 0,
+        "no send fell inside a try's window\n{}",
+        daemon.log()
+    );
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
