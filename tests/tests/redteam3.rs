@@ -543,3 +543,90 @@ fn during_a_udp_try_another_namespace_on_the_link_cannot_use_the_window() {
     lab.assert_no_leaks();
     daemon.ctl_ok(&["stop"]).expect("stop");
 }
+
+/// Waits (at most 25 s) until a try over UDP has its rule in the
+/// link-level table; whether one was seen.
+fn wait_for_a_try(lab: &Lab) -> bool {
+    lab::wait_until(std::time::Duration::from_secs(25), "a try over UDP", || {
+        link_table(lab).contains("udp dport 51820")
+    })
+    .is_ok()
+}
+
+/// The UDP try window is closed on the ways out of a try: `sessionctl
+/// stop` in the middle of one removes both tables (nothing of the window
+/// stays), and `kill -9` in the middle of one is followed by a resume that
+/// locks down on the relay's TCP alone (the state file never says "UDP"
+/// for a try) and comes back over TCP; both meters stay at zero.
+#[test]
+fn a_stop_or_a_crash_in_the_middle_of_a_udp_try_leaves_no_window() {
+    use lab::relay::RELAY_ENDPOINT;
+    let lab = lab();
+    let files = lab
+        .write_profile("lab", |t| {
+            format!("{t}\n[gateway]\ntransport = \"auto\"\ntcp_endpoint = \"{RELAY_ENDPOINT}\"\n")
+        })
+        .expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    let _relay = lab.start_tcp_relay().expect("start the TCP relay");
+    lab.block_udp_from_client().expect("block UDP");
+    let mut daemon = lab.start_sessiond().expect("start sessiond");
+    daemon.set_env("SESSIOND_TEST_UDP_RETRY_SECS", "5");
+    daemon.restart().expect("restart sessiond with the short retry");
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start over TCP: {e:#}\n{}", daemon.log()));
+    lab.reset_all_leaks().expect("reset the meters");
+    let tables = || {
+        lab.exec_ok(Ns::Client, &["nft", "list", "tables"])
+            .unwrap_or_else(|e| format!("{e:#}"))
+    };
+
+    // A stop in the middle of a try.
+    assert!(wait_for_a_try(&lab), "no try over UDP\n{}", daemon.log());
+    daemon.ctl_ok(&["stop"]).expect("stop during a try");
+    assert!(
+        !tables().contains("sessiongate"),
+        "a table outlived a stop during a try: {}",
+        tables()
+    );
+    lab.assert_no_leaks();
+
+    // A crash in the middle of a try; the restart tries UDP only after
+    // 10 minutes, so any UDP rule at once would be the old try's.
+    daemon
+        .ctl_ok(&["start", "lab"])
+        .unwrap_or_else(|e| panic!("the session did not start again: {e:#}\n{}", daemon.log()));
+    assert!(wait_for_a_try(&lab), "no second try over UDP\n{}", daemon.log());
+    daemon.kill9().expect("kill -9 sessiond during a try");
+    lab::wait_until(std::time::Duration::from_secs(5), "sessiond gone", || {
+        !daemon.is_running()
+    })
+    .expect("sessiond exits");
+    daemon.set_env("SESSIOND_TEST_UDP_RETRY_SECS", "600");
+    daemon.restart().expect("restart sessiond");
+    let inet = lab
+        .exec_ok(Ns::Client, &["nft", "list", "table", "inet", "sessiongate"])
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let link = link_table(&lab);
+    assert!(
+        inet.contains("tcp dport 443") && !inet.contains("udp dport 51820"),
+        "the resumed lockdown admits the gateway's UDP:\n{inet}"
+    );
+    assert!(
+        !link.contains("udp dport 51820"),
+        "the resumed link-level table admits the gateway's UDP:\n{link}"
+    );
+    lab::wait_until(
+        std::time::Duration::from_secs(60),
+        "the resumed session active",
+        || daemon.status().is_ok_and(|s| s["state"] == "active"),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log()));
+    let status = daemon.status().expect("status");
+    assert_eq!(status["tunnel"]["transport"], "tcp", "{status:#}");
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["stop"]).expect("stop");
+    lab.assert_no_leaks();
+}
