@@ -630,3 +630,110 @@ fn a_stop_or_a_crash_in_the_middle_of_a_udp_try_leaves_no_window() {
     daemon.ctl_ok(&["stop"]).expect("stop");
     lab.assert_no_leaks();
 }
+
+// ------------------------------------------------- the browser's seat
+
+/// A "browser" gone bad (a portal page can run script): from the portal
+/// namespace, as the calling user, it tries what the namespace must not
+/// reach and writes one line per attempt into the file it is given, then
+/// "done".
+const BAD_BROWSER: &str = r#"
+import socket, subprocess, sys
+out, lan, dns, internet = sys.argv[1:5]
+lines = []
+def tcp(host, port):
+    s = socket.socket(); s.settimeout(1)
+    try:
+        s.connect((host, port)); return "reached"
+    except Exception as e:
+        return repr(e)
+def udp(host, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"redteam3 browser", (host, port)); return "sent"
+    except Exception as e:
+        return repr(e)
+for host, port in ((lan, 22), (lan, 8080), (dns, 443), (internet, 443), (internet, 80)):
+    lines.append(f"tcp {host} {port} {tcp(host, port)}")
+for host, port in ((lan, 123), (lan, 67), (dns, 443), (internet, 53), (internet, 10000)):
+    lines.append(f"udp {host} {port} {udp(host, port)}")
+ping = subprocess.run(["ping", "-c", "1", "-W", "1", lan], capture_output=True)
+lines.append(f"ping {lan} exit {ping.returncode}")
+try:
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s6.sendto(b"redteam3 browser", ("ff02::1", 53, 0, 2)); lines.append("udp6 ff02::1 sent")
+except Exception as e:
+    lines.append(f"udp6 ff02::1 {e!r}")
+open(out, "w").write("\n".join(lines) + "\ndone\n")
+"#;
+
+/// From the browser's seat (the portal namespace, the calling user), a
+/// page gone bad tries the LAN's other ports, the DNS server's other
+/// ports, the internet, ICMP and IPv6: nothing of it may leave (outside
+/// meter 0: the allowed destinations are not among the attempts), and the
+/// session's tunnel carries none of it (inside meter 0).
+#[test]
+fn the_portal_browser_reaches_nothing_but_the_lans_web_and_dns() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    let files = lab.sessiond_profile().expect("write profile");
+    lab.set_tunnel_allowed_profile(&files.toml)
+        .expect("tunnel meter follows the profile");
+    std::fs::set_permissions(lab.tmp_dir(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let seen_dir = lab.tmp_dir().join("badbrowser");
+    std::fs::create_dir(&seen_dir).expect("browser dir");
+    std::fs::set_permissions(&seen_dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let browser = seen_dir.join("browser.py");
+    std::fs::write(&browser, BAD_BROWSER).expect("write the browser");
+    std::fs::set_permissions(&browser, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let result = seen_dir.join("seen.txt");
+    let helper = PortalHelper::start(&lab).expect("the portal helper");
+    let mut daemon = lab.start_sessiond_for_group("nogroup").expect("start sessiond");
+    daemon.set_env(sessiond::portal::NAMESPACE_ENV, helper.namespace());
+    daemon.set_env(
+        sessiond::portal_helper::SOCKET_ENV,
+        &helper.socket().to_string_lossy(),
+    );
+    daemon
+        .restart()
+        .expect("restart sessiond with the test's namespace name and helper");
+    daemon.ctl_ok(&["start", "lab"]).expect("start the session");
+    lab.reset_all_leaks().expect("reset the meters");
+    let browser_s = browser.to_string_lossy().into_owned();
+    let result_s = result.to_string_lossy().into_owned();
+    let opened = ctl_as_nobody(
+        &lab,
+        &daemon,
+        &[
+            "portal",
+            "--during-session",
+            "--seconds",
+            "60",
+            "--json",
+            "--browser",
+            "/usr/bin/python3",
+            &format!("--browser-arg={browser_s}"),
+            &format!("--browser-arg={result_s}"),
+            &format!("--browser-arg={}", addr::ROUTER_CLIENT_V4),
+            &format!("--browser-arg={}", addr::PUBLIC_DNS_V4),
+            &format!("--browser-arg={}", addr::HOST_V4),
+        ],
+    );
+    assert!(
+        opened.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&opened.stderr),
+        daemon.log()
+    );
+    let seen = lab::wait_for(std::time::Duration::from_secs(30), "the browser's report", || {
+        let text = std::fs::read_to_string(&result)?;
+        anyhow::ensure!(text.contains("done"), "not yet");
+        Ok(text)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", daemon.log(), helper.log()));
+    println!("the browser tried:\n{seen}");
+    assert!(!seen.contains("reached"), "the browser reached: {seen}");
+    lab.assert_no_leaks();
+    daemon.ctl_ok(&["portal", "--close"]).expect("close the portal");
+    daemon.ctl_ok(&["stop"]).expect("stop");
+}
