@@ -1090,6 +1090,7 @@ impl Driver {
         let mut pending = 0;
         let mut heard = false;
         let mut handshake_seen = false;
+        let mut data_seen = false;
         for i in 0..count {
             let meta = buf.from_net_meta[i];
             // Over TCP while UDP is being tried, the gateway's UDP is heard
@@ -1138,11 +1139,7 @@ impl Driver {
                         .store(self.shared.now_ms(), Ordering::Relaxed);
                     self.shared.unanswered_since_ms.store(0, Ordering::Relaxed);
                 }
-                if datagram.first() == Some(&4) {
-                    // Authentic data or a keepalive: the peer has a session
-                    // with us, so it heard our answer.
-                    self.shared.unconfirmed_since_ms.store(0, Ordering::Relaxed);
-                }
+                data_seen |= datagram.first() == Some(&4);
                 if pending == buf.to_tun.len() {
                     self.write_to_device(&mut buf.to_tun[..pending], &mut buf.gro)
                         .await;
@@ -1153,6 +1150,11 @@ impl Driver {
         if pending > 0 {
             self.write_to_device(&mut buf.to_tun[..pending], &mut buf.gro)
                 .await;
+        }
+        if data_seen {
+            // Authentic data or a keepalive: the peer has a session with
+            // us, so it heard our answer. Once per batch, not per packet.
+            self.shared.unconfirmed_since_ms.store(0, Ordering::Relaxed);
         }
         if heard {
             self.last_rx = Instant::now();

@@ -35,10 +35,15 @@ fn wait_ready(child: &LabChild, what: &str) {
 /// The packets counter of the lab's own nft table `table` in `ns` (the
 /// sum over its rules).
 fn counted(lab: &Lab, ns: Ns, family: &str, table: &str) -> u64 {
-    let listing = lab
-        .exec_ok(ns, &["nft", "-j", "list", "table", family, table])
-        .expect("list the lab's counting table");
-    let doc: serde_json::Value = serde_json::from_str(&listing).expect("nft -j output");
+    packets_counted(
+        &lab.exec_ok(ns, &["nft", "-j", "list", "table", family, table])
+            .expect("list the lab's counting table"),
+    )
+}
+
+/// The sum of the packet counters in an `nft -j` listing.
+fn packets_counted(listing: &str) -> u64 {
+    let doc: serde_json::Value = serde_json::from_str(listing).expect("nft -j output");
     doc["nftables"]
         .as_array()
         .into_iter()
@@ -47,6 +52,21 @@ fn counted(lab: &Lab, ns: Ns, family: &str, table: &str) -> u64 {
         .flatten()
         .filter_map(|st| st.get("counter")?.get("packets")?.as_u64())
         .sum()
+}
+
+/// Loads `rules` (nft statements, one per line) into a nat table
+/// `inet labspoof` in `ns`'s postrouting: how the router or the gateway
+/// gives its own datagrams the addresses and ports a test forges.
+fn spoofing_table(lab: &Lab, ns: Ns, rules: &str) {
+    lab.exec_stdin(
+        ns,
+        &["nft", "-f", "-"],
+        format!(
+            "table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n{rules}\n }}\n}}\n"
+        )
+        .as_bytes(),
+    )
+    .expect("the spoofing table");
 }
 
 /// The tunnel's fwmark (`ip rule` shows it during a session): it means
@@ -156,23 +176,20 @@ fn replies_spoofed_onto_the_sessions_flows_do_not_get_in_on_the_link() {
     )
     .expect("count the spoofed replies in the client");
     // The router gives its own datagrams the far ends' addresses.
-    lab.exec_stdin(
+    spoofing_table(
+        &lab,
         Ns::Router,
-        &["nft", "-f", "-"],
-        format!(
-            "table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n  \
-             ip daddr {tun4} udp dport {TO_ALLOWED_NET_V4} snat ip to {other4}\n  \
+        &format!(
+            "  ip daddr {tun4} udp dport {TO_ALLOWED_NET_V4} snat ip to {other4}\n  \
              ip daddr {tun4} udp dport {TO_ANSWERED_NAME_V4} snat ip to {host4}\n  \
-             ip6 daddr {tun6} udp dport {TO_ALLOWED_V6} snat ip6 to {host6}\n }}\n}}\n",
+             ip6 daddr {tun6} udp dport {TO_ALLOWED_V6} snat ip6 to {host6}",
             tun4 = addr::DAEMON_TUN_V4,
             tun6 = addr::DAEMON_TUN_V6,
             other4 = addr::OTHER_V4,
             host4 = addr::HOST_V4,
             host6 = addr::HOST_V6,
-        )
-        .as_bytes(),
-    )
-    .expect("the router's spoofing table");
+        ),
+    );
 
     // meet.test answered through the session's DNS: its addresses join the
     // answered sets.
@@ -245,21 +262,18 @@ fn answers_spoofed_as_the_pinned_resolver_do_not_get_in_on_the_link() {
         .as_bytes(),
     )
     .expect("count the spoofed answers in the client");
-    lab.exec_stdin(
+    spoofing_table(
+        &lab,
         Ns::Router,
-        &["nft", "-f", "-"],
-        format!(
-            "table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n  \
-             ip daddr {tun4} udp dport {TO_RESOLVER_V4} snat ip to {resolver4}\n  \
-             ip6 daddr {tun6} udp dport {TO_RESOLVER_V6} snat ip6 to {resolver6}\n }}\n}}\n",
+        &format!(
+            "  ip daddr {tun4} udp dport {TO_RESOLVER_V4} snat ip to {resolver4}\n  \
+             ip6 daddr {tun6} udp dport {TO_RESOLVER_V6} snat ip6 to {resolver6}",
             tun4 = addr::DAEMON_TUN_V4,
             tun6 = addr::DAEMON_TUN_V6,
             resolver4 = addr::GATEWAY_TUN_V4,
             resolver6 = addr::GATEWAY_TUN_V6,
-        )
-        .as_bytes(),
-    )
-    .expect("the router's spoofing table");
+        ),
+    );
 
     let host = labhost(&lab);
     let flows = [(addr::GATEWAY_TUN_V4, TO_RESOLVER_V4, addr::DAEMON_TUN_V4)];
@@ -352,21 +366,13 @@ fn count_arrivals(lab: &Lab, matches: &str) {
 
 /// The packets `count_arrivals` counted in `chain` (`seen` or `got_in`).
 fn arrivals(lab: &Lab, chain: &str) -> u64 {
-    let listing = lab
-        .exec_ok(
+    packets_counted(
+        &lab.exec_ok(
             Ns::Client,
             &["nft", "-j", "list", "chain", "inet", "labin", chain],
         )
-        .expect("list the arrivals");
-    let doc: serde_json::Value = serde_json::from_str(&listing).expect("nft -j output");
-    doc["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|o| o.get("rule")?.get("expr")?.as_array())
-        .flatten()
-        .filter_map(|st| st.get("counter")?.get("packets")?.as_u64())
-        .sum()
+        .expect("list the arrivals"),
+    )
 }
 
 /// Nothing the session's allowed far ends send gets in unless a flow of
@@ -423,13 +429,7 @@ fn allowed_far_ends_get_in_only_on_the_clients_own_flows() {
             format!("  {family} daddr {to} udp dport {port} snat {from}\n")
         })
         .collect();
-    lab.exec_stdin(
-        Ns::Gateway,
-        &["nft", "-f", "-"],
-        format!("table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n{rules} }}\n}}\n")
-            .as_bytes(),
-    )
-    .expect("the gateway's spoofing table");
+    spoofing_table(&lab, Ns::Gateway, &rules);
     count_arrivals(
         &lab,
         &format!("iifname \"{}\" udp dport 40010-40014", lab::DAEMON_TUN_IF),
@@ -580,13 +580,7 @@ fn dhcp_shaped_datagrams_get_in_only_as_a_servers_answers_on_the_link() {
                 format!("  {family} daddr {to} udp sport {} snat {from}\n", 41330 + i)
             })
             .collect();
-        lab.exec_stdin(
-            ns,
-            &["nft", "-f", "-"],
-            format!("table inet labspoof {{\n chain post {{\n  type nat hook postrouting priority 100; policy accept;\n{rules} }}\n}}\n")
-                .as_bytes(),
-        )
-        .expect("the spoofing table");
+        spoofing_table(&lab, ns, &rules);
     }
     count_arrivals(
         &lab,

@@ -27,8 +27,8 @@ use tokio::time::Instant;
 use super::cause::Cause;
 use super::connecting::{TCP_TRY, UDP_TRY};
 use super::effects::Effects;
-use super::stage::{allowlist_of, lockdown_over_tcp, Open, Recovering, Stage, UdpAgain};
-use super::udp_again::persist_transport;
+use super::stage::{lockdown_over_tcp, Open, Recovering, Stage, UdpAgain};
+use super::udp_again::{persist_transport, reapply};
 use super::Ctx;
 use crate::firewall::EndpointProtocol;
 use crate::profile::Transport;
@@ -163,17 +163,4 @@ async fn reapply_lockdown<E: Effects>(
 ) -> Result<(), String> {
     open.locked.lockdown = lockdown;
     reapply(ctx, open).await
-}
-
-/// The open session's shape with its lockdown as it is now: the same
-/// allowlist, so the tunnel's own filter needs no change.
-async fn reapply<E: Effects>(ctx: &mut Ctx<E>, open: &Open<E>) -> Result<(), String> {
-    let allow = open
-        .locked
-        .profile
-        .as_ref()
-        .map(|p| allowlist_of(p, Some(ctx.effects.stub_port(&open.stub))));
-    ctx.effects
-        .apply_firewall(&open.locked.lockdown, allow.as_ref())
-        .await
 }

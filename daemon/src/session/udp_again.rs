@@ -220,7 +220,7 @@ async fn back_on_udp<E: Effects>(ctx: &mut Ctx<E>, mut open: Open<E>) -> Stage<E
 /// is now: the same allowlist (its learned addresses stay), so the
 /// tunnel's own filter needs no change, and a failure leaves the table
 /// in force as it was (a transaction).
-async fn reapply<E: Effects>(ctx: &mut Ctx<E>, open: &Open<E>) -> Result<(), String> {
+pub(super) async fn reapply<E: Effects>(ctx: &mut Ctx<E>, open: &Open<E>) -> Result<(), String> {
     let allow = open
         .locked
         .profile
